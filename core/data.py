@@ -1,0 +1,281 @@
+"""Datasets: the embedded ``digits``, ``.npz`` dataset files, MNIST, SVHN and a synthetic generator.
+
+Rows are L2-normalised and scaled by ``1 - 1e-6`` before the cast to float32, so every stored row
+has norm <= 1 (DESIGN.md §1). Splits are fixed (public, independent of the noise). Nothing is
+downloaded unless the caller asks for it (``download=True``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from core.errors import InvalidInputError
+
+SCALE = 1 - 1e-6
+REQUIRED_KEYS = ("X_train", "y_train", "ids_train", "X_test", "y_test")
+
+
+@dataclass
+class Dataset:
+    """Training and test rows. Shapes: X_* float32 (n, d), y_* int64 (n,); ids numpy arrays."""
+
+    X_train: torch.Tensor
+    y_train: torch.Tensor
+    ids_train: np.ndarray
+    X_test: torch.Tensor
+    y_test: torch.Tensor
+    ids_test: np.ndarray | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return str(self.meta.get("name", "dataset"))
+
+    def fingerprint(self) -> str:
+        """sha256 of the training rows, labels and ids (ties a model to its data)."""
+        h = hashlib.sha256()
+        for arr in (self.X_train.numpy(), self.y_train.numpy(), self.ids_train):
+            h.update(np.ascontiguousarray(arr).tobytes())
+        return h.hexdigest()
+
+
+def normalise_rows(X: np.ndarray) -> torch.Tensor:
+    """L2-normalise rows in float64, scale by ``1 - 1e-6``, cast to float32 (zero rows stay 0)."""
+    X = np.asarray(X, dtype=np.float64)
+    norms = np.linalg.norm(X, axis=1, keepdims=True)
+    X = np.divide(X, norms, out=np.zeros_like(X), where=norms > 0) * SCALE
+    return torch.from_numpy(X.astype(np.float32))
+
+
+def load_dataset(
+    name: str,
+    *,
+    data_dir: str | os.PathLike[str] | None = None,
+    download: bool = False,
+    binary_classes: tuple[int, int] | None = None,
+) -> Dataset:
+    """Load a dataset by name: ``digits``, ``mnist``, ``svhn``, ``synthetic:...`` or a ``.npz`` path.
+
+    ``binary_classes=(a, b)`` keeps two classes (the paper's MNIST 3-vs-8 is ``(3, 8)``).
+
+    Raises:
+        InvalidInputError: unknown name, missing files or a malformed dataset file.
+    """
+    if name.endswith(".npz") or (os.path.sep in name and Path(name).suffix == ".npz"):
+        ds = load_npz(name)
+    elif name == "digits":
+        ds = _digits()
+    elif name == "mnist":
+        ds = _mnist(_need_dir(data_dir, "mnist", download), download)
+    elif name == "svhn":
+        ds = _svhn(_need_dir(data_dir, "svhn", download), download)
+    elif name.startswith("synthetic"):
+        ds = synthetic(**parse_synthetic(name))
+    else:
+        raise InvalidInputError(
+            f"unknown dataset {name!r}: use digits, mnist, svhn, synthetic:n=..,d=..,classes=..,seed=.. "
+            "or a path to a .npz dataset file"
+        )
+    return select_classes(ds, binary_classes) if binary_classes is not None else ds
+
+
+def _need_dir(data_dir: Any, name: str, download: bool) -> Path:
+    if data_dir is None:
+        raise InvalidInputError(
+            f"dataset {name!r} needs --data-dir (a folder with the original files)"
+            + ("" if download else ", or --download on a machine with internet access")
+        )
+    return Path(data_dir)
+
+
+def _digits() -> Dataset:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    perm = np.random.default_rng(0).permutation(len(bunch.target))  # fixed, public split
+    n_train = int(round(0.8 * len(perm)))
+    tr, te = np.sort(perm[:n_train]), np.sort(perm[n_train:])
+    X = normalise_rows(bunch.data)
+    y = torch.from_numpy(bunch.target.astype(np.int64))
+    return Dataset(
+        X[tr],
+        y[tr],
+        tr.astype(np.int64),
+        X[te],
+        y[te],
+        te.astype(np.int64),
+        meta={"name": "digits"},
+    )
+
+
+def _mnist(root: Path, download: bool) -> Dataset:
+    from core.images import load_mnist_images
+
+    Xtr, ytr = load_mnist_images(root, train=True, download=download)
+    Xte, yte = load_mnist_images(root, train=False, download=download)
+    return Dataset(
+        normalise_rows(Xtr.reshape(len(Xtr), -1).numpy() / 255.0),
+        ytr.long(),
+        np.arange(len(ytr), dtype=np.int64),
+        normalise_rows(Xte.reshape(len(Xte), -1).numpy() / 255.0),
+        yte.long(),
+        np.arange(len(yte), dtype=np.int64),
+        meta={"name": "mnist"},
+    )
+
+
+def _svhn(root: Path, download: bool) -> Dataset:
+    from core.images import load_svhn_images
+
+    Xtr, ytr = load_svhn_images(root, split="train", download=download)
+    Xte, yte = load_svhn_images(root, split="test", download=download)
+    return Dataset(
+        normalise_rows(Xtr.reshape(len(Xtr), -1).numpy() / 255.0),
+        ytr.long(),
+        np.arange(len(ytr), dtype=np.int64),
+        normalise_rows(Xte.reshape(len(Xte), -1).numpy() / 255.0),
+        yte.long(),
+        np.arange(len(yte), dtype=np.int64),
+        meta={"name": "svhn"},
+    )
+
+
+def select_classes(ds: Dataset, classes: tuple[int, int]) -> Dataset:
+    """Keep the rows of two classes (labels unchanged; the larger one maps to +1 in training)."""
+    a, b = classes
+    keep_tr = ((ds.y_train == a) | (ds.y_train == b)).numpy()
+    keep_te = ((ds.y_test == a) | (ds.y_test == b)).numpy()
+    if not keep_tr.any():
+        raise InvalidInputError(f"no training rows with labels {classes}")
+    meta = dict(ds.meta, binary_classes=[a, b])
+    return Dataset(
+        ds.X_train[keep_tr],
+        ds.y_train[keep_tr],
+        ds.ids_train[keep_tr],
+        ds.X_test[keep_te],
+        ds.y_test[keep_te],
+        None if ds.ids_test is None else ds.ids_test[keep_te],
+        meta,
+    )
+
+
+_SYNTH = re.compile(r"^synthetic(?::(.*))?$")
+
+
+def parse_synthetic(spec: str) -> dict[str, int]:
+    """``synthetic:n=100000,d=64,classes=2,seed=0`` -> keyword arguments of :func:`synthetic`."""
+    match = _SYNTH.match(spec)
+    if not match:
+        raise InvalidInputError(f"bad synthetic dataset spec {spec!r}")
+    out = {"n": 10000, "d": 64, "classes": 2, "seed": 0}
+    for part in filter(None, (match.group(1) or "").split(",")):
+        key, _, value = part.partition("=")
+        if key.strip() not in out or not value.strip().lstrip("-").isdigit():
+            raise InvalidInputError(f"bad synthetic option {part!r} (keys: n, d, classes, seed)")
+        out[key.strip()] = int(value)
+    if out["n"] < 2 or out["d"] < 1 or out["classes"] < 2:
+        raise InvalidInputError(f"synthetic needs n >= 2, d >= 1, classes >= 2, got {out}")
+    return out
+
+
+def synthetic(*, n: int, d: int, classes: int, seed: int) -> Dataset:
+    """Seeded Gaussian class clusters (overlapping), rows normalised; test set of ``min(n//5, 10000)``."""
+    rng = np.random.default_rng(seed)
+    n_test = max(1, min(n // 5, 10000))
+    centres = rng.normal(size=(classes, d)) / np.sqrt(d) * 1.5
+
+    def draw(m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = rng.integers(0, classes, size=m)
+        X = centres[y] + rng.normal(size=(m, d)) / np.sqrt(d)
+        return normalise_rows(X), torch.from_numpy(y.astype(np.int64))
+
+    Xtr, ytr = draw(n)
+    Xte, yte = draw(n_test)
+    return Dataset(
+        Xtr,
+        ytr,
+        np.arange(n, dtype=np.int64),
+        Xte,
+        yte,
+        np.arange(n, n + n_test, dtype=np.int64),
+        meta={"name": f"synthetic:n={n},d={d},classes={classes},seed={seed}"},
+    )
+
+
+def load_npz(path: str | os.PathLike[str]) -> Dataset:
+    """Read a dataset file (DESIGN.md §3) with ``allow_pickle=False`` and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInputError(f"dataset file {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError) as exc:
+        raise InvalidInputError(f"{path} is not a readable .npz dataset file: {exc}") from exc
+    missing = [k for k in REQUIRED_KEYS if k not in arrays]
+    if missing:
+        raise InvalidInputError(f"{path} lacks the arrays {missing}")
+    Xtr, Xte = arrays["X_train"], arrays["X_test"]
+    if Xtr.ndim != 2 or Xte.ndim != 2 or Xtr.shape[1] != Xte.shape[1]:
+        raise InvalidInputError(f"{path}: X_train/X_test must be 2-D with the same width")
+    for key in ("y_train", "y_test"):
+        if arrays[key].dtype.kind not in "iu" or arrays[key].ndim != 1:
+            raise InvalidInputError(f"{path}: {key} must be a 1-D integer array")
+    ids = arrays["ids_train"]
+    if ids.shape != (len(Xtr),) or ids.dtype.kind not in "iuU" or len(np.unique(ids)) != len(ids):
+        raise InvalidInputError(f"{path}: ids_train must hold one unique int or string id per row")
+    if len(arrays["y_train"]) != len(Xtr) or len(arrays["y_test"]) != len(Xte):
+        raise InvalidInputError(f"{path}: label counts do not match row counts")
+    meta: dict[str, Any] = {}
+    if "meta" in arrays:
+        try:
+            meta = json.loads(str(arrays["meta"]))
+        except json.JSONDecodeError as exc:
+            raise InvalidInputError(f"{path}: meta is not a JSON string") from exc
+    meta.setdefault("name", path.stem)
+    ids_test = arrays.get("ids_test")
+    return Dataset(
+        torch.from_numpy(Xtr.astype(np.float32)),
+        torch.from_numpy(arrays["y_train"].astype(np.int64)),
+        ids.astype(np.int64) if ids.dtype.kind in "iu" else ids,
+        torch.from_numpy(Xte.astype(np.float32)),
+        torch.from_numpy(arrays["y_test"].astype(np.int64)),
+        ids_test,
+        meta,
+    )
+
+
+def save_dataset(path: str | os.PathLike[str], ds: Dataset) -> None:
+    """Write a dataset file atomically (temp file, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays: dict[str, np.ndarray] = {
+        "X_train": ds.X_train.numpy().astype(np.float32),
+        "y_train": ds.y_train.numpy().astype(np.int64),
+        "ids_train": np.asarray(ds.ids_train),
+        "X_test": ds.X_test.numpy().astype(np.float32),
+        "y_test": ds.y_test.numpy().astype(np.int64),
+        "meta": np.array(json.dumps(ds.meta)),
+    }
+    if ds.ids_test is not None:
+        arrays["ids_test"] = np.asarray(ds.ids_test)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,135 @@
+"""Loss-perturbed L2 logistic regression in sum form, for K one-vs-rest columns at once.
+
+Shapes: ``X`` (n, d) rows with ``||x_i|| <= 1``; ``Y`` (n, K) labels in {-1, +1} (K = 1 for a
+binary model); ``C`` (n, K) per-row, per-class weights ``alive_i * omega_ik`` (``omega`` is the
+optional negative-subsampling mask, 1 when unused; removed rows have weight 0); ``W``, ``B`` (d, K).
+
+Objective of class k (DESIGN.md §1), with ``n_reg`` the number of rows still in the model
+(every class regularises with all remaining rows, also when its negatives are subsampled):
+
+    L_b(w_k) = sum_i C_ik l(z_ik) + (lam * n_reg / 2) ||w_k||^2 + b_k . w_k,   z_ik = Y_ik w_k . x_i
+    grad     = X^T (C * l'(Z) * Y) + lam * n_reg * W + B
+    Hessian  = X^T diag(C_k * l''(Z_k)) X + lam * n_reg * I        (one (d, d) block per class)
+
+with ``l(z) = log(1 + e^-z)``, ``l'(z) = sigmoid(z) - 1``, ``l''(z) = sigmoid(z) sigmoid(-z)``.
+The Hessian is SPD because lam * n_reg > 0. Every function takes device and dtype from its inputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from core.errors import NumericalError
+
+#: max |l'''| of the logistic loss, 1/(6 sqrt 3) = 0.096225044864..., rounded up (THEORY.md §8.2).
+#: Deviation: the paper and its code use 1/4.
+GAMMA = 0.09622505
+
+
+def margins(X: torch.Tensor, Y: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """``Z = Y * (X W)``. Shapes: X (n, d), Y (n, K), W (d, K) -> (n, K)."""
+    return Y * (X @ W)
+
+
+def loss_derivatives(Z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``l'(Z)`` and ``l''(Z)`` of the logistic loss, elementwise and overflow-free."""
+    sig_neg = torch.sigmoid(-Z)
+    return -sig_neg, torch.sigmoid(Z) * sig_neg
+
+
+def objective(
+    X: torch.Tensor,
+    Y: torch.Tensor,
+    C: torch.Tensor,
+    W: torch.Tensor,
+    lam: float,
+    n_reg: float,
+    B: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-class objective ``L_b(w_k)`` (shape (K,)); ``B=None`` gives ``L_0``."""
+    Z = margins(X, Y, W)
+    value = (C * F.softplus(-Z)).sum(0) + 0.5 * lam * n_reg * (W * W).sum(0)
+    if B is not None:
+        value = value + (B * W).sum(0)
+    return value
+
+
+def gradient(
+    X: torch.Tensor,
+    Y: torch.Tensor,
+    C: torch.Tensor,
+    W: torch.Tensor,
+    lam: float,
+    n_reg: float,
+    B: torch.Tensor | None = None,
+    Z: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``grad L_b(W)`` (d, K); ``B=None`` gives ``grad L_0``. ``Z`` may be passed if known."""
+    if Z is None:
+        Z = margins(X, Y, W)
+    d1, _ = loss_derivatives(Z)
+    g = X.T @ (C * d1 * Y) + (lam * n_reg) * W
+    if B is not None:
+        g = g + B
+    return g
+
+
+def hessians(
+    X: torch.Tensor,
+    C: torch.Tensor,
+    Z: torch.Tensor,
+    lam: float,
+    n_reg: float,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The K Hessian blocks ``X^T diag(C_k l''(Z_k)) X + lam n_reg I`` as a (K, d, d) tensor.
+
+    ``dtype`` selects the precision of the product (float32 on CUDA is allowed: every mismatch is
+    paid for by the float64 certificate, DESIGN.md §1).
+    """
+    dtype = dtype or X.dtype
+    _, d2 = loss_derivatives(Z)
+    weights = (C * d2).to(dtype)
+    Xd = X.to(dtype)
+    n_classes = weights.shape[1]
+    d = X.shape[1]
+    H = torch.empty((n_classes, d, d), dtype=dtype, device=X.device)
+    for k in range(n_classes):
+        H[k] = Xd.T @ (Xd * weights[:, k : k + 1])
+    H.diagonal(dim1=1, dim2=2).add_(lam * n_reg)
+    return H
+
+
+def hessian_vector_product(
+    X: torch.Tensor, C: torch.Tensor, Z: torch.Tensor, S: torch.Tensor, lam: float, n_reg: float
+) -> torch.Tensor:
+    """``H S`` per class without forming H: ``X^T (C l''(Z) (X S)) + lam n_reg S``. (d, K)."""
+    _, d2 = loss_derivatives(Z)
+    return X.T @ (C * d2 * (X @ S)) + (lam * n_reg) * S
+
+
+def cholesky_solve(H: torch.Tensor, rhs: torch.Tensor, lam: float) -> torch.Tensor:
+    """Solve ``H_k s_k = rhs_k`` for each class by Cholesky (never an explicit inverse).
+
+    Shapes: H (K, d, d), rhs (d, K) -> (d, K).
+
+    Raises:
+        NumericalError: the factorisation failed (names lambda and the matrix size).
+    """
+    L, info = torch.linalg.cholesky_ex(H)
+    if bool((info != 0).any()):
+        raise NumericalError(
+            f"Cholesky factorisation of the {H.shape[-1]}x{H.shape[-1]} Hessian failed "
+            f"(lam={lam:g}, dtype={H.dtype}); the matrix should be SPD since lam*n > 0, so "
+            "its entries are probably non-finite"
+        )
+    sol = torch.cholesky_solve(rhs.T.unsqueeze(-1).to(H.dtype), L).squeeze(-1).T
+    return sol.to(rhs.dtype)
+
+
+def frobenius(T: torch.Tensor) -> float:
+    """Frobenius norm as a Python float (float64 reduction)."""
+    return math.sqrt(float((T.double() ** 2).sum()))

@@ -1,0 +1,512 @@
+"""The removal-enabled model: weights, alive mask, budget state; train, remove, retrain.
+
+Accounting (DESIGN.md §1): the budget used is an upper bound on ``||U||_F``, where the current
+weights exactly minimise ``L_{b-U}`` on the remaining rows.
+- ``"exact"`` (default): ``r0_a + ||grad L_0(W; D') - g_a||_F`` from an anchor ``a`` (the last
+  training, or the state loaded at start-up); ``g_a`` is as secret as ``b`` and lives in memory.
+- ``"bound"``: ``r0_a + sqrt(sum_k beta_k^2)``, ``beta_k`` the summed a-priori increments.
+Both are tracked; ``accounting`` picks the one that decides and is reported.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from core.budget import budget_total as compute_budget
+from core.errors import InvalidInputError
+from core.labels import LabelCoding
+from core.loss import gradient
+from core.noise import draw_noise, generator
+from core.removal import Problem, Step, newton_step
+from core.train import gradient_tolerance, newton_fit
+from core.trigger import MaxRemovals, auto_max_removals, validate_spec
+
+if TYPE_CHECKING:
+    from core.data import Dataset
+
+ACCOUNTINGS = ("exact", "bound")
+
+
+@dataclass
+class RemovalResult:
+    """Outcome of :meth:`Model.remove` (a spent budget is an outcome, not an exception)."""
+
+    applied: bool
+    applied_groups: int
+    removed: list[int] = field(default_factory=list)
+    already_removed: list[int] = field(default_factory=list)
+    pending: list[int] = field(default_factory=list)
+    bound_increment: float = 0.0
+    budget_used: float = 0.0
+    needs_retrain: bool = False
+    retrain_reason: str | None = None
+
+
+@dataclass
+class Hyper:
+    """Training options, persisted with the model."""
+
+    lam: float
+    sigma: float
+    epsilon: float
+    delta: float
+    accounting: str
+    calibration: str
+    max_removals: MaxRemovals
+    subsample_ratio: float | None
+
+
+class Model:
+    """State of a certified-removal model. Build it with :func:`train` or :func:`core.load_model`."""
+
+    def __init__(
+        self,
+        *,
+        problem: Problem,
+        coding: LabelCoding,
+        hyper: Hyper,
+        ids: np.ndarray,
+        alive: torch.Tensor,
+        W: torch.Tensor,
+        budget_total: float,
+        certified: bool,
+    ) -> None:
+        self._problem = problem
+        self._coding = coding
+        self.hyper = hyper
+        self.ids = ids
+        self._alive = alive
+        self._W = W
+        self.budget_total = budget_total
+        self.certified = certified
+        self.noise: torch.Tensor | None = None
+        self.version = 1
+        self.removed_in_epoch = 0
+        self.safety_retrains = 0
+        self.max_removals: int | None = None
+        self.dataset: Dataset | None = None
+        self._r0_anchor = 0.0
+        self._anchor_grad = torch.zeros_like(W)
+        self._anchor_distance = 0.0
+        self._margin = 0.0
+        self._beta = torch.zeros(W.shape[1], dtype=torch.float64, device=W.device)
+        self._id_index: dict[Any, int] | None = None
+        self._save_seq = 0
+        #: JSON-serialisable annotations persisted with the state (e.g. the worker's extractor use)
+        self.extra: dict[str, Any] = {}
+
+    # ----------------------------------------------------------------- read-only views
+    @property
+    def weights(self) -> torch.Tensor:
+        """float64 (d,) for a binary model, (d, K) one-vs-rest."""
+        return self._W[:, 0] if self._coding.binary else self._W
+
+    @property
+    def alive(self) -> torch.Tensor:
+        return self._alive.clone()
+
+    @property
+    def n_alive(self) -> int:
+        return int(self._alive.sum())
+
+    @property
+    def n_rows(self) -> int:
+        return self._alive.numel()
+
+    @property
+    def classes(self) -> list[int]:
+        return list(self._coding.classes)
+
+    @property
+    def device(self) -> torch.device:
+        return self._W.device
+
+    @property
+    def exact_used(self) -> float:
+        """``r0_a + ||grad L_0(W; D') - g_a||_F`` plus its rounding margin."""
+        return self._r0_anchor + self._anchor_distance + self._margin
+
+    @property
+    def bound_used(self) -> float:
+        """``r0_a + sqrt(sum_k beta_k^2)``: the a-priori accounting."""
+        return self._r0_anchor + float(torch.linalg.vector_norm(self._beta))
+
+    @property
+    def budget_used(self) -> float:
+        return self.exact_used if self.hyper.accounting == "exact" else self.bound_used
+
+    @property
+    def budget_remaining(self) -> float:
+        return max(0.0, self.budget_total - self.budget_used)
+
+    # ----------------------------------------------------------------- ids
+    def rows_for_ids(self, sample_ids: Sequence[Any]) -> tuple[list[int], list[Any]]:
+        """Map sample ids to training rows. Returns (rows, unknown ids), both in input order."""
+        if self._id_index is None:
+            self._id_index = {self._id_key(v): i for i, v in enumerate(self.ids.tolist())}
+        rows, unknown = [], []
+        for raw in sample_ids:
+            row = self._id_index.get(self._id_key(raw))
+            (unknown if row is None else rows).append(raw if row is None else row)
+        return rows, unknown
+
+    def _id_key(self, value: Any) -> Any:
+        if self.ids.dtype.kind in "iu":
+            if isinstance(value, bool):
+                return None
+            if isinstance(value, (int, np.integer)):
+                return int(value)
+            if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+                return int(value)
+            return None
+        return str(value)
+
+    # ----------------------------------------------------------------- prediction
+    def predict(self, X: torch.Tensor) -> torch.Tensor:
+        """Predicted labels (in the training label space) for rows X (m, d)."""
+        scores = X.to(self._W.device, torch.float64) @ self._W
+        return self._coding.decode(scores).cpu()
+
+    def accuracy(self, X: torch.Tensor, y: torch.Tensor) -> float:
+        """Fraction of rows of X whose predicted label equals y."""
+        if len(y) == 0:
+            return float("nan")
+        return float((self.predict(X) == y.cpu().long()).double().mean())
+
+    # ----------------------------------------------------------------- persistence
+    def save(self, directory: str | os.PathLike[str], *, dataset: Dataset | None = None) -> None:
+        """Persist into a state directory atomically (``b`` and ``g_a`` are never written)."""
+        from core.persist import save_model
+
+        save_model(self, directory, dataset=dataset)
+
+    # ----------------------------------------------------------------- removal
+    def remove(self, rows: Sequence[int], *, groups: Sequence[int] | None = None) -> RemovalResult:
+        """Remove training rows with one batched Newton step (DESIGN.md §1).
+
+        ``groups`` gives the request sizes (request boundaries, in arrival order); a batch is only
+        ever split on them. Rows past the per-epoch ``max_removals`` (the b-independent trigger),
+        or a batch whose step would take the budget used past the budget (the safety net, split in
+        halves at most ``ceil(log2 m)`` times) are left pending for a retrain.
+
+        Raises:
+            InvalidInputError: out-of-range, non-integer or repeated rows, bad ``groups``, or a
+                removal that would leave no rows (or a binary model with a single class). The
+                model is unchanged.
+        """
+        row_list, sizes = self._validate_rows(rows, groups)
+        was_alive = (
+            self._alive[torch.as_tensor(row_list, dtype=torch.long, device=self.device)]
+            if row_list
+            else None
+        )
+        flags = was_alive.tolist() if was_alive is not None else []
+        group_rows: list[list[int]] = []
+        already: list[int] = []
+        start = 0
+        for size in sizes:
+            chunk = row_list[start : start + size]
+            group_rows.append([r for r, a in zip(chunk, flags[start : start + size]) if a])
+            already.extend(r for r, a in zip(chunk, flags[start : start + size]) if not a)
+            start += size
+        self._check_not_emptied([r for g in group_rows for r in g])
+
+        fit = self._groups_within_trigger(group_rows)
+        reason = "max_removals" if fit < len(group_rows) else None
+        committed, bound_inc, step_reason = self._commit_prefix(group_rows[:fit])
+        reason = step_reason or reason
+        pending = [r for g in group_rows[committed:] for r in g]
+        removed = [r for g in group_rows[:committed] for r in g]
+        return RemovalResult(
+            applied=committed == len(group_rows),
+            applied_groups=committed,
+            removed=removed,
+            already_removed=already,
+            pending=pending,
+            bound_increment=bound_inc,
+            budget_used=self.budget_used,
+            needs_retrain=committed < len(group_rows),
+            retrain_reason=reason if committed < len(group_rows) else None,
+        )
+
+    def _groups_within_trigger(self, group_rows: list[list[int]]) -> int:
+        if self.max_removals is None:
+            return len(group_rows)
+        allowed = self.max_removals - self.removed_in_epoch
+        total = 0
+        for i, g in enumerate(group_rows):
+            total += len(g)
+            if g and total > allowed:
+                return i
+        return len(group_rows)
+
+    def _commit_prefix(self, group_rows: list[list[int]]) -> tuple[int, float, str | None]:
+        """Try the whole prefix, then halves (in arrival order, on request boundaries)."""
+        if not group_rows:
+            return 0, 0.0, None
+        m = sum(len(g) for g in group_rows)
+        tries = max(1, math.ceil(math.log2(m))) if m > 1 else 1
+        count = len(group_rows)
+        fired: str | None = None
+        for _ in range(tries):
+            rows = [r for g in group_rows[:count] for r in g]
+            if not rows:
+                return count, 0.0, fired if count < len(group_rows) else None
+            step = newton_step(
+                self._problem,
+                self._alive,
+                self._W,
+                torch.as_tensor(rows, dtype=torch.long, device=self.device),
+                self._anchor_grad,
+            )
+            if step is None:
+                return 0, 0.0, "numerical"
+            if self._used_after(step) <= self.budget_total:
+                inc = self._commit(step, len(rows))
+                return count, inc, fired if count < len(group_rows) else None
+            fired = "budget"  # discarded try: no state, metric or log line changes
+            if count == 1:
+                break
+            count //= 2
+        self.safety_retrains += 1
+        return 0, 0.0, "budget"
+
+    def _used_after(self, step: Step) -> float:
+        if self.hyper.accounting == "exact":
+            return self._r0_anchor + step.anchor_distance + step.margin
+        return self._r0_anchor + float(torch.linalg.vector_norm(self._beta + step.increments))
+
+    def _commit(self, step: Step, m: int) -> float:
+        self._W, self._alive = step.W, step.alive
+        self._anchor_distance, self._margin = step.anchor_distance, step.margin
+        self._beta = self._beta + step.increments
+        self.removed_in_epoch += m
+        return float(torch.linalg.vector_norm(step.increments))
+
+    # ----------------------------------------------------------------- retrain
+    def retrain(self, exclude: Sequence[int] = (), *, seed: int | None = None) -> None:
+        """Retrain from scratch on the remaining rows minus ``exclude``, with fresh noise.
+
+        Warm start from the current weights (the minimiser is unique); the new ``r0`` starts the
+        budget; version + 1; the per-epoch counter restarts and ``max_removals`` is re-resolved.
+        """
+        rows, _ = self._validate_rows(exclude, None, allow_repeats=True)
+        alive = self._alive.clone()
+        if rows:
+            alive[torch.as_tensor(rows, dtype=torch.long, device=self.device)] = False
+        self._check_not_emptied([], alive=alive)
+        self._fit(alive, seed=seed, W0=self._W)
+        self.version += 1
+
+    def _fit(self, alive: torch.Tensor, *, seed: int | None, W0: torch.Tensor | None) -> None:
+        p, h = self._problem, self.hyper
+        rng = generator(seed)
+        B = draw_noise(tuple(self._W.shape), h.sigma, rng, self.device)
+        C = p.weights(alive)
+        n_reg = float(alive.sum())
+        fit = newton_fit(
+            p.X,
+            p.Y,
+            C,
+            p.lam,
+            n_reg,
+            B,
+            tol=gradient_tolerance(p.lam, n_reg, self.budget_total),
+            W0=W0,
+            hess_dtype=p.hess_dtype,
+        )
+        self._W, self._alive, self.noise = fit.W, alive, B
+        self._set_anchor(r0=fit.r0)
+        self.certified = seed is None and h.sigma > 0
+        self.removed_in_epoch = 0
+        self.max_removals = self._resolve_trigger(rng)
+
+    def _set_anchor(self, *, r0: float) -> None:
+        p = self._problem
+        n_reg = float(self._alive.sum())
+        self._anchor_grad = gradient(p.X, p.Y, p.weights(self._alive), self._W, p.lam, n_reg)
+        self._r0_anchor = r0
+        self._anchor_distance = 0.0
+        self._margin = 0.0
+        self._beta = torch.zeros_like(self._beta)
+
+    def _resolve_trigger(self, rng: np.random.Generator) -> int | None:
+        spec = self.hyper.max_removals
+        if spec is None or isinstance(spec, int):
+            return spec
+        if isinstance(spec, float):
+            return int(spec * self.n_alive)
+        return auto_max_removals(
+            self._problem,
+            self._alive,
+            self._W,
+            sigma=self.hyper.sigma,
+            budget=self.budget_total,
+            rng=rng,
+            binary=self._coding.binary,
+        )
+
+    # ----------------------------------------------------------------- validation
+    def _validate_rows(
+        self, rows: Sequence[int], groups: Sequence[int] | None, *, allow_repeats: bool = False
+    ) -> tuple[list[int], list[int]]:
+        arr = np.asarray(list(rows) if not isinstance(rows, torch.Tensor) else rows.cpu().numpy())
+        if arr.size and (arr.ndim != 1 or arr.dtype.kind not in "iu"):
+            raise InvalidInputError(
+                f"rows must be a flat sequence of integers, got dtype {arr.dtype}"
+            )
+        row_list = [int(r) for r in arr.tolist()]
+        bad = [r for r in row_list if not 0 <= r < self.n_rows]
+        if bad:
+            raise InvalidInputError(f"rows out of range [0, {self.n_rows}): {bad[:10]}")
+        if not allow_repeats and len(set(row_list)) != len(row_list):
+            seen: set[int] = set()
+            dup = sorted({r for r in row_list if r in seen or seen.add(r)})  # type: ignore[func-returns-value]
+            raise InvalidInputError(f"rows repeated within one call: {dup[:10]}")
+        if groups is None:
+            sizes = [len(row_list)] if row_list else []
+        else:
+            sizes = [int(g) for g in groups]
+            if any(g < 0 for g in sizes) or sum(sizes) != len(row_list):
+                raise InvalidInputError(
+                    f"groups must be non-negative sizes summing to len(rows)={len(row_list)}, got {sizes[:10]}"
+                )
+        return row_list, sizes
+
+    def _check_not_emptied(self, new_rows: list[int], *, alive: torch.Tensor | None = None) -> None:
+        if alive is None:
+            alive = self._alive.clone()
+            if new_rows:
+                alive[torch.as_tensor(new_rows, dtype=torch.long, device=self.device)] = False
+        if not bool(alive.any()):
+            raise InvalidInputError(
+                "the removal would leave no training rows: there is no model with n' = 0"
+            )
+        if self._coding.binary:
+            y = self._problem.Y[alive, 0]
+            if not (bool((y > 0).any()) and bool((y < 0).any())):
+                raise InvalidInputError(
+                    "the removal would leave a binary model with a single class "
+                    f"(classes {self._coding.classes}); retrain on new data instead"
+                )
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` picks CUDA when available, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def validate_rows_data(X: torch.Tensor, y: torch.Tensor) -> None:
+    """Reject data the certificate does not cover: NaN, norms above ``1 + 1e-6``, bad labels."""
+    if not isinstance(X, torch.Tensor) or X.ndim != 2:
+        raise InvalidInputError("X must be a 2-D tensor (n, d)")
+    if not isinstance(y, torch.Tensor) or y.ndim != 1:
+        raise InvalidInputError(
+            f"y must be a 1-D tensor of labels, got shape {tuple(getattr(y, 'shape', ()))}"
+        )
+    if y.shape[0] != X.shape[0]:
+        raise InvalidInputError(f"X has {X.shape[0]} rows but y has {y.shape[0]} labels")
+    if X.shape[0] < 2 or X.shape[1] < 1:
+        raise InvalidInputError(f"need at least 2 rows and 1 feature, got shape {tuple(X.shape)}")
+    if not X.is_floating_point():
+        raise InvalidInputError(f"X must be floating point, got {X.dtype}")
+    if not bool(torch.isfinite(X).all()):
+        raise InvalidInputError("X contains NaN or infinite values")
+    norms = torch.linalg.vector_norm(X.double(), dim=1)
+    worst = float(norms.max())
+    if worst > 1 + 1e-6:
+        raise InvalidInputError(
+            f"{int((norms > 1 + 1e-6).sum())} rows have L2 norm above 1 + 1e-6 (max {worst:.6g}); "
+            "the certificate needs ||x_i|| <= 1: L2-normalise the rows first"
+        )
+
+
+def train(
+    X: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    lam: float = 1e-3,
+    sigma: float = 10.0,
+    epsilon: float = 1.0,
+    delta: float = 1e-4,
+    seed: int | None = None,
+    device: str | torch.device | None = None,
+    accounting: str = "exact",
+    max_removals: MaxRemovals = "auto",
+    calibration: str = "classical",
+    subsample_ratio: float | None = None,
+    ids: Sequence[Any] | np.ndarray | None = None,
+) -> Model:
+    """Train a removal-enabled model (Guo et al. 2020, Algorithm 1, loss perturbation).
+
+    Binary when y has two distinct labels (the larger maps to +1), one-vs-rest for integer labels
+    0..K-1 with K > 2. ``seed`` is for tests only and marks the model ``certified=False``.
+
+    Shapes: X (n, d) with rows of norm <= 1; y (n,).
+
+    Raises:
+        InvalidInputError: bad data or options (nothing is trained).
+    """
+    validate_rows_data(X, y)
+    if not (math.isfinite(lam) and lam > 0):
+        raise InvalidInputError(f"lam must be > 0 (strong convexity), got {lam}")
+    if accounting not in ACCOUNTINGS:
+        raise InvalidInputError(f"accounting must be one of {ACCOUNTINGS}, got {accounting!r}")
+    spec = validate_spec(max_removals)
+    if subsample_ratio is not None and not 0 < subsample_ratio <= 1:
+        raise InvalidInputError(f"subsample_ratio must lie in (0, 1], got {subsample_ratio}")
+    total = compute_budget(sigma, epsilon, delta, calibration)
+    coding = LabelCoding.fit(y)
+    dev = resolve_device(device)
+    ids_arr = np.arange(X.shape[0], dtype=np.int64) if ids is None else np.asarray(ids)
+    if ids_arr.shape != (X.shape[0],) or len(set(ids_arr.tolist())) != X.shape[0]:
+        raise InvalidInputError("ids must hold one unique sample id per row")
+    rng = generator(seed)
+    Y = coding.encode(y).to(dev)
+    omega = torch.ones_like(Y)
+    if subsample_ratio is not None and subsample_ratio < 1:
+        # Bernoulli subsample of each class's negatives, drawn before and independently of b.
+        keep = torch.from_numpy(rng.random(tuple(Y.shape)) < subsample_ratio).to(dev)
+        omega = torch.where((Y > 0) | keep, 1.0, 0.0).to(torch.float64)
+    problem = make_problem(X, Y, omega, lam, dev)
+    hyper = Hyper(lam, sigma, epsilon, delta, accounting, calibration, spec, subsample_ratio)
+    W0 = torch.zeros((X.shape[1], Y.shape[1]), dtype=torch.float64, device=dev)
+    model = Model(
+        problem=problem,
+        coding=coding,
+        hyper=hyper,
+        ids=ids_arr,
+        alive=torch.ones(X.shape[0], dtype=torch.bool, device=dev),
+        W=W0,
+        budget_total=total,
+        certified=seed is None and sigma > 0,
+    )
+    model._fit(model._alive, seed=None if seed is None else seed + 1, W0=None)
+    return model
+
+
+def make_problem(
+    X: torch.Tensor, Y: torch.Tensor, omega: torch.Tensor, lam: float, dev: torch.device
+) -> Problem:
+    """Move the data to ``dev`` in float64 and compute the constants the bounds need."""
+    from core.bounds import spectral_norm_upper
+
+    X64 = X.to(dev, torch.float64)
+    return Problem(
+        X=X64,
+        Y=Y.to(dev, torch.float64),
+        omega=omega.to(dev, torch.float64),
+        row_norms=torch.linalg.vector_norm(X64, dim=1),
+        x_norm2=spectral_norm_upper(X64),
+        lam=float(lam),
+        hess_dtype=torch.float32 if dev.type == "cuda" else torch.float64,
+    )

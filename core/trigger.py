@@ -1,0 +1,132 @@
+"""The retrain trigger that does not depend on ``b`` (DESIGN.md §1, THEORY.md §8.4c).
+
+A commit/retrain decision that depends on ``b`` selects which noise draws survive (up to about
+``e^-eps/4`` in delta). The primary trigger is therefore a count of removed rows per noise epoch,
+fixed at training time without looking at ``b``: an int, a fraction of the rows, or ``"auto"``,
+estimated from shadow runs that draw their own independent noise and remove rows of the (public)
+training data in a random order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from core.errors import InvalidInputError
+from core.loss import gradient
+from core.noise import draw_noise
+from core.removal import Problem, newton_step
+from core.train import gradient_tolerance, newton_fit
+
+MaxRemovals = int | float | str | None
+
+
+def validate_spec(spec: MaxRemovals) -> MaxRemovals:
+    """Check a ``max_removals`` option: int >= 0, a fraction in (0, 1), ``"auto"`` or None."""
+    if spec is None or spec == "auto":
+        return spec
+    if isinstance(spec, bool):
+        raise InvalidInputError("max_removals must be an int, a fraction, 'auto' or None")
+    if isinstance(spec, int):
+        if spec < 0:
+            raise InvalidInputError(f"max_removals must be >= 0, got {spec}")
+        return spec
+    if isinstance(spec, float):
+        if not 0 < spec < 1:
+            raise InvalidInputError(f"a fractional max_removals must lie in (0, 1), got {spec}")
+        return spec
+    raise InvalidInputError(
+        f"max_removals must be an int, a fraction, 'auto' or None, got {spec!r}"
+    )
+
+
+@dataclass(frozen=True)
+class AutoSettings:
+    """Shadow-run settings: ``shadow_runs`` noise draws, each removing up to ``cap_fraction`` of
+    the rows in ``chunks`` batched steps; the trigger is the largest count whose residual stayed
+    below ``target_fraction`` of the budget in every run."""
+
+    shadow_runs: int = 2
+    chunks: int = 6
+    cap_fraction: float = 0.25
+    target_fraction: float = 0.5
+
+
+def auto_max_removals(
+    problem: Problem,
+    alive: torch.Tensor,
+    W: torch.Tensor,
+    *,
+    sigma: float,
+    budget: float,
+    rng: np.random.Generator,
+    binary: bool,
+    settings: AutoSettings = AutoSettings(),
+) -> int:
+    """Estimate ``max_removals`` from shadow runs with fresh, independent noise.
+
+    Each run refits with its own noise (warm start from ``W``; Newton converges in a few steps),
+    then removes a random order of rows in batches of ``ceil(cap/chunks)`` rows with the real
+    Newton step and the exact residual. Batched steps leave a larger residual than the service's
+    usual smaller ones, so the estimate errs on the early side.
+    """
+    n_alive = int(alive.sum())
+    cap = int(settings.cap_fraction * n_alive)
+    if cap < 1 or budget <= 0:
+        return 0
+    limit = settings.target_fraction * budget
+    best = cap
+    n_reg = float(n_alive)
+    for _ in range(settings.shadow_runs):
+        B = draw_noise(tuple(W.shape), sigma, rng, W.device)
+        C = problem.weights(alive)
+        tol = gradient_tolerance(problem.lam, n_reg, budget)
+        fit = newton_fit(
+            problem.X,
+            problem.Y,
+            C,
+            problem.lam,
+            n_reg,
+            B,
+            tol=tol,
+            W0=W,
+            hess_dtype=problem.hess_dtype,
+        )
+        anchor = gradient(problem.X, problem.Y, C, fit.W, problem.lam, n_reg)
+        order = torch.from_numpy(rng.permutation(np.flatnonzero(alive.cpu().numpy())))
+        best = min(
+            best, _shadow_crossing(problem, alive, fit, anchor, order, cap, limit, settings, binary)
+        )
+        if best == 0:
+            break
+    return best
+
+
+def _shadow_crossing(problem, alive, fit, anchor, order, cap, limit, settings, binary) -> int:  # type: ignore[no-untyped-def]
+    """Rows removable (in this run's batches) while ``r0 + ||grad L_0 - g_a||`` stays <= limit."""
+    chunk = max(1, math.ceil(cap / settings.chunks))
+    while True:
+        state, W, done = alive.clone(), fit.W, 0
+        while done < cap:
+            rows = order[done : min(cap, done + chunk)].to(problem.X.device)
+            step = newton_step(problem, state, W, rows, anchor)
+            if step is None or _class_emptied(problem, step.alive, binary):
+                return done
+            if fit.r0 + step.anchor_distance + step.margin > limit:
+                break
+            state, W, done = step.alive, step.W, done + rows.numel()
+        else:
+            return done
+        if done > 0 or chunk == 1:
+            return done
+        chunk = max(1, chunk // 8)  # the first batch already crossed: retry with smaller steps
+
+
+def _class_emptied(problem: Problem, alive: torch.Tensor, binary: bool) -> bool:
+    if not binary:
+        return not bool(alive.any())
+    y = problem.Y[alive, 0]
+    return not (bool((y > 0).any()) and bool((y < 0).any()))
