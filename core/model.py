@@ -212,9 +212,9 @@ class Model:
         already: list[int] = []
         start = 0
         for size in sizes:
-            chunk = row_list[start : start + size]
-            group_rows.append([r for r, a in zip(chunk, flags[start : start + size]) if a])
-            already.extend(r for r, a in zip(chunk, flags[start : start + size]) if not a)
+            pairs = list(zip(row_list[start : start + size], flags[start : start + size], strict=True))
+            group_rows.append([r for r, a in pairs if a])
+            already.extend(r for r, a in pairs if not a)
             start += size
         self._check_not_emptied([r for g in group_rows for r in g])
 
