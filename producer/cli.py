@@ -1,0 +1,161 @@
+"""``certremove enqueue``, ``certremove status`` and ``certremove loadtest``.
+
+These commands are mounted into the single ``certremove`` command by ``worker.cli``; they only
+need Redis (and Celery to ring the doorbell), never torch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import redis
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from producer import schema
+from producer.client import Client
+from producer.loadtest import LoadtestResult, run_loadtest
+
+app = typer.Typer(add_completion=False, no_args_is_help=True)
+console = Console(stderr=True)
+
+ModelOpt = Annotated[
+    str, typer.Option("--model", envvar="CERTREMOVE_MODEL", help="Model name (stream, queues).")
+]
+BrokerOpt = Annotated[
+    str | None,
+    typer.Option("--broker-url", envvar="CERTREMOVE_BROKER_URL", help="Redis URL (kombu form)."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
+
+
+def parse_sample_id(text: str) -> int | str:
+    """Integers stay integers (``"42"`` -> 42); anything else is a string id."""
+    stripped = text.strip()
+    try:
+        return int(stripped)
+    except ValueError:
+        return stripped
+
+
+def open_client(broker_url: str | None, model: str) -> Client:
+    """A connected client, or exit 2 with a clear message."""
+    try:
+        client = Client(broker_url, model=model)
+        client.redis.ping()
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    except (redis.RedisError, OSError) as exc:
+        console.print(f"[red]error:[/red] cannot reach Redis at {broker_url or 'default'}: {exc}")
+        raise typer.Exit(2) from exc
+    return client
+
+
+@app.command()
+def enqueue(
+    ids: Annotated[list[str], typer.Argument(help="Sample ids to delete.")],
+    model: ModelOpt = schema.DEFAULT_MODEL,
+    broker_url: BrokerOpt = None,
+    request_id: Annotated[str | None, typer.Option(help="Reuse a request id.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Enqueue one deletion request; print its request id."""
+    with open_client(broker_url, model) as client:
+        rid = client.enqueue([parse_sample_id(i) for i in ids], request_id=request_id)
+    print(json.dumps({"request_id": rid}) if as_json else rid)
+
+
+@app.command()
+def status(
+    request_id: str,
+    model: ModelOpt = schema.DEFAULT_MODEL,
+    broker_url: BrokerOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print the status of a request (exit 1 when the request is unknown)."""
+    with open_client(broker_url, model) as client:
+        st = client.status(request_id)
+    if not st:
+        console.print(f"[red]error:[/red] unknown request id {request_id!r} for model {model!r}")
+        raise typer.Exit(1)
+    if as_json:
+        print(json.dumps({"request_id": request_id, **st}))
+        return
+    for key in schema.STATUS_FIELDS:
+        if key in st and st[key] not in ("", None, []):
+            print(f"{key}: {st[key]}")
+
+
+def result_table(result: LoadtestResult, title: str = "certremove loadtest") -> Table:
+    """A rich table of a load-test result."""
+
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value * 1000:.1f} ms"
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("requests", str(result.requests))
+    table.add_row(
+        "applied / rejected / not applied",
+        f"{result.applied} / {result.rejected} / {result.not_applied}",
+    )
+    table.add_row("throughput", f"{result.throughput:,.0f} req/s")
+    table.add_row(
+        "latency p50 / p95 / p99",
+        " / ".join(ms(v) for v in (result.latency_p50, result.latency_p95, result.latency_p99)),
+    )
+    table.add_row("by method", ", ".join(f"{k}={v}" for k, v in result.by_method.items()) or "-")
+    table.add_row("retrains", str(result.retrains))
+    return table
+
+
+@app.command()
+def loadtest(
+    requests: Annotated[int, typer.Option("--requests", min=1, help="Number of requests.")],
+    rate: Annotated[float, typer.Option("--rate", min=0, help="Requests/s (0: burst).")],
+    ids_per_request: Annotated[int, typer.Option("--ids-per-request", min=1)] = 1,
+    first_id: Annotated[int, typer.Option(help="Sample ids are first_id, first_id+1, ...")] = 0,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the statuses.")] = 300.0,
+    output: Annotated[Path | None, typer.Option(help="Also write the result as JSON here.")] = None,
+    model: ModelOpt = schema.DEFAULT_MODEL,
+    broker_url: BrokerOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Send deletions at a rate and report throughput and enqueue-to-applied latency."""
+    with (
+        open_client(broker_url, model) as client,
+        Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            disable=as_json,
+        ) as progress,
+    ):
+        sent = progress.add_task("sent", total=requests)
+        done = progress.add_task("applied", total=requests)
+        result = run_loadtest(
+            client,
+            requests=requests,
+            rate=rate,
+            ids_per_request=ids_per_request,
+            first_id=first_id,
+            timeout=timeout,
+            on_sent=lambda k: progress.advance(sent, k),
+            on_done=lambda k: progress.advance(done, k),
+        )
+    payload = json.dumps(result.as_dict())
+    if output is not None:
+        output.write_text(payload + "\n")
+    if as_json:
+        print(payload)
+    else:
+        Console().print(result_table(result))
+    if result.not_applied:
+        raise typer.Exit(1)

@@ -1,0 +1,188 @@
+"""Enqueue deletion requests and read their status (DESIGN.md §3 "Producer API", §4 steps 1).
+
+The producer writes each request's ``queued`` status and appends it to the model's Redis Stream
+in one server-side script (status first, so a late ``queued`` can never overwrite ``applied``),
+then rings the doorbell: ``SET doorbell 1 NX PX 5000`` and, when that succeeds, sends
+``certremove.drain`` by name. It imports neither torch nor ``core`` nor ``worker``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import redis
+from celery import Celery
+
+from producer import schema
+
+DOORBELL_MS = 5000
+CHUNK = 1000
+
+# KEYS[1] stream, KEYS[1+k] status hash of request k; ARGV[1] requested_at, then
+# (request_id, sample_ids JSON) pairs. HSETNX keeps a repeated request id from overwriting a
+# final status; the entry is appended anyway and the worker answers it as a repeat.
+_ENQUEUE_LUA = """
+if redis.replicate_commands then redis.replicate_commands() end
+local now = ARGV[1]
+for k = 2, #KEYS do
+  local rid = ARGV[2 * k - 2]
+  if redis.call('HSETNX', KEYS[k], 'status', 'queued') == 1 then
+    redis.call('HSET', KEYS[k], 'requested_at', now)
+  end
+  redis.call('XADD', KEYS[1], '*', 'request_id', rid, 'sample_ids', ARGV[2 * k - 1],
+             'requested_at', now)
+end
+return #KEYS - 1
+"""
+
+
+def append_requests(
+    client: redis.Redis,
+    model: str,
+    requests: Sequence[tuple[str, str]],
+    requested_at: float | None = None,
+) -> None:
+    """Write ``queued`` statuses and append ``(request_id, sample_ids_json)`` entries in one
+    server-side script (used by :class:`Client` and by the ``certremove.remove`` task)."""
+    keys = [schema.stream_key(model)] + [schema.status_key(model, rid) for rid, _ in requests]
+    args: list[Any] = [repr(time.time() if requested_at is None else requested_at)]
+    for rid, ids_json in requests:
+        args += [rid, ids_json]
+    client.register_script(_ENQUEUE_LUA)(keys=keys, args=args)
+
+
+def redis_py_url(url: str) -> str:
+    """The redis-py spelling of a kombu broker URL (``redis+socket://PATH`` -> ``unix://PATH``)."""
+    if url.startswith("redis+socket://"):
+        url = "unix://" + url[len("redis+socket://") :]
+        url = url.replace("virtual_host=", "db=")
+    return url
+
+
+def resolve_broker_url(broker_url: str | None) -> str:
+    """``broker_url``, else ``$CERTREMOVE_BROKER_URL``, else the default local Redis."""
+    return broker_url or os.environ.get("CERTREMOVE_BROKER_URL") or schema.DEFAULT_BROKER_URL
+
+
+def new_request_id() -> str:
+    """A fresh unique request id."""
+    return uuid.uuid4().hex
+
+
+class Client:
+    """Enqueue deletions for one model and read their status.
+
+    Args:
+        broker_url: kombu-style Redis URL (``redis://``, ``redis+socket://``); default
+            ``$CERTREMOVE_BROKER_URL`` or ``redis://127.0.0.1:6379/0``.
+        model: the model name, which selects the stream and the Celery queues.
+    """
+
+    def __init__(self, broker_url: str | None = None, model: str = schema.DEFAULT_MODEL) -> None:
+        self.broker_url = resolve_broker_url(broker_url)
+        self.model = schema.check_model_name(model)
+        self.redis = redis.Redis.from_url(redis_py_url(self.broker_url))
+        self._celery: Celery | None = None
+
+    def close(self) -> None:
+        """Release the connections."""
+        self.redis.close()
+        if self._celery is not None:
+            self._celery.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def celery(self) -> Celery:
+        """A minimal Celery app used only to send tasks by name (JSON serializer)."""
+        if self._celery is None:
+            self._celery = Celery("certremove-producer", broker=self.broker_url)
+            self._celery.conf.update(task_serializer="json", accept_content=["json"])
+        return self._celery
+
+    def enqueue(self, sample_ids: Sequence[int | str], request_id: str | None = None) -> str:
+        """Append one deletion request and ring the doorbell; return its request id."""
+        rid = request_id or new_request_id()
+        self._append([(rid, sample_ids)])
+        self.ring()
+        return rid
+
+    def enqueue_many(
+        self,
+        list_of_id_lists: Iterable[Sequence[int | str]],
+        request_ids: Sequence[str] | None = None,
+    ) -> list[str]:
+        """Append many requests in pipelined chunks, ring once per chunk; return their ids."""
+        lists = list(list_of_id_lists)
+        rids = list(request_ids) if request_ids is not None else [new_request_id() for _ in lists]
+        if len(rids) != len(lists):
+            raise ValueError("request_ids and list_of_id_lists differ in length")
+        for start in range(0, len(lists), CHUNK):
+            self._append(
+                list(zip(rids[start : start + CHUNK], lists[start : start + CHUNK], strict=True))
+            )
+            self.ring()
+        return rids
+
+    def _append(self, requests: list[tuple[str, Sequence[int | str]]]) -> None:
+        encoded = []
+        for rid, ids in requests:
+            if not isinstance(ids, list | tuple):
+                raise TypeError(f"sample_ids must be a list of ids, got {type(ids).__name__}")
+            encoded.append((rid, json.dumps(list(ids))))
+        try:
+            append_requests(self.redis, self.model, encoded)
+        except redis.RedisError as exc:
+            raise ConnectionError(f"cannot enqueue on {self.broker_url}: {exc}") from exc
+
+    def ring(self) -> bool:
+        """Ring the doorbell: send ``certremove.drain`` unless a drain already holds it."""
+        if not self.redis.set(schema.doorbell_key(self.model), 1, nx=True, px=DOORBELL_MS):
+            return False
+        self.celery.send_task(schema.TASK_DRAIN, queue=schema.queue_name(self.model))
+        return True
+
+    def status(self, request_id: str) -> dict[str, Any]:
+        """The status of one request (empty dict if unknown)."""
+        return schema.decode_status(self.redis.hgetall(schema.status_key(self.model, request_id)))
+
+    def statuses(self, request_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The statuses of many requests, read in one pipeline."""
+        pipe = self.redis.pipeline(transaction=False)
+        for rid in request_ids:
+            pipe.hgetall(schema.status_key(self.model, rid))
+        return {
+            rid: schema.decode_status(raw)
+            for rid, raw in zip(request_ids, pipe.execute(), strict=True)
+        }
+
+    def wait(
+        self, request_ids: Sequence[str], timeout: float = 60.0, poll: float = 0.05
+    ) -> dict[str, dict[str, Any]]:
+        """Wait until every request is ``applied`` or ``rejected``, or ``timeout`` seconds pass.
+
+        Returns the last statuses read; requests still ``queued`` at the timeout are included
+        as they are, so callers check ``status`` themselves.
+        """
+        deadline = time.monotonic() + timeout
+        result: dict[str, dict[str, Any]] = {}
+        todo = list(request_ids)
+        while True:
+            for start in range(0, len(todo), 5000):
+                result.update(self.statuses(todo[start : start + 5000]))
+            todo = [r for r in todo if result[r].get("status") not in _FINAL]
+            if not todo or time.monotonic() >= deadline:
+                return {rid: result[rid] for rid in request_ids}
+            time.sleep(poll)
+
+
+_FINAL = {schema.STATUS_APPLIED, schema.STATUS_REJECTED}

@@ -1,0 +1,63 @@
+"""The Celery app of the worker: ``celery -A worker.app worker -P solo`` starts it.
+
+JSON only, late acks, results ignored, one solo-pool process that owns the model. The model's
+retrain queue is listed first and polled with ``queue_order_strategy="priority"``, so a retrain
+waits at most one drain time slice. Celery messages are only wake-ups: the Redis Stream is the
+durable record (DESIGN.md §4), so the visibility timeout can stay moderate.
+
+Settings come from ``CERTREMOVE_*`` variables, read once here: this module is the entry point.
+Give the service a Redis database of its own (kombu's ``unacked`` keys are shared by every Celery
+app on a database).
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from producer import schema
+from worker import tasks
+from worker.settings import Settings
+
+
+def create_app(settings: Settings) -> Celery:
+    """A configured Celery app serving ``settings.model``."""
+    app = Celery("certremove", broker=settings.broker_url, set_as_current=False)
+    queue, retrain_queue = (
+        schema.queue_name(settings.model),
+        schema.retrain_queue_name(settings.model),
+    )
+    transport = {
+        "visibility_timeout": settings.visibility_timeout,
+        "queue_order_strategy": "priority",
+    }
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_acks_late=True,
+        task_ignore_result=True,
+        worker_prefetch_multiplier=1,
+        worker_pool="solo",
+        worker_concurrency=1,
+        task_queues=[Queue(retrain_queue), Queue(queue)],
+        task_default_queue=queue,
+        task_routes={
+            schema.TASK_DRAIN: {"queue": queue},
+            schema.TASK_REMOVE: {"queue": queue},
+            schema.TASK_RETRAIN: {"queue": retrain_queue},
+        },
+        broker_transport_options=transport,
+        visibility_timeout=settings.visibility_timeout,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        worker_send_task_events=False,
+    )
+    app.conf.certremove_settings = settings
+    tasks.register(app, settings)
+    return app
+
+
+settings = Settings.from_env()
+app = create_app(settings)

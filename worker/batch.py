@@ -1,0 +1,188 @@
+"""Turn a batch of stream entries into removal groups and immediate answers.
+
+For each entry, in arrival order: an entry without a request id goes to the dead-letter stream; a
+request id answered before (ledger) or earlier in the batch is a repeat (acknowledged without
+effect); an invalid entry is ``rejected``; a request with no known id is ``rejected``; one whose
+ids are all removed already is ``applied`` at once (``already_removed_ids``); the rest become
+groups (one per request, its new rows) for one batched Newton step or a retrain. A request that
+shares rows with an earlier group of the batch is deferred, with everything after it, to the next
+batch, so a request is never reported applied on the strength of another that is still pending.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from producer import schema
+from worker.entries import Entry
+from worker.ledger import Answer, Ledger
+
+
+@dataclass
+class Group:
+    """One request's contribution to a removal."""
+
+    entry: Entry
+    rows: list[int]
+    already_removed_ids: list[Any]
+    unknown_ids: list[Any]
+
+
+@dataclass
+class Plan:
+    """What to do with a batch."""
+
+    groups: list[Group] = field(default_factory=list)
+    answers: list[Answer] = field(default_factory=list)
+    answered: list[Entry] = field(default_factory=list)
+    ack_only: list[bytes] = field(default_factory=list)
+    dead: list[Entry] = field(default_factory=list)
+    deferred: list[Entry] = field(default_factory=list)
+    repeats: int = 0
+
+
+class RemovalGuard:
+    """Predicts core's refusal of removals that would leave no rows or one class of a binary
+    model, from per-class counts of the remaining rows, so only the offending request is
+    rejected (core raises for the whole call).
+
+    Args:
+        labels: training labels, one per row (numpy).
+        alive: the alive mask (numpy bool).
+        binary: whether the model is binary.
+    """
+
+    def __init__(self, labels: np.ndarray, alive: np.ndarray, binary: bool) -> None:
+        self.labels = labels
+        self.binary = binary
+        self.counts = Counter(labels[alive].tolist())
+
+    def refuse(self, rows: list[int]) -> str | None:
+        """The reason this removal would be refused, or None (and then count it as done)."""
+        after = self.counts.copy()
+        after.subtract(self.labels[rows].tolist())
+        if sum(v for v in after.values() if v > 0) == 0:
+            return "the removal would leave no training rows: there is no model with n' = 0"
+        if self.binary and sum(1 for v in after.values() if v > 0) < 2:
+            return "the removal would leave a binary model with a single class"
+        self.counts = after
+        return None
+
+
+def plan_batch(
+    entries: list[Entry],
+    *,
+    rows_for_ids: Any,
+    alive: np.ndarray,
+    sample_ids: np.ndarray,
+    ledger: Ledger,
+    guard: RemovalGuard | None,
+    now: float,
+    fold_overlaps: bool = False,
+) -> Plan:
+    """Classify ``entries`` (see the module docstring); never raises on bad input.
+
+    With ``fold_overlaps`` (a retrain, which removes every group at once) a request sharing rows
+    with an earlier group is not deferred: its shared rows are removed by the same retrain.
+    """
+    plan = Plan()
+    claimed: set[int] = set()
+    seen: set[str] = set()
+    for i, e in enumerate(entries):
+        rid = e.request_id
+        if rid is None:
+            plan.dead.append(e)
+            continue
+        prior = ledger.seen(rid)
+        if rid in seen or prior is not None:
+            plan.repeats += 1
+            if prior is not None:
+                prior.requested_at = e.requested_at
+                plan.answers.append(prior)
+                plan.answered.append(e)
+            else:
+                plan.ack_only.append(e.entry_id)
+            continue
+        if e.error is not None:
+            plan.answers.append(_rejected(e, e.error, now))
+            plan.answered.append(e)
+            seen.add(rid)
+            continue
+        rows, unknown = rows_for_ids(e.sample_ids)
+        if not rows:
+            plan.answers.append(_rejected(e, "no known sample id in the request", now, unknown))
+            plan.answered.append(e)
+            seen.add(rid)
+            continue
+        uniq = list(dict.fromkeys(rows))
+        shared = claimed.intersection(uniq)
+        if shared and not fold_overlaps:
+            plan.deferred = entries[i:]
+            break
+        if shared:
+            seen.add(rid)
+            new = [r for r in uniq if alive[r] and r not in shared]
+            already = [_py(sample_ids[r]) for r in uniq if not alive[r]]
+            claimed.update(new)
+            plan.groups.append(Group(e, new, already, unknown))
+            continue
+        new = [r for r in uniq if alive[r]]
+        already = [_py(sample_ids[r]) for r in uniq if not alive[r]]
+        seen.add(rid)
+        if not new:
+            plan.answers.append(
+                Answer(
+                    rid,
+                    schema.STATUS_APPLIED,
+                    unknown_ids=unknown,
+                    already_removed_ids=already,
+                    requested_at=e.requested_at,
+                    applied_at=now,
+                )
+            )
+            plan.answered.append(e)
+            continue
+        reason = guard.refuse(new) if guard is not None else None
+        if reason is not None:
+            plan.answers.append(_rejected(e, reason, now, unknown))
+            plan.answered.append(e)
+            continue
+        claimed.update(new)
+        plan.groups.append(Group(e, new, already, unknown))
+    return plan
+
+
+def _rejected(e: Entry, reason: str, now: float, unknown: list[Any] | None = None) -> Answer:
+    return Answer(
+        str(e.request_id),
+        schema.STATUS_REJECTED,
+        unknown_ids=unknown or [],
+        reason=reason,
+        requested_at=e.requested_at,
+        applied_at=now,
+    )
+
+
+def _py(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value
+
+
+def applied_answers(groups: list[Group], method: str, version: int, now: float) -> list[Answer]:
+    """The ``applied`` answers of committed groups."""
+    return [
+        Answer(
+            str(g.entry.request_id),
+            schema.STATUS_APPLIED,
+            method,
+            version,
+            g.unknown_ids,
+            g.already_removed_ids,
+            requested_at=g.entry.requested_at,
+            applied_at=now,
+        )
+        for g in groups
+    ]

@@ -1,0 +1,96 @@
+"""Parse and validate request-stream entries (DESIGN.md §3 "Request log").
+
+Bad input is answered, never dropped: an entry that cannot be read becomes an :class:`Entry`
+with ``error`` set, which the service records as ``rejected`` with that reason (or sends to the
+dead-letter stream when it has no request id to answer).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from producer import schema
+
+Fields = dict[bytes, bytes]
+RawEntry = tuple[bytes, Fields]
+
+_RID = schema.FIELD_REQUEST_ID.encode()
+_IDS = schema.FIELD_SAMPLE_IDS.encode()
+_AT = schema.FIELD_REQUESTED_AT.encode()
+
+
+@dataclass
+class Entry:
+    """One stream entry, parsed.
+
+    Attributes:
+        entry_id: the stream entry id (bytes, as Redis returned it).
+        request_id: the request id, or None when the entry has none.
+        sample_ids: the validated sample ids (1 to 10,000 ints or strings), None on error.
+        requested_at: enqueue time (epoch seconds), None when absent or unreadable.
+        error: why the entry is rejected, None when it is valid.
+        fields: the raw fields, kept for the dead-letter stream.
+    """
+
+    entry_id: bytes
+    request_id: str | None
+    sample_ids: list[int | str] | None
+    requested_at: float | None
+    error: str | None
+    fields: Fields
+
+
+def _text(value: bytes | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return None
+
+
+def validate_sample_ids(value: Any, limit: int = schema.MAX_IDS_PER_REQUEST) -> str | None:
+    """Why ``value`` is not a valid id list (a reason), or None when it is."""
+    if not isinstance(value, list):
+        return f"malformed entry: sample_ids must be a JSON list, got {type(value).__name__}"
+    if not value:
+        return "empty request: sample_ids is an empty list"
+    if len(value) > limit:
+        return f"oversized request: {len(value)} sample ids (at most {limit} per request)"
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, int | str):
+            return f"malformed entry: sample ids must be integers or strings, got {item!r}"
+    return None
+
+
+def parse_entry(entry_id: bytes, fields: Fields) -> Entry:
+    """Parse one raw stream entry; never raises."""
+    rid = _text(fields.get(_RID))
+    requested_at: float | None = None
+    at_text = _text(fields.get(_AT))
+    if at_text:
+        try:
+            requested_at = float(at_text)
+        except ValueError:
+            requested_at = None
+    if not rid:
+        return Entry(entry_id, None, None, requested_at, "malformed entry: no request_id", fields)
+    raw_ids = _text(fields.get(_IDS))
+    if raw_ids is None:
+        return Entry(entry_id, rid, None, requested_at, "malformed entry: no sample_ids", fields)
+    try:
+        ids = json.loads(raw_ids)
+    except (json.JSONDecodeError, RecursionError):
+        return Entry(
+            entry_id, rid, None, requested_at, "malformed entry: sample_ids is not JSON", fields
+        )
+    error = validate_sample_ids(ids)
+    return Entry(entry_id, rid, None if error else ids, requested_at, error, fields)
+
+
+def parse_entries(raw: list[RawEntry]) -> list[Entry]:
+    """Parse a list of ``(entry_id, fields)`` pairs; entries deleted from the stream (None
+    fields, as XAUTOCLAIM/XREADGROUP report them) are returned as malformed."""
+    return [parse_entry(eid, fields or {}) for eid, fields in raw]

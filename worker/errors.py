@@ -1,0 +1,11 @@
+"""Errors of the worker (bad configuration or state is a ``ValueError``/``RuntimeError``)."""
+
+from __future__ import annotations
+
+
+class WorkerError(Exception):
+    """Base class of the errors the worker raises on purpose."""
+
+
+class StateMissingError(WorkerError, RuntimeError):
+    """The state directory holds no loadable model."""

@@ -1,0 +1,172 @@
+"""Request statuses and the append-only ledger of answered request ids (DESIGN.md §3, §4).
+
+Two records, written in this order after the model state was persisted:
+1. an append-only JSON-lines file beside the model state (``ledger.jsonl``): one line per
+   committed batch, never rewritten, so a repeated request id is recognised even after a crash
+   between the persist and the status write;
+2. the status hashes and the ``XACK`` of the batch, in one server-side script (atomic).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from producer import schema
+
+# KEYS[1] stream, KEYS[1+k] status hash of answer k. ARGV[1] group, then per answer a mode
+# ('w' write, 'q' write only while the status is missing or queued) and 8 values in _NAMES
+# order ('' = leave the field alone), then the entry ids to acknowledge.
+_NAMES = (
+    "status",
+    "method",
+    "model_version",
+    "unknown_ids",
+    "already_removed_ids",
+    "reason",
+    "requested_at",
+    "applied_at",
+)
+_PUBLISH_LUA = """
+if redis.replicate_commands then redis.replicate_commands() end
+local names = {'status', 'method', 'model_version', 'unknown_ids', 'already_removed_ids',
+               'reason', 'requested_at', 'applied_at'}
+local a = 2
+for k = 2, #KEYS do
+  local write = true
+  if ARGV[a] == 'q' then
+    local cur = redis.call('HGET', KEYS[k], 'status')
+    write = (cur == false or cur == 'queued')
+  end
+  if write then
+    local args = {}
+    for j = 1, #names do
+      local v = ARGV[a + j]
+      if v ~= '' then args[#args + 1] = names[j]; args[#args + 1] = v end
+    end
+    if #args > 0 then redis.call('HSET', KEYS[k], unpack(args)) end
+  end
+  a = a + 1 + #names
+end
+local ids = {}
+for i = a, #ARGV do
+  ids[#ids + 1] = ARGV[i]
+  if #ids >= 1000 then redis.call('XACK', KEYS[1], ARGV[1], unpack(ids)); ids = {} end
+end
+if #ids > 0 then redis.call('XACK', KEYS[1], ARGV[1], unpack(ids)) end
+return 1
+"""
+
+
+@dataclass
+class Answer:
+    """The final answer to one request (what its status hash will say)."""
+
+    request_id: str
+    status: str
+    method: str = ""
+    model_version: int | None = None
+    unknown_ids: list[Any] = field(default_factory=list)
+    already_removed_ids: list[Any] = field(default_factory=list)
+    reason: str = ""
+    requested_at: float | None = None
+    applied_at: float | None = None
+    only_if_queued: bool = False
+
+    def values(self) -> list[str]:
+        """The 8 status values in script order ('' leaves a field alone)."""
+        return [
+            self.status,
+            self.method,
+            "" if self.model_version is None else str(self.model_version),
+            json.dumps(self.unknown_ids),
+            json.dumps(self.already_removed_ids),
+            self.reason,
+            "" if self.requested_at is None else repr(self.requested_at),
+            "" if self.applied_at is None else repr(self.applied_at),
+        ]
+
+
+class Ledger:
+    """Status hashes in Redis plus the append-only file of answered request ids.
+
+    Args:
+        client: redis-py client (``decode_responses=False``).
+        model: the model name.
+        path: the ledger file; None keeps the ids in memory only (tests).
+    """
+
+    def __init__(self, client: redis.Redis, model: str, path: Path | None) -> None:
+        self.redis = client
+        self.model = model
+        self.stream = schema.stream_key(model)
+        self.group = schema.group_name(model)
+        self.path = path
+        self._publish = client.register_script(_PUBLISH_LUA)
+        self._known: dict[str, tuple[str, str, int | None, float | None]] = {}
+        if path is not None and path.exists():
+            self._load(path)
+
+    def _load(self, path: Path) -> None:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a torn last line from a crash mid-append
+                for rid in rec.get("ids", []):
+                    self._known[rid] = (rec["s"], rec.get("m", ""), rec.get("v"), rec.get("t"))
+
+    def seen(self, request_id: str) -> Answer | None:
+        """The recorded answer of a request id already answered, else None."""
+        rec = self._known.get(request_id)
+        if rec is None:
+            return None
+        status, method, version, at = rec
+        return Answer(request_id, status, method, version, applied_at=at, only_if_queued=True)
+
+    def __len__(self) -> int:
+        return len(self._known)
+
+    def record(self, answers: Iterable[Answer]) -> None:
+        """Append the answers to the ledger file (fsynced) and remember their ids."""
+        groups: dict[tuple[str, str, int | None, float | None], list[str]] = {}
+        for a in answers:
+            if a.only_if_queued:
+                continue
+            groups.setdefault((a.status, a.method, a.model_version, a.applied_at), []).append(
+                a.request_id
+            )
+        if not groups:
+            return
+        for key, ids in groups.items():
+            for rid in ids:
+                self._known[rid] = key
+        if self.path is None:
+            return
+        lines = "".join(
+            json.dumps({"s": s, "m": m, "v": v, "t": t, "ids": ids}) + "\n"
+            for (s, m, v, t), ids in groups.items()
+        )
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(lines)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def publish(self, answers: list[Answer], ack_ids: list[bytes]) -> None:
+        """Write the status hashes and acknowledge ``ack_ids``, atomically."""
+        if not answers and not ack_ids:
+            return
+        keys = [self.stream] + [schema.status_key(self.model, a.request_id) for a in answers]
+        args: list[Any] = [self.group]
+        for a in answers:
+            args.append("q" if a.only_if_queued else "w")
+            args += a.values()
+        args += ack_ids
+        self._publish(keys=keys, args=args)

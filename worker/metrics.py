@@ -1,0 +1,116 @@
+"""Every Prometheus metric of DESIGN.md §3, defined once against an injected registry.
+
+The endpoint that serves them is an **operator** endpoint: the budget gauges and the update and
+latency timings depend on the secret noise draw (DESIGN.md §1 "Secrets and limits"), so it binds
+to loopback by default and must never be published. No per-step residual or noise figure is
+exported beyond the budget gauges listed here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+BATCH_BUCKETS = tuple(float(2**k) for k in range(0, 14))  # 1 .. 8192 rows
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+RETRAIN_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
+
+
+class ServiceMetrics:
+    """The worker's metrics (names in DESIGN.md §3), registered on ``registry``.
+
+    Args:
+        registry: where to register; tests pass a fresh ``CollectorRegistry``.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        kw: dict[str, Any] = {"registry": registry}
+        self.budget_total = Gauge(
+            "certremove_budget_total", "Gradient-residual budget of this noise epoch", **kw
+        )
+        self.budget_used = Gauge(
+            "certremove_budget_used", "Budget used (upper bound on the residual norm)", **kw
+        )
+        self.budget_used_ratio = Gauge(
+            "certremove_budget_used_ratio", "budget_used / budget_total", **kw
+        )
+        self.removals = Counter(
+            "certremove_removals", "Training rows removed, by method", ["method"], **kw
+        )
+        self.requests = Counter(
+            "certremove_requests",
+            "Deletion requests answered, by outcome (applied, rejected, duplicate, dead_letter)",
+            ["outcome"],
+            **kw,
+        )
+        self.batch_size = Histogram(
+            "certremove_batch_size", "Rows per committed Newton step", buckets=BATCH_BUCKETS, **kw
+        )
+        self.newton_update_seconds = Histogram(
+            "certremove_newton_update_seconds",
+            "Time of one batched Newton removal step",
+            buckets=STEP_BUCKETS,
+            **kw,
+        )
+        self.request_latency_seconds = Histogram(
+            "certremove_request_latency_seconds",
+            "Enqueue to certified removal (state persisted)",
+            buckets=LATENCY_BUCKETS,
+            **kw,
+        )
+        self.retrains = Counter(
+            "certremove_retrains", "Retrains from scratch, by reason", ["reason"], **kw
+        )
+        self.safety_retrains = Counter(
+            "certremove_safety_retrains", "Retrains forced by the budget safety net", **kw
+        )
+        self.retrain_seconds = Histogram(
+            "certremove_retrain_seconds", "Duration of a retrain", buckets=RETRAIN_BUCKETS, **kw
+        )
+        self.retrain_in_progress = Gauge(
+            "certremove_retrain_in_progress", "1 while a retrain runs", **kw
+        )
+        self.test_accuracy = Gauge(
+            "certremove_test_accuracy", "Accuracy on the held-out split", **kw
+        )
+        self.model_version = Gauge("certremove_model_version", "Model version (retrains)", **kw)
+        self.training_samples = Gauge(
+            "certremove_training_samples", "Training rows still in the model", **kw
+        )
+        self.extractor_removals_remaining = Gauge(
+            "certremove_extractor_removals_remaining",
+            "Removals the DP feature extractor still allows (only with a DP extractor)",
+            **kw,
+        )
+        for method in ("newton", "retrain"):
+            self.removals.labels(method=method)
+        for outcome in ("applied", "rejected", "duplicate", "dead_letter"):
+            self.requests.labels(outcome=outcome)
+        for reason in ("max_removals", "budget", "numerical"):
+            self.retrains.labels(reason=reason)
+
+    def set_model_state(
+        self,
+        *,
+        budget_total: float,
+        budget_used: float,
+        version: int,
+        training_samples: int,
+        accuracy: float | None = None,
+    ) -> None:
+        """Refresh the gauges that describe the current model."""
+        self.budget_total.set(budget_total)
+        self.budget_used.set(budget_used)
+        self.budget_used_ratio.set(budget_used / budget_total if budget_total > 0 else 0.0)
+        self.model_version.set(version)
+        self.training_samples.set(training_samples)
+        if accuracy is not None:
+            self.test_accuracy.set(accuracy)
+
+    def serve(self, port: int, addr: str = "127.0.0.1") -> int:
+        """Serve the registry over HTTP in a daemon thread; return the bound port."""
+        server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        return int(server.server_port)

@@ -1,0 +1,88 @@
+"""Build the one :class:`~worker.service.RemovalService` of a worker process.
+
+Called once when the Celery worker starts (``worker.tasks.ServiceStep``): loads the model from the
+state directory (on CUDA when available, unless ``CERTREMOVE_DEVICE`` says otherwise), connects
+to Redis, starts the operator metrics endpoint and wires the collaborators together.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import redis
+from prometheus_client import CollectorRegistry
+
+from producer.client import redis_py_url
+from worker.doorbell import Doorbell, SendTask
+from worker.errors import StateMissingError
+from worker.ledger import Ledger
+from worker.metrics import ServiceMetrics
+from worker.service import RemovalService
+from worker.settings import Settings
+from worker.stream import RequestStream
+
+log = logging.getLogger("certremove.worker")
+
+
+@dataclass
+class Runtime:
+    """What a worker process holds: the service and where its metrics are served."""
+
+    service: RemovalService
+    metrics_port: int
+
+
+def load_model(settings: Settings) -> object:
+    """The current model of ``settings.state_dir``.
+
+    Raises:
+        StateMissingError: no model there (run ``certremove train`` first) or unreadable.
+    """
+    import core  # noqa: PLC0415 - torch is loaded only in the worker process, never by producers
+
+    if not (settings.state_dir / "CURRENT").exists():
+        raise StateMissingError(
+            f"no model in {settings.state_dir}: run `certremove train --state {settings.state_dir}`"
+        )
+    try:
+        return core.load_model(settings.state_dir, device=settings.device)
+    except core.errors.StateError as exc:
+        raise StateMissingError(str(exc)) from exc
+
+
+def build_runtime(
+    settings: Settings, send_task: SendTask, *, serve_metrics: bool = True
+) -> Runtime:
+    """Load the model and assemble the service (see the module docstring)."""
+    model = load_model(settings)
+    client = redis.Redis.from_url(redis_py_url(settings.broker_url), health_check_interval=30)
+    metrics = ServiceMetrics(CollectorRegistry())
+    port = 0
+    if serve_metrics:
+        port = metrics.serve(settings.metrics_port, settings.metrics_addr)
+    service = RemovalService(
+        model=model,
+        state_dir=settings.state_dir,
+        stream=RequestStream(
+            client, settings.model, settings.consumer, claim_idle_ms=settings.claim_idle_ms
+        ),
+        ledger=Ledger(client, settings.model, settings.state_dir / "ledger.jsonl"),
+        metrics=metrics,
+        doorbell=Doorbell(client, settings.model, send_task),
+        send_task=send_task,
+        max_batch=settings.max_batch,
+        slice_seconds=settings.slice_seconds,
+        max_deliveries=settings.max_deliveries,
+    )
+    dev = getattr(model, "device", "?")
+    log.info(
+        "certremove worker: model %r version %s on %s, %d rows alive; metrics on %s:%d",
+        settings.model,
+        model.version,
+        dev,
+        model.n_alive,
+        settings.metrics_addr,
+        port,
+    )
+    return Runtime(service=service, metrics_port=port)

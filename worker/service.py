@@ -1,0 +1,350 @@
+"""The removal service: batching, the drain protocol, retrain scheduling (DESIGN.md §4).
+
+No Celery here: ``worker.tasks`` calls :meth:`RemovalService.drain` and
+:meth:`RemovalService.retrain` and injects how tasks are sent. One instance owns the model.
+
+Drain (one bounded time slice): hold the doorbell; recover this consumer's pending entries and
+claim idle ones of dead consumers; then read up to ``max_batch`` waiting entries, fold them into
+**one** Newton step (one ``model.remove`` call, ``groups`` = request sizes), persist the state,
+record the ledger, write the statuses and ``XACK`` in one script; repeat until the stream is empty
+or the slice ends (then re-queue). On exit release the bell and look once more.
+
+When core leaves requests pending (``needs_retrain``), nothing more is applied to this model:
+``certremove.retrain`` is sent to the retrain queue (consumed first), which folds every pending
+request into a retrain from scratch (their rows excluded) and answers them ``method=retrain``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from producer import schema
+from worker.batch import Plan, RemovalGuard, applied_answers, plan_batch
+from worker.doorbell import Doorbell, SendTask
+from worker.entries import Entry, parse_entries
+from worker.ledger import Answer, Ledger
+from worker.metrics import ServiceMetrics
+from worker.stream import RequestStream
+
+log = logging.getLogger("certremove.worker")
+
+RETRAIN_FOLD_CAP = 50_000
+
+
+@dataclass
+class DrainReport:
+    """What one drain or retrain did (for logs and tests)."""
+
+    steps: int = 0
+    requests: int = 0
+    rows_removed: int = 0
+    requeued: bool = False
+    retrain_requested: bool = False
+    retrained: bool = False
+
+
+class RemovalService:
+    """Owns one model and serves its request stream.
+
+    Args:
+        model: a ``core`` model (from ``core.load_model``; ``model.dataset`` set).
+        state_dir: where ``model.save`` persists it.
+        stream, ledger, metrics, doorbell: the collaborators (see their modules).
+        send_task: ``send_task(name, queue)`` for ``certremove.retrain``.
+        max_batch: most entries folded into one Newton step.
+        slice_seconds: length of one drain's time slice.
+        max_deliveries: deliveries after which an entry is dead-lettered.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: Any,
+        state_dir: Path,
+        stream: RequestStream,
+        ledger: Ledger,
+        metrics: ServiceMetrics,
+        doorbell: Doorbell,
+        send_task: SendTask,
+        max_batch: int = 2048,
+        slice_seconds: float = 0.75,
+        max_deliveries: int = 5,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.model = model
+        self.state_dir = Path(state_dir)
+        self.stream, self.ledger, self.metrics, self.doorbell = stream, ledger, metrics, doorbell
+        self.send_task = send_task
+        self.max_batch, self.slice_seconds, self.max_deliveries = (
+            max_batch,
+            slice_seconds,
+            max_deliveries,
+        )
+        self.clock = clock
+        self.retrain_due: str | None = None  # the reason, while a retrain is due
+        self._retrain_sent = False
+        ds = model.dataset
+        self._labels = ds.y_train.cpu().numpy() if ds is not None else None
+        self._ids = np.asarray(model.ids)
+        self._safety_seen = int(model.safety_retrains)
+        self.stream.ensure_group()
+        self.refresh_metrics()
+
+    # ------------------------------------------------------------------ state
+    def accuracy(self) -> float | None:
+        """Accuracy on the held-out split of the model's dataset (None without one)."""
+        ds = self.model.dataset
+        if ds is None or len(ds.y_test) == 0:
+            return None
+        return float(self.model.accuracy(ds.X_test, ds.y_test))
+
+    def refresh_metrics(self) -> None:
+        """Publish the model's budget, version, size and test accuracy."""
+        m = self.model
+        self.metrics.set_model_state(
+            budget_total=m.budget_total,
+            budget_used=m.budget_used,
+            version=m.version,
+            training_samples=m.n_alive,
+            accuracy=self.accuracy(),
+        )
+
+    def _persist(self) -> None:
+        self.model.save(self.state_dir)
+
+    def _guard(self, alive: np.ndarray) -> RemovalGuard | None:
+        if self._labels is None:
+            return None
+        return RemovalGuard(self._labels, alive, binary=len(self.model.classes) == 2)
+
+    def _plan(self, entries: list[Entry], *, fold: bool) -> tuple[Plan, np.ndarray]:
+        alive = self.model.alive.cpu().numpy()
+        plan = plan_batch(
+            entries,
+            rows_for_ids=self.model.rows_for_ids,
+            alive=alive,
+            sample_ids=self._ids,
+            ledger=self.ledger,
+            guard=self._guard(alive),
+            now=self.clock(),
+            fold_overlaps=fold,
+        )
+        return plan, alive
+
+    def _finish(self, plan: Plan, committed: list[Answer], committed_entries: list[Entry]) -> None:
+        """Ledger, statuses + XACK, dead letters and request metrics of a planned batch."""
+        answers = plan.answers + committed
+        self.ledger.record(answers)
+        ack = [e.entry_id for e in plan.answered] + [e.entry_id for e in committed_entries]
+        self.ledger.publish(answers, ack + plan.ack_only)
+        if plan.dead:
+            self.stream.dead_letter(
+                [((e.entry_id, e.fields), e.error or "malformed") for e in plan.dead]
+            )
+            self.metrics.requests.labels(outcome="dead_letter").inc(len(plan.dead))
+        for a in answers:
+            if a.only_if_queued:
+                continue
+            self.metrics.requests.labels(outcome=a.status).inc()
+            if a.status == schema.STATUS_APPLIED and a.requested_at and a.applied_at:
+                self.metrics.request_latency_seconds.observe(
+                    max(0.0, a.applied_at - a.requested_at)
+                )
+        if plan.repeats:
+            self.metrics.requests.labels(outcome="duplicate").inc(plan.repeats)
+
+    # ------------------------------------------------------------------ drain
+    def _recover(self) -> list[Entry]:
+        """This consumer's pending entries plus idle ones claimed from others; entries delivered
+        more than ``max_deliveries`` times go to the dead-letter stream (status rejected)."""
+        raw = self.stream.read_own_pending(self.max_batch)
+        if len(raw) < self.max_batch:
+            raw += self.stream.autoclaim(self.max_batch - len(raw))
+        if not raw:
+            return []
+        counts = self.stream.delivery_counts([eid for eid, _ in raw])
+        entries = parse_entries(raw)
+        over = [e for e in entries if counts.get(e.entry_id, 1) > self.max_deliveries]
+        if over:
+            now = self.clock()
+            reason = f"dead-lettered: delivered more than {self.max_deliveries} times"
+            self.stream.dead_letter([((e.entry_id, e.fields), reason) for e in over])
+            answers = [
+                Answer(
+                    e.request_id,
+                    schema.STATUS_REJECTED,
+                    reason=reason,
+                    requested_at=e.requested_at,
+                    applied_at=now,
+                )
+                for e in over
+                if e.request_id
+            ]
+            self.ledger.record(answers)
+            self.ledger.publish(answers, [])
+            self.metrics.requests.labels(outcome="dead_letter").inc(len(over))
+            log.warning("dead-lettered %d entries delivered too often", len(over))
+        skip = {e.entry_id for e in over}
+        return [e for e in entries if e.entry_id not in skip]
+
+    def drain(self) -> DrainReport:
+        """Serve the stream for one time slice (DESIGN.md §4 step 2)."""
+        report = DrainReport()
+        deadline = time.monotonic() + self.slice_seconds
+        hold_ms = int(self.slice_seconds * 1000) + 5000
+        self.doorbell.hold(hold_ms)
+        if self.retrain_due:
+            self._request_retrain()  # at most once per due retrain
+            self.doorbell.release()
+            report.retrain_requested = True
+            return report
+        carry = self._recover()
+        while True:
+            room = self.max_batch - len(carry)
+            batch = carry + (parse_entries(self.stream.read_new(room)) if room > 0 else [])
+            if not batch:
+                break
+            carry = self._step(batch, report)
+            if self.retrain_due:
+                report.retrain_requested = True
+                self.doorbell.release()
+                return report
+            if time.monotonic() >= deadline:
+                report.requeued = True
+                self.doorbell.requeue(hold_ms)
+                return report
+        self.doorbell.release()
+        if self.stream.has_undelivered() or self.stream.read_own_pending(1):
+            self.doorbell.ring()
+        return report
+
+    def _step(self, batch: list[Entry], report: DrainReport) -> list[Entry]:
+        """One Newton step over a batch; returns the deferred entries."""
+        plan, _ = self._plan(batch, fold=False)
+        committed: list[Answer] = []
+        committed_entries: list[Entry] = []
+        if plan.groups:
+            rows = [r for g in plan.groups for r in g.rows]
+            t0 = time.perf_counter()
+            try:
+                res = self.model.remove(rows, groups=[len(g.rows) for g in plan.groups])
+            except ValueError as exc:  # core refused the call (InvalidInputError): answer it
+                now = self.clock()
+                plan.answers += [
+                    Answer(
+                        str(g.entry.request_id),
+                        schema.STATUS_REJECTED,
+                        reason=str(exc),
+                        unknown_ids=g.unknown_ids,
+                        requested_at=g.entry.requested_at,
+                        applied_at=now,
+                    )
+                    for g in plan.groups
+                ]
+                plan.answered += [g.entry for g in plan.groups]
+                self._finish(plan, [], [])
+                return plan.deferred
+            seconds = time.perf_counter() - t0
+            done = plan.groups[: res.applied_groups]
+            if res.removed:
+                self._persist()
+                n = len(res.removed)
+                self.metrics.newton_update_seconds.observe(seconds)
+                self.metrics.batch_size.observe(n)
+                self.metrics.removals.labels(method=schema.METHOD_NEWTON).inc(n)
+                report.rows_removed += n
+                report.steps += 1
+                self.refresh_metrics()
+            committed = applied_answers(
+                done, schema.METHOD_NEWTON, self.model.version, self.clock()
+            )
+            committed_entries = [g.entry for g in done]
+            if res.needs_retrain:
+                self.retrain_due = res.retrain_reason or "max_removals"
+                self._count_safety()
+                self._request_retrain()
+        self._finish(plan, committed, committed_entries)
+        report.requests += len(plan.answered) + len(committed_entries)
+        return plan.deferred
+
+    def _count_safety(self) -> None:
+        fired = int(self.model.safety_retrains) - self._safety_seen
+        if fired > 0:
+            self.metrics.safety_retrains.inc(fired)
+            self._safety_seen += fired
+
+    def _request_retrain(self) -> None:
+        if not self._retrain_sent:
+            self._retrain_sent = True
+            self.send_task(schema.TASK_RETRAIN, schema.retrain_queue_name(self.stream_model))
+
+    # ------------------------------------------------------------------ retrain
+    def _pending_entries(self) -> list[Entry]:
+        """Every entry this consumer holds, then waiting ones (up to the fold cap)."""
+        raw: list[Any] = []
+        start = "0"
+        while len(raw) < RETRAIN_FOLD_CAP:
+            page = self.stream.read_own_pending(self.max_batch, start=start)
+            if not page:
+                break
+            raw += page
+            start = _next_id(page[-1][0])
+        if len(raw) < RETRAIN_FOLD_CAP:
+            raw += self.stream.read_new(RETRAIN_FOLD_CAP - len(raw))
+        return parse_entries(raw)
+
+    def retrain(self) -> DrainReport:
+        """Retrain from scratch, folding every pending request in (DESIGN.md §4 step 5)."""
+        report = DrainReport()
+        self._retrain_sent = False
+        if not self.retrain_due:
+            self.doorbell.ring()  # a stale or duplicate retrain message: nothing is due
+            return report
+        self.metrics.retrain_in_progress.set(1)
+        try:
+            plan, _ = self._plan(self._pending_entries(), fold=True)
+            exclude = [r for g in plan.groups for r in g.rows]
+            t0 = time.perf_counter()
+            self.model.retrain(exclude=exclude)
+            seconds = time.perf_counter() - t0
+            self._persist()
+            self.metrics.retrains.labels(reason=self.retrain_due).inc()
+            self.metrics.retrain_seconds.observe(seconds)
+            self.metrics.removals.labels(method=schema.METHOD_RETRAIN).inc(len(exclude))
+            self.retrain_due = None
+            self.refresh_metrics()
+            committed = applied_answers(
+                plan.groups, schema.METHOD_RETRAIN, self.model.version, self.clock()
+            )
+            self._finish(plan, committed, [g.entry for g in plan.groups])
+            report.retrained, report.rows_removed = True, len(exclude)
+            report.requests = len(plan.answered) + len(plan.groups)
+            log.info(
+                "retrained: version %d, %d rows excluded, %.2f s",
+                self.model.version,
+                len(exclude),
+                seconds,
+            )
+        finally:
+            self.metrics.retrain_in_progress.set(0)
+        self.doorbell.ring()
+        return report
+
+
+def _next_id(entry_id: bytes | str) -> str:
+    """The smallest stream id after ``entry_id``."""
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    ms, _, seq = text.partition("-")
+    return f"{ms}-{int(seq or 0) + 1}"
+
+    @property
+    def stream_model(self) -> str:
+        """The model name of the stream served."""
+        return self.ledger.model

@@ -1,0 +1,136 @@
+"""The model's request stream as the worker sees it: a consumer group (DESIGN.md §4).
+
+Reads new entries, replays this consumer's own pending list, claims idle entries of other
+consumers (``XAUTOCLAIM``), reports delivery counts and moves entries to the dead-letter stream.
+Acknowledgement happens in :mod:`worker.ledger`, together with the status writes.
+"""
+
+from __future__ import annotations
+
+import redis
+
+from producer import schema
+from worker.entries import RawEntry
+
+
+class RequestStream:
+    """Consumer-group access to ``certremove:{model}:requests``.
+
+    Args:
+        client: a redis-py client with ``decode_responses=False``.
+        model: the model name.
+        consumer: this worker's stable consumer name.
+        claim_idle_ms: claim other consumers' entries idle at least this long.
+    """
+
+    def __init__(
+        self, client: redis.Redis, model: str, consumer: str, *, claim_idle_ms: int = 10_000
+    ) -> None:
+        self.redis = client
+        self.key = schema.stream_key(model)
+        self.group = schema.group_name(model)
+        self.dead_letter_key = schema.dead_letter_key(model)
+        self.consumer = consumer
+        self.claim_idle_ms = claim_idle_ms
+
+    def ensure_group(self) -> None:
+        """Create the consumer group (from the start of the stream) if it does not exist."""
+        try:
+            self.redis.xgroup_create(self.key, self.group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def _read(self, start: str, count: int, block_ms: int | None = None) -> list[RawEntry]:
+        reply = self.redis.xreadgroup(
+            self.group, self.consumer, {self.key: start}, count=count, block=block_ms
+        )
+        if not reply:
+            return []
+        return list(reply[0][1])
+
+    def read_new(self, count: int, block_ms: int | None = None) -> list[RawEntry]:
+        """Entries never delivered to any consumer (``>``), at most ``count``."""
+        return self._read(">", count, block_ms)
+
+    def read_own_pending(self, count: int, start: str = "0") -> list[RawEntry]:
+        """This consumer's delivered-but-unacknowledged entries after ``start`` (replay)."""
+        return self._read(start, count)
+
+    def autoclaim(self, count: int) -> list[RawEntry]:
+        """Claim up to ``count`` entries other consumers left idle for ``claim_idle_ms``."""
+        out: list[RawEntry] = []
+        cursor: bytes | str = "0-0"
+        while len(out) < count:
+            reply = self.redis.xautoclaim(
+                self.key,
+                self.group,
+                self.consumer,
+                self.claim_idle_ms,
+                start_id=cursor,
+                count=count - len(out),
+            )
+            # Redis 6.2 returns [cursor, entries]; 7.0+ adds the ids of deleted entries.
+            cursor, claimed = reply[0], reply[1]
+            out += [(eid, fields) for eid, fields in claimed]
+            if cursor in (b"0-0", "0-0") or not claimed:
+                break
+        return out
+
+    def delivery_counts(self, entry_ids: list[bytes]) -> dict[bytes, int]:
+        """How often each of this consumer's pending entries was delivered."""
+        if not entry_ids:
+            return {}
+        lo, hi = min(entry_ids, key=_id_key), max(entry_ids, key=_id_key)
+        rows = self.redis.xpending_range(
+            self.key,
+            self.group,
+            min=lo,
+            max=hi,
+            count=len(entry_ids) + 1000,
+            consumername=self.consumer,
+        )
+        wanted = set(entry_ids)
+        return {
+            r["message_id"]: int(r["times_delivered"]) for r in rows if r["message_id"] in wanted
+        }
+
+    def pending_count(self) -> int:
+        """Entries delivered to some consumer and not yet acknowledged."""
+        return int(self.redis.xpending(self.key, self.group)["pending"])
+
+    def has_undelivered(self) -> bool:
+        """True when the stream holds entries not yet delivered to the group."""
+        try:
+            groups = self.redis.xinfo_groups(self.key)
+        except redis.ResponseError:
+            return False
+        last = next((g["last-delivered-id"] for g in groups if _s(g["name"]) == self.group), b"0-0")
+        return bool(self.redis.xread({self.key: last}, count=1))
+
+    def has_work(self) -> bool:
+        """Entries are pending (any consumer) or undelivered."""
+        try:
+            return self.pending_count() > 0 or self.has_undelivered()
+        except redis.ResponseError:
+            return False
+
+    def dead_letter(self, items: list[tuple[RawEntry, str]]) -> None:
+        """Copy entries with their reason to the dead-letter stream and acknowledge them."""
+        if not items:
+            return
+        pipe = self.redis.pipeline(transaction=True)
+        for (eid, fields), reason in items:
+            record = {**(fields or {}), b"entry_id": eid, b"reason": reason.encode()}
+            pipe.xadd(self.dead_letter_key, record)
+        pipe.xack(self.key, self.group, *[eid for (eid, _), _ in items])
+        pipe.execute()
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _id_key(entry_id: bytes) -> tuple[int, int]:
+    ms, _, seq = _s(entry_id).partition("-")
+    return int(ms), int(seq or 0)
