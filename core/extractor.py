@@ -21,6 +21,7 @@ Shapes:
 from __future__ import annotations
 
 import json
+import pickle
 import secrets
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -133,15 +134,19 @@ def check_dp_compatible(model: nn.Module, *, fix: bool = False) -> nn.Module:
     """
     from opacus.validators import ModuleValidator
 
+    was_training = model.training
+    model.train()  # the validator also flags eval mode, which is not a defect of the module
     errors = ModuleValidator.validate(model, strict=False)
+    model.train(was_training)
     if not errors:
         return model
     listed = "; ".join(str(e) for e in errors)
     if not fix:
+        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        why = "BatchNorm mixes the examples of a batch, so they cannot be clipped one by one; "
         raise InvalidInputError(
-            "the extractor cannot be trained with DP-SGD: BatchNorm mixes examples in a batch, so "
-            f"per-example gradients cannot be clipped ({listed}); use GroupNorm, or pass "
-            "fix=True to swap BatchNorm for GroupNorm"
+            f"the extractor cannot be trained with DP-SGD: {why if has_bn else ''}{listed}. Use "
+            "GroupNorm, or pass fix=True (Opacus ModuleValidator.fix swaps BatchNorm for GroupNorm)"
         )
     fixed = ModuleValidator.fix(model)
     remaining = ModuleValidator.validate(fixed, strict=False)
@@ -289,8 +294,12 @@ def load_extractor(
         config = ExtractorConfig(**json.loads(payload["config"]))
         model = ExtractorCNN(config)
         model.load_state_dict(payload["state_dict"])
-    except (OSError, RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise InvalidInputError(f"cannot load the extractor from {path}: {exc}") from exc
+    except (pickle.UnpicklingError, OSError, RuntimeError, ValueError, KeyError, TypeError,
+            AttributeError, EOFError) as exc:  # fmt: skip
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise InvalidInputError(
+            f"cannot load the extractor from {path}: {type(exc).__name__}: {first}"
+        ) from exc
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(dev).eval()
     p = config.privacy

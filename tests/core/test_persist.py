@@ -1,0 +1,73 @@
+"""Save/load: atomic snapshots, the noise never on disk, the loaded state as the new anchor."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import core
+
+
+@pytest.fixture
+def trained(digits):
+    return core.train(digits.X_train, digits.y_train, lam=1e-2, sigma=1.0, max_removals=None)
+
+
+def test_round_trip_and_continue(tmp_path, digits, trained):
+    trained.remove(list(range(40)), groups=[20, 20])
+    trained.save(tmp_path, dataset=digits)
+    loaded = core.load_model(tmp_path)
+    assert loaded.noise is None
+    torch.testing.assert_close(loaded.weights, trained.weights, rtol=0, atol=0)
+    assert torch.equal(loaded.alive, trained.alive)
+    assert loaded.budget_used == pytest.approx(trained.budget_used, rel=0, abs=0)
+    assert loaded.version == trained.version and loaded.removed_in_epoch == 40
+    assert loaded.accuracy(digits.X_test, digits.y_test) == trained.accuracy(
+        digits.X_test, digits.y_test
+    )
+    # the same removal on both: the loaded model's anchored figure bounds the true residual too
+    a = trained.remove(list(range(40, 60)))
+    b = loaded.remove(list(range(40, 60)))
+    torch.testing.assert_close(loaded.weights, trained.weights)
+    assert b.budget_used >= a.budget_used - 1e-12  # anchored at a bound, never below the truth
+    assert b.budget_used <= trained.budget_used + trained.exact_used  # and not much looser
+
+
+def test_noise_and_anchor_gradient_never_reach_disk(tmp_path, digits, trained):
+    trained.save(tmp_path, dataset=digits)
+    blob = b"".join(
+        p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != "dataset.npz"
+    )
+    noise = trained.noise.cpu().numpy()
+    for value in noise.ravel()[:20]:
+        assert np.float64(value).tobytes() not in blob
+        assert np.float32(value).tobytes() not in blob
+    state = json.loads(next(tmp_path.glob("snapshots/*/state.json")).read_text())
+    assert "noise" not in json.dumps(state)
+
+
+def test_snapshots_are_replaced_atomically(tmp_path, digits, trained):
+    trained.save(tmp_path, dataset=digits)
+    first = (tmp_path / "CURRENT").read_text().strip()
+    trained.remove([5])
+    trained.save(tmp_path)
+    second = (tmp_path / "CURRENT").read_text().strip()
+    assert first != second
+    assert [p.name for p in (tmp_path / "snapshots").iterdir()] == [second.split("/")[1]]
+    assert not core.load_model(tmp_path).alive[5]
+
+
+def test_a_state_dir_refuses_a_different_dataset(tmp_path, digits, trained):
+    trained.save(tmp_path, dataset=digits)
+    other = core.load_dataset("synthetic:n=200,d=8,classes=2,seed=1")
+    m = core.train(other.X_train, other.y_train, lam=1e-2, sigma=1.0, max_removals=None)
+    with pytest.raises(core.StateError):
+        m.save(tmp_path, dataset=other)
+
+
+def test_load_errors_are_clear(tmp_path):
+    with pytest.raises(core.StateError, match="cannot load"):
+        core.load_model(tmp_path)
