@@ -74,6 +74,7 @@ def build_runtime(
         max_batch=settings.max_batch,
         slice_seconds=settings.slice_seconds,
         max_deliveries=settings.max_deliveries,
+        reload=lambda: load_model(settings),
     )
     dev = getattr(model, "device", "?")
     log.info(

@@ -36,6 +36,7 @@ from worker.stream import RequestStream
 log = logging.getLogger("certremove.worker")
 
 RETRAIN_FOLD_CAP = 50_000
+RETRAIN_RESEND_S = 60.0
 
 
 @dataclass
@@ -77,8 +78,10 @@ class RemovalService:
         slice_seconds: float = 0.75,
         max_deliveries: int = 5,
         clock: Callable[[], float] = time.time,
+        reload: Callable[[], Any] | None = None,
     ) -> None:
         self.model = model
+        self._reload = reload
         self.state_dir = Path(state_dir)
         self.stream, self.ledger, self.metrics, self.doorbell = stream, ledger, metrics, doorbell
         self.send_task = send_task
@@ -89,7 +92,7 @@ class RemovalService:
         )
         self.clock = clock
         self.retrain_due: str | None = None  # the reason, while a retrain is due
-        self._retrain_sent = False
+        self._retrain_sent_at: float | None = None
         ds = model.dataset
         self._labels = ds.y_train.cpu().numpy() if ds is not None else None
         self._ids = np.asarray(model.ids)
@@ -194,8 +197,24 @@ class RemovalService:
         skip = {e.entry_id for e in over}
         return [e for e in entries if e.entry_id not in skip]
 
+    def _resync(self) -> None:
+        """After a failure mid-batch the model in memory may be ahead of the persisted state:
+        reload the persisted one (entries not acknowledged are replayed against it)."""
+        if self._reload is not None:
+            log.warning("reloading the persisted model after a failure")
+            self.model = self._reload()
+            self.retrain_due, self._retrain_sent_at = None, None
+            self._safety_seen = int(self.model.safety_retrains)
+
     def drain(self) -> DrainReport:
         """Serve the stream for one time slice (DESIGN.md §4 step 2)."""
+        try:
+            return self._drain()
+        except Exception:
+            self._resync()
+            raise
+
+    def _drain(self) -> DrainReport:
         report = DrainReport()
         deadline = time.monotonic() + self.slice_seconds
         hold_ms = int(self.slice_seconds * 1000) + 5000
@@ -269,9 +288,10 @@ class RemovalService:
             if res.needs_retrain:
                 self.retrain_due = res.retrain_reason or "max_removals"
                 self._count_safety()
-                self._request_retrain()
         self._finish(plan, committed, committed_entries)
         report.requests += len(plan.answered) + len(committed_entries)
+        if self.retrain_due:
+            self._request_retrain()
         return plan.deferred
 
     def _count_safety(self) -> None:
@@ -281,9 +301,11 @@ class RemovalService:
             self._safety_seen += fired
 
     def _request_retrain(self) -> None:
-        if not self._retrain_sent:
-            self._retrain_sent = True
-            self.send_task(schema.TASK_RETRAIN, schema.retrain_queue_name(self.stream_model))
+        """Send ``certremove.retrain`` once per due retrain (again if it seems lost)."""
+        now = time.monotonic()
+        if self._retrain_sent_at is None or now - self._retrain_sent_at > RETRAIN_RESEND_S:
+            self.send_task(schema.TASK_RETRAIN, schema.retrain_queue_name(self.ledger.model))
+            self._retrain_sent_at = now
 
     # ------------------------------------------------------------------ retrain
     def _pending_entries(self) -> list[Entry]:
@@ -302,8 +324,15 @@ class RemovalService:
 
     def retrain(self) -> DrainReport:
         """Retrain from scratch, folding every pending request in (DESIGN.md §4 step 5)."""
+        try:
+            return self._retrain()
+        except Exception:
+            self._resync()
+            raise
+
+    def _retrain(self) -> DrainReport:
         report = DrainReport()
-        self._retrain_sent = False
+        self._retrain_sent_at = None
         if not self.retrain_due:
             self.doorbell.ring()  # a stale or duplicate retrain message: nothing is due
             return report
@@ -343,8 +372,3 @@ def _next_id(entry_id: bytes | str) -> str:
     text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
     ms, _, seq = text.partition("-")
     return f"{ms}-{int(seq or 0) + 1}"
-
-    @property
-    def stream_model(self) -> str:
-        """The model name of the stream served."""
-        return self.ledger.model

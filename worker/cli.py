@@ -1,0 +1,213 @@
+"""The ``certremove`` command: the single composition root (console script ``worker.cli:main``).
+
+It trains models, runs the worker and the demo (so it needs ``core``, imported lazily so that
+``enqueue``/``status``/``loadtest`` start fast), and mounts the producer's subcommands and, when
+present, ``certremove extractor``. Bad input exits non-zero with one clear line on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from producer import cli as producer_cli
+from producer import schema
+
+app = typer.Typer(
+    name="certremove",
+    help="Certified data removal as a streaming service (Guo et al., ICML 2020).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+
+for _name in ("enqueue", "status", "loadtest"):
+    app.command(_name)(getattr(producer_cli, _name))
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print ``error: message`` on stderr and return the exit to raise."""
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def parse_max_removals(text: str) -> int | float | str | None:
+    """``auto``, ``none``, an integer count or a fraction in (0, 1)."""
+    low = text.strip().lower()
+    if low in ("auto", "none"):
+        return None if low == "none" else "auto"
+    try:
+        return int(low)
+    except ValueError:
+        pass
+    try:
+        value = float(low)
+    except ValueError as exc:
+        raise typer.BadParameter("use auto, none, an integer or a fraction in (0, 1)") from exc
+    if not 0 < value < 1:
+        raise typer.BadParameter("a fractional --max-removals must lie in (0, 1)")
+    return value
+
+
+def train_model(
+    dataset: str,
+    state: Path,
+    *,
+    overwrite: bool = False,
+    **options: Any,
+) -> dict[str, Any]:
+    """Train on ``dataset`` and persist into ``state``; return a summary.
+
+    Raises:
+        ValueError: bad dataset, options, or a state directory that already holds a model.
+    """
+    import core  # noqa: PLC0415 - torch only for the commands that need it
+
+    if (state / "CURRENT").exists():
+        if not overwrite:
+            raise ValueError(f"{state} already holds a model (use --overwrite to replace it)")
+        shutil.rmtree(state)
+    ds = core.load_dataset(dataset)
+    model = core.train(ds.X_train, ds.y_train, ids=ds.ids_train, **options)
+    model.save(state, dataset=ds)
+    return {
+        "state": str(state),
+        "dataset": dataset,
+        "rows": model.n_rows,
+        "features": int(ds.X_train.shape[1]),
+        "classes": model.classes,
+        "budget_total": model.budget_total,
+        "budget_used": model.budget_used,
+        "max_removals": model.max_removals,
+        "certified": model.certified,
+        "version": model.version,
+        "test_accuracy": model.accuracy(ds.X_test, ds.y_test) if len(ds.y_test) else None,
+    }
+
+
+@app.command()
+def train(
+    dataset: Annotated[str, typer.Option(help="digits, mnist, svhn, synthetic:..., or a .npz")],
+    state: Annotated[Path, typer.Option(help="State directory to write.")],
+    lam: float = 1e-3,
+    sigma: float = 10.0,
+    epsilon: float = 1.0,
+    delta: float = 1e-4,
+    seed: Annotated[
+        int | None, typer.Option(help="Tests only: marks the model uncertified.")
+    ] = None,
+    accounting: str = "exact",
+    max_removals: Annotated[str, typer.Option(help="auto, none, a count or a fraction")] = "auto",
+    device: Annotated[str | None, typer.Option(envvar="CERTREMOVE_DEVICE")] = None,
+    overwrite: bool = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Train a removal-enabled model and write its state directory."""
+    try:
+        summary = train_model(
+            dataset,
+            state,
+            overwrite=overwrite,
+            lam=lam,
+            sigma=sigma,
+            epsilon=epsilon,
+            delta=delta,
+            seed=seed,
+            accounting=accounting,
+            device=device,
+            max_removals=parse_max_removals(max_removals),
+        )
+    except (ValueError, OSError) as exc:
+        raise fail(str(exc)) from exc
+    if as_json:
+        print(json.dumps(summary))
+        return
+    for key, value in summary.items():
+        print(f"{key}: {value}")
+
+
+@app.command()
+def worker(
+    state: Annotated[Path | None, typer.Option(envvar="CERTREMOVE_STATE_DIR")] = None,
+    model: Annotated[str, typer.Option(envvar="CERTREMOVE_MODEL")] = schema.DEFAULT_MODEL,
+    broker_url: Annotated[str | None, typer.Option(envvar="CERTREMOVE_BROKER_URL")] = None,
+    metrics_port: Annotated[int | None, typer.Option(envvar="CERTREMOVE_METRICS_PORT")] = None,
+    device: Annotated[str | None, typer.Option(envvar="CERTREMOVE_DEVICE")] = None,
+    loglevel: str = "INFO",
+) -> None:
+    """Run the Celery worker (solo pool) that owns the model, in the foreground."""
+    overrides = {
+        "CERTREMOVE_STATE_DIR": str(state) if state else None,
+        "CERTREMOVE_MODEL": model,
+        "CERTREMOVE_BROKER_URL": broker_url,
+        "CERTREMOVE_METRICS_PORT": None if metrics_port is None else str(metrics_port),
+        "CERTREMOVE_DEVICE": device,
+    }
+    os.environ.update({k: v for k, v in overrides.items() if v is not None})
+    from worker.settings import Settings, SettingsError  # noqa: PLC0415
+
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        raise fail(str(exc)) from exc
+    if not (settings.state_dir / "CURRENT").exists():
+        raise fail(
+            f"no model in {settings.state_dir}: run `certremove train --state {settings.state_dir}`"
+        )
+    from worker.app import app as celery_app  # noqa: PLC0415 - reads the settings once
+
+    celery_app.worker_main(
+        ["worker", "-P", "solo", "-c", "1", "--loglevel", loglevel, "-n", f"{settings.model}@%h"]
+    )
+
+
+@app.command()
+def demo(
+    requests: Annotated[int, typer.Option(help="Deletion requests to send.")] = 300,
+    max_removals: Annotated[int, typer.Option(help="Per-epoch removals before a retrain.")] = 100,
+    state: Annotated[
+        Path | None, typer.Option(help="State directory (default: temporary).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Train on digits, start a worker (and an embedded Redis if none is configured), send
+    deletions with a progress bar and print a final report."""
+    from worker.demo import run_demo  # noqa: PLC0415
+
+    try:
+        report = run_demo(requests=requests, max_removals=max_removals, state=state, quiet=as_json)
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise fail(str(exc), 1) from exc
+    if as_json:
+        print(json.dumps(report))
+
+
+@app.command(
+    "extractor",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def extractor(ctx: typer.Context) -> None:
+    """DP feature extractor: train it, extract features (`certremove extractor --help`)."""
+    try:
+        from worker.extractor_cli import app as extractor_app  # noqa: PLC0415
+    except ImportError as exc:
+        raise fail(f"the extractor commands are not available: {exc}") from exc
+    extractor_app(args=list(ctx.args), prog_name="certremove extractor")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="certremove")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
