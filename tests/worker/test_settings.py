@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from worker.settings import Settings, SettingsError
+
+
+def test_defaults_from_empty_env() -> None:
+    s = Settings.from_env({})
+    assert s.broker_url == "redis://127.0.0.1:6379/0"
+    assert s.model == "default"
+    assert s.metrics_port == 9820
+    assert s.metrics_addr == "127.0.0.1"
+    assert s.max_batch == 2048
+    assert 0.5 <= s.slice_seconds <= 1.0
+    assert 10 <= s.drain_interval <= 30
+    assert s.device is None
+    assert s.consumer.startswith("default@")
+
+
+def test_reads_every_variable() -> None:
+    env = {
+        "CERTREMOVE_BROKER_URL": "redis://h:1/3",
+        "CERTREMOVE_MODEL": "mnist",
+        "CERTREMOVE_STATE_DIR": "/x/y",
+        "CERTREMOVE_METRICS_PORT": "0",
+        "CERTREMOVE_DEVICE": "cpu",
+        "CERTREMOVE_MAX_BATCH": "64",
+        "CERTREMOVE_SLICE_SECONDS": "0.25",
+        "CERTREMOVE_DRAIN_INTERVAL": "2",
+        "CERTREMOVE_CONSUMER": "c1",
+        "CERTREMOVE_MAX_DELIVERIES": "3",
+    }
+    s = Settings.from_env(env)
+    assert (s.broker_url, s.model, s.state_dir, s.metrics_port) == (
+        "redis://h:1/3",
+        "mnist",
+        Path("/x/y"),
+        0,
+    )
+    assert (s.device, s.max_batch, s.slice_seconds, s.drain_interval) == ("cpu", 64, 0.25, 2.0)
+    assert (s.consumer, s.max_deliveries) == ("c1", 3)
+    assert Settings.from_env(s.to_env()) == s
+
+
+def test_overrides_win_and_none_is_ignored() -> None:
+    s = Settings.from_env({"CERTREMOVE_MODEL": "a"}, model="b", device=None)
+    assert s.model == "b"
+
+
+@pytest.mark.parametrize(
+    "var,value",
+    [
+        ("METRICS_PORT", "abc"),
+        ("METRICS_PORT", "70000"),
+        ("DEVICE", "tpu"),
+        ("MODEL", "bad name!"),
+        ("MAX_BATCH", "0"),
+        ("DRAIN_INTERVAL", "120"),
+    ],
+)
+def test_bad_values_raise(var: str, value: str) -> None:
+    with pytest.raises(SettingsError, match="CERTREMOVE|model|positive"):
+        Settings.from_env({f"CERTREMOVE_{var}": value})
+
+
+def test_frozen() -> None:
+    s = Settings()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.model = "x"  # type: ignore[misc]
