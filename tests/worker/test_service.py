@@ -1,0 +1,230 @@
+"""The removal service on a real core model (tiny data) and a real Redis; no Celery."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from prometheus_client import CollectorRegistry
+
+import core
+from producer import Client, schema
+from tests.conftest import make_state
+from worker.doorbell import Doorbell
+from worker.ledger import Ledger
+from worker.metrics import ServiceMetrics
+from worker.service import RemovalService
+from worker.stream import RequestStream
+
+
+class Sent:
+    """Records send_task(name, queue) calls (the Celery side of the service)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def __call__(self, name: str, queue: str) -> None:
+        self.calls.append((name, queue))
+
+    def names(self) -> list[str]:
+        return [n for n, _ in self.calls]
+
+
+def build(
+    state: Path, rclient: redis.Redis, model_name: str, **kw: Any
+) -> tuple[RemovalService, Sent, CollectorRegistry]:
+    sent = Sent()
+    reg = CollectorRegistry()
+    consumer = kw.pop("consumer", "w1")
+    service = RemovalService(
+        model=core.load_model(state, device="cpu"),
+        state_dir=state,
+        stream=RequestStream(
+            rclient, model_name, consumer, claim_idle_ms=kw.pop("claim_idle_ms", 10_000)
+        ),
+        ledger=Ledger(rclient, model_name, state / "ledger.jsonl"),
+        metrics=ServiceMetrics(reg),
+        doorbell=Doorbell(rclient, model_name, sent),
+        send_task=sent,
+        reload=lambda: core.load_model(state, device="cpu"),
+        **{"slice_seconds": 30.0, **kw},
+    )
+    return service, sent, reg
+
+
+@pytest.fixture
+def state(small_state_template: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(small_state_template, tmp_path / "state"))
+
+
+def test_waiting_entries_fold_into_one_newton_step(
+    state: Path, broker_url: str, rclient: redis.Redis, model_name: str
+) -> None:
+    client = Client(broker_url, model=model_name)
+    rids = client.enqueue_many([[i] for i in range(50)])
+    service, sent, reg = build(state, rclient, model_name)
+    report = service.drain()
+    assert (report.steps, report.rows_removed, report.requests) == (1, 50, 50)
+    statuses = client.statuses(rids)
+    assert {s["status"] for s in statuses.values()} == {"applied"}
+    assert {s["method"] for s in statuses.values()} == {"newton"}
+    assert all(s["applied_at"] >= s["requested_at"] for s in statuses.values())
+    persisted = core.load_model(state, device="cpu")
+    assert set((~persisted.alive).nonzero().flatten().tolist()) == set(range(50))
+    assert service.stream.pending_count() == 0
+    assert rclient.get(schema.doorbell_key(model_name)) is None  # released on exit
+    assert reg.get_sample_value("certremove_removals_total", {"method": "newton"}) == 50
+    assert reg.get_sample_value("certremove_batch_size_count") == 1
+    assert reg.get_sample_value("certremove_requests_total", {"outcome": "applied"}) == 50
+    assert reg.get_sample_value("certremove_training_samples") == persisted.n_alive
+
+
+def test_max_batch_bounds_each_step(
+    state: Path, broker_url: str, rclient: redis.Redis, model_name: str
+) -> None:
+    Client(broker_url, model=model_name).enqueue_many([[i] for i in range(40)])
+    service, _, _ = build(state, rclient, model_name, max_batch=16)
+    assert service.drain().steps == 3
+
+
+def test_slice_end_requeues_and_keeps_the_bell(
+    state: Path, broker_url: str, rclient: redis.Redis, model_name: str
+) -> None:
+    Client(broker_url, model=model_name).enqueue_many([[i] for i in range(40)])
+    service, sent, _ = build(state, rclient, model_name, max_batch=16, slice_seconds=1e-6)
+    report = service.drain()
+    assert report.requeued and report.steps == 1
+    assert sent.calls[-1] == (schema.TASK_DRAIN, schema.queue_name(model_name))
+    assert rclient.get(schema.doorbell_key(model_name)) == b"1"
+
+
+def test_bad_input_is_answered(
+    state: Path, broker_url: str, rclient: redis.Redis, model_name: str
+) -> None:
+    client = Client(broker_url, model=model_name)
+    key = schema.stream_key(model_name)
+    ok = client.enqueue([1, 2])
+    unknown = client.enqueue([3, 999_999])
+    none_known = client.enqueue([999_998])
+    empty = client.enqueue([])
+    big = client.enqueue(list(range(10_001)))
+    rclient.xadd(key, {"request_id": "mal", "sample_ids": "[1,"})
+    rclient.xadd(key, {"request_id": "mal2", "sample_ids": json.dumps([1.5])})
+    rclient.xadd(key, {"sample_ids": "[4]"})  # no request id: dead letter
+    service, _, reg = build(state, rclient, model_name)
+    service.drain()
+    # a repeat of an applied request id and a request of removed ids, later
+    client.enqueue([5], request_id=ok)
+    again = client.enqueue([1, 3])
+    service.drain()
+    st = client.statuses([ok, unknown, none_known, empty, big, "mal", "mal2", again])
+    assert st[ok]["status"] == "applied" and st[ok]["method"] == "newton"
+    assert st[unknown]["status"] == "applied" and st[unknown]["unknown_ids"] == [999_999]
+    assert st[none_known]["status"] == "rejected" and st[none_known]["unknown_ids"] == [999_998]
+    assert st[empty]["status"] == "rejected" and "empty" in st[empty]["reason"]
+    assert st[big]["status"] == "rejected" and "oversized" in st[big]["reason"]
+    assert st["mal"]["status"] == "rejected" and "JSON" in st["mal"]["reason"]
+    assert st["mal2"]["status"] == "rejected"
+    assert st[again]["status"] == "applied" and sorted(st[again]["already_removed_ids"]) == [1, 3]
+    model = service.model
+    assert not model.alive[[1, 2, 3]].any() and bool(model.alive[5])  # the repeat had no effect
+    dead = rclient.xrange(schema.dead_letter_key(model_name))
+    assert len(dead) == 1 and b"request_id" in dead[0][1][b"reason"]
+    assert service.stream.pending_count() == 0
+    assert reg.get_sample_value("certremove_requests_total", {"outcome": "duplicate"}) == 1
+    assert reg.get_sample_value("certremove_requests_total", {"outcome": "dead_letter"}) == 1
+
+
+def test_overlapping_requests_in_one_batch(
+    state: Path, broker_url: str, rclient: redis.Redis, model_name: str
+) -> None:
+    client = Client(broker_url, model=model_name)
+    a, b = client.enqueue_many([[1, 2], [2, 3]])
+    service, _, _ = build(state, rclient, model_name)
+    report = service.drain()
+    assert report.steps == 2
+    st = client.statuses([a, b])
+    assert st[a]["status"] == st[b]["status"] == "applied"
+    assert st[b]["already_removed_ids"] == [2]
+
+
+def test_retrain_folds_pending_requests(
+    tmp_path: Path, broker_url: str, rclient: redis.Redis, model_name: str
+) -> None:
+    state = make_state(tmp_path / "s", max_removals=10)
+    client = Client(broker_url, model=model_name)
+    rids = client.enqueue_many([[i] for i in range(30)])
+    service, sent, reg = build(state, rclient, model_name)
+    report = service.drain()
+    assert report.retrain_requested and report.rows_removed == 10
+    assert sent.names().count(schema.TASK_RETRAIN) == 1
+    assert sent.calls[-1][1] == schema.retrain_queue_name(model_name)
+    assert service.drain().steps == 0  # nothing applied while a retrain is due
+    assert sent.names().count(schema.TASK_RETRAIN) == 1
+    more = client.enqueue_many([[i] for i in range(30, 35)])
+    report = service.retrain()
+    assert report.retrained and report.rows_removed == 25
+    st = client.statuses(rids + more)
+    assert [s["method"] for s in st.values()] == ["newton"] * 10 + ["retrain"] * 25
+    assert {s["model_version"] for s in st.values()} == {1, 2}
+    persisted = core.load_model(state, device="cpu")
+    assert persisted.version == 2 and persisted.n_alive == persisted.n_rows - 35
+    assert reg.get_sample_value("certremove_retrains_total", {"reason": "max_removals"}) == 1
+    assert reg.get_sample_value("certremove_removals_total", {"method": "retrain"}) == 25
+    assert reg.get_sample_value("certremove_model_version") == 2
+    assert service.stream.pending_count() == 0
+    assert service.retrain().retrained is False  # a stale retrain message does nothing
+
+
+def test_dead_consumer_entries_are_claimed(
+    state: Path, broker_url: str, rclient: redis.Redis, model_name: str
+) -> None:
+    client = Client(broker_url, model=model_name)
+    rids = client.enqueue_many([[i] for i in range(5)])
+    dead = RequestStream(rclient, model_name, "dead-pod")
+    dead.ensure_group()
+    assert len(dead.read_new(10)) == 5  # delivered, never acknowledged
+    service, _, _ = build(state, rclient, model_name, claim_idle_ms=0)
+    service.drain()
+    assert {s["status"] for s in client.statuses(rids).values()} == {"applied"}
+
+
+def test_entries_delivered_too_often_are_dead_lettered(
+    state: Path, broker_url: str, rclient: redis.Redis, model_name: str
+) -> None:
+    client = Client(broker_url, model=model_name)
+    rid = client.enqueue([7])
+    own = RequestStream(rclient, model_name, "w1")
+    own.ensure_group()
+    own.read_new(10)
+    for _ in range(3):
+        own.read_own_pending(10)  # each replay counts as a delivery
+    service, _, _ = build(state, rclient, model_name, max_deliveries=3)
+    service.drain()
+    st = client.status(rid)
+    assert st["status"] == "rejected" and "delivered more than 3 times" in st["reason"]
+    assert len(rclient.xrange(schema.dead_letter_key(model_name))) == 1
+    assert bool(service.model.alive[7])
+
+
+def test_removal_core_would_refuse_is_rejected(
+    tmp_path: Path, broker_url: str, rclient: redis.Redis, model_name: str
+) -> None:
+    state = make_state(tmp_path / "s", n=40, d=4, max_removals=None)
+    model = core.load_model(state, device="cpu")
+    labels = model.dataset.y_train
+    cls0 = [int(model.ids[i]) for i in range(model.n_rows) if labels[i] == labels[0]]
+    client = Client(broker_url, model=model_name)
+    fine = client.enqueue(
+        [int(model.ids[i]) for i in range(model.n_rows) if labels[i] != labels[0]][:2]
+    )
+    whole_class = client.enqueue(cls0)
+    service, _, _ = build(state, rclient, model_name)
+    service.drain()
+    st = client.statuses([fine, whole_class])
+    assert st[fine]["status"] == "applied"
+    assert st[whole_class]["status"] == "rejected" and "single class" in st[whole_class]["reason"]
