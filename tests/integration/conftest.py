@@ -1,0 +1,68 @@
+"""Integration fixtures: a real ``certremove worker`` subprocess on its own database and model."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from worker.launcher import free_port, start_worker, stop_worker, wait_ready
+from worker.settings import Settings
+
+
+@dataclass
+class WorkerHandle:
+    """A running worker process and what it serves."""
+
+    settings: Settings
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def port(self) -> int:
+        return self.settings.metrics_port
+
+    def stop(self, *, kill: bool = False) -> None:
+        stop_worker(self.proc, kill=kill)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+StartWorker = Callable[..., WorkerHandle]
+
+
+@pytest.fixture
+def start_worker_process(tmp_path: Path) -> Iterator[StartWorker]:
+    """Start workers (stopped by pid at teardown): ``start(state, broker_url, model, **settings)``."""
+    handles: list[WorkerHandle] = []
+
+    def start(state: Path, broker_url: str, model: str, **overrides: object) -> WorkerHandle:
+        fields = dict(
+            broker_url=broker_url,
+            model=model,
+            state_dir=state,
+            metrics_port=free_port(),
+            device="cpu",
+            drain_interval=2.0,
+            claim_idle_ms=1000,
+            consumer=f"{model}-w",
+            visibility_timeout=30,
+        )
+        fields.update(overrides)
+        settings = Settings(**fields)  # type: ignore[arg-type]
+        log = tmp_path / f"worker-{len(handles)}.log"
+        handle = WorkerHandle(settings, start_worker(settings, log), log)
+        handles.append(handle)
+        try:
+            wait_ready(handle.proc, settings.metrics_port)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}\n{handle.log_text()[-3000:]}") from exc
+        return handle
+
+    yield start
+    for h in handles:
+        h.stop()
