@@ -24,6 +24,7 @@ import json
 import pickle
 import secrets
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -254,10 +255,11 @@ def train_extractor(
     epsilon = float(engine.get_epsilon(delta))
     private.remove_hooks()  # the plain module (net) is what we keep and save
     net.eval()
-    privacy = {
+    noise = float(optimizer.noise_multiplier)
+    privacy: dict[str, Any] = {
         "epsilon": epsilon,
         "delta": delta,
-        "noise_multiplier": float(optimizer.noise_multiplier),
+        "noise_multiplier": noise,
         "max_grad_norm": max_grad_norm,
         "sample_rate": float(loader.sample_rate),
         "epochs": epochs,
@@ -268,7 +270,7 @@ def train_extractor(
         "seeded": seed is not None,
     }
     cfg = ExtractorConfig(**{**asdict(config), "privacy": privacy})
-    return TrainedExtractor(net, cfg, epsilon, delta, privacy["noise_multiplier"])
+    return TrainedExtractor(net, cfg, epsilon, delta, noise)
 
 
 def save_extractor(path: str | Path, trained: TrainedExtractor) -> Path:
@@ -320,9 +322,10 @@ def extract_features(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    features: Callable[[torch.Tensor], torch.Tensor] = model.features  # type: ignore[assignment]
     out = []
     for start in range(0, images.shape[0], batch_size):
-        feats = model.features(images[start : start + batch_size].to(device)).double()
+        feats = features(images[start : start + batch_size].to(device)).double()
         norms = feats.norm(dim=1, keepdim=True)
         # An all-zero row (every ReLU dead) stays zero: it is inside the unit ball.
         feats = torch.where(norms > 0, feats / norms.clamp_min(1e-300), feats) * NORM_SCALE
@@ -348,7 +351,7 @@ def write_feature_dataset(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {
+    arrays: dict[str, np.ndarray] = {
         "X_train": np.asarray(X_train, dtype=np.float32),
         "y_train": np.asarray(y_train, dtype=np.int64),
         "ids_train": np.asarray(ids_train, dtype=np.int64),
@@ -364,7 +367,7 @@ def write_feature_dataset(
     if len(np.unique(arrays["ids_train"])) != len(arrays["ids_train"]):
         raise InvalidInputError("ids_train must be unique")
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
+    np.savez(tmp, allow_pickle=False, **arrays)
     tmp.replace(path)
     return path
 
@@ -376,6 +379,7 @@ def extract_dataset(
     *,
     binary_classes: tuple[int, int] | None = None,
     include_extra: bool = False,
+    exclude_ids: np.ndarray | list[int] | None = None,
     download: bool = False,
     batch_size: int = 1024,
 ) -> dict[str, Any]:
@@ -384,28 +388,23 @@ def extract_dataset(
     Sample ids are row indices in the source split (SVHN with ``include_extra``: the extra file's
     rows follow the train file's), so they stay stable under ``binary_classes`` filtering.
     Labels keep their digit values (``core`` maps the larger of two labels to +1).
+    ``exclude_ids`` drops removed training rows (a full-pipeline retrain).
 
     Returns:
         keyword arguments for :func:`write_feature_dataset` (``X_train`` ... ``meta``).
     """
-    from core.images import load_image_split, load_svhn_images
+    from core.images import load_split_with_ids
 
     parts = {}
     for split, train in (("train", True), ("test", False)):
-        images, labels = load_image_split(dataset, data_dir, train=train, download=download)
-        if train and include_extra and dataset.lower() == "svhn":
-            extra_images, extra_labels = load_svhn_images(
-                data_dir, split="extra", download=download
-            )
-            images, labels = torch.cat([images, extra_images]), torch.cat([labels, extra_labels])
-        ids = np.arange(images.shape[0], dtype=np.int64)
+        images, labels, ids = load_split_with_ids(
+            dataset, data_dir, train=train, include_extra=include_extra,
+            exclude_ids=exclude_ids if train else None, download=download,
+        )  # fmt: skip
         if binary_classes is not None:
             keep = np.isin(labels.numpy(), np.asarray(binary_classes))
-            images, labels, ids = (
-                images[torch.from_numpy(keep)],
-                labels[torch.from_numpy(keep)],
-                ids[keep],
-            )
+            mask = torch.from_numpy(keep)
+            images, labels, ids = images[mask], labels[mask], ids[keep]
         if images.shape[0] == 0:
             raise InvalidInputError(f"no {split} images left for classes {binary_classes}")
         feats = extract_features(trained.model, images, batch_size=batch_size)
@@ -429,6 +428,7 @@ def extract_dataset(
         "feature_dim": int(parts["X_train"].shape[1]),
         "binary_classes": list(binary_classes) if binary_classes is not None else None,
         "include_extra": bool(include_extra),
+        "excluded_train_rows": 0 if exclude_ids is None else len(exclude_ids),
         "ids": "row index in the source split (train ids: the rows the extractor trained on)",
     }
     return {**parts, "meta": meta}

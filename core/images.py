@@ -26,6 +26,7 @@ __all__ = [
     "SVHN_SPLITS",
     "load_image_split",
     "load_mnist_images",
+    "load_split_with_ids",
     "load_svhn_images",
 ]
 
@@ -152,3 +153,35 @@ def load_image_split(
     if name == "svhn":
         return load_svhn_images(data_dir, split="train" if train else "test", download=download)
     raise InvalidInputError(f"image dataset must be 'mnist' or 'svhn', got {dataset!r}")
+
+
+def load_split_with_ids(
+    dataset: str,
+    data_dir: str | Path,
+    *,
+    train: bool,
+    include_extra: bool = False,
+    exclude_ids: np.ndarray | list[int] | None = None,
+    download: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """A split with its sample ids (row indices in the source split), minus ``exclude_ids``.
+
+    For SVHN with ``include_extra`` the extra file's rows follow the train file's (ids
+    ``len(train) ..``). ``exclude_ids`` drops removed rows, e.g. for a full-pipeline retrain
+    of the extractor; unknown ids are ignored.
+
+    Shapes:
+        images ``(M, C, H, W)`` uint8, labels ``(M,)`` int64, ids ``(M,)`` int64.
+    """
+    images, labels = load_image_split(dataset, data_dir, train=train, download=download)
+    if train and include_extra:
+        if dataset.lower() != "svhn":
+            raise InvalidInputError("include_extra applies to SVHN only")
+        extra_images, extra_labels = load_svhn_images(data_dir, split="extra", download=download)
+        images, labels = torch.cat([images, extra_images]), torch.cat([labels, extra_labels])
+    ids = np.arange(images.shape[0], dtype=np.int64)
+    if exclude_ids is not None and len(exclude_ids):
+        keep = ~np.isin(ids, np.asarray(exclude_ids, dtype=np.int64))
+        mask = torch.from_numpy(keep)
+        images, labels, ids = images[mask], labels[mask], ids[keep]
+    return images, labels, ids

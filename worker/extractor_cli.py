@@ -89,17 +89,16 @@ def train(
     import torch
 
     from core.extractor import config_for, save_extractor, train_extractor
-    from core.images import load_image_split, load_svhn_images
+    from core.images import load_image_split, load_split_with_ids
 
     root = _data_dir(data_dir, download)
     if (target_epsilon is None) == (noise_multiplier is None):
         raise _fail("give exactly one of --target-epsilon and --noise-multiplier")
     try:
         config = config_for(dataset, num_filters=num_filters)
-        images, labels = load_image_split(dataset, root, train=True, download=download)
-        if svhn_extra and config.dataset == "svhn":
-            more = load_svhn_images(root, split="extra", download=download)
-            images, labels = torch.cat([images, more[0]]), torch.cat([labels, more[1]])
+        images, labels, _ = load_split_with_ids(
+            dataset, root, train=True, include_extra=svhn_extra, download=download
+        )
         trained = train_extractor(
             images, labels, config, delta=delta, epochs=epochs, target_epsilon=target_epsilon,
             noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
@@ -145,16 +144,17 @@ def extract(
     from core.extractor import extract_dataset, load_extractor, write_feature_dataset
 
     root = _data_dir(data_dir, download)
-    classes = None
+    classes: tuple[int, int] | None = None
     if binary_classes is not None:
         try:
-            classes = tuple(int(c) for c in binary_classes.split(","))
+            first, second = (int(c) for c in binary_classes.split(","))
         except ValueError:
-            classes = ()
-        if len(classes) != 2 or classes[0] == classes[1]:
+            first = second = -1
+        if first == second or not (0 <= first <= 9 and 0 <= second <= 9):
             raise _fail(
                 f"--binary-classes takes two different digits like 3,8, got {binary_classes!r}"
             )
+        classes = (first, second)
     if not model.is_file():
         raise _fail(f"--model {model} not found: train one with `certremove extractor train`")
     try:

@@ -179,6 +179,14 @@ def test_dataset_file_meta_round_trips(trained, mnist_dir, tmp_path):
     _, labels = load_mnist_images(mnist_dir, train=True)
     assert np.array_equal(labels.numpy()[data["ids_train"]], data["y_train"])
     assert set(np.unique(data["y_train"])) == {3, 8}
+    # A full-pipeline retrain drops removed rows from the training split only.
+    removed = data["ids_train"][:3]
+    fewer = extract_dataset(trained, "mnist", mnist_dir, binary_classes=(3, 8), exclude_ids=removed)
+    assert np.array_equal(fewer["ids_train"], data["ids_train"][3:])
+    assert (
+        len(fewer["ids_test"]) == len(data["ids_test"])
+        and fewer["meta"]["excluded_train_rows"] == 3
+    )
     with pytest.raises(InvalidInputError, match="differ in length"):
         write_feature_dataset(tmp_path / "bad.npz", **{**arrays, "y_test": arrays["y_test"][1:]})
 

@@ -7,7 +7,12 @@ import pytest
 import torch
 
 from core.errors import InvalidInputError
-from core.images import load_image_split, load_mnist_images, load_svhn_images
+from core.images import (
+    load_image_split,
+    load_mnist_images,
+    load_split_with_ids,
+    load_svhn_images,
+)
 from tests.core.fixtures_images import digit_images, write_mnist_idx, write_svhn_mat
 
 
@@ -58,3 +63,17 @@ def test_load_image_split_dispatch(tmp_path):
     assert images.shape == (12, 3, 32, 32)
     with pytest.raises(InvalidInputError, match="mnist"):
         load_image_split("cifar10", tmp_path, train=True)
+
+
+def test_split_with_ids_extra_and_exclusions(tmp_path):
+    write_svhn_mat(tmp_path, splits=("train", "test", "extra"), n=10)
+    images, labels, ids = load_split_with_ids("svhn", tmp_path, train=True, include_extra=True)
+    assert images.shape == (20, 3, 32, 32) and ids.tolist() == list(range(20))
+    kept_images, kept_labels, kept = load_split_with_ids(
+        "svhn", tmp_path, train=True, include_extra=True, exclude_ids=[0, 12, 99]
+    )
+    assert kept.tolist() == [i for i in range(20) if i not in (0, 12)]
+    assert torch.equal(kept_images, images[kept]) and torch.equal(kept_labels, labels[kept])
+    with pytest.raises(InvalidInputError, match="SVHN only"):
+        write_mnist_idx(tmp_path, n_train=8, n_test=4)
+        load_split_with_ids("mnist", tmp_path, train=True, include_extra=True)
