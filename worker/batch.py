@@ -59,17 +59,23 @@ class RemovalGuard:
     def __init__(self, labels: np.ndarray, alive: np.ndarray, binary: bool) -> None:
         self.labels = labels
         self.binary = binary
-        self.counts = Counter(labels[alive].tolist())
+        values, counts = np.unique(labels[alive], return_counts=True)
+        self.counts = dict(zip(values.tolist(), counts.tolist(), strict=True))
+        self.total = int(counts.sum())
 
     def refuse(self, rows: list[int]) -> str | None:
         """The reason this removal would be refused, or None (and then count it as done)."""
-        after = self.counts.copy()
-        after.subtract(self.labels[rows].tolist())
-        if sum(v for v in after.values() if v > 0) == 0:
+        picked = self.labels[rows].tolist()
+        dec = Counter(picked) if len(picked) > 1 else {picked[0]: 1}
+        if self.total - len(rows) <= 0:
             return "the removal would leave no training rows: there is no model with n' = 0"
-        if self.binary and sum(1 for v in after.values() if v > 0) < 2:
-            return "the removal would leave a binary model with a single class"
-        self.counts = after
+        if self.binary:
+            left = sum(1 for k, c in self.counts.items() if c - dec.get(k, 0) > 0)
+            if left < 2:
+                return "the removal would leave a binary model with a single class"
+        for k, c in dec.items():
+            self.counts[k] = self.counts.get(k, 0) - c
+        self.total -= len(rows)
         return None
 
 
@@ -90,6 +96,7 @@ def plan_batch(
     with an earlier group is not deferred: its shared rows are removed by the same retrain.
     """
     plan = Plan()
+    known = _rows_in_one_call(entries, rows_for_ids)
     claimed: set[int] = set()
     seen: set[str] = set()
     for i, e in enumerate(entries):
@@ -112,7 +119,7 @@ def plan_batch(
             plan.answered.append(e)
             seen.add(rid)
             continue
-        rows, unknown = rows_for_ids(e.sample_ids)
+        rows, unknown = known[i] if known is not None else rows_for_ids(e.sample_ids)
         if not rows:
             plan.answers.append(_rejected(e, "no known sample id in the request", now, unknown))
             plan.answered.append(e)
@@ -154,6 +161,21 @@ def plan_batch(
         claimed.update(new)
         plan.groups.append(Group(e, new, already, unknown))
     return plan
+
+
+def _rows_in_one_call(entries: list[Entry], rows_for_ids: Any) -> list[Any] | None:
+    """Map every entry's ids with one call; None (map them one by one) when some id is unknown,
+    since only then the returned rows no longer line up with the ids asked for."""
+    sizes = [len(e.sample_ids) if e.sample_ids is not None else 0 for e in entries]
+    rows, unknown = rows_for_ids([i for e in entries if e.sample_ids for i in e.sample_ids])
+    if unknown:
+        return None
+    out: list[Any] = []
+    start = 0
+    for size in sizes:
+        out.append((rows[start : start + size], []))
+        start += size
+    return out
 
 
 def _rejected(e: Entry, reason: str, now: float, unknown: list[Any] | None = None) -> Answer:

@@ -20,9 +20,11 @@ import redis
 
 from producer import schema
 
-# KEYS[1] stream, KEYS[1+k] status hash of answer k. ARGV[1] group, then per answer a mode
-# ('w' write, 'q' write only while the status is missing or queued) and 8 values in _NAMES
-# order ('' = leave the field alone), then the entry ids to acknowledge.
+# KEYS[1] stream, then the status hashes: first the ARGV[2] "common" answers, which share the 8
+# values ARGV[3..10] (a committed batch: same status, method, version and time), then the others.
+# ARGV[1] group; after the common values, per other answer a mode ('w' write, 'q' write only while
+# the status is missing or queued) and its 8 values in _NAMES order ('' = leave the field alone);
+# then the entry ids to acknowledge.
 _NAMES = (
     "status",
     "method",
@@ -37,19 +39,28 @@ _PUBLISH_LUA = """
 if redis.replicate_commands then redis.replicate_commands() end
 local names = {'status', 'method', 'model_version', 'unknown_ids', 'already_removed_ids',
                'reason', 'requested_at', 'applied_at'}
-local a = 2
-for k = 2, #KEYS do
+local function fields(base)
+  local args = {}
+  for j = 1, #names do
+    local v = ARGV[base + j]
+    if v ~= '' then args[#args + 1] = names[j]; args[#args + 1] = v end
+  end
+  return args
+end
+local ncommon = tonumber(ARGV[2])
+local common = fields(2)
+for k = 2, ncommon + 1 do
+  redis.call('HSET', KEYS[k], unpack(common))
+end
+local a = 11
+for k = ncommon + 2, #KEYS do
   local write = true
   if ARGV[a] == 'q' then
     local cur = redis.call('HGET', KEYS[k], 'status')
     write = (cur == false or cur == 'queued')
   end
   if write then
-    local args = {}
-    for j = 1, #names do
-      local v = ARGV[a + j]
-      if v ~= '' then args[#args + 1] = names[j]; args[#args + 1] = v end
-    end
+    local args = fields(a)
     if #args > 0 then redis.call('HSET', KEYS[k], unpack(args)) end
   end
   a = a + 1 + #names
@@ -79,8 +90,16 @@ class Answer:
     applied_at: float | None = None
     only_if_queued: bool = False
 
-    def values(self) -> list[str]:
-        """The 8 status values in script order ('' leaves a field alone)."""
+    def common_key(self) -> tuple[str, str, int | None, float | None] | None:
+        """Answers with equal keys share their status values (a plain committed request)."""
+        if self.only_if_queued or self.unknown_ids or self.already_removed_ids or self.reason:
+            return None
+        return (self.status, self.method, self.model_version, self.applied_at)
+
+    def values(self, *, with_requested_at: bool = True) -> list[str]:
+        """The 8 status values in script order ('' leaves a field alone); the producer already
+        wrote ``requested_at``, so shared values leave it alone."""
+        at = "" if self.requested_at is None or not with_requested_at else repr(self.requested_at)
         return [
             self.status,
             self.method,
@@ -88,7 +107,7 @@ class Answer:
             json.dumps(self.unknown_ids),
             json.dumps(self.already_removed_ids),
             self.reason,
-            "" if self.requested_at is None else repr(self.requested_at),
+            at,
             "" if self.applied_at is None else repr(self.applied_at),
         ]
 
@@ -160,12 +179,18 @@ class Ledger:
             os.fsync(f.fileno())
 
     def publish(self, answers: list[Answer], ack_ids: list[bytes]) -> None:
-        """Write the status hashes and acknowledge ``ack_ids``, atomically."""
+        """Write the status hashes and acknowledge ``ack_ids``, atomically (one script)."""
         if not answers and not ack_ids:
             return
-        keys = [self.stream] + [schema.status_key(self.model, a.request_id) for a in answers]
-        args: list[Any] = [self.group]
-        for a in answers:
+        common_key = next((a.common_key() for a in answers if a.common_key()), None)
+        common = [a for a in answers if common_key and a.common_key() == common_key]
+        others = [a for a in answers if not (common_key and a.common_key() == common_key)]
+        keys = [self.stream] + [
+            schema.status_key(self.model, a.request_id) for a in common + others
+        ]
+        args: list[Any] = [self.group, len(common)]
+        args += common[0].values(with_requested_at=False) if common else [""] * len(_NAMES)
+        for a in others:
             args.append("q" if a.only_if_queued else "w")
             args += a.values()
         args += ack_ids

@@ -1,0 +1,220 @@
+"""Service load test beside a raw Redis-stream baseline (issue 3 "Benchmark").
+
+    python benchmarks/loadtest.py [--json] [--output FILE]
+
+1. **raw baseline**: the same stream round trip with no model and no Celery: a producer sends
+   pipelined ``XADD`` (the service's entry fields), a consumer process reads ``XREADGROUP COUNT
+   2048`` and ``XACK``s; latency = ack time - ``requested_at``.
+2. **service (a) burst**: ``certremove loadtest`` logic against a running ``certremove worker`` on
+   ``synthetic:n=100000,d=64,classes=2``: N single-id requests (distinct ids) as fast as the
+   producer sends them. Throughput, latency p50/p95/p99, retrains.
+3. **service (b) steady**: a fresh copy of the trained state and a new worker; R requests/s for
+   S seconds (distinct ids, capped at 80 % of the training rows), latency percentiles.
+
+Redis: ``--broker-url`` or ``$CERTREMOVE_BROKER_URL``; otherwise a private Redis started here on a
+unix socket (used by the baseline and the service alike).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from producer import Client  # noqa: E402
+from producer.client import redis_py_url  # noqa: E402
+from producer.loadtest import percentile, run_loadtest  # noqa: E402
+from worker.embedded_redis import start_redis  # noqa: E402
+from worker.launcher import free_port, start_worker, stop_worker, wait_ready  # noqa: E402
+from worker.settings import Settings  # noqa: E402
+
+
+def _raw_consumer(url: str, key: str, n: int, out: Any) -> None:
+    r = redis.Redis.from_url(url)
+    group = "raw"
+    lat: list[float] = []
+    last = 0.0
+    while len(lat) < n:
+        reply = r.xreadgroup(group, "c", {key: ">"}, count=2048, block=100)
+        if not reply:
+            continue
+        entries = reply[0][1]
+        r.xack(key, group, *[eid for eid, _ in entries])
+        last = time.time()
+        lat += [last - float(f[b"requested_at"]) for _, f in entries]
+    out.put((lat, last))
+
+
+def raw_baseline(url: str, n: int) -> dict[str, Any]:
+    """Pipelined XADD -> XREADGROUP -> XACK, no model, no Celery."""
+    r = redis.Redis.from_url(url)
+    key = f"certremove:raw{uuid.uuid4().hex[:6]}:requests"
+    r.xgroup_create(key, "raw", id="0", mkstream=True)
+    out: Any = mp.get_context("fork").Queue()
+    proc = mp.get_context("fork").Process(target=_raw_consumer, args=(url, key, n, out))
+    proc.start()
+    time.sleep(0.5)
+    t0 = time.time()
+    for start in range(0, n, 1000):
+        pipe = r.pipeline(transaction=False)
+        now = repr(time.time())
+        for i in range(start, min(n, start + 1000)):
+            pipe.xadd(
+                key, {"request_id": uuid.uuid4().hex, "sample_ids": f"[{i}]", "requested_at": now}
+            )
+        pipe.execute()
+    lat, last = out.get(timeout=120)
+    proc.join(10)
+    r.delete(key)
+    lat.sort()
+    return {
+        "requests": n,
+        "throughput": n / (last - t0),
+        "latency_p50": percentile(lat, 50),
+        "latency_p95": percentile(lat, 95),
+        "latency_p99": percentile(lat, 99),
+    }
+
+
+def train_state(dataset: str, path: Path, max_removals: Any) -> dict[str, Any]:
+    from worker.cli import train_model  # noqa: PLC0415 - torch only here
+
+    t0 = time.time()
+    summary = train_model(dataset, path, overwrite=True, max_removals=max_removals, device="cpu")
+    summary["train_seconds"] = time.time() - t0
+    return summary
+
+
+def service_run(
+    url: str,
+    template: Path,
+    work: Path,
+    name: str,
+    *,
+    requests: int,
+    rate: float,
+    max_batch: int,
+    timeout: float,
+) -> dict[str, Any]:
+    """Copy the trained state, start a worker on it, run one load test, stop the worker."""
+    state = work / name
+    shutil.copytree(template, state)
+    model = f"bench{name}{uuid.uuid4().hex[:4]}"
+    port = free_port()
+    settings = Settings(
+        broker_url=url, model=model, state_dir=state, metrics_port=port, max_batch=max_batch
+    )
+    proc = start_worker(settings, work / f"{name}.log", loglevel="WARNING")
+    try:
+        wait_ready(proc, port, timeout=180)
+        with Client(url, model=model) as client:
+            result = run_loadtest(client, requests=requests, rate=rate, timeout=timeout)
+        return result.as_dict()
+    finally:
+        stop_worker(proc)
+
+
+def fmt(v: float | None, scale: float = 1000.0, unit: str = " ms") -> str:
+    return "-" if v is None else f"{v * scale:,.0f}{unit}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--dataset", default="synthetic:n=100000,d=64,classes=2")
+    ap.add_argument("--burst", type=int, default=20_000)
+    ap.add_argument("--rate", type=float, default=5000.0)
+    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--max-batch", type=int, default=2048)
+    ap.add_argument("--max-removals", default="auto")
+    ap.add_argument("--broker-url", default=os.environ.get("CERTREMOVE_BROKER_URL"))
+    ap.add_argument("--skip-steady", action="store_true")
+    ap.add_argument("--timeout", type=float, default=600.0)
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--output", type=Path, help="also write the JSON here")
+    args = ap.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="certremove-bench-"))
+    server = None
+    url = args.broker_url
+    if not url:
+        server = start_redis(directory=work / "redis")
+        url = server.url
+    try:
+        report: dict[str, Any] = {
+            "dataset": args.dataset,
+            "max_batch": args.max_batch,
+            "cpus": os.cpu_count(),
+        }
+        report["raw"] = raw_baseline(redis_py_url(url), args.burst)
+        mr: Any = args.max_removals
+        mr = None if mr == "none" else (int(mr) if mr.isdigit() else mr)
+        report["train"] = train_state(args.dataset, work / "template", mr)
+        rows = int(report["train"]["rows"])
+        report["burst"] = service_run(
+            url,
+            work / "template",
+            work,
+            "burst",
+            requests=min(args.burst, int(0.8 * rows)),
+            rate=0,
+            max_batch=args.max_batch,
+            timeout=args.timeout,
+        )
+        if not args.skip_steady:
+            n = min(int(args.rate * args.seconds), int(0.8 * rows))
+            report["steady"] = service_run(
+                url,
+                work / "template",
+                work,
+                "steady",
+                requests=n,
+                rate=args.rate,
+                max_batch=args.max_batch,
+                timeout=args.timeout,
+            )
+        report["burst_vs_raw"] = report["burst"]["throughput"] / report["raw"]["throughput"]
+    finally:
+        if server is not None:
+            server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    if args.output:
+        args.output.write_text(json.dumps(report, indent=1) + "\n")
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(
+        f"dataset {report['dataset']}, max_batch {report['max_batch']}, "
+        f"{report['train']['rows']} rows, max_removals {report['train']['max_removals']}"
+    )
+    print(
+        f"{'run':<16}{'requests':>10}{'req/s':>10}{'p50':>10}{'p95':>10}{'p99':>10}"
+        f"{'not applied':>13}{'retrains':>10}"
+    )
+    for name in ("raw", "burst", "steady"):
+        r = report.get(name)
+        if r is None:
+            continue
+        print(
+            f"{name:<16}{r['requests']:>10}{r['throughput']:>10,.0f}{fmt(r['latency_p50']):>10}"
+            f"{fmt(r['latency_p95']):>10}{fmt(r['latency_p99']):>10}"
+            f"{r.get('not_applied', 0):>13}{r.get('retrains', '-'):>10}"
+        )
+    print(f"burst throughput / raw baseline = {report['burst_vs_raw']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
