@@ -36,17 +36,21 @@ class Dataset:
     y_test: torch.Tensor
     ids_test: np.ndarray | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    _fingerprint: str | None = field(default=None, repr=False, compare=False)
 
     @property
     def name(self) -> str:
         return str(self.meta.get("name", "dataset"))
 
     def fingerprint(self) -> str:
-        """sha256 of the training rows, labels and ids (ties a model to its data)."""
-        h = hashlib.sha256()
-        for arr in (self.X_train.numpy(), self.y_train.numpy(), self.ids_train):
-            h.update(np.ascontiguousarray(arr).tobytes())
-        return h.hexdigest()
+        """sha256 of the training rows, labels and ids (ties a model to its data); computed once
+        (treat a Dataset's arrays as immutable)."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for arr in (self.X_train.numpy(), self.y_train.numpy(), self.ids_train):
+                h.update(np.ascontiguousarray(arr).tobytes())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
 
 
 def normalise_rows(X: np.ndarray) -> torch.Tensor:
@@ -272,7 +276,7 @@ def save_dataset(path: str | os.PathLike[str], ds: Dataset) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+            np.savez(f, **arrays)  # type: ignore[arg-type]
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -90,16 +90,22 @@ def hessians(
     ``dtype`` selects the precision of the product (float32 on CUDA is allowed: every mismatch is
     paid for by the float64 certificate, DESIGN.md §1).
     """
-    dtype = dtype or X.dtype
     _, d2 = loss_derivatives(Z)
-    weights = (C * d2).to(dtype)
+    return weighted_gram(X, C * d2, lam * n_reg, dtype=dtype)
+
+
+def weighted_gram(
+    X: torch.Tensor, weights: torch.Tensor, ridge: float, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """``X^T diag(weights_k) X + ridge I`` for each column k of ``weights`` (n, K) -> (K, d, d)."""
+    dtype = dtype or X.dtype
     Xd = X.to(dtype)
-    n_classes = weights.shape[1]
+    w = weights.to(dtype)
     d = X.shape[1]
-    H = torch.empty((n_classes, d, d), dtype=dtype, device=X.device)
-    for k in range(n_classes):
-        H[k] = Xd.T @ (Xd * weights[:, k : k + 1])
-    H.diagonal(dim1=1, dim2=2).add_(lam * n_reg)
+    H = torch.empty((w.shape[1], d, d), dtype=dtype, device=X.device)
+    for k in range(w.shape[1]):
+        torch.mm(Xd.T, Xd * w[:, k : k + 1], out=H[k])
+    H.diagonal(dim1=1, dim2=2).add_(ridge)
     return H
 
 
@@ -111,10 +117,8 @@ def hessian_vector_product(
     return X.T @ (C * d2 * (X @ S)) + (lam * n_reg) * S
 
 
-def cholesky_solve(H: torch.Tensor, rhs: torch.Tensor, lam: float) -> torch.Tensor:
-    """Solve ``H_k s_k = rhs_k`` for each class by Cholesky (never an explicit inverse).
-
-    Shapes: H (K, d, d), rhs (d, K) -> (d, K).
+def cholesky_factor(H: torch.Tensor, lam: float) -> torch.Tensor:
+    """Lower Cholesky factors of the (K, d, d) blocks.
 
     Raises:
         NumericalError: the factorisation failed (names lambda and the matrix size).
@@ -126,8 +130,24 @@ def cholesky_solve(H: torch.Tensor, rhs: torch.Tensor, lam: float) -> torch.Tens
             f"(lam={lam:g}, dtype={H.dtype}); the matrix should be SPD since lam*n > 0, so "
             "its entries are probably non-finite"
         )
-    sol = torch.cholesky_solve(rhs.T.unsqueeze(-1).to(H.dtype), L).squeeze(-1).T
+    return L
+
+
+def solve_factored(L: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """Solve with the factors of :func:`cholesky_factor`. Shapes: L (K, d, d), rhs (d, K)."""
+    sol = torch.cholesky_solve(rhs.T.unsqueeze(-1).to(L.dtype), L).squeeze(-1).T
     return sol.to(rhs.dtype)
+
+
+def cholesky_solve(H: torch.Tensor, rhs: torch.Tensor, lam: float) -> torch.Tensor:
+    """Solve ``H_k s_k = rhs_k`` for each class by Cholesky (never an explicit inverse).
+
+    Shapes: H (K, d, d), rhs (d, K) -> (d, K).
+
+    Raises:
+        NumericalError: the factorisation failed (names lambda and the matrix size).
+    """
+    return solve_factored(cholesky_factor(H, lam), rhs)
 
 
 def frobenius(T: torch.Tensor) -> float:

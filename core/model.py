@@ -84,6 +84,7 @@ class Model:
         self.ids = ids
         self._alive = alive
         self._W = W
+        self._Z: torch.Tensor | None = None  # margins at _W, cached between steps
         self.budget_total = budget_total
         self.certified = certified
         self.noise: torch.Tensor | None = None
@@ -151,7 +152,8 @@ class Model:
         """Map sample ids to training rows. Returns (rows, unknown ids), both in input order."""
         if self._id_index is None:
             self._id_index = {self._id_key(v): i for i, v in enumerate(self.ids.tolist())}
-        rows, unknown = [], []
+        rows: list[int] = []
+        unknown: list[Any] = []
         for raw in sample_ids:
             row = self._id_index.get(self._id_key(raw))
             (unknown if row is None else rows).append(raw if row is None else row)
@@ -212,7 +214,9 @@ class Model:
         already: list[int] = []
         start = 0
         for size in sizes:
-            pairs = list(zip(row_list[start : start + size], flags[start : start + size], strict=True))
+            pairs = list(
+                zip(row_list[start : start + size], flags[start : start + size], strict=True)
+            )
             group_rows.append([r for r, a in pairs if a])
             already.extend(r for r, a in pairs if not a)
             start += size
@@ -265,6 +269,7 @@ class Model:
                 self._W,
                 torch.as_tensor(rows, dtype=torch.long, device=self.device),
                 self._anchor_grad,
+                self._Z,
             )
             if step is None:
                 return 0, 0.0, "numerical"
@@ -284,7 +289,7 @@ class Model:
         return self._r0_anchor + float(torch.linalg.vector_norm(self._beta + step.increments))
 
     def _commit(self, step: Step, m: int) -> float:
-        self._W, self._alive = step.W, step.alive
+        self._W, self._alive, self._Z = step.W, step.alive, step.Z
         self._anchor_distance, self._margin = step.anchor_distance, step.margin
         self._beta = self._beta + step.increments
         self.removed_in_epoch += m
@@ -322,11 +327,11 @@ class Model:
             W0=W0,
             hess_dtype=p.hess_dtype,
         )
-        self._W, self._alive, self.noise = fit.W, alive, B
+        self._W, self._alive, self.noise, self._Z = fit.W, alive, B, None
         self._set_anchor(r0=fit.r0)
         self.certified = seed is None and h.sigma > 0
         self.removed_in_epoch = 0
-        self.max_removals = self._resolve_trigger(rng)
+        self.max_removals = self._resolve_trigger(rng, fit.factor)
 
     def _set_anchor(self, *, r0: float) -> None:
         p = self._problem
@@ -337,7 +342,7 @@ class Model:
         self._margin = 0.0
         self._beta = torch.zeros_like(self._beta)
 
-    def _resolve_trigger(self, rng: np.random.Generator) -> int | None:
+    def _resolve_trigger(self, rng: np.random.Generator, factor: torch.Tensor | None) -> int | None:
         spec = self.hyper.max_removals
         if spec is None or isinstance(spec, int):
             return spec

@@ -16,7 +16,7 @@ def generator(seed: int | None) -> np.random.Generator:
 
 
 def draw_noise(
-    shape: tuple[int, int], sigma: float, rng: np.random.Generator, device: torch.device
+    shape: tuple[int, ...], sigma: float, rng: np.random.Generator, device: torch.device
 ) -> torch.Tensor:
     """``b ~ N(0, sigma^2 I)`` as a float64 (d, K) tensor on ``device``."""
     return torch.from_numpy(rng.normal(0.0, sigma, size=shape)).to(

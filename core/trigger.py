@@ -50,7 +50,7 @@ class AutoSettings:
     below ``target_fraction`` of the budget in every run."""
 
     shadow_runs: int = 2
-    chunks: int = 6
+    chunks: int = 8
     cap_fraction: float = 0.25
     target_fraction: float = 0.5
 
@@ -64,14 +64,16 @@ def auto_max_removals(
     budget: float,
     rng: np.random.Generator,
     binary: bool,
+    factor: torch.Tensor | None = None,
     settings: AutoSettings = AutoSettings(),
 ) -> int:
     """Estimate ``max_removals`` from shadow runs with fresh, independent noise.
 
-    Each run refits with its own noise (warm start from ``W``; Newton converges in a few steps),
-    then removes a random order of rows in batches of ``ceil(cap/chunks)`` rows with the real
-    Newton step and the exact residual. Batched steps leave a larger residual than the service's
-    usual smaller ones, so the estimate errs on the early side.
+    Each run refits with its own noise (from ``W`` with the training's Hessian ``factor``, a chord
+    iteration of O(nd) per step, or Newton if that does not converge), then removes a random order
+    of rows with the real Newton step and the exact residual: first the whole cap in two batches
+    (if that stays below the limit, the cap is the answer), else in batches of ``ceil(cap/chunks)``
+    rows. Batched steps leave a larger residual than smaller ones, so the estimate errs early.
     """
     n_alive = int(alive.sum())
     cap = int(settings.cap_fraction * n_alive)
@@ -107,19 +109,23 @@ def auto_max_removals(
 
 def _shadow_crossing(problem, alive, fit, anchor, order, cap, limit, settings, binary) -> int:  # type: ignore[no-untyped-def]
     """Rows removable (in this run's batches) while ``r0 + ||grad L_0 - g_a||`` stays <= limit."""
-    chunk = max(1, math.ceil(cap / settings.chunks))
+    chunk = max(1, math.ceil(cap / 2))
+    coarse = True
     while True:
-        state, W, done = alive.clone(), fit.W, 0
+        state, W, Z, done = alive.clone(), fit.W, None, 0
         while done < cap:
             rows = order[done : min(cap, done + chunk)].to(problem.X.device)
-            step = newton_step(problem, state, W, rows, anchor)
+            step = newton_step(problem, state, W, rows, anchor, Z)
             if step is None or _class_emptied(problem, step.alive, binary):
                 return done
             if fit.r0 + step.anchor_distance + step.margin > limit:
                 break
-            state, W, done = step.alive, step.W, done + rows.numel()
+            state, W, Z, done = step.alive, step.W, step.Z, done + rows.numel()
         else:
             return done
+        if coarse:  # the cap in two batches crossed: measure in finer batches
+            coarse, chunk = False, max(1, math.ceil(cap / settings.chunks))
+            continue
         if done > 0 or chunk == 1:
             return done
         chunk = max(1, chunk // 8)  # the first batch already crossed: retry with smaller steps
