@@ -79,9 +79,11 @@ class RemovalService:
         max_deliveries: int = 5,
         clock: Callable[[], float] = time.time,
         reload: Callable[[], Any] | None = None,
+        extractor_limits: tuple[float | None, float | None] = (None, None),
     ) -> None:
         self.model = model
         self._reload = reload
+        self.extractor_limits = extractor_limits
         self.state_dir = Path(state_dir)
         self.stream, self.ledger, self.metrics, self.doorbell = stream, ledger, metrics, doorbell
         self.send_task = send_task
@@ -117,6 +119,31 @@ class RemovalService:
             version=m.version,
             training_samples=m.n_alive,
             accuracy=self.accuracy(),
+        )
+        remaining = self.extractor_removals_remaining()
+        if remaining is not None:
+            self.metrics.extractor_removals_remaining.set(remaining)
+
+    def extractor_removals_remaining(self) -> int | None:
+        """Rows the DP feature extractor still allows (group privacy), None without one.
+
+        Every row removed since the extractor was trained counts (a head retrain does not refresh
+        the extractor); the extra loss allowed defaults to the head's own (epsilon, delta).
+        """
+        ds = self.model.dataset
+        meta = getattr(ds, "meta", None) or {}
+        eps_dp, delta_dp = meta.get("dp_epsilon"), meta.get("dp_delta")
+        if eps_dp is None or delta_dp is None:
+            return None
+        from core.group_privacy import extractor_removals_remaining  # noqa: PLC0415
+
+        eps_max, delta_max = self.extractor_limits
+        return extractor_removals_remaining(
+            float(eps_dp),
+            float(delta_dp),
+            self.model.n_rows - self.model.n_alive,
+            eps_extra_max=self.model.hyper.epsilon if eps_max is None else eps_max,
+            delta_extra_max=self.model.hyper.delta if delta_max is None else delta_max,
         )
 
     def _persist(self) -> None:

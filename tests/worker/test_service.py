@@ -228,3 +228,20 @@ def test_removal_core_would_refuse_is_rejected(
     st = client.statuses([fine, whole_class])
     assert st[fine]["status"] == "applied"
     assert st[whole_class]["status"] == "rejected" and "single class" in st[whole_class]["reason"]
+
+
+def test_extractor_removals_remaining(
+    tmp_path: Path, broker_url: str, rclient: redis.Redis, model_name: str
+) -> None:
+    state = make_state(tmp_path / "s", n=200, d=4, meta={"dp_epsilon": 0.1, "dp_delta": 1e-6})
+    Client(broker_url, model=model_name).enqueue_many([[0], [1, 2]])
+    service, _, reg = build(state, rclient, model_name)
+    assert reg.get_sample_value("certremove_extractor_removals_remaining") == 10  # eps 1.0 / 0.1
+    service.drain()
+    assert reg.get_sample_value("certremove_extractor_removals_remaining") == 7
+
+
+def test_no_extractor_no_gauge_value(state: Path, rclient: redis.Redis, model_name: str) -> None:
+    service, _, reg = build(state, rclient, model_name)
+    assert service.extractor_removals_remaining() is None
+    assert reg.get_sample_value("certremove_extractor_removals_remaining") == 0
