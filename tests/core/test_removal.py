@@ -31,10 +31,11 @@ def objective(W, X, Y, lam, B):
 
 def true_residual(model, X, y, lam) -> float:
     """||grad L_b(W; D')||_F by autograd on the remaining rows, with the model's noise."""
-    keep = model.alive
+    keep = model.alive.cpu()
     Y = coded(y, model.classes, len(model.classes) == 2 and model.weights.ndim == 1)
-    W = model.weights.reshape(X.shape[1], -1).clone().requires_grad_(True)
-    (g,) = torch.autograd.grad(objective(W, X.double()[keep], Y[keep], lam, model.noise), W)
+    W = model.weights.cpu().reshape(X.shape[1], -1).clone().requires_grad_(True)
+    noise = model.noise.cpu()
+    (g,) = torch.autograd.grad(objective(W, X.double()[keep], Y[keep], lam, noise), W)
     return float(g.norm())
 
 
@@ -166,3 +167,43 @@ def test_one_vs_rest_with_negative_subsampling(digits, accounting):
     assert res.applied
     assert model.exact_used <= model.bound_used
     assert model.accuracy(digits.X_test, digits.y_test) > 0.8
+
+
+def test_float32_solve_path_stays_certified(digits):
+    """The CUDA path (float32 Hessian and solve, float64 refinement and certificate), run on CPU."""
+    import dataclasses
+
+    model = core.train(digits.X_train, digits.y_train, lam=1e-2, sigma=1.0, max_removals=None)
+    model._problem = dataclasses.replace(model._problem, hess_dtype=torch.float32)
+    for start in range(0, 300, 50):
+        res = model.remove(list(range(start, start + 50)))
+        assert res.applied
+        truth = true_residual(model, digits.X_train, digits.y_train, 1e-2)
+        assert (
+            truth <= model.exact_used * (1 + 1e-9) + 1e-12 <= model.bound_used * (1 + 1e-9) + 2e-12
+        )
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_model_matches_cpu_and_is_certified(digits):
+    cpu = core.train(digits.X_train, digits.y_train, lam=1e-2, sigma=1.0, seed=3, max_removals=None)
+    gpu = core.train(
+        digits.X_train,
+        digits.y_train,
+        lam=1e-2,
+        sigma=1.0,
+        seed=3,
+        max_removals=None,
+        device="cuda",
+    )
+    torch.testing.assert_close(gpu.weights.cpu(), cpu.weights, rtol=1e-6, atol=1e-8)
+    for start in range(0, 200, 40):
+        a = cpu.remove(list(range(start, start + 40)))
+        b = gpu.remove(list(range(start, start + 40)))
+        assert a.applied and b.applied
+    torch.testing.assert_close(gpu.weights.cpu(), cpu.weights, rtol=1e-5, atol=1e-7)
+    assert (
+        true_residual(gpu, digits.X_train, digits.y_train, 1e-2)
+        <= gpu.exact_used * (1 + 1e-9) + 1e-12
+    )
