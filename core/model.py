@@ -21,6 +21,7 @@ import torch
 
 from core.budget import budget_total as compute_budget
 from core.errors import InvalidInputError
+from core.group_privacy import combined_guarantee, extractor_removals_remaining
 from core.labels import LabelCoding
 from core.loss import gradient
 from core.noise import draw_noise, generator
@@ -61,6 +62,10 @@ class Hyper:
     calibration: str
     max_removals: MaxRemovals
     subsample_ratio: float | None
+    #: (eps_dp, delta_dp) of a DP feature extractor the rows came from, or None
+    extractor_dp: tuple[float, float] | None = None
+    #: the extra (epsilon, delta) the operator accepts from the extractor's group privacy
+    extractor_limit: tuple[float, float] | None = None
 
 
 class Model:
@@ -91,6 +96,8 @@ class Model:
         self.version = 1
         self.removed_in_epoch = 0
         self.safety_retrains = 0
+        #: rows removed since the DP extractor was trained (head retrains do not reset it)
+        self.extractor_removed = 0
         self.max_removals: int | None = None
         self.dataset: Dataset | None = None
         self._r0_anchor = 0.0
@@ -147,6 +154,29 @@ class Model:
     def budget_remaining(self) -> float:
         return max(0.0, self.budget_total - self.budget_used)
 
+    @property
+    def extractor_removals_remaining(self) -> int | None:
+        """Rows the DP extractor's group privacy still covers (None without an extractor)."""
+        if self.hyper.extractor_dp is None or self.hyper.extractor_limit is None:
+            return None
+        eps_dp, delta_dp = self.hyper.extractor_dp
+        eps_max, delta_max = self.hyper.extractor_limit
+        return extractor_removals_remaining(
+            eps_dp,
+            delta_dp,
+            self.extractor_removed,
+            eps_extra_max=eps_max,
+            delta_extra_max=delta_max,
+        )
+
+    def guarantee(self) -> tuple[float, float]:
+        """The (epsilon, delta) of the released pipeline: the head's, plus the extractor's group
+        privacy for the rows removed since it was trained (DESIGN.md §1)."""
+        h = self.hyper
+        if h.extractor_dp is None:
+            return h.epsilon, h.delta
+        return combined_guarantee(h.epsilon, h.delta, *h.extractor_dp, self.extractor_removed)
+
     # ----------------------------------------------------------------- ids
     def rows_for_ids(self, sample_ids: Sequence[Any]) -> tuple[list[int], list[Any]]:
         """Map sample ids to training rows. Returns (rows, unknown ids), both in input order."""
@@ -183,11 +213,21 @@ class Model:
         return float((self.predict(X) == y.cpu().long()).double().mean())
 
     # ----------------------------------------------------------------- persistence
-    def save(self, directory: str | os.PathLike[str], *, dataset: Dataset | None = None) -> None:
-        """Persist into a state directory atomically (``b`` and ``g_a`` are never written)."""
+    def save(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        dataset: Dataset | None = None,
+        replace_dataset: bool = False,
+    ) -> None:
+        """Persist into a state directory atomically (``b`` and ``g_a`` are never written).
+
+        ``replace_dataset=True`` lets a model on new data (a full-pipeline retrain) take over a
+        state directory; otherwise a different dataset is refused with ``StateError``.
+        """
         from core.persist import save_model
 
-        save_model(self, directory, dataset=dataset)
+        save_model(self, directory, dataset=dataset, replace_dataset=replace_dataset)
 
     # ----------------------------------------------------------------- removal
     def remove(self, rows: Sequence[int], *, groups: Sequence[int] | None = None) -> RemovalResult:
@@ -222,8 +262,7 @@ class Model:
             start += size
         self._check_not_emptied([r for g in group_rows for r in g])
 
-        fit = self._groups_within_trigger(group_rows)
-        reason = "max_removals" if fit < len(group_rows) else None
+        fit, reason = self._groups_within_trigger(group_rows)
         committed, bound_inc, step_reason = self._commit_prefix(group_rows[:fit])
         reason = step_reason or reason
         pending = [r for g in group_rows[committed:] for r in g]
@@ -240,16 +279,22 @@ class Model:
             retrain_reason=reason if committed < len(group_rows) else None,
         )
 
-    def _groups_within_trigger(self, group_rows: list[list[int]]) -> int:
-        if self.max_removals is None:
-            return len(group_rows)
-        allowed = self.max_removals - self.removed_in_epoch
+    def _groups_within_trigger(self, group_rows: list[list[int]]) -> tuple[int, str | None]:
+        """Leading groups within the b-independent limits: ``max_removals`` per noise epoch and
+        the rows the DP extractor still covers. Returns (count, the limit that stopped it)."""
+        limits = []
+        if self.max_removals is not None:
+            limits.append((self.max_removals - self.removed_in_epoch, "max_removals"))
+        extractor_left = self.extractor_removals_remaining
+        if extractor_left is not None:
+            limits.append((extractor_left, "extractor"))
         total = 0
         for i, g in enumerate(group_rows):
             total += len(g)
-            if g and total > allowed:
-                return i
-        return len(group_rows)
+            for allowed, reason in limits:
+                if g and total > allowed:
+                    return i, reason
+        return len(group_rows), None
 
     def _commit_prefix(self, group_rows: list[list[int]]) -> tuple[int, float, str | None]:
         """Try the whole prefix, then halves (in arrival order, on request boundaries)."""
@@ -293,6 +338,7 @@ class Model:
         self._anchor_distance, self._margin = step.anchor_distance, step.margin
         self._beta = self._beta + step.increments
         self.removed_in_epoch += m
+        self.extractor_removed += m
         return float(torch.linalg.vector_norm(step.increments))
 
     # ----------------------------------------------------------------- retrain
@@ -301,12 +347,25 @@ class Model:
 
         Warm start from the current weights (the minimiser is unique); the new ``r0`` starts the
         budget; version + 1; the per-epoch counter restarts and ``max_removals`` is re-resolved.
+
+        Raises:
+            InvalidInputError: bad rows, no rows left, or more newly excluded rows than the DP
+                extractor still covers (that needs a full-pipeline retrain: extractor, features,
+                head). The model is unchanged.
         """
         rows, _ = self._validate_rows(exclude, None, allow_repeats=True)
         alive = self._alive.clone()
         if rows:
             alive[torch.as_tensor(rows, dtype=torch.long, device=self.device)] = False
         self._check_not_emptied([], alive=alive)
+        newly = int(self._alive.sum()) - int(alive.sum())
+        left = self.extractor_removals_remaining
+        if left is not None and newly > left:
+            raise InvalidInputError(
+                f"excluding {newly} more rows exceeds the {left} the DP feature extractor still "
+                "covers: a full-pipeline retrain (extractor, features, head) is needed"
+            )
+        self.extractor_removed += newly
         self._fit(alive, seed=seed, W0=self._W)
         self.version += 1
 
@@ -450,6 +509,8 @@ def train(
     calibration: str = "classical",
     subsample_ratio: float | None = None,
     ids: Sequence[Any] | np.ndarray | None = None,
+    extractor_dp: tuple[float, float] | None = None,
+    extractor_limit: tuple[float, float] | None = None,
 ) -> Model:
     """Train a removal-enabled model (Guo et al. 2020, Algorithm 1, loss perturbation).
 
@@ -483,7 +544,25 @@ def train(
         keep = torch.from_numpy(rng.random(tuple(Y.shape)) < subsample_ratio).to(dev)
         omega = torch.where((Y > 0) | keep, 1.0, 0.0).to(torch.float64)
     problem = make_problem(X, Y, omega, lam, dev)
-    hyper = Hyper(lam, sigma, epsilon, delta, accounting, calibration, spec, subsample_ratio)
+    if extractor_dp is not None:
+        extractor_dp = (float(extractor_dp[0]), float(extractor_dp[1]))
+        if not (extractor_dp[0] > 0 and 0 <= extractor_dp[1] < 1):
+            raise InvalidInputError(
+                f"extractor_dp must be (eps_dp > 0, 0 <= delta_dp < 1), got {extractor_dp}"
+            )
+        extractor_limit = tuple(map(float, extractor_limit or (epsilon, delta)))  # type: ignore[assignment]
+    hyper = Hyper(
+        lam,
+        sigma,
+        epsilon,
+        delta,
+        accounting,
+        calibration,
+        spec,
+        subsample_ratio,
+        extractor_dp,
+        extractor_limit if extractor_dp is not None else None,
+    )
     W0 = torch.zeros((X.shape[1], Y.shape[1]), dtype=torch.float64, device=dev)
     model = Model(
         problem=problem,

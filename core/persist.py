@@ -2,11 +2,13 @@
 
 Layout of a state directory::
 
-    dataset.npz                  training + test rows, written once (immutable)
+    datasets/<sha256[:16]>.npz   training + test rows, written once per dataset (immutable)
     snapshots/<seq>/model.safetensors   float64 weights, alive mask, subsampling mask
     snapshots/<seq>/state.json          hyper-parameters, budget state, version, counters
     CURRENT                      name of the live snapshot (replaced with os.replace)
 
+A state directory normally keeps one dataset; a full-pipeline retrain (new DP features) saves a
+model on a new dataset with ``replace_dataset=True``, and the old file goes once no snapshot uses it.
 A snapshot directory is written and fsynced under a temporary name, renamed into place, then
 ``CURRENT`` is swapped; older snapshots are deleted afterwards. A crash at any point leaves the
 previous or the new state, never a mix. ``b`` and ``g_a`` are never written: after loading, the
@@ -15,6 +17,7 @@ anchor is the loaded state and ``r0_a`` is the persisted budget used.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -50,23 +53,35 @@ def _write_file(path: Path, data: bytes) -> None:
 
 
 def save_model(
-    model: Model, directory: str | os.PathLike[str], *, dataset: Dataset | None = None
+    model: Model,
+    directory: str | os.PathLike[str],
+    *,
+    dataset: Dataset | None = None,
+    replace_dataset: bool = False,
 ) -> Path:
     """Persist ``model`` into the state directory atomically; returns the snapshot path."""
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     ds = dataset or model.dataset or _dataset_from_model(model)
     fingerprint = ds.fingerprint()
-    data_file = root / "dataset.npz"
+    current = _current_dataset_name(root)
+    data_name = f"datasets/{fingerprint[:16]}.npz"
+    if current is not None and current != data_name and not replace_dataset:
+        raise StateError(
+            f"{root} already holds a model on a different dataset ({current}); use a new state "
+            "directory (or replace_dataset=True for a full-pipeline retrain)"
+        )
+    data_file = root / data_name
     if not data_file.exists():
+        data_file.parent.mkdir(exist_ok=True)
         save_dataset(data_file, ds)
-    elif model.dataset is None or model.dataset is not ds:
-        if load_npz(data_file).fingerprint() != fingerprint:
-            raise StateError(f"{root} already holds a different dataset; use a new state directory")
+        _fsync_dir(data_file.parent)
     model.dataset = ds
     snaps = root / "snapshots"
     snaps.mkdir(exist_ok=True)
-    model._save_seq += 1
+    # Never reuse a live snapshot's name: continue after the highest sequence number present.
+    taken = [int(p.name) for p in snaps.iterdir() if p.name.isdigit()]
+    model._save_seq = max([model._save_seq, *taken]) + 1
     name = f"{model._save_seq:012d}"
     tmp = snaps / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -81,10 +96,11 @@ def save_model(
     save_file(tensors, str(tmp / "model.safetensors"))
     with open(tmp / "model.safetensors", "rb+") as f:
         os.fsync(f.fileno())
-    _write_file(tmp / "state.json", json.dumps(_state_dict(model, fingerprint), indent=1).encode())
+    state = _state_dict(model, fingerprint)
+    state["dataset_file"] = data_name
+    _write_file(tmp / "state.json", json.dumps(state, indent=1).encode())
     _fsync_dir(tmp)
     final = snaps / name
-    shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     _fsync_dir(snaps)
     pointer = root / ".CURRENT.tmp"
@@ -94,7 +110,19 @@ def save_model(
     for old in snaps.iterdir():
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)
+    for old_data in (root / "datasets").glob("*.npz"):
+        if f"datasets/{old_data.name}" != data_name:
+            old_data.unlink(missing_ok=True)
     return final
+
+
+def _current_dataset_name(root: Path) -> str | None:
+    """The dataset file of the live snapshot, or None for a new state directory."""
+    try:
+        snap = root / (root / "CURRENT").read_text().strip()
+        return str(json.loads((snap / "state.json").read_text())["dataset_file"])
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def _state_dict(model: Model, fingerprint: str) -> dict[str, Any]:
@@ -104,16 +132,8 @@ def _state_dict(model: Model, fingerprint: str) -> dict[str, Any]:
         "seq": model._save_seq,
         "saved_at": time.time(),
         "version": model.version,
-        "hyper": {
-            "lam": h.lam,
-            "sigma": h.sigma,
-            "epsilon": h.epsilon,
-            "delta": h.delta,
-            "accounting": h.accounting,
-            "calibration": h.calibration,
-            "max_removals": h.max_removals,
-            "subsample_ratio": h.subsample_ratio,
-        },
+        "hyper": dataclasses.asdict(h),
+        "extractor_removed": model.extractor_removed,
         "classes": list(model._coding.classes),
         "binary": model._coding.binary,
         "budget_total": model.budget_total,
@@ -152,13 +172,13 @@ def load_model(
         snap = root / (root / "CURRENT").read_text().strip()
         state = json.loads((snap / "state.json").read_text())
         tensors = load_file(str(snap / "model.safetensors"))
-        ds = load_npz(root / "dataset.npz")
-    except (OSError, ValueError, InvalidInputError) as exc:
+        ds = load_npz(root / state["dataset_file"])
+    except (OSError, ValueError, KeyError, InvalidInputError) as exc:
         raise StateError(f"cannot load a model from {root}: {exc}") from exc
     if state.get("format") != FORMAT:
         raise StateError(f"{snap}: unknown state format {state.get('format')!r}")
     if ds.fingerprint() != state["dataset_sha256"]:
-        raise StateError(f"{root / 'dataset.npz'} does not match the model's dataset fingerprint")
+        raise StateError(f"{root / state['dataset_file']} does not match the model's fingerprint")
     dev = resolve_device(device)
     coding = LabelCoding(tuple(state["classes"]), bool(state["binary"]))
     Y = coding.encode(ds.y_train).to(dev)
@@ -182,6 +202,7 @@ def load_model(
     model.removed_in_epoch = int(state["removed_in_epoch"])
     model.max_removals = state["max_removals_resolved"]
     model.safety_retrains = int(state["safety_retrains"])
+    model.extractor_removed = int(state.get("extractor_removed", 0))
     model.extra = dict(state.get("extra") or {})
     model._save_seq = int(state["seq"])
     model._set_anchor(r0=float(state["budget_used"]))

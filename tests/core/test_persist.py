@@ -71,3 +71,14 @@ def test_a_state_dir_refuses_a_different_dataset(tmp_path, digits, trained):
 def test_load_errors_are_clear(tmp_path):
     with pytest.raises(core.StateError, match="cannot load"):
         core.load_model(tmp_path)
+
+
+def test_full_pipeline_retrain_replaces_the_dataset_only_when_asked(tmp_path, digits, trained):
+    trained.save(tmp_path, dataset=digits)
+    other = core.load_dataset("synthetic:n=300,d=8,classes=2,seed=2")
+    m = core.train(other.X_train, other.y_train, lam=1e-2, sigma=1.0, max_removals=None)
+    m.save(tmp_path, dataset=other, replace_dataset=True)
+    loaded = core.load_model(tmp_path)
+    assert loaded.n_rows == 300
+    assert len(list((tmp_path / "datasets").glob("*.npz"))) == 1
+    assert len(list((tmp_path / "snapshots").iterdir())) == 1
