@@ -21,7 +21,7 @@ from producer.client import Client
 from producer.loadtest import LoadtestResult, run_loadtest
 
 app = typer.Typer(add_completion=False, no_args_is_help=True)
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 ModelOpt = Annotated[
     str, typer.Option("--model", envvar="CERTREMOVE_MODEL", help="Model name (stream, queues).")

@@ -27,7 +27,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 for _name in ("enqueue", "status", "loadtest"):
     app.command(_name)(getattr(producer_cli, _name))
@@ -165,7 +165,19 @@ def worker(
     from worker.app import app as celery_app  # noqa: PLC0415 - reads the settings once
 
     celery_app.worker_main(
-        ["worker", "-P", "solo", "-c", "1", "--loglevel", loglevel, "-n", f"{settings.model}@%h"]
+        [
+            "worker",
+            "-P",
+            "solo",
+            "-c",
+            "1",
+            "--loglevel",
+            loglevel,
+            "-n",
+            f"{settings.model}@%h",
+            "--without-mingle",
+            "--without-gossip",
+        ]
     )
 
 

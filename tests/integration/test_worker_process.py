@@ -146,19 +146,16 @@ def test_sigkill_mid_stream_then_restart_applies_everything_once(
     start_worker_process: StartWorker,
 ) -> None:
     state = Path(shutil.copytree(big_template, tmp_path / "state"))
-    worker = start_worker_process(state, broker_url, model_name, max_batch=40)
+    worker = start_worker_process(state, broker_url, model_name, max_batch=10)
     client = Client(broker_url, model=model_name)
     rids = client.enqueue_many([[i] for i in range(1200)])
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        done = sum(1 for s in client.statuses(rids).values() if s["status"] == "applied")
-        if done >= 80:
-            break
-        time.sleep(0.02)
+    while time.monotonic() < deadline and client.status(rids[50]).get("status") != "applied":
+        time.sleep(0.005)
     worker.stop(kill=True)
     done = sum(1 for s in client.statuses(rids).values() if s["status"] == "applied")
     assert 0 < done < 1200, "the kill should land mid-stream"
-    start_worker_process(state, broker_url, model_name, max_batch=40)
+    start_worker_process(state, broker_url, model_name, max_batch=200)
     st = client.wait(rids, timeout=90)
     assert [s["status"] for s in st.values()] == ["applied"] * 1200
     assert removed_ids(state) == set(range(1200))
