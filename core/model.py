@@ -264,6 +264,8 @@ class Model:
 
         fit, reason = self._groups_within_trigger(group_rows)
         committed, bound_inc, step_reason = self._commit_prefix(group_rows[:fit])
+        if step_reason == "budget":
+            self.safety_retrains += 1  # the safety net fired: an incident, counted in the state
         reason = step_reason or reason
         pending = [r for g in group_rows[committed:] for r in g]
         removed = [r for g in group_rows[:committed] for r in g]
@@ -325,7 +327,6 @@ class Model:
             if count == 1:
                 break
             count //= 2
-        self.safety_retrains += 1
         return 0, 0.0, "budget"
 
     def _used_after(self, step: Step) -> float:
