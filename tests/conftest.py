@@ -69,15 +69,12 @@ def make_state(
     n: int = 600,
     d: int = 8,
     max_removals: int | str | None = 1000,
-    meta: dict[str, object] | None = None,
     **kw: object,
 ) -> Path:
     """Train a small synthetic binary model into ``path`` (CPU, seeded) and return ``path``."""
     import core
 
     ds = core.load_dataset(f"synthetic:n={n},d={d},classes=2,seed=0")
-    if meta:
-        ds.meta.update(meta)
     model = core.train(
         ds.X_train,
         ds.y_train,

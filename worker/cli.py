@@ -76,6 +76,18 @@ def train_model(
             raise ValueError(f"{state} already holds a model (use --overwrite to replace it)")
         shutil.rmtree(state)
     ds = core.load_dataset(dataset)
+    meta = ds.meta or {}
+    if meta.get("dp_epsilon") is not None and meta.get("dp_delta") is not None:
+        # Rows from a DP feature extractor: the head's certificate composes with its group
+        # privacy; by default the extractor may add as much as the head's own (epsilon, delta).
+        options.setdefault("extractor_dp", (float(meta["dp_epsilon"]), float(meta["dp_delta"])))
+        limit = options.pop("extractor_limit", None) or (None, None)
+        options["extractor_limit"] = (
+            options.get("epsilon", 1.0) if limit[0] is None else limit[0],
+            options.get("delta", 1e-4) if limit[1] is None else limit[1],
+        )
+    else:
+        options.pop("extractor_limit", None)
     model = core.train(ds.X_train, ds.y_train, ids=ds.ids_train, **options)
     model.save(state, dataset=ds)
     return {
@@ -90,6 +102,7 @@ def train_model(
         "certified": model.certified,
         "version": model.version,
         "test_accuracy": model.accuracy(ds.X_test, ds.y_test) if len(ds.y_test) else None,
+        "extractor_removals_remaining": model.extractor_removals_remaining,
     }
 
 
@@ -107,6 +120,12 @@ def train(
     accounting: str = "exact",
     max_removals: Annotated[str, typer.Option(help="auto, none, a count or a fraction")] = "auto",
     device: Annotated[str | None, typer.Option(envvar="CERTREMOVE_DEVICE")] = None,
+    extractor_eps_extra: Annotated[
+        float | None, typer.Option(help="DP extractor: extra epsilon allowed (default: --epsilon)")
+    ] = None,
+    extractor_delta_extra: Annotated[
+        float | None, typer.Option(help="DP extractor: extra delta allowed (default: --delta)")
+    ] = None,
     overwrite: bool = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
@@ -124,6 +143,7 @@ def train(
             accounting=accounting,
             device=device,
             max_removals=parse_max_removals(max_removals),
+            extractor_limit=(extractor_eps_extra, extractor_delta_extra),
         )
     except (ValueError, OSError) as exc:
         raise fail(str(exc)) from exc

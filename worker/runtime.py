@@ -75,7 +75,6 @@ def build_runtime(
         slice_seconds=settings.slice_seconds,
         max_deliveries=settings.max_deliveries,
         reload=lambda: load_model(settings),
-        extractor_limits=(settings.extractor_eps_extra, settings.extractor_delta_extra),
     )
     dev = getattr(model, "device", "?")
     log.info(

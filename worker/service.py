@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from producer import schema
-from worker.batch import Plan, RemovalGuard, applied_answers, plan_batch
+from worker.batch import Group, Plan, RemovalGuard, applied_answers, plan_batch
 from worker.doorbell import Doorbell, SendTask
 from worker.entries import Entry, parse_entries
 from worker.ledger import Answer, Ledger
@@ -37,6 +37,10 @@ log = logging.getLogger("certremove.worker")
 
 RETRAIN_FOLD_CAP = 50_000
 RETRAIN_RESEND_S = 60.0
+EXTRACTOR_SPENT = (
+    "the DP feature extractor's group privacy covers no more removed rows: a full-pipeline "
+    "retrain (extractor, features, head) is needed"
+)
 
 
 @dataclass
@@ -79,11 +83,9 @@ class RemovalService:
         max_deliveries: int = 5,
         clock: Callable[[], float] = time.time,
         reload: Callable[[], Any] | None = None,
-        extractor_limits: tuple[float | None, float | None] = (None, None),
     ) -> None:
         self.model = model
         self._reload = reload
-        self.extractor_limits = extractor_limits
         self.state_dir = Path(state_dir)
         self.stream, self.ledger, self.metrics, self.doorbell = stream, ledger, metrics, doorbell
         self.send_task = send_task
@@ -125,26 +127,9 @@ class RemovalService:
             self.metrics.extractor_removals_remaining.set(remaining)
 
     def extractor_removals_remaining(self) -> int | None:
-        """Rows the DP feature extractor still allows (group privacy), None without one.
-
-        Every row removed since the extractor was trained counts (a head retrain does not refresh
-        the extractor); the extra loss allowed defaults to the head's own (epsilon, delta).
-        """
-        ds = self.model.dataset
-        meta = getattr(ds, "meta", None) or {}
-        eps_dp, delta_dp = meta.get("dp_epsilon"), meta.get("dp_delta")
-        if eps_dp is None or delta_dp is None:
-            return None
-        from core.group_privacy import extractor_removals_remaining  # noqa: PLC0415
-
-        eps_max, delta_max = self.extractor_limits
-        return extractor_removals_remaining(
-            float(eps_dp),
-            float(delta_dp),
-            self.model.n_rows - self.model.n_alive,
-            eps_extra_max=self.model.hyper.epsilon if eps_max is None else eps_max,
-            delta_extra_max=self.model.hyper.delta if delta_max is None else delta_max,
-        )
+        """Rows the DP feature extractor's group privacy still covers (None without one)."""
+        value = getattr(self.model, "extractor_removals_remaining", None)
+        return None if value is None else int(value)
 
     def _persist(self) -> None:
         self.model.save(self.state_dir)
@@ -283,17 +268,7 @@ class RemovalService:
                 res = self.model.remove(rows, groups=[len(g.rows) for g in plan.groups])
             except ValueError as exc:  # core refused the call (InvalidInputError): answer it
                 now = self.clock()
-                plan.answers += [
-                    Answer(
-                        str(g.entry.request_id),
-                        schema.STATUS_REJECTED,
-                        reason=str(exc),
-                        unknown_ids=g.unknown_ids,
-                        requested_at=g.entry.requested_at,
-                        applied_at=now,
-                    )
-                    for g in plan.groups
-                ]
+                plan.answers += [_rejected(g, str(exc), now) for g in plan.groups]
                 plan.answered += [g.entry for g in plan.groups]
                 self._finish(plan, [], [])
                 return plan.deferred
@@ -312,7 +287,16 @@ class RemovalService:
                 done, schema.METHOD_NEWTON, self.model.version, self.clock()
             )
             committed_entries = [g.entry for g in done]
-            if res.needs_retrain:
+            if res.needs_retrain and res.retrain_reason == "extractor":
+                # No retrain of the head helps: the request exceeds what the DP extractor's group
+                # privacy still covers. Answer it; the requests after it go round again.
+                stuck = plan.groups[res.applied_groups]
+                plan.answers.append(_rejected(stuck, EXTRACTOR_SPENT, self.clock()))
+                plan.answered.append(stuck.entry)
+                plan.deferred = [g.entry for g in plan.groups[res.applied_groups + 1 :]] + (
+                    plan.deferred
+                )
+            elif res.needs_retrain:
                 self.retrain_due = res.retrain_reason or "max_removals"
                 self._count_safety()
         self._finish(plan, committed, committed_entries)
@@ -320,6 +304,23 @@ class RemovalService:
         if self.retrain_due:
             self._request_retrain()
         return plan.deferred
+
+    def _drop_beyond_extractor(self, plan: Plan) -> None:
+        """Reject, in arrival order, the groups a retrain could not exclude because the DP
+        extractor's group privacy covers no more rows."""
+        left = self.extractor_removals_remaining()
+        if left is None:
+            return
+        keep: list[Group] = []
+        now = self.clock()
+        for g in plan.groups:
+            if len(g.rows) <= left:
+                keep.append(g)
+                left -= len(g.rows)
+            else:
+                plan.answers.append(_rejected(g, EXTRACTOR_SPENT, now))
+                plan.answered.append(g.entry)
+        plan.groups = keep
 
     def _count_safety(self) -> None:
         fired = int(self.model.safety_retrains) - self._safety_seen
@@ -366,9 +367,17 @@ class RemovalService:
         self.metrics.retrain_in_progress.set(1)
         try:
             plan, _ = self._plan(self._pending_entries(), fold=True)
+            self._drop_beyond_extractor(plan)
             exclude = [r for g in plan.groups for r in g.rows]
             t0 = time.perf_counter()
-            self.model.retrain(exclude=exclude)
+            try:
+                self.model.retrain(exclude=exclude)
+            except ValueError as exc:  # core refused the exclusions: answer them, retrain anyway
+                now = self.clock()
+                plan.answers += [_rejected(g, str(exc), now) for g in plan.groups]
+                plan.answered += [g.entry for g in plan.groups]
+                plan.groups, exclude = [], []
+                self.model.retrain(exclude=[])
             seconds = time.perf_counter() - t0
             self._persist()
             self.metrics.retrains.labels(reason=self.retrain_due).inc()
@@ -392,6 +401,17 @@ class RemovalService:
             self.metrics.retrain_in_progress.set(0)
         self.doorbell.ring()
         return report
+
+
+def _rejected(group: Group, reason: str, now: float) -> Answer:
+    return Answer(
+        str(group.entry.request_id),
+        schema.STATUS_REJECTED,
+        reason=reason,
+        unknown_ids=group.unknown_ids,
+        requested_at=group.entry.requested_at,
+        applied_at=now,
+    )
 
 
 def _next_id(entry_id: bytes | str) -> str:

@@ -38,9 +38,6 @@ class Settings:
         max_deliveries: deliveries after which an entry goes to the dead-letter stream.
         consumer: stable consumer name in the group (default ``{model}@{hostname}``).
         visibility_timeout: kombu visibility timeout for Celery messages (wake-ups only).
-        extractor_eps_extra: extra epsilon a DP feature extractor may add (group privacy) before it
-            must be retrained; None: the head's epsilon.
-        extractor_delta_extra: the same for delta; None: the head's delta.
     """
 
     broker_url: str = schema.DEFAULT_BROKER_URL
@@ -56,8 +53,6 @@ class Settings:
     max_deliveries: int = 5
     consumer: str = ""
     visibility_timeout: int = 600
-    extractor_eps_extra: float | None = None
-    extractor_delta_extra: float | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -99,8 +94,6 @@ class Settings:
             ("max_deliveries", "MAX_DELIVERIES", int),
             ("consumer", "CONSUMER", str),
             ("visibility_timeout", "VISIBILITY_TIMEOUT", int),
-            ("extractor_eps_extra", "EXTRACTOR_EPS_EXTRA", float),
-            ("extractor_delta_extra", "EXTRACTOR_DELTA_EXTRA", float),
         ]
         for name, var, kind in spec:
             raw = env.get(f"CERTREMOVE_{var}")
@@ -137,8 +130,4 @@ class Settings:
         }
         if self.device:
             out["CERTREMOVE_DEVICE"] = self.device
-        if self.extractor_eps_extra is not None:
-            out["CERTREMOVE_EXTRACTOR_EPS_EXTRA"] = str(self.extractor_eps_extra)
-        if self.extractor_delta_extra is not None:
-            out["CERTREMOVE_EXTRACTOR_DELTA_EXTRA"] = str(self.extractor_delta_extra)
         return out

@@ -230,15 +230,25 @@ def test_removal_core_would_refuse_is_rejected(
     assert st[whole_class]["status"] == "rejected" and "single class" in st[whole_class]["reason"]
 
 
-def test_extractor_removals_remaining(
+def test_extractor_removals_remaining_and_limit(
     tmp_path: Path, broker_url: str, rclient: redis.Redis, model_name: str
 ) -> None:
-    state = make_state(tmp_path / "s", n=200, d=4, meta={"dp_epsilon": 0.1, "dp_delta": 1e-6})
-    Client(broker_url, model=model_name).enqueue_many([[0], [1, 2]])
+    state = make_state(
+        tmp_path / "s", n=200, d=4, extractor_dp=(0.1, 1e-6), extractor_limit=(1.0, 1e-4)
+    )
+    client = Client(broker_url, model=model_name)
+    first = client.enqueue_many([[0], [1, 2]])
     service, _, reg = build(state, rclient, model_name)
-    assert reg.get_sample_value("certremove_extractor_removals_remaining") == 10  # eps 1.0 / 0.1
+    assert reg.get_sample_value("certremove_extractor_removals_remaining") == 10  # 1.0 / 0.1
     service.drain()
     assert reg.get_sample_value("certremove_extractor_removals_remaining") == 7
+    too_many, small = client.enqueue_many([[3, 4, 5, 6, 7, 8, 9, 10], [11]])
+    service.drain()
+    st = client.statuses(first + [too_many, small])
+    assert [st[r]["status"] for r in first] == ["applied", "applied"]
+    assert st[too_many]["status"] == "rejected" and "extractor" in st[too_many]["reason"]
+    assert st[small]["status"] == "applied" and not service.retrain_due
+    assert reg.get_sample_value("certremove_extractor_removals_remaining") == 6
 
 
 def test_no_extractor_no_gauge_value(state: Path, rclient: redis.Redis, model_name: str) -> None:
