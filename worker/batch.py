@@ -56,15 +56,22 @@ class RemovalGuard:
         binary: whether the model is binary.
     """
 
-    def __init__(self, labels: np.ndarray, alive: np.ndarray, binary: bool) -> None:
+    def __init__(
+        self, labels: np.ndarray, alive: np.ndarray, binary: bool, at_most: int | None = None
+    ) -> None:
         self.labels = labels
         self.binary = binary
         values, counts = np.unique(labels[alive], return_counts=True)
         self.counts = dict(zip(values.tolist(), counts.tolist(), strict=True))
         self.total = int(counts.sum())
+        # When the batch holds fewer rows than the smallest class, nothing can be refused.
+        smallest = min(self.counts.values()) if binary and self.counts else self.total
+        self.safe = at_most is not None and at_most < min(smallest, self.total)
 
     def refuse(self, rows: list[int]) -> str | None:
         """The reason this removal would be refused, or None (and then count it as done)."""
+        if self.safe:
+            return None
         picked = self.labels[rows].tolist()
         dec = Counter(picked) if len(picked) > 1 else {picked[0]: 1}
         if self.total - len(rows) <= 0:

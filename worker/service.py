@@ -134,10 +134,11 @@ class RemovalService:
     def _persist(self) -> None:
         self.model.save(self.state_dir)
 
-    def _guard(self, alive: np.ndarray) -> RemovalGuard | None:
+    def _guard(self, alive: np.ndarray, entries: list[Entry]) -> RemovalGuard | None:
         if self._labels is None:
             return None
-        return RemovalGuard(self._labels, alive, binary=len(self.model.classes) == 2)
+        at_most = sum(len(e.sample_ids) for e in entries if e.sample_ids)
+        return RemovalGuard(self._labels, alive, len(self.model.classes) == 2, at_most)
 
     def _plan(self, entries: list[Entry], *, fold: bool) -> tuple[Plan, np.ndarray]:
         alive = self.model.alive.cpu().numpy()
@@ -147,7 +148,7 @@ class RemovalService:
             alive=alive,
             sample_ids=self._ids,
             ledger=self.ledger,
-            guard=self._guard(alive),
+            guard=self._guard(alive, entries),
             now=self.clock(),
             fold_overlaps=fold,
         )
@@ -164,14 +165,16 @@ class RemovalService:
                 [((e.entry_id, e.fields), e.error or "malformed") for e in plan.dead]
             )
             self.metrics.requests.labels(outcome="dead_letter").inc(len(plan.dead))
+        outcomes: dict[str, int] = {}
+        observe = self.metrics.request_latency_seconds.observe
         for a in answers:
             if a.only_if_queued:
                 continue
-            self.metrics.requests.labels(outcome=a.status).inc()
+            outcomes[a.status] = outcomes.get(a.status, 0) + 1
             if a.status == schema.STATUS_APPLIED and a.requested_at and a.applied_at:
-                self.metrics.request_latency_seconds.observe(
-                    max(0.0, a.applied_at - a.requested_at)
-                )
+                observe(max(0.0, a.applied_at - a.requested_at))
+        for outcome, count in outcomes.items():
+            self.metrics.requests.labels(outcome=outcome).inc(count)
         if plan.repeats:
             self.metrics.requests.labels(outcome="duplicate").inc(plan.repeats)
 

@@ -38,6 +38,8 @@ class Settings:
         max_deliveries: deliveries after which an entry goes to the dead-letter stream.
         consumer: stable consumer name in the group (default ``{model}@{hostname}``).
         visibility_timeout: kombu visibility timeout for Celery messages (wake-ups only).
+        torch_threads: CPU threads for torch; 0 picks one less than the CPUs (at least 1), so
+            Redis, Celery and producers on the same machine do not stall its parallel regions.
     """
 
     broker_url: str = schema.DEFAULT_BROKER_URL
@@ -53,6 +55,7 @@ class Settings:
     max_deliveries: int = 5
     consumer: str = ""
     visibility_timeout: int = 600
+    torch_threads: int = 0
 
     def __post_init__(self) -> None:
         try:
@@ -63,6 +66,8 @@ class Settings:
             raise SettingsError(f"CERTREMOVE_DEVICE must be cuda or cpu, got {self.device!r}")
         if not 0 <= self.metrics_port <= 65535:
             raise SettingsError(f"CERTREMOVE_METRICS_PORT out of range: {self.metrics_port}")
+        if self.torch_threads < 0:
+            raise SettingsError("CERTREMOVE_TORCH_THREADS must be >= 0")
         if self.max_batch < 1 or self.max_deliveries < 1 or self.slice_seconds <= 0:
             raise SettingsError("max_batch, max_deliveries and slice_seconds must be positive")
         if not 0 < self.drain_interval <= 30:
@@ -94,6 +99,7 @@ class Settings:
             ("max_deliveries", "MAX_DELIVERIES", int),
             ("consumer", "CONSUMER", str),
             ("visibility_timeout", "VISIBILITY_TIMEOUT", int),
+            ("torch_threads", "TORCH_THREADS", int),
         ]
         for name, var, kind in spec:
             raw = env.get(f"CERTREMOVE_{var}")
@@ -127,6 +133,7 @@ class Settings:
             "CERTREMOVE_MAX_DELIVERIES": str(self.max_deliveries),
             "CERTREMOVE_CONSUMER": self.consumer,
             "CERTREMOVE_VISIBILITY_TIMEOUT": str(self.visibility_timeout),
+            "CERTREMOVE_TORCH_THREADS": str(self.torch_threads),
         }
         if self.device:
             out["CERTREMOVE_DEVICE"] = self.device
