@@ -154,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         url = server.url
     try:
         report: dict[str, Any] = {
+            "loadavg_before": os.getloadavg(),
             "dataset": args.dataset,
             "max_batch": args.max_batch,
             "cpus": os.cpu_count(),
@@ -186,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                 timeout=args.timeout,
             )
         report["burst_vs_raw"] = report["burst"]["throughput"] / report["raw"]["throughput"]
+        report["loadavg_after"] = os.getloadavg()
     finally:
         if server is not None:
             server.stop()
@@ -213,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r.get('not_applied', 0):>13}{r.get('retrains', '-'):>10}"
         )
     print(f"burst throughput / raw baseline = {report['burst_vs_raw']:.3f}")
+    print(f"load average before {report['loadavg_before']}, after {report['loadavg_after']}")
     return 0
 
 

@@ -8,6 +8,7 @@ dead-letter stream when it has no request id to answer).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ RawEntry = tuple[bytes, Fields]
 _RID = schema.FIELD_REQUEST_ID.encode()
 _IDS = schema.FIELD_SAMPLE_IDS.encode()
 _AT = schema.FIELD_REQUESTED_AT.encode()
+_ONE_INT = re.compile(rb"\[(-?[0-9]{1,18})\]")  # the common single-id request, without json
 
 
 @dataclass
@@ -77,7 +79,11 @@ def parse_entry(entry_id: bytes, fields: Fields) -> Entry:
             requested_at = None
     if not rid:
         return Entry(entry_id, None, None, requested_at, "malformed entry: no request_id", fields)
-    raw_ids = _text(fields.get(_IDS))
+    raw = fields.get(_IDS)
+    one = _ONE_INT.fullmatch(raw) if raw is not None else None
+    if one is not None:
+        return Entry(entry_id, rid, [int(one.group(1))], requested_at, None, fields)
+    raw_ids = _text(raw)
     if raw_ids is None:
         return Entry(entry_id, rid, None, requested_at, "malformed entry: no sample_ids", fields)
     try:
