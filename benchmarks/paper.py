@@ -16,7 +16,8 @@ svhn also prints the extractor's ``eps_dp`` and what its DP covers (``core.group
 head's certificate holds for a fixed extractor, but the extractor saw the removed rows, so the
 pipeline after ``k`` removed rows is ``(eps + k eps_dp, delta + k e^((k-1) eps_dp) delta_dp)``.
 The reference README removes 1,000 rows and ignores this; here the output says so when the
-removals exceed what the extractor covers.
+removals exceed what the extractor covers, and ``--enforce-extractor-cover`` lets ``core`` refuse
+them (``core.train(extractor_dp=..., extractor_limit=...)``), which stops the run at the cover.
 
 Deviation from the reference: the retrain trigger defaults to ``max_removals="auto"`` (a count
 fixed without looking at the noise, DESIGN.md §1); ``--max-removals none`` gives the paper's rule
@@ -105,6 +106,7 @@ def removal_loop(
     reasons: Counter[str] = Counter()
     trigger_values = [model.max_removals]
     in_epoch = newton_rows = retrain_rows = 0
+    stopped = False
     bar = tqdm(total=removals, desc="removals", unit="row", disable=not progress)
     for row in order.tolist():
         _sync(model)
@@ -116,6 +118,14 @@ def removal_loop(
             remove_seconds.append(elapsed)
             in_epoch += len(res.removed)
             newton_rows += len(res.removed)
+        left = model.extractor_removals_remaining  # None unless core enforces the cover
+        if res.needs_retrain and (
+            res.retrain_reason == "extractor" or (left is not None and len(res.pending) > left)
+        ):
+            # A head retrain keeps the extractor, so it cannot help: only a full-pipeline
+            # retrain (extractor, features, head) can go on. The experiment stops here.
+            stopped = True
+            break
         if res.needs_retrain:
             reasons[res.retrain_reason or "unknown"] += 1
             per_epoch.append(in_epoch)
@@ -131,6 +141,7 @@ def removal_loop(
     bar.close()
     return {
         "removals": removals,
+        "stopped_at_extractor_cover": stopped,
         "removed_by_newton": newton_rows,
         "removed_by_retrain": retrain_rows,
         "retrains": len(retrain_seconds),
@@ -355,7 +366,11 @@ def run_svhn(args: argparse.Namespace) -> dict[str, Any]:
         extractor_epochs=p.get("epochs"),
         extractor_n_train=p.get("n_train"),
     )
-    result = train_and_remove(ds, args, subsample_ratio=args.subsample_ratio)
+    options: dict[str, Any] = {"subsample_ratio": args.subsample_ratio}
+    if args.enforce_extractor_cover:
+        options["extractor_dp"] = (eps_dp, delta_dp)
+        options["extractor_limit"] = (args.eps_extra_max, args.delta_extra_max)
+    result = train_and_remove(ds, args, **options)
     removed = result["removed_by_newton"] + result["removed_by_retrain"]
     cover = extractor_cover(
         args.epsilon,
@@ -393,7 +408,8 @@ def report_lines(r: dict[str, Any]) -> list[str]:
         f"({r['epsilon']:g}, {r['delta']:g}), max_removals = "
         f"{'none (paper rule)' if trig is None else trig} -> {r['max_removals_resolved'][0]}",
         f"test accuracy: before {r['test_accuracy_before']:.4f}, after "
-        f"{r['removals']} removals {r['test_accuracy_after']:.4f}",
+        f"{r['removed_by_newton'] + r['removed_by_retrain']} removals "
+        f"{r['test_accuracy_after']:.4f}",
         f"removals: {r['removed_by_newton']} by Newton step, {r['removed_by_retrain']} folded "
         f"into retrains; retrains: {r['retrains']}"
         + "".join(f", {reason} {count}" for reason, count in sorted(r["retrain_reasons"].items())),
@@ -431,6 +447,12 @@ def report_lines(r: dict[str, Any]) -> list[str]:
             f"({r['combined_epsilon']:.4g}, {r['combined_delta']:.3g})"
             + (" -- vacuous (delta >= 1)" if r["combined_vacuous"] else "")
         )
+        if r["stopped_at_extractor_cover"]:
+            lines.append(
+                f"stopped after {r['rows_removed']} of {r['removals']} rows: the extractor's DP "
+                "covers no more (--enforce-extractor-cover); going on needs a full-pipeline "
+                "retrain (extractor, features, head) without the removed rows"
+            )
         if not r["extractor_covers_all_removals"]:
             lines.append(
                 f"WARNING: {r['rows_removed']} rows removed but the extractor's DP covers only "
@@ -523,6 +545,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=1.0,
         help="extra epsilon the extractor may add (default 1)",
+    )
+    svhn.add_argument(
+        "--enforce-extractor-cover",
+        action="store_true",
+        help="let core refuse removals past the extractor's cover and stop there (default: "
+        "remove them all, as the reference does, and warn)",
     )
     svhn.add_argument(
         "--delta-extra-max",
