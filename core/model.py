@@ -285,11 +285,11 @@ class Model:
         """Leading groups within the b-independent limits: ``max_removals`` per noise epoch and
         the rows the DP extractor still covers. Returns (count, the limit that stopped it)."""
         limits = []
+        extractor_left = self.extractor_removals_remaining
+        if extractor_left is not None:  # first: a head retrain cannot lift this one
+            limits.append((extractor_left, "extractor"))
         if self.max_removals is not None:
             limits.append((self.max_removals - self.removed_in_epoch, "max_removals"))
-        extractor_left = self.extractor_removals_remaining
-        if extractor_left is not None:
-            limits.append((extractor_left, "extractor"))
         total = 0
         for i, g in enumerate(group_rows):
             total += len(g)

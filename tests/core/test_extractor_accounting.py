@@ -52,3 +52,17 @@ def test_extractor_caps_removals_across_head_retrains(tmp_path, digits, model):
 def test_models_without_extractor_report_the_head_guarantee(digits):
     m = core.train(digits.X_train, digits.y_train, lam=1e-2, sigma=1.0, max_removals=None)
     assert m.extractor_removals_remaining is None and m.guarantee() == (1.0, 1e-4)
+
+
+def test_extractor_limit_is_reported_when_both_limits_bind(digits):
+    m = core.train(
+        digits.X_train,
+        digits.y_train,
+        lam=1e-2,
+        sigma=1.0,
+        max_removals=5,
+        extractor_dp=(0.1, 1e-6),
+        extractor_limit=(1.0, 1e-4),
+    )
+    res = m.remove(list(range(12)), groups=[4, 8])
+    assert res.applied_groups == 1 and res.retrain_reason == "extractor"
