@@ -430,5 +430,9 @@ def extract_dataset(
         "include_extra": bool(include_extra),
         "excluded_train_rows": 0 if exclude_ids is None else len(exclude_ids),
         "ids": "row index in the source split (train ids: the rows the extractor trained on)",
+        # what a full-pipeline retrain needs to train the same extractor again (core.pipeline)
+        "extractor_config": {k: v for k, v in asdict(trained.config).items() if k != "privacy"},
+        "extractor_training": dict(p),
+        "excluded_ids": sorted(int(i) for i in (exclude_ids if exclude_ids is not None else [])),
     }
     return {**parts, "meta": meta}
