@@ -10,6 +10,7 @@ removed so far, extracts new features and trains a new head with the same hyper-
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -60,6 +61,7 @@ def retrain_pipeline(
             "this model's dataset does not record how its DP extractor was trained "
             "(meta extractor_config/extractor_training): retrain the pipeline by hand"
         )
+    data_dir = Path(data_dir)
     cfg = ExtractorConfig(**meta["extractor_config"])
     tr = meta["extractor_training"]
     source = str(meta["source"])
