@@ -416,6 +416,7 @@ class Model:
             budget=self.budget_total,
             rng=rng,
             binary=self._coding.binary,
+            factor=factor,
         )
 
     # ----------------------------------------------------------------- validation

@@ -19,7 +19,7 @@ from core.errors import InvalidInputError
 from core.loss import gradient
 from core.noise import draw_noise
 from core.removal import Problem, newton_step
-from core.train import gradient_tolerance, newton_fit
+from core.train import FitResult, gradient_tolerance, newton_fit, refit_with_factor
 
 MaxRemovals = int | float | str | None
 
@@ -86,17 +86,16 @@ def auto_max_removals(
         B = draw_noise(tuple(W.shape), sigma, rng, W.device)
         C = problem.weights(alive)
         tol = gradient_tolerance(problem.lam, n_reg, budget)
-        fit = newton_fit(
-            problem.X,
-            problem.Y,
-            C,
-            problem.lam,
-            n_reg,
-            B,
-            tol=tol,
-            W0=W,
-            hess_dtype=problem.hess_dtype,
-        )
+        fit: FitResult | None = None
+        if factor is not None:
+            fit = refit_with_factor(
+                problem.X, problem.Y, C, problem.lam, n_reg, B, tol=tol, W0=W, factor=factor
+            )
+        if fit is None:
+            fit = newton_fit(
+                problem.X, problem.Y, C, problem.lam, n_reg, B, tol=tol, W0=W,
+                hess_dtype=problem.hess_dtype,
+            )  # fmt: skip
         anchor = gradient(problem.X, problem.Y, C, fit.W, problem.lam, n_reg)
         order = torch.from_numpy(rng.permutation(np.flatnonzero(alive.cpu().numpy())))
         best = min(
