@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -74,8 +75,10 @@ def run_demo(
             "applied_newton": sum(1 for s in statuses.values() if s.get("method") == "newton"),
             "applied_retrain": sum(1 for s in statuses.values() if s.get("method") == "retrain"),
             "rejected": sum(1 for s in statuses.values() if s.get("status") == "rejected"),
-            "retrains": sum(v for k, v in m.items() if k.startswith("certremove_retrains_total")),
-            "model_version": m.get("certremove_model_version"),
+            "retrains": int(
+                sum(v for k, v in m.items() if k.startswith("certremove_retrains_total"))
+            ),
+            "model_version": int(m.get("certremove_model_version", 0)),
             "budget_used": m.get("certremove_budget_used"),
             "budget_total": m.get("certremove_budget_total"),
             "accuracy_before": summary["test_accuracy"],
@@ -97,6 +100,7 @@ def run_demo(
             stop_worker(proc)
         if server is not None:
             server.stop()
+            shutil.rmtree(work / "redis", ignore_errors=True)
 
 
 def send_and_wait(
