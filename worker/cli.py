@@ -51,9 +51,11 @@ def parse_max_removals(text: str) -> int | float | str | None:
     try:
         value = float(low)
     except ValueError as exc:
-        raise typer.BadParameter("use auto, none, an integer or a fraction in (0, 1)") from exc
+        raise typer.BadParameter(
+            "use auto, none, an integer or a fraction in (0, 1)", param_hint="--max-removals"
+        ) from exc
     if not 0 < value < 1:
-        raise typer.BadParameter("a fractional --max-removals must lie in (0, 1)")
+        raise typer.BadParameter("a fraction must lie in (0, 1)", param_hint="--max-removals")
     return value
 
 

@@ -42,9 +42,15 @@ class RequestStream:
                 raise
 
     def _read(self, start: str, count: int, block_ms: int | None = None) -> list[RawEntry]:
-        reply = self.redis.xreadgroup(
-            self.group, self.consumer, {self.key: start}, count=count, block=block_ms
-        )
+        try:
+            reply = self.redis.xreadgroup(
+                self.group, self.consumer, {self.key: start}, count=count, block=block_ms
+            )
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            self.ensure_group()  # the stream or group was deleted under us: start again
+            return []
         if not reply:
             return []
         return list(reply[0][1])

@@ -255,3 +255,14 @@ def test_no_extractor_no_gauge_value(state: Path, rclient: redis.Redis, model_na
     service, _, reg = build(state, rclient, model_name)
     assert service.extractor_removals_remaining() is None
     assert reg.get_sample_value("certremove_extractor_removals_remaining") == 0
+
+
+def test_a_deleted_stream_is_recreated(
+    state: Path, broker_url: str, rclient: redis.Redis, model_name: str
+) -> None:
+    service, _, _ = build(state, rclient, model_name)
+    rclient.delete(schema.stream_key(model_name))
+    assert service.drain().steps == 0
+    rid = Client(broker_url, model=model_name).enqueue([9])
+    service.drain()
+    assert Client(broker_url, model=model_name).status(rid)["status"] == "applied"
