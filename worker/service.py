@@ -255,7 +255,7 @@ class RemovalService:
                 self.doorbell.requeue(hold_ms)
                 return report
         self.doorbell.release()
-        if self.stream.has_undelivered() or self.stream.read_own_pending(1):
+        if self.stream.has_undelivered() or self.stream.has_own_pending():
             self.doorbell.ring()
         return report
 

@@ -101,6 +101,14 @@ class RequestStream:
             r["message_id"]: int(r["times_delivered"]) for r in rows if r["message_id"] in wanted
         }
 
+    def has_own_pending(self) -> bool:
+        """This consumer holds unacknowledged entries (read without counting a delivery)."""
+        return bool(
+            self.redis.xpending_range(
+                self.key, self.group, min="-", max="+", count=1, consumername=self.consumer
+            )
+        )
+
     def pending_count(self) -> int:
         """Entries delivered to some consumer and not yet acknowledged."""
         return int(self.redis.xpending(self.key, self.group)["pending"])
