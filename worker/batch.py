@@ -196,6 +196,11 @@ def _rejected(e: Entry, reason: str, now: float, unknown: list[Any] | None = Non
     )
 
 
+def rejected_group(group: Group, reason: str, now: float) -> Answer:
+    """The ``rejected`` answer of a group core (or the extractor's allowance) refuses."""
+    return _rejected(group.entry, reason, now, group.unknown_ids)
+
+
 def _py(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 

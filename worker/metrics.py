@@ -110,6 +110,24 @@ class ServiceMetrics:
         if accuracy is not None:
             self.test_accuracy.set(accuracy)
 
+    def observe_model(self, model: Any) -> None:
+        """Refresh the model gauges from a ``core`` model: budget, version, rows, test accuracy
+        on ``model.dataset``'s held-out split, and the DP extractor's remaining allowance."""
+        ds = getattr(model, "dataset", None)
+        accuracy = None
+        if ds is not None and len(ds.y_test) > 0:
+            accuracy = float(model.accuracy(ds.X_test, ds.y_test))
+        self.set_model_state(
+            budget_total=model.budget_total,
+            budget_used=model.budget_used,
+            version=model.version,
+            training_samples=model.n_alive,
+            accuracy=accuracy,
+        )
+        remaining = getattr(model, "extractor_removals_remaining", None)
+        if remaining is not None:
+            self.extractor_removals_remaining.set(remaining)
+
     def serve(self, port: int, addr: str = "127.0.0.1") -> int:
         """Serve the registry over HTTP in a daemon thread; return the bound port."""
         server, _thread = start_http_server(port, addr=addr, registry=self.registry)

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from producer import schema
-from worker.batch import Group, Plan, RemovalGuard, applied_answers, plan_batch
+from worker.batch import Group, Plan, RemovalGuard, applied_answers, plan_batch, rejected_group
 from worker.doorbell import Doorbell, SendTask
 from worker.entries import Entry, parse_entries
 from worker.ledger import Answer, Ledger
@@ -105,26 +105,9 @@ class RemovalService:
         self.refresh_metrics()
 
     # ------------------------------------------------------------------ state
-    def accuracy(self) -> float | None:
-        """Accuracy on the held-out split of the model's dataset (None without one)."""
-        ds = self.model.dataset
-        if ds is None or len(ds.y_test) == 0:
-            return None
-        return float(self.model.accuracy(ds.X_test, ds.y_test))
-
     def refresh_metrics(self) -> None:
-        """Publish the model's budget, version, size and test accuracy."""
-        m = self.model
-        self.metrics.set_model_state(
-            budget_total=m.budget_total,
-            budget_used=m.budget_used,
-            version=m.version,
-            training_samples=m.n_alive,
-            accuracy=self.accuracy(),
-        )
-        remaining = self.extractor_removals_remaining()
-        if remaining is not None:
-            self.metrics.extractor_removals_remaining.set(remaining)
+        """Publish the model's budget, version, size, test accuracy and extractor allowance."""
+        self.metrics.observe_model(self.model)
 
     def extractor_removals_remaining(self) -> int | None:
         """Rows the DP feature extractor's group privacy still covers (None without one)."""
@@ -271,7 +254,7 @@ class RemovalService:
                 res = self.model.remove(rows, groups=[len(g.rows) for g in plan.groups])
             except ValueError as exc:  # core refused the call (InvalidInputError): answer it
                 now = self.clock()
-                plan.answers += [_rejected(g, str(exc), now) for g in plan.groups]
+                plan.answers += [rejected_group(g, str(exc), now) for g in plan.groups]
                 plan.answered += [g.entry for g in plan.groups]
                 self._finish(plan, [], [])
                 return plan.deferred
@@ -294,7 +277,7 @@ class RemovalService:
                 # No retrain of the head helps: the request exceeds what the DP extractor's group
                 # privacy still covers. Answer it; the requests after it go round again.
                 stuck = plan.groups[res.applied_groups]
-                plan.answers.append(_rejected(stuck, EXTRACTOR_SPENT, self.clock()))
+                plan.answers.append(rejected_group(stuck, EXTRACTOR_SPENT, self.clock()))
                 plan.answered.append(stuck.entry)
                 plan.deferred = [g.entry for g in plan.groups[res.applied_groups + 1 :]] + (
                     plan.deferred
@@ -321,7 +304,7 @@ class RemovalService:
                 keep.append(g)
                 left -= len(g.rows)
             else:
-                plan.answers.append(_rejected(g, EXTRACTOR_SPENT, now))
+                plan.answers.append(rejected_group(g, EXTRACTOR_SPENT, now))
                 plan.answered.append(g.entry)
         plan.groups = keep
 
@@ -341,17 +324,9 @@ class RemovalService:
     # ------------------------------------------------------------------ retrain
     def _pending_entries(self) -> list[Entry]:
         """Every entry this consumer holds, then waiting ones (up to the fold cap)."""
-        raw: list[Any] = []
-        start = "0"
-        while len(raw) < RETRAIN_FOLD_CAP:
-            page = self.stream.read_own_pending(self.max_batch, start=start)
-            if not page:
-                break
-            raw += page
-            start = _next_id(page[-1][0])
-        if len(raw) < RETRAIN_FOLD_CAP:
-            raw += self.stream.read_new(RETRAIN_FOLD_CAP - len(raw))
-        return parse_entries(raw)
+        return parse_entries(
+            self.stream.read_all_pending_then_new(RETRAIN_FOLD_CAP, self.max_batch)
+        )
 
     def retrain(self) -> DrainReport:
         """Retrain from scratch, folding every pending request in (DESIGN.md §4 step 5)."""
@@ -377,7 +352,7 @@ class RemovalService:
                 self.model.retrain(exclude=exclude)
             except ValueError as exc:  # core refused the exclusions: answer them, retrain anyway
                 now = self.clock()
-                plan.answers += [_rejected(g, str(exc), now) for g in plan.groups]
+                plan.answers += [rejected_group(g, str(exc), now) for g in plan.groups]
                 plan.answered += [g.entry for g in plan.groups]
                 plan.groups, exclude = [], []
                 self.model.retrain(exclude=[])
@@ -404,21 +379,3 @@ class RemovalService:
             self.metrics.retrain_in_progress.set(0)
         self.doorbell.ring()
         return report
-
-
-def _rejected(group: Group, reason: str, now: float) -> Answer:
-    return Answer(
-        str(group.entry.request_id),
-        schema.STATUS_REJECTED,
-        reason=reason,
-        unknown_ids=group.unknown_ids,
-        requested_at=group.entry.requested_at,
-        applied_at=now,
-    )
-
-
-def _next_id(entry_id: bytes | str) -> str:
-    """The smallest stream id after ``entry_id``."""
-    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    ms, _, seq = text.partition("-")
-    return f"{ms}-{int(seq or 0) + 1}"

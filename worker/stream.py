@@ -63,6 +63,20 @@ class RequestStream:
         """This consumer's delivered-but-unacknowledged entries after ``start`` (replay)."""
         return self._read(start, count)
 
+    def read_all_pending_then_new(self, cap: int, page: int = 2048) -> list[RawEntry]:
+        """Every entry this consumer holds (paged), then undelivered ones, ``cap`` in all."""
+        out: list[RawEntry] = []
+        start = "0"
+        while len(out) < cap:
+            got = self.read_own_pending(min(page, cap - len(out)), start=start)
+            if not got:
+                break
+            out += got
+            start = _next_id(got[-1][0])
+        if len(out) < cap:
+            out += self.read_new(cap - len(out))
+        return out
+
     def autoclaim(self, count: int) -> list[RawEntry]:
         """Claim up to ``count`` entries other consumers left idle for ``claim_idle_ms``."""
         out: list[RawEntry] = []
@@ -148,3 +162,9 @@ def _s(value: bytes | str) -> str:
 def _id_key(entry_id: bytes) -> tuple[int, int]:
     ms, _, seq = _s(entry_id).partition("-")
     return int(ms), int(seq or 0)
+
+
+def _next_id(entry_id: bytes | str) -> str:
+    """The smallest stream id after ``entry_id``."""
+    ms, _, seq = _s(entry_id).partition("-")
+    return f"{ms}-{int(seq or 0) + 1}"
