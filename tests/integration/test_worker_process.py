@@ -167,3 +167,24 @@ def test_sigkill_mid_stream_then_restart_applies_everything_once(
     assert removed_ids(state) == set(range(1200))
     answered = ledger_ids(state)
     assert len(answered) == len(set(answered)) == 1200  # exactly once
+
+
+def test_two_models_share_one_redis(
+    small_state_template: Path,
+    tmp_path: Path,
+    broker_url: str,
+    model_name: str,
+    start_worker_process: StartWorker,
+) -> None:
+    states = {}
+    for suffix in ("a", "b"):
+        states[suffix] = Path(shutil.copytree(small_state_template, tmp_path / suffix))
+        start_worker_process(states[suffix], broker_url, f"{model_name}{suffix}")
+    rids = {
+        "a": Client(broker_url, model=f"{model_name}a").enqueue_many([[i] for i in range(0, 40)]),
+        "b": Client(broker_url, model=f"{model_name}b").enqueue_many([[i] for i in range(20, 60)]),
+    }
+    for suffix, ids in (("a", range(0, 40)), ("b", range(20, 60))):
+        st = Client(broker_url, model=f"{model_name}{suffix}").wait(rids[suffix], timeout=30)
+        assert {s["status"] for s in st.values()} == {"applied"}
+        assert removed_ids(states[suffix]) == set(ids)
