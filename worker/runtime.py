@@ -11,6 +11,7 @@ import gc
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 from prometheus_client import CollectorRegistry
@@ -20,7 +21,7 @@ from worker.doorbell import Doorbell, SendTask
 from worker.errors import StateMissingError
 from worker.ledger import Ledger
 from worker.metrics import ServiceMetrics
-from worker.service import RemovalService
+from worker.service import PipelineRetrain, RemovalService
 from worker.settings import Settings
 from worker.stream import RequestStream
 
@@ -57,6 +58,26 @@ def load_model(settings: Settings) -> object:
         raise StateMissingError(str(exc)) from exc
 
 
+def pipeline_retrainer(settings: Settings) -> PipelineRetrain | None:
+    """The full-pipeline retrain (``core.pipeline``) when enabled and the source data is known."""
+    if not settings.pipeline_retrain or settings.data_dir is None:
+        return None
+    data_dir, device = settings.data_dir, settings.device
+
+    def run(model: Any, pending_rows: list[int]) -> tuple[Any, Any]:
+        from core.pipeline import retrain_pipeline  # noqa: PLC0415
+
+        return retrain_pipeline(model, data_dir=data_dir, pending_rows=pending_rows, device=device)
+
+    return run
+
+
+def _pipeline_off_reason(settings: Settings) -> str:
+    if not settings.pipeline_retrain:
+        return "the operator disabled full-pipeline retrains (CERTREMOVE_PIPELINE_RETRAIN=0)"
+    return "no source data for a full-pipeline retrain is configured (CERTREMOVE_DATA_DIR)"
+
+
 def build_runtime(
     settings: Settings, send_task: SendTask, *, serve_metrics: bool = True
 ) -> Runtime:
@@ -81,6 +102,8 @@ def build_runtime(
         slice_seconds=settings.slice_seconds,
         max_deliveries=settings.max_deliveries,
         reload=lambda: load_model(settings),
+        pipeline=pipeline_retrainer(settings),
+        pipeline_off_reason=_pipeline_off_reason(settings),
     )
     # The model, its data and the id index live as long as the process: keep them out of the
     # cyclic collector's generations (full collections were a visible share of each batch).

@@ -38,9 +38,12 @@ log = logging.getLogger("certremove.worker")
 RETRAIN_FOLD_CAP = 50_000
 RETRAIN_RESEND_S = 60.0
 EXTRACTOR_SPENT = (
-    "the DP feature extractor's group privacy covers no more removed rows: a full-pipeline "
-    "retrain (extractor, features, head) is needed"
+    "the DP feature extractor's group privacy covers no more removed rows and a full-pipeline "
+    "retrain (extractor, features, head) cannot run"
 )
+
+#: ``pipeline(model, pending_rows) -> (dataset, new_model)``: the full-pipeline retrain
+PipelineRetrain = Callable[[Any, list[int]], tuple[Any, Any]]
 
 
 @dataclass
@@ -66,6 +69,9 @@ class RemovalService:
         max_batch: most entries folded into one Newton step.
         slice_seconds: length of one drain's time slice.
         max_deliveries: deliveries after which an entry is dead-lettered.
+        reload: loads the persisted model again (after a failure mid-batch).
+        pipeline: the full-pipeline retrain for a model on DP-extractor features; None rejects
+            requests past the extractor's group privacy with ``pipeline_off_reason``.
     """
 
     def __init__(
@@ -83,9 +89,13 @@ class RemovalService:
         max_deliveries: int = 5,
         clock: Callable[[], float] = time.time,
         reload: Callable[[], Any] | None = None,
+        pipeline: PipelineRetrain | None = None,
+        pipeline_off_reason: str = "full-pipeline retrains are not configured",
     ) -> None:
         self.model = model
         self._reload = reload
+        self._pipeline = pipeline
+        self._extractor_spent = f"{EXTRACTOR_SPENT}: {pipeline_off_reason}"
         self.state_dir = Path(state_dir)
         self.stream, self.ledger, self.metrics, self.doorbell = stream, ledger, metrics, doorbell
         self.send_task = send_task
@@ -273,11 +283,11 @@ class RemovalService:
                 done, schema.METHOD_NEWTON, self.model.version, self.clock()
             )
             committed_entries = [g.entry for g in done]
-            if res.needs_retrain and res.retrain_reason == "extractor":
+            if res.needs_retrain and res.retrain_reason == "extractor" and self._pipeline is None:
                 # No retrain of the head helps: the request exceeds what the DP extractor's group
                 # privacy still covers. Answer it; the requests after it go round again.
                 stuck = plan.groups[res.applied_groups]
-                plan.answers.append(rejected_group(stuck, EXTRACTOR_SPENT, self.clock()))
+                plan.answers.append(rejected_group(stuck, self._extractor_spent, self.clock()))
                 plan.answered.append(stuck.entry)
                 plan.deferred = [g.entry for g in plan.groups[res.applied_groups + 1 :]] + (
                     plan.deferred
@@ -304,9 +314,21 @@ class RemovalService:
                 keep.append(g)
                 left -= len(g.rows)
             else:
-                plan.answers.append(rejected_group(g, EXTRACTOR_SPENT, now))
+                plan.answers.append(rejected_group(g, self._extractor_spent, now))
                 plan.answered.append(g.entry)
         plan.groups = keep
+
+    def _retrain_pipeline(self, exclude: list[int]) -> None:
+        """Extractor, features and head again without every removed row (``core.pipeline``);
+        the new model takes over the state directory with its new dataset."""
+        assert self._pipeline is not None
+        log.info("DP extractor spent: full-pipeline retrain without %d more rows", len(exclude))
+        dataset, model = self._pipeline(self.model, exclude)
+        model.save(self.state_dir, dataset=dataset, replace_dataset=True)
+        self.model = model
+        self._labels = dataset.y_train.cpu().numpy()
+        self._ids = np.asarray(model.ids)
+        self._safety_seen = int(model.safety_retrains)
 
     def _count_safety(self) -> None:
         fired = int(self.model.safety_retrains) - self._safety_seen
@@ -345,21 +367,36 @@ class RemovalService:
         self.metrics.retrain_in_progress.set(1)
         try:
             plan, _ = self._plan(self._pending_entries(), fold=True)
-            self._drop_beyond_extractor(plan)
+            full = self.retrain_due == "extractor" and self._pipeline is not None
+            if not full:
+                self._drop_beyond_extractor(plan)
             exclude = [r for g in plan.groups for r in g.rows]
+            retrained = True
             t0 = time.perf_counter()
             try:
-                self.model.retrain(exclude=exclude)
-            except ValueError as exc:  # core refused the exclusions: answer them, retrain anyway
+                if full:
+                    self._retrain_pipeline(exclude)
+                else:
+                    self.model.retrain(exclude=exclude)
+            except ValueError as exc:  # core refused the exclusions: answer them
                 now = self.clock()
-                plan.answers += [rejected_group(g, str(exc), now) for g in plan.groups]
+                reason = str(exc)
+                if full:  # e.g. the source images are gone: stop trying, reject from now on
+                    reason = f"{EXTRACTOR_SPENT}: the full-pipeline retrain failed: {exc}"
+                    self._pipeline, self._extractor_spent = None, reason
+                    retrained = False
+                    log.error("full-pipeline retrain failed: %s", exc)
+                plan.answers += [rejected_group(g, reason, now) for g in plan.groups]
                 plan.answered += [g.entry for g in plan.groups]
                 plan.groups, exclude = [], []
-                self.model.retrain(exclude=[])
+                if not full:
+                    self.model.retrain(exclude=[])  # the retrain that was due, still fresh noise
             seconds = time.perf_counter() - t0
-            self._persist()
-            self.metrics.retrains.labels(reason=self.retrain_due).inc()
-            self.metrics.retrain_seconds.observe(seconds)
+            if not full:  # a pipeline retrain persisted its new dataset and model already
+                self._persist()
+            if retrained:
+                self.metrics.retrains.labels(reason=self.retrain_due).inc()
+                self.metrics.retrain_seconds.observe(seconds)
             self.metrics.removals.labels(method=schema.METHOD_RETRAIN).inc(len(exclude))
             self.retrain_due = None
             self.refresh_metrics()
@@ -367,7 +404,7 @@ class RemovalService:
                 plan.groups, schema.METHOD_RETRAIN, self.model.version, self.clock()
             )
             self._finish(plan, committed, [g.entry for g in plan.groups])
-            report.retrained, report.rows_removed = True, len(exclude)
+            report.retrained, report.rows_removed = retrained, len(exclude)
             report.requests = len(plan.answered) + len(plan.groups)
             log.info(
                 "retrained: version %d, %d rows excluded, %.2f s",

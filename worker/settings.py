@@ -40,6 +40,10 @@ class Settings:
         visibility_timeout: kombu visibility timeout for Celery messages (wake-ups only).
         torch_threads: CPU threads for torch; 0 picks one less than the CPUs (at least 1), so
             Redis, Celery and producers on the same machine do not stall its parallel regions.
+        data_dir: the source images of a DP-extractor model (``--data-dir`` of
+            ``certremove extractor``), needed for a full-pipeline retrain.
+        pipeline_retrain: when the extractor's group privacy is spent, retrain extractor,
+            features and head (True) or reject further requests with a reason (False).
     """
 
     broker_url: str = schema.DEFAULT_BROKER_URL
@@ -56,6 +60,8 @@ class Settings:
     consumer: str = ""
     visibility_timeout: int = 600
     torch_threads: int = 0
+    data_dir: Path | None = None
+    pipeline_retrain: bool = True
 
     def __post_init__(self) -> None:
         try:
@@ -100,6 +106,8 @@ class Settings:
             ("consumer", "CONSUMER", str),
             ("visibility_timeout", "VISIBILITY_TIMEOUT", int),
             ("torch_threads", "TORCH_THREADS", int),
+            ("data_dir", "DATA_DIR", Path),
+            ("pipeline_retrain", "PIPELINE_RETRAIN", _flag),
         ]
         for name, var, kind in spec:
             raw = env.get(f"CERTREMOVE_{var}")
@@ -109,7 +117,7 @@ class Settings:
                 fields[name] = kind(raw)
             except ValueError as exc:
                 raise SettingsError(
-                    f"CERTREMOVE_{var}={raw!r} is not a valid {kind.__name__}"
+                    f"CERTREMOVE_{var}={raw!r} is not a valid {kind.__name__.strip('_')}"
                 ) from exc
         fields.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**fields)
@@ -137,4 +145,17 @@ class Settings:
         }
         if self.device:
             out["CERTREMOVE_DEVICE"] = self.device
+        if self.data_dir is not None:
+            out["CERTREMOVE_DATA_DIR"] = str(self.data_dir)
+        out["CERTREMOVE_PIPELINE_RETRAIN"] = "1" if self.pipeline_retrain else "0"
         return out
+
+
+def _flag(raw: str) -> bool:
+    """``1/true/yes/on`` or ``0/false/no/off`` (case-insensitive)."""
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
