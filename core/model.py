@@ -429,7 +429,8 @@ class Model:
                 f"rows must be a flat sequence of integers, got dtype {arr.dtype}"
             )
         row_list = [int(r) for r in arr.tolist()]
-        bad = [r for r in row_list if not 0 <= r < self.n_rows]
+        n_rows = self.n_rows
+        bad = [r for r in row_list if not 0 <= r < n_rows]
         if bad:
             raise InvalidInputError(f"rows out of range [0, {self.n_rows}): {bad[:10]}")
         if not allow_repeats and len(set(row_list)) != len(row_list):

@@ -14,7 +14,7 @@ import torch
 
 from core.bounds import remainder_bound, rounding_margin
 from core.errors import NumericalError
-from core.loss import cholesky_solve, frobenius, margins, weighted_gram
+from core.loss import cholesky_solve, frobenius, margins, weighted_gram, xt_dot
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ def newton_step(
     P = X @ torch.cat((W_new, S), dim=1)
     Z_new, XS = Y * P[:, :k], P[:, k:]
     d1_new = -torch.sigmoid(-Z_new)
-    Q = X.T @ torch.cat((C * d1_new * Y, curvature * XS), dim=1)
+    Q = xt_dot(X, torch.cat((C * d1_new * Y, curvature * XS), dim=1))
     grad_new = Q[:, :k] + (lam * n_after) * W_new  # grad L_0(W_new; D')
     solve_residual = Q[:, k:] + (lam * n_after) * S - delta_grad  # H's - Delta at W
     margin = rounding_margin(
@@ -135,7 +135,7 @@ def _solve(
             S = cholesky_solve(H, rhs, lam)
             if dtype != torch.float64:
                 # Iterative refinement: the float64 residual of the float32 solve, solved again.
-                resid = rhs - (X.T @ (curvature * (X @ S)) + ridge * S)
+                resid = rhs - (xt_dot(X, curvature * (X @ S)) + ridge * S)
                 S = S + cholesky_solve(H, resid, lam)
         except NumericalError:
             continue

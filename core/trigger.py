@@ -71,7 +71,7 @@ def auto_max_removals(
 
     Each run refits with its own noise (from ``W`` with the training's Hessian ``factor``, a chord
     iteration of O(nd) per step, or Newton if that does not converge), then removes a random order
-    of rows with the real Newton step and the exact residual: first the whole cap in two batches
+    of rows with the real Newton step and the exact residual: first the whole cap in one batch
     (if that stays below the limit, the cap is the answer), else in batches of ``ceil(cap/chunks)``
     rows. Batched steps leave a larger residual than smaller ones, so the estimate errs early.
     """
@@ -108,7 +108,7 @@ def auto_max_removals(
 
 def _shadow_crossing(problem, alive, fit, anchor, order, cap, limit, settings, binary) -> int:  # type: ignore[no-untyped-def]
     """Rows removable (in this run's batches) while ``r0 + ||grad L_0 - g_a||`` stays <= limit."""
-    chunk = max(1, math.ceil(cap / 2))
+    chunk = cap  # first the whole cap in one batch: the largest residual of any split
     coarse = True
     while True:
         state, W, Z, done = alive.clone(), fit.W, None, 0
@@ -122,7 +122,7 @@ def _shadow_crossing(problem, alive, fit, anchor, order, cap, limit, settings, b
             state, W, Z, done = step.alive, step.W, step.Z, done + rows.numel()
         else:
             return done
-        if coarse:  # the cap in two batches crossed: measure in finer batches
+        if coarse:  # the cap in one batch crossed: measure in finer batches
             coarse, chunk = False, max(1, math.ceil(cap / settings.chunks))
             continue
         if done > 0 or chunk == 1:
