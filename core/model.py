@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -19,11 +20,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from core.bounds import rounding_margin
 from core.budget import budget_total as compute_budget
 from core.errors import InvalidInputError
 from core.group_privacy import combined_guarantee, extractor_removals_remaining
 from core.labels import LabelCoding
-from core.loss import gradient
+from core.loss import gradient, margins
 from core.noise import draw_noise, generator
 from core.removal import Problem, Step, newton_step
 from core.train import gradient_tolerance, newton_fit
@@ -33,6 +35,8 @@ if TYPE_CHECKING:
     from core.data import Dataset
 
 ACCOUNTINGS = ("exact", "bound")
+#: a string that names an integer sample id: ASCII digits, at most 18 of them (fits in int64)
+_INT_ID = re.compile(r"-?[0-9]{1,18}")
 
 
 @dataclass
@@ -195,7 +199,7 @@ class Model:
                 return None
             if isinstance(value, (int, np.integer)):
                 return int(value)
-            if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            if isinstance(value, str) and _INT_ID.fullmatch(value.strip()):
                 return int(value)
             return None
         return str(value)
@@ -366,8 +370,8 @@ class Model:
                 f"excluding {newly} more rows exceeds the {left} the DP feature extractor still "
                 "covers: a full-pipeline retrain (extractor, features, head) is needed"
             )
-        self.extractor_removed += newly
         self._fit(alive, seed=seed, W0=self._W)
+        self.extractor_removed += newly
         self.version += 1
 
     def _fit(self, alive: torch.Tensor, *, seed: int | None, W0: torch.Tensor | None) -> None:
@@ -394,10 +398,18 @@ class Model:
         self.max_removals = self._resolve_trigger(rng, fit.factor)
 
     def _set_anchor(self, *, r0: float) -> None:
+        """Make the current state the accounting anchor, ``r0`` its residual bound; the rounding
+        margin of the float64 anchor gradient ``g_a`` is added to it."""
         p = self._problem
         n_reg = float(self._alive.sum())
-        self._anchor_grad = gradient(p.X, p.Y, p.weights(self._alive), self._W, p.lam, n_reg)
-        self._r0_anchor = r0
+        C = p.weights(self._alive)
+        Z = margins(p.X, p.Y, self._W)
+        self._anchor_grad = gradient(p.X, p.Y, C, self._W, p.lam, n_reg, Z=Z)
+        abs_terms = float((C * torch.sigmoid(-Z) * p.row_norms[:, None]).sum())
+        self._r0_anchor = r0 + rounding_margin(
+            p.X.shape[0], p.X.shape[1], abs_terms, p.lam, n_reg,
+            float(torch.linalg.vector_norm(self._W)), float(torch.linalg.vector_norm(self._anchor_grad)),
+        )  # fmt: skip
         self._anchor_distance = 0.0
         self._margin = 0.0
         self._beta = torch.zeros_like(self._beta)
@@ -526,6 +538,8 @@ def train(
         InvalidInputError: bad data or options (nothing is trained).
     """
     validate_rows_data(X, y)
+    # The certificate is about the rows as stored (float32 in every dataset file): train on those.
+    X = X.float()
     if not (math.isfinite(lam) and lam > 0):
         raise InvalidInputError(f"lam must be > 0 (strong convexity), got {lam}")
     if accounting not in ACCOUNTINGS:

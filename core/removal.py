@@ -108,10 +108,21 @@ def newton_step(
         frobenius(W_new),
         frobenius(anchor_grad),
     )
+    # Rounding of H's - Delta itself (bound accounting): the same form of summation margin.
+    hs_margin = rounding_margin(
+        X.shape[0],
+        X.shape[1],
+        float((curvature * XS.abs() * problem.row_norms[:, None]).sum()),
+        lam,
+        n_after,
+        frobenius(S),
+        frobenius(delta_grad),
+    )
     increments = (
         torch.linalg.vector_norm(solve_residual, dim=0)
         + remainder_bound(XS, C, problem.row_norms, problem.x_norm2)
         + margin
+        + hs_margin
     )
     return Step(
         W=W_new,

@@ -45,12 +45,14 @@ def validate_spec(spec: MaxRemovals) -> MaxRemovals:
 
 @dataclass(frozen=True)
 class AutoSettings:
-    """Shadow-run settings: ``shadow_runs`` noise draws, each removing up to ``cap_fraction`` of
-    the rows in ``chunks`` batched steps; the trigger is the largest count whose residual stayed
-    below ``target_fraction`` of the budget in every run."""
+    """Shadow-run settings: ``shadow_runs`` noise draws, each removing up to ``search_fraction``
+    of the rows in ``chunks`` batched steps until the exact residual crosses the budget; the
+    trigger is ``target_fraction`` of the smallest crossing point, at most ``cap_fraction`` of
+    the rows (beyond that the residual's dependence on ``b`` grows, THEORY.md §8.4b)."""
 
     shadow_runs: int = 2
-    chunks: int = 8
+    chunks: int = 16
+    search_fraction: float = 0.5
     cap_fraction: float = 0.25
     target_fraction: float = 0.5
 
@@ -77,10 +79,10 @@ def auto_max_removals(
     """
     n_alive = int(alive.sum())
     cap = int(settings.cap_fraction * n_alive)
+    search = int(settings.search_fraction * n_alive)
     if cap < 1 or budget <= 0:
         return 0
-    limit = settings.target_fraction * budget
-    best = cap
+    crossing = search
     n_reg = float(n_alive)
     for _ in range(settings.shadow_runs):
         B = draw_noise(tuple(W.shape), sigma, rng, W.device)
@@ -98,12 +100,13 @@ def auto_max_removals(
             )  # fmt: skip
         anchor = gradient(problem.X, problem.Y, C, fit.W, problem.lam, n_reg)
         order = torch.from_numpy(rng.permutation(np.flatnonzero(alive.cpu().numpy())))
-        best = min(
-            best, _shadow_crossing(problem, alive, fit, anchor, order, cap, limit, settings, binary)
+        crossing = min(
+            crossing,
+            _shadow_crossing(problem, alive, fit, anchor, order, search, budget, settings, binary),
         )
-        if best == 0:
+        if crossing == 0:
             break
-    return best
+    return min(cap, int(settings.target_fraction * crossing))
 
 
 def _shadow_crossing(problem, alive, fit, anchor, order, cap, limit, settings, binary) -> int:  # type: ignore[no-untyped-def]

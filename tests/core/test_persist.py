@@ -23,7 +23,8 @@ def test_round_trip_and_continue(tmp_path, digits, trained):
     assert loaded.noise is None
     torch.testing.assert_close(loaded.weights, trained.weights, rtol=0, atol=0)
     assert torch.equal(loaded.alive, trained.alive)
-    assert loaded.budget_used == pytest.approx(trained.budget_used, rel=0, abs=0)
+    # the persisted bound plus the rounding margin of the recomputed anchor gradient
+    assert trained.budget_used <= loaded.budget_used <= trained.budget_used + 1e-8
     assert loaded.version == trained.version and loaded.removed_in_epoch == 40
     assert loaded.accuracy(digits.X_test, digits.y_test) == trained.accuracy(
         digits.X_test, digits.y_test

@@ -84,3 +84,19 @@ def test_float32_rounding_of_unit_rows_is_accepted(digits):
     X = (X / X.norm(dim=1, keepdim=True)).float()  # norms up to 1 + 6e-8 after the cast
     assert float(X.double().norm(dim=1).max()) > 1.0
     core.train(X, digits.y_train, lam=1e-2, sigma=1.0, seed=0, max_removals=None)
+
+
+def test_strange_string_ids_are_unknown_never_an_error(digits):
+    m = core.train(digits.X_train, digits.y_train, lam=1e-2, sigma=1.0, seed=0, max_removals=None,
+                   ids=digits.ids_train)  # fmt: skip
+    weird = ["²", "--5", "1" * 5000, "", "  ", "1e3", "0x10", None, 1.5, True, [1]]
+    rows, unknown = m.rows_for_ids([*weird, str(digits.ids_train[3]), int(digits.ids_train[4])])
+    assert rows == [3, 4] and unknown == weird
+
+
+def test_float64_training_rows_are_certified_as_stored_float32(tmp_path, digits):
+    X64 = digits.X_train.double()
+    m = core.train(X64, digits.y_train, lam=1e-2, sigma=1.0, seed=0, max_removals=None)
+    m.save(tmp_path)
+    loaded = core.load_model(tmp_path)
+    assert torch.equal(loaded._problem.X, m._problem.X)  # the same (float32-exact) rows
