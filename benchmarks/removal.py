@@ -241,6 +241,7 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")
     parser.add_argument("--draws", type=int, default=20)
+    parser.add_argument("--output", help="also write the JSON object to this file")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -255,6 +256,8 @@ def main() -> int:
     out["auto"] = part_c(
         device, 3 if args.quick else args.draws, out["capacity"]["reference_accounting_removals"]
     )
+    if args.output:
+        Path(args.output).write_text(json.dumps(out, indent=1))
     if args.json:
         print(json.dumps(out, indent=1))
         return 0
