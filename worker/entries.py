@@ -68,7 +68,20 @@ def validate_sample_ids(value: Any, limit: int = schema.MAX_IDS_PER_REQUEST) -> 
 
 
 def parse_entry(entry_id: bytes, fields: Fields) -> Entry:
-    """Parse one raw stream entry; never raises."""
+    """Parse one raw stream entry; never raises: an entry that makes parsing fail in any way
+    is returned malformed with the error (so it is answered or dead-lettered, never retried)."""
+    try:
+        return _parse(entry_id, fields)
+    except Exception as exc:  # noqa: BLE001 - one bad entry must never stop the model
+        try:
+            rid = _text(fields.get(_RID))
+        except Exception:  # noqa: BLE001
+            rid = None
+        reason = f"malformed entry: {type(exc).__name__}: {exc}"[:500]
+        return Entry(entry_id, rid or None, None, None, reason, fields)
+
+
+def _parse(entry_id: bytes, fields: Fields) -> Entry:
     rid = _text(fields.get(_RID))
     requested_at: float | None = None
     at_text = _text(fields.get(_AT))
@@ -88,9 +101,14 @@ def parse_entry(entry_id: bytes, fields: Fields) -> Entry:
         return Entry(entry_id, rid, None, requested_at, "malformed entry: no sample_ids", fields)
     try:
         ids = json.loads(raw_ids)
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError) as exc:  # ValueError: JSONDecodeError, int digit limit
         return Entry(
-            entry_id, rid, None, requested_at, "malformed entry: sample_ids is not JSON", fields
+            entry_id,
+            rid,
+            None,
+            requested_at,
+            f"malformed entry: sample_ids is not JSON we can read ({str(exc)[:200]})",
+            fields,
         )
     error = validate_sample_ids(ids)
     return Entry(entry_id, rid, None if error else ids, requested_at, error, fields)

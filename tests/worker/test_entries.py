@@ -48,3 +48,16 @@ def test_limit_is_inclusive_and_bad_time_is_tolerated() -> None:
 def test_undecodable_bytes() -> None:
     e = parse_entry(b"1-0", {b"request_id": b"\xff\xfe", b"sample_ids": b"[1]"})
     assert e.request_id is None and e.error
+
+
+def test_an_integer_past_the_digit_limit_is_malformed_not_an_exception() -> None:
+    # Python 3.11 json.loads raises a plain ValueError for ints over 4,300 digits
+    e = parse_entry(b"1-0", {b"request_id": b"r", b"sample_ids": b"[" + b"7" * 5000 + b"]"})
+    assert (e.request_id, e.sample_ids) == ("r", None)
+    assert e.error is not None and "not JSON" in e.error
+
+
+def test_parse_entry_never_raises() -> None:
+    e = parse_entry(b"1-0", {b"request_id": b"r", b"sample_ids": 5})  # type: ignore[dict-item]
+    assert e.request_id == "r" and e.sample_ids is None
+    assert e.error is not None and e.error.startswith("malformed entry")
