@@ -4,7 +4,8 @@ Two records, written in this order after the model state was persisted:
 1. an append-only JSON-lines file beside the model state (``ledger.jsonl``): one line per
    committed batch, never rewritten, so a repeated request id is recognised even after a crash
    between the persist and the status write;
-2. the status hashes and the ``XACK`` of the batch, in one server-side script (atomic).
+2. the status hashes, the dead-letter copies and the ``XACK`` of the batch, in one server-side
+   script (statuses first: an entry is never acknowledged before its status is written).
 """
 
 from __future__ import annotations
@@ -20,11 +21,14 @@ import redis
 
 from producer import schema
 
-# KEYS[1] stream, then the status hashes: first the ARGV[2] "common" answers, which share the 8
-# values ARGV[3..10] (a committed batch: same status, method, version and time), then the others.
-# ARGV[1] group; after the common values, per other answer a mode ('w' write, 'q' write only while
-# the status is missing or queued) and its 8 values in _NAMES order ('' = leave the field alone);
-# then the entry ids to acknowledge.
+# KEYS[1] stream, KEYS[2] dead-letter stream, then the status hashes: first the ARGV[2] "common"
+# answers, which share the 8 values ARGV[3..10] (a committed batch: same status, method, version and
+# time), then the others. ARGV[1] group; after the common values, per other answer a mode ('w'
+# write, 'q' write only while the status is missing or queued) and its 8 values in _NAMES order
+# ('' = leave the field alone); then the count of dead letters and, per dead letter, its entry id
+# and its field count and fields (flat); then the entry ids to acknowledge. Statuses are written
+# first, dead letters copied next, acknowledgements last: an error stops the script before any
+# entry is acknowledged without its status and its dead-letter copy.
 _NAMES = (
     "status",
     "method",
@@ -49,11 +53,11 @@ local function fields(base)
 end
 local ncommon = tonumber(ARGV[2])
 local common = fields(2)
-for k = 2, ncommon + 1 do
+for k = 3, ncommon + 2 do
   redis.call('HSET', KEYS[k], unpack(common))
 end
 local a = 11
-for k = ncommon + 2, #KEYS do
+for k = ncommon + 3, #KEYS do
   local write = true
   if ARGV[a] == 'q' then
     local cur = redis.call('HGET', KEYS[k], 'status')
@@ -66,13 +70,30 @@ for k = ncommon + 2, #KEYS do
   a = a + 1 + #names
 end
 local ids = {}
-for i = a, #ARGV do
-  ids[#ids + 1] = ARGV[i]
+local function ack(id)
+  ids[#ids + 1] = id
   if #ids >= 1000 then redis.call('XACK', KEYS[1], ARGV[1], unpack(ids)); ids = {} end
 end
+local ndead = tonumber(ARGV[a])
+a = a + 1
+local dead = {}
+for d = 1, ndead do
+  local id, nf = ARGV[a], tonumber(ARGV[a + 1])
+  local rec = {}
+  for j = a + 2, a + 1 + nf do rec[#rec + 1] = ARGV[j] end
+  redis.call('XADD', KEYS[2], '*', unpack(rec))
+  dead[#dead + 1] = id
+  a = a + 2 + nf
+end
+for _, id in ipairs(dead) do ack(id) end
+for i = a, #ARGV do ack(ARGV[i]) end
 if #ids > 0 then redis.call('XACK', KEYS[1], ARGV[1], unpack(ids)) end
 return 1
 """
+
+#: ``(entry_id, fields, reason)`` of an entry for the dead-letter stream
+DeadLetter = tuple[bytes, dict[bytes, bytes], str]
+_Key = tuple[str, str, int | None, float | None, str]  # status, method, version, time, reason
 
 
 @dataclass
@@ -126,42 +147,52 @@ class Ledger:
         self.model = model
         self.stream = schema.stream_key(model)
         self.group = schema.group_name(model)
+        self.dead_letter_key = schema.dead_letter_key(model)
         self.path = path
         self._publish = client.register_script(_PUBLISH_LUA)
-        self._known: dict[str, tuple[str, str, int | None, float | None]] = {}
+        self._known: dict[str, _Key] = {}
         if path is not None and path.exists():
             self._load(path)
 
     def _load(self, path: Path) -> None:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a torn last line from a crash mid-append
-                for rid in rec.get("ids", []):
-                    self._known[rid] = (rec["s"], rec.get("m", ""), rec.get("v"), rec.get("t"))
+        with open(path, "r+b") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                # A crash tore the last line: cut it off, or the next append would join it and
+                # be lost too. That line's batch was never published, so it will be replayed.
+                f.truncate(data.rfind(b"\n") + 1)
+                f.flush()
+                os.fsync(f.fileno())
+        for line in data.decode("utf-8", errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a torn line left by an older version
+            key = (rec["s"], rec.get("m", ""), rec.get("v"), rec.get("t"), rec.get("r", ""))
+            for rid in rec.get("ids", []):
+                self._known[rid] = key
 
     def seen(self, request_id: str) -> Answer | None:
-        """The recorded answer of a request id already answered, else None."""
+        """The recorded answer of a request id already answered (reason included), else None."""
         rec = self._known.get(request_id)
         if rec is None:
             return None
-        status, method, version, at = rec
-        return Answer(request_id, status, method, version, applied_at=at, only_if_queued=True)
+        status, method, version, at, reason = rec
+        return Answer(
+            request_id, status, method, version, reason=reason, applied_at=at, only_if_queued=True
+        )
 
     def __len__(self) -> int:
         return len(self._known)
 
     def record(self, answers: Iterable[Answer]) -> None:
         """Append the answers to the ledger file (fsynced) and remember their ids."""
-        groups: dict[tuple[str, str, int | None, float | None], list[str]] = {}
+        groups: dict[_Key, list[str]] = {}
         for a in answers:
             if a.only_if_queued:
                 continue
-            groups.setdefault((a.status, a.method, a.model_version, a.applied_at), []).append(
-                a.request_id
-            )
+            key = (a.status, a.method, a.model_version, a.applied_at, a.reason)
+            groups.setdefault(key, []).append(a.request_id)
         if not groups:
             return
         for key, ids in groups.items():
@@ -170,22 +201,27 @@ class Ledger:
         if self.path is None:
             return
         lines = "".join(
-            json.dumps({"s": s, "m": m, "v": v, "t": t, "ids": ids}) + "\n"
-            for (s, m, v, t), ids in groups.items()
+            json.dumps({"s": s, "m": m, "v": v, "t": t, **({"r": r} if r else {}), "ids": ids})
+            + "\n"
+            for (s, m, v, t, r), ids in groups.items()
         )
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(lines)
             f.flush()
             os.fsync(f.fileno())
 
-    def publish(self, answers: list[Answer], ack_ids: list[bytes]) -> None:
-        """Write the status hashes and acknowledge ``ack_ids``, atomically (one script)."""
-        if not answers and not ack_ids:
+    def publish(
+        self, answers: list[Answer], ack_ids: list[bytes], dead: list[DeadLetter] | None = None
+    ) -> None:
+        """Write the status hashes, copy ``dead`` entries (with their reason) to the dead-letter
+        stream and acknowledge them and ``ack_ids``: one script, in that order."""
+        dead = dead or []
+        if not answers and not ack_ids and not dead:
             return
         common_key = next((a.common_key() for a in answers if a.common_key()), None)
         common = [a for a in answers if common_key and a.common_key() == common_key]
         others = [a for a in answers if not (common_key and a.common_key() == common_key)]
-        keys = [self.stream] + [
+        keys = [self.stream, self.dead_letter_key] + [
             schema.status_key(self.model, a.request_id) for a in common + others
         ]
         args: list[Any] = [self.group, len(common)]
@@ -193,5 +229,11 @@ class Ledger:
         for a in others:
             args.append("q" if a.only_if_queued else "w")
             args += a.values()
+        args.append(len(dead))
+        for eid, fields, reason in dead:
+            record = {**(fields or {}), b"entry_id": eid, b"reason": reason.encode()}
+            args += [eid, 2 * len(record)]
+            for k, v in record.items():
+                args += [k, v]
         args += ack_ids
         self._publish(keys=keys, args=args)

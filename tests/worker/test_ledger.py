@@ -65,3 +65,29 @@ def test_ledger_file_survives_a_restart(
     )
     assert again.seen("b").status == "rejected"  # type: ignore[union-attr]
     assert again.seen("zzz") is None
+
+
+def test_a_torn_last_line_is_cut_so_the_next_record_survives(
+    rclient: redis.Redis, model_name: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "ledger.jsonl"
+    Ledger(rclient, model_name, path).record([Answer("a", "applied", "newton", 2, applied_at=5.0)])
+    with open(path, "a") as f:
+        f.write('{"s": "applied", "ids": ["torn')  # a crash mid-append
+    Ledger(rclient, model_name, path).record([Answer("b", "applied", "newton", 3, applied_at=6.0)])
+    assert path.read_text().endswith("\n")
+    again = Ledger(rclient, model_name, path)
+    assert len(again) == 2 and again.seen("b") is not None
+
+
+def test_a_replayed_rejection_keeps_its_reason(
+    broker_url: str, rclient: redis.Redis, model_name: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "ledger.jsonl"
+    Ledger(rclient, model_name, path).record(
+        [Answer("r", "rejected", reason="oversized request", applied_at=1.0)]
+    )
+    seen = Ledger(rclient, model_name, path).seen("r")
+    assert seen is not None and seen.reason == "oversized request"
+    Ledger(rclient, model_name, None).publish([seen], [])  # status missing: written again
+    assert Client(broker_url, model=model_name).status("r")["reason"] == "oversized request"
