@@ -7,10 +7,14 @@ ids are all removed already is ``applied`` at once (``already_removed_ids``); th
 groups (one per request, its new rows) for one batched Newton step or a retrain. A request that
 shares rows with an earlier group of the batch is deferred, with everything after it, to the next
 batch, so a request is never reported applied on the strength of another that is still pending.
+Ids a full-pipeline retrain excluded from the data (the dataset's ``meta["excluded_ids"]``) count
+as removed already. An entry whose planning raises (say, mapping its ids) is ``rejected`` with the
+error; the rest of the batch goes on.
 """
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +25,8 @@ from producer import schema
 from worker.entries import Entry
 from worker.ledger import Answer, Ledger
 
+_INT_TEXT = re.compile(r"\s*-?[0-9]{1,19}\s*")
+
 
 @dataclass
 class Group:
@@ -30,6 +36,8 @@ class Group:
     rows: list[int]
     already_removed_ids: list[Any]
     unknown_ids: list[Any]
+    #: every alive row of the request (``rows`` plus those an earlier group of a retrain claimed)
+    needs: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -96,14 +104,20 @@ def plan_batch(
     guard: RemovalGuard | None,
     now: float,
     fold_overlaps: bool = False,
+    excluded: frozenset[int] = frozenset(),
 ) -> Plan:
     """Classify ``entries`` (see the module docstring); never raises on bad input.
 
     With ``fold_overlaps`` (a retrain, which removes every group at once) a request sharing rows
-    with an earlier group is not deferred: its shared rows are removed by the same retrain.
+    with an earlier group is not deferred: its shared rows are removed by the same retrain (each
+    group's ``needs`` keeps them, so dropping the earlier group later can hand them over).
+    ``excluded``: integer sample ids no longer in the data because they were removed already.
     """
     plan = Plan()
-    known = _rows_in_one_call(entries, rows_for_ids)
+    try:
+        known = _rows_in_one_call(entries, rows_for_ids)
+    except Exception:  # noqa: BLE001 - map entry by entry, so only the bad one is rejected
+        known = None
     claimed: set[int] = set()
     seen: set[str] = set()
     for i, e in enumerate(entries):
@@ -121,53 +135,92 @@ def plan_batch(
             else:
                 plan.ack_only.append(e.entry_id)
             continue
+        seen.add(rid)
         if e.error is not None:
             plan.answers.append(_rejected(e, e.error, now))
             plan.answered.append(e)
-            seen.add(rid)
             continue
-        rows, unknown = known[i] if known is not None else rows_for_ids(e.sample_ids)
-        if not rows:
-            plan.answers.append(_rejected(e, "no known sample id in the request", now, unknown))
+        try:
+            stop = _plan_entry(
+                plan, e, known[i] if known is not None else rows_for_ids(e.sample_ids),
+                alive=alive, sample_ids=sample_ids, guard=guard, now=now,
+                fold_overlaps=fold_overlaps, excluded=excluded, claimed=claimed,
+            )  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - one entry must never stop the batch
+            reason = f"the request could not be planned: {type(exc).__name__}: {exc}"[:500]
+            plan.answers.append(_rejected(e, reason, now))
             plan.answered.append(e)
-            seen.add(rid)
             continue
-        uniq = list(dict.fromkeys(rows))
-        shared = claimed.intersection(uniq)
-        if shared and not fold_overlaps:
+        if stop:
+            seen.discard(rid)
             plan.deferred = entries[i:]
             break
-        if shared:
-            seen.add(rid)
-            new = [r for r in uniq if alive[r] and r not in shared]
-            already = [_py(sample_ids[r]) for r in uniq if not alive[r]]
-            claimed.update(new)
-            plan.groups.append(Group(e, new, already, unknown))
-            continue
-        new = [r for r in uniq if alive[r]]
-        already = [_py(sample_ids[r]) for r in uniq if not alive[r]]
-        seen.add(rid)
-        if not new:
-            plan.answers.append(
-                Answer(
-                    rid,
-                    schema.STATUS_APPLIED,
-                    unknown_ids=unknown,
-                    already_removed_ids=already,
-                    requested_at=e.requested_at,
-                    applied_at=now,
-                )
-            )
-            plan.answered.append(e)
-            continue
-        reason = guard.refuse(new) if guard is not None else None
-        if reason is not None:
-            plan.answers.append(_rejected(e, reason, now, unknown))
-            plan.answered.append(e)
-            continue
-        claimed.update(new)
-        plan.groups.append(Group(e, new, already, unknown))
     return plan
+
+
+def _plan_entry(
+    plan: Plan,
+    e: Entry,
+    mapped: tuple[list[int], list[Any]],
+    *,
+    alive: np.ndarray,
+    sample_ids: np.ndarray,
+    guard: RemovalGuard | None,
+    now: float,
+    fold_overlaps: bool,
+    excluded: frozenset[int],
+    claimed: set[int],
+) -> bool:
+    """Plan one valid entry into ``plan``; True when it (and what follows) must be deferred."""
+    rows, unknown = mapped
+    gone: list[Any] = []
+    if unknown and excluded:
+        gone = [u for u in unknown if _int_id(u) in excluded]
+        unknown = [u for u in unknown if _int_id(u) not in excluded]
+    if not rows and not gone:
+        plan.answers.append(_rejected(e, "no known sample id in the request", now, unknown))
+        plan.answered.append(e)
+        return False
+    uniq = list(dict.fromkeys(rows))
+    shared = claimed.intersection(uniq)
+    if shared and not fold_overlaps:
+        return True
+    needs = [r for r in uniq if alive[r]]
+    new = [r for r in needs if r not in shared]
+    already = [_py(sample_ids[r]) for r in uniq if not alive[r]] + gone
+    if not needs:
+        plan.answers.append(
+            Answer(
+                str(e.request_id),
+                schema.STATUS_APPLIED,
+                unknown_ids=unknown,
+                already_removed_ids=already,
+                requested_at=e.requested_at,
+                applied_at=now,
+            )
+        )
+        plan.answered.append(e)
+        return False
+    # The guard counts the rows earlier groups claimed as removed: only the new ones are checked.
+    reason = guard.refuse(new) if guard is not None and new else None
+    if reason is not None:
+        plan.answers.append(_rejected(e, reason, now, unknown))
+        plan.answered.append(e)
+        return False
+    claimed.update(new)
+    plan.groups.append(Group(e, new, already, unknown, needs))
+    return False
+
+
+def _int_id(value: Any) -> int | None:
+    """``value`` as an integer sample id (ints, and strings of at most 19 digits), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and _INT_TEXT.fullmatch(value):
+        return int(value)
+    return None
 
 
 def _rows_in_one_call(entries: list[Entry], rows_for_ids: Any) -> list[Any] | None:

@@ -9,3 +9,8 @@ class WorkerError(Exception):
 
 class StateMissingError(WorkerError, RuntimeError):
     """The state directory holds no loadable model."""
+
+
+class ServiceStoppedError(WorkerError, RuntimeError):
+    """The service stopped serving (its persisted model could not be reloaded after a failure):
+    the process must be restarted."""

@@ -12,11 +12,17 @@ or the slice ends (then re-queue). On exit release the bell and look once more.
 When core leaves requests pending (``needs_retrain``), nothing more is applied to this model:
 ``certremove.retrain`` is sent to the retrain queue (consumed first), which folds every pending
 request into a retrain from scratch (their rows excluded) and answers them ``method=retrain``.
+
+After a failure mid-batch the persisted model is reloaded (unacknowledged entries replay against
+it); when that reload fails too the service stops for good and ``on_fatal`` ends the process
+(default), so nothing is ever answered from a model that is ahead of the disk.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +35,8 @@ from producer import schema
 from worker.batch import Group, Plan, RemovalGuard, applied_answers, plan_batch, rejected_group
 from worker.doorbell import Doorbell, SendTask
 from worker.entries import Entry, parse_entries
-from worker.ledger import Answer, Ledger
+from worker.errors import ServiceStoppedError
+from worker.ledger import Answer, DeadLetter, Ledger
 from worker.metrics import ServiceMetrics
 from worker.stream import RequestStream
 
@@ -41,9 +48,22 @@ EXTRACTOR_SPENT = (
     "the DP feature extractor's group privacy covers no more removed rows and a full-pipeline "
     "retrain (extractor, features, head) cannot run"
 )
+EXTRACTOR_WAITS = (
+    "the DP feature extractor's group privacy covers no more removed rows: the request waits for "
+    "the full-pipeline retrain (extractor, features, head)"
+)
 
 #: ``pipeline(model, pending_rows) -> (dataset, new_model)``: the full-pipeline retrain
 PipelineRetrain = Callable[[Any, list[int]], tuple[Any, Any]]
+
+
+def exit_process(exc: BaseException) -> None:
+    """End the worker process at once (the supervisor restarts it on the persisted state)."""
+    log.critical("reloading the persisted model failed (%s): exiting the worker process", exc)
+    for handler in logging.getLogger().handlers + log.handlers:
+        handler.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 @dataclass
@@ -72,6 +92,8 @@ class RemovalService:
         reload: loads the persisted model again (after a failure mid-batch).
         pipeline: the full-pipeline retrain for a model on DP-extractor features; None rejects
             requests past the extractor's group privacy with ``pipeline_off_reason``.
+        on_fatal: called with the error when ``reload`` fails (the service has stopped serving);
+            the default ends the process.
     """
 
     def __init__(
@@ -91,11 +113,16 @@ class RemovalService:
         reload: Callable[[], Any] | None = None,
         pipeline: PipelineRetrain | None = None,
         pipeline_off_reason: str = "full-pipeline retrains are not configured",
+        on_fatal: Callable[[BaseException], None] = exit_process,
     ) -> None:
-        self.model = model
         self._reload = reload
+        self._on_fatal = on_fatal
+        self._stopped: str | None = None  # why the service no longer serves
         self._pipeline = pipeline
-        self._extractor_spent = f"{EXTRACTOR_SPENT}: {pipeline_off_reason}"
+        # With a pipeline configured, requests past the extractor wait for it (never rejected).
+        self._extractor_spent = (
+            f"{EXTRACTOR_SPENT}: {pipeline_off_reason}" if pipeline is None else EXTRACTOR_WAITS
+        )
         self.state_dir = Path(state_dir)
         self.stream, self.ledger, self.metrics, self.doorbell = stream, ledger, metrics, doorbell
         self.send_task = send_task
@@ -107,14 +134,22 @@ class RemovalService:
         self.clock = clock
         self.retrain_due: str | None = None  # the reason, while a retrain is due
         self._retrain_sent_at: float | None = None
-        ds = model.dataset
-        self._labels = ds.y_train.cpu().numpy() if ds is not None else None
-        self._ids = np.asarray(model.ids)
-        self._safety_seen = int(model.safety_retrains)
+        self._adopt(model)
         self.stream.ensure_group()
         self.refresh_metrics()
 
     # ------------------------------------------------------------------ state
+    def _adopt(self, model: Any) -> None:
+        """Serve ``model``: its labels, ids, and the ids earlier full-pipeline retrains excluded
+        from its data (removed already: a repeat of one is answered applied)."""
+        self.model = model
+        ds = model.dataset
+        self._labels = ds.y_train.cpu().numpy() if ds is not None else None
+        self._ids = np.asarray(model.ids)
+        meta = getattr(ds, "meta", None) or {}
+        self._excluded = frozenset(int(i) for i in meta.get("excluded_ids") or [])
+        self._safety_seen = int(model.safety_retrains)
+
     def refresh_metrics(self) -> None:
         """Publish the model's budget, version, size, test accuracy and extractor allowance."""
         self.metrics.observe_model(self.model)
@@ -144,6 +179,7 @@ class RemovalService:
             guard=self._guard(alive, entries),
             now=self.clock(),
             fold_overlaps=fold,
+            excluded=self._excluded,
         )
         return plan, alive
 
@@ -152,11 +188,9 @@ class RemovalService:
         answers = plan.answers + committed
         self.ledger.record(answers)
         ack = [e.entry_id for e in plan.answered] + [e.entry_id for e in committed_entries]
-        self.ledger.publish(answers, ack + plan.ack_only)
+        dead: list[DeadLetter] = [(e.entry_id, e.fields, e.error or "malformed") for e in plan.dead]
+        self.ledger.publish(answers, ack + plan.ack_only, dead)
         if plan.dead:
-            self.stream.dead_letter(
-                [((e.entry_id, e.fields), e.error or "malformed") for e in plan.dead]
-            )
             self.metrics.requests.labels(outcome="dead_letter").inc(len(plan.dead))
         outcomes: dict[str, int] = {}
         observe = self.metrics.request_latency_seconds.observe
@@ -186,20 +220,27 @@ class RemovalService:
         if over:
             now = self.clock()
             reason = f"dead-lettered: delivered more than {self.max_deliveries} times"
-            self.stream.dead_letter([((e.entry_id, e.fields), reason) for e in over])
-            answers = [
-                Answer(
-                    e.request_id,
-                    schema.STATUS_REJECTED,
-                    reason=reason,
-                    requested_at=e.requested_at,
-                    applied_at=now,
+            answers: list[Answer] = []
+            for e in over:
+                if not e.request_id:
+                    continue
+                prior = self.ledger.seen(e.request_id)
+                if prior is not None:  # answered (say applied and persisted) before: say so again
+                    prior.requested_at = e.requested_at
+                    answers.append(prior)
+                    continue
+                answers.append(
+                    Answer(
+                        e.request_id,
+                        schema.STATUS_REJECTED,
+                        reason=reason,
+                        requested_at=e.requested_at,
+                        applied_at=now,
+                    )
                 )
-                for e in over
-                if e.request_id
-            ]
             self.ledger.record(answers)
-            self.ledger.publish(answers, [])
+            # statuses first, then the dead-letter copies and the XACK, in one script
+            self.ledger.publish(answers, [], [(e.entry_id, e.fields, reason) for e in over])
             self.metrics.requests.labels(outcome="dead_letter").inc(len(over))
             log.warning("dead-lettered %d entries delivered too often", len(over))
         skip = {e.entry_id for e in over}
@@ -207,15 +248,28 @@ class RemovalService:
 
     def _resync(self) -> None:
         """After a failure mid-batch the model in memory may be ahead of the persisted state:
-        reload the persisted one (entries not acknowledged are replayed against it)."""
-        if self._reload is not None:
-            log.warning("reloading the persisted model after a failure")
-            self.model = self._reload()
-            self.retrain_due, self._retrain_sent_at = None, None
-            self._safety_seen = int(self.model.safety_retrains)
+        reload the persisted one (entries not acknowledged are replayed against it). When the
+        reload fails, stop serving for good and call ``on_fatal`` (default: exit the process)."""
+        if self._reload is None:
+            return
+        log.warning("reloading the persisted model after a failure")
+        try:
+            model = self._reload()
+        except Exception as exc:  # noqa: BLE001 - whatever it is, this model must not serve
+            self._stopped = f"reloading the persisted model after a failure failed: {exc}"
+            log.critical("%s: the service stops", self._stopped)
+            self._on_fatal(exc)
+            return
+        self._adopt(model)
+        self.retrain_due, self._retrain_sent_at = None, None
+
+    def _check_serving(self) -> None:
+        if self._stopped is not None:
+            raise ServiceStoppedError(self._stopped)
 
     def drain(self) -> DrainReport:
         """Serve the stream for one time slice (DESIGN.md §4 step 2)."""
+        self._check_serving()
         try:
             return self._drain()
         except Exception:
@@ -301,22 +355,36 @@ class RemovalService:
             self._request_retrain()
         return plan.deferred
 
-    def _drop_beyond_extractor(self, plan: Plan) -> None:
-        """Reject, in arrival order, the groups a retrain could not exclude because the DP
-        extractor's group privacy covers no more rows."""
+    def _drop_beyond_extractor(self, plan: Plan) -> list[Entry]:
+        """Keep, in arrival order, the groups a head retrain can exclude within what the DP
+        extractor's group privacy still covers. Without a full-pipeline retrain the others are
+        rejected; with one, the first group that does not fit and every later one stay pending
+        (returned, neither answered nor acknowledged) for the pipeline retrain that follows.
+
+        Rows are handed out again over the kept groups (each takes its ``needs`` not yet taken),
+        so a kept request never counts on rows of a dropped one."""
         left = self.extractor_removals_remaining()
         if left is None:
-            return
+            return []
         keep: list[Group] = []
+        waiting: list[Entry] = []
+        taken: set[int] = set()
         now = self.clock()
         for g in plan.groups:
-            if len(g.rows) <= left:
-                keep.append(g)
-                left -= len(g.rows)
-            else:
-                plan.answers.append(rejected_group(g, self._extractor_spent, now))
-                plan.answered.append(g.entry)
+            rows = [r for r in g.needs if r not in taken]
+            if waiting or len(rows) > left:
+                if self._pipeline is not None:
+                    waiting.append(g.entry)
+                else:
+                    plan.answers.append(rejected_group(g, self._extractor_spent, now))
+                    plan.answered.append(g.entry)
+                continue
+            g.rows = rows
+            keep.append(g)
+            taken.update(rows)
+            left -= len(rows)
         plan.groups = keep
+        return waiting
 
     def _retrain_pipeline(self, exclude: list[int]) -> None:
         """Extractor, features and head again without every removed row (``core.pipeline``);
@@ -325,10 +393,7 @@ class RemovalService:
         log.info("DP extractor spent: full-pipeline retrain without %d more rows", len(exclude))
         dataset, model = self._pipeline(self.model, exclude)
         model.save(self.state_dir, dataset=dataset, replace_dataset=True)
-        self.model = model
-        self._labels = dataset.y_train.cpu().numpy()
-        self._ids = np.asarray(model.ids)
-        self._safety_seen = int(model.safety_retrains)
+        self._adopt(model)
 
     def _count_safety(self) -> None:
         fired = int(self.model.safety_retrains) - self._safety_seen
@@ -352,6 +417,7 @@ class RemovalService:
 
     def retrain(self) -> DrainReport:
         """Retrain from scratch, folding every pending request in (DESIGN.md §4 step 5)."""
+        self._check_serving()
         try:
             return self._retrain()
         except Exception:
@@ -368,8 +434,7 @@ class RemovalService:
         try:
             plan, _ = self._plan(self._pending_entries(), fold=True)
             full = self.retrain_due == "extractor" and self._pipeline is not None
-            if not full:
-                self._drop_beyond_extractor(plan)
+            waiting = [] if full else self._drop_beyond_extractor(plan)
             exclude = [r for g in plan.groups for r in g.rows]
             retrained = True
             t0 = time.perf_counter()
@@ -398,7 +463,8 @@ class RemovalService:
                 self.metrics.retrains.labels(reason=self.retrain_due).inc()
                 self.metrics.retrain_seconds.observe(seconds)
             self.metrics.removals.labels(method=schema.METHOD_RETRAIN).inc(len(exclude))
-            self.retrain_due = None
+            # Requests past the extractor's allowance wait (pending) for the pipeline retrain.
+            self.retrain_due = "extractor" if waiting and self._pipeline is not None else None
             self.refresh_metrics()
             committed = applied_answers(
                 plan.groups, schema.METHOD_RETRAIN, self.model.version, self.clock()
@@ -414,5 +480,10 @@ class RemovalService:
             )
         finally:
             self.metrics.retrain_in_progress.set(0)
+        if self.retrain_due:
+            log.info("%d requests wait for the full-pipeline retrain", len(waiting))
+            report.retrain_requested = True
+            self._request_retrain()
+            return report
         self.doorbell.ring()
         return report

@@ -1,8 +1,8 @@
 """The model's request stream as the worker sees it: a consumer group (DESIGN.md §4).
 
 Reads new entries, replays this consumer's own pending list, claims idle entries of other
-consumers (``XAUTOCLAIM``), reports delivery counts and moves entries to the dead-letter stream.
-Acknowledgement happens in :mod:`worker.ledger`, together with the status writes.
+consumers (``XAUTOCLAIM``) and reports delivery counts. Acknowledgement and the dead-letter
+stream are :mod:`worker.ledger`'s, in one script with the status writes.
 """
 
 from __future__ import annotations
@@ -142,17 +142,6 @@ class RequestStream:
             return self.pending_count() > 0 or self.has_undelivered()
         except redis.ResponseError:
             return False
-
-    def dead_letter(self, items: list[tuple[RawEntry, str]]) -> None:
-        """Copy entries with their reason to the dead-letter stream and acknowledge them."""
-        if not items:
-            return
-        pipe = self.redis.pipeline(transaction=True)
-        for (eid, fields), reason in items:
-            record = {**(fields or {}), b"entry_id": eid, b"reason": reason.encode()}
-            pipe.xadd(self.dead_letter_key, record)
-        pipe.xack(self.key, self.group, *[eid for (eid, _), _ in items])
-        pipe.execute()
 
 
 def _s(value: bytes | str) -> str:

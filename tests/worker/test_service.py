@@ -50,7 +50,7 @@ def build(
         metrics=ServiceMetrics(reg),
         doorbell=Doorbell(rclient, model_name, sent),
         send_task=sent,
-        reload=lambda: core.load_model(state, device="cpu"),
+        reload=kw.pop("reload", lambda: core.load_model(state, device="cpu")),
         **{"slice_seconds": 30.0, **kw},
     )
     return service, sent, reg
