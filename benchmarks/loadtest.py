@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--burst", type=int, default=20_000)
     ap.add_argument("--rate", type=float, default=5000.0)
     ap.add_argument("--seconds", type=float, default=20.0)
-    ap.add_argument("--max-batch", type=int, default=2048)
+    ap.add_argument("--max-batch", type=int, default=8192)
     ap.add_argument("--max-removals", default="auto")
     ap.add_argument("--broker-url", default=os.environ.get("CERTREMOVE_BROKER_URL"))
     ap.add_argument("--skip-steady", action="store_true")

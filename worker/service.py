@@ -106,7 +106,7 @@ class RemovalService:
         metrics: ServiceMetrics,
         doorbell: Doorbell,
         send_task: SendTask,
-        max_batch: int = 2048,
+        max_batch: int = 8192,
         slice_seconds: float = 0.75,
         max_deliveries: int = 5,
         clock: Callable[[], float] = time.time,

@@ -52,7 +52,7 @@ class Settings:
     metrics_port: int = 9820
     metrics_addr: str = "127.0.0.1"
     device: str | None = None
-    max_batch: int = 2048
+    max_batch: int = 8192
     slice_seconds: float = 0.75
     drain_interval: float = 15.0
     claim_idle_ms: int = 10_000

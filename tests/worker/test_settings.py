@@ -14,7 +14,7 @@ def test_defaults_from_empty_env() -> None:
     assert s.model == "default"
     assert s.metrics_port == 9820
     assert s.metrics_addr == "127.0.0.1"
-    assert s.max_batch == 2048
+    assert s.max_batch == 8192
     assert 0.5 <= s.slice_seconds <= 1.0
     assert 10 <= s.drain_interval <= 30
     assert s.device is None
