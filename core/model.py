@@ -35,6 +35,9 @@ if TYPE_CHECKING:
     from core.data import Dataset
 
 ACCOUNTINGS = ("exact", "bound")
+#: an "auto" max_removals is re-estimated by shadow runs at a retrain once the rows have fallen
+#: below this fraction of those at the last estimate; until then it is scaled with the rows
+AUTO_REESTIMATE_BELOW = 0.5
 #: a string that names an integer sample id: ASCII digits, at most 18 of them (fits in int64)
 _INT_ID = re.compile(r"-?[0-9]{1,18}")
 
@@ -110,6 +113,8 @@ class Model:
         self._margin = 0.0
         self._beta = torch.zeros(W.shape[1], dtype=torch.float64, device=W.device)
         self._id_index: dict[Any, int] | None = None
+        #: (rows, max_removals) of the last "auto" estimate, scaled at retrains (in memory only)
+        self._auto_basis: tuple[int, int] | None = None
         self._save_seq = 0
         #: JSON-serialisable annotations persisted with the state (e.g. the worker's extractor use)
         self.extra: dict[str, Any] = {}
@@ -420,7 +425,13 @@ class Model:
             return spec
         if isinstance(spec, float):
             return int(spec * self.n_alive)
-        return auto_max_removals(
+        n = self.n_alive
+        basis = self._auto_basis
+        if basis is not None and n >= AUTO_REESTIMATE_BELOW * basis[0]:
+            # Scale the last estimate with the row count (b-independent: it came from shadow runs
+            # with their own noise); re-estimate once the data has shrunk by half since then.
+            return int(basis[1] * n / basis[0])
+        value = auto_max_removals(
             self._problem,
             self._alive,
             self._W,
@@ -430,6 +441,8 @@ class Model:
             binary=self._coding.binary,
             factor=factor,
         )
+        self._auto_basis = (n, value)
+        return value
 
     # ----------------------------------------------------------------- validation
     def _validate_rows(

@@ -207,3 +207,12 @@ def test_cuda_model_matches_cpu_and_is_certified(digits):
         true_residual(gpu, digits.X_train, digits.y_train, 1e-2)
         <= gpu.exact_used * (1 + 1e-9) + 1e-12
     )
+
+
+def test_auto_trigger_is_scaled_at_retrains_and_reestimated_after_halving(digits):
+    model = core.train(digits.X_train, digits.y_train, lam=1e-2, sigma=1.0)
+    n0, m0 = model.n_alive, model.max_removals
+    model.retrain(exclude=list(range(100)))
+    assert model.max_removals == int(m0 * (n0 - 100) / n0)
+    model.retrain(exclude=list(range(100, 900)))  # below half of n0: shadow runs again
+    assert model._auto_basis[0] == n0 - 900
