@@ -80,9 +80,9 @@ def load_dataset(
     elif name == "digits":
         ds = _digits()
     elif name == "mnist":
-        ds = _mnist(_need_dir(data_dir, "mnist", download), download)
+        ds = _images_dataset("mnist", _need_dir(data_dir, "mnist", download), download)
     elif name == "svhn":
-        ds = _svhn(_need_dir(data_dir, "svhn", download), download)
+        ds = _images_dataset("svhn", _need_dir(data_dir, "svhn", download), download)
     elif name.startswith("synthetic"):
         ds = synthetic(**parse_synthetic(name))
     else:
@@ -122,36 +122,16 @@ def _digits() -> Dataset:
     )
 
 
-def _mnist(root: Path, download: bool) -> Dataset:
-    from core.images import load_mnist_images
+def _images_dataset(name: str, root: Path, download: bool) -> Dataset:
+    """MNIST or SVHN pixels as rows (flattened, /255, L2-normalised); ids are source row numbers."""
+    from core.images import load_image_split
 
-    Xtr, ytr = load_mnist_images(root, train=True, download=download)
-    Xte, yte = load_mnist_images(root, train=False, download=download)
-    return Dataset(
-        normalise_rows(Xtr.reshape(len(Xtr), -1).numpy() / 255.0),
-        ytr.long(),
-        np.arange(len(ytr), dtype=np.int64),
-        normalise_rows(Xte.reshape(len(Xte), -1).numpy() / 255.0),
-        yte.long(),
-        np.arange(len(yte), dtype=np.int64),
-        meta={"name": "mnist"},
-    )
-
-
-def _svhn(root: Path, download: bool) -> Dataset:
-    from core.images import load_svhn_images
-
-    Xtr, ytr = load_svhn_images(root, split="train", download=download)
-    Xte, yte = load_svhn_images(root, split="test", download=download)
-    return Dataset(
-        normalise_rows(Xtr.reshape(len(Xtr), -1).numpy() / 255.0),
-        ytr.long(),
-        np.arange(len(ytr), dtype=np.int64),
-        normalise_rows(Xte.reshape(len(Xte), -1).numpy() / 255.0),
-        yte.long(),
-        np.arange(len(yte), dtype=np.int64),
-        meta={"name": "svhn"},
-    )
+    parts = []
+    for train in (True, False):
+        images, labels = load_image_split(name, root, train=train, download=download)
+        X = normalise_rows(images.reshape(len(images), -1).numpy() / 255.0)
+        parts += [X, labels.long(), np.arange(len(labels), dtype=np.int64)]
+    return Dataset(*parts, meta={"name": name})
 
 
 def select_classes(ds: Dataset, classes: tuple[int, int]) -> Dataset:

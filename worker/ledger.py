@@ -29,16 +29,7 @@ from producer import schema
 # and its field count and fields (flat); then the entry ids to acknowledge. Statuses are written
 # first, dead letters copied next, acknowledgements last: an error stops the script before any
 # entry is acknowledged without its status and its dead-letter copy.
-_NAMES = (
-    "status",
-    "method",
-    "model_version",
-    "unknown_ids",
-    "already_removed_ids",
-    "reason",
-    "requested_at",
-    "applied_at",
-)
+_NAMES = schema.STATUS_FIELDS
 _PUBLISH_LUA = """
 if redis.replicate_commands then redis.replicate_commands() end
 local names = {'status', 'method', 'model_version', 'unknown_ids', 'already_removed_ids',
