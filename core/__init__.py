@@ -23,8 +23,9 @@ from core.errors import (
     NumericalError,
     StateError,
 )
-from core.model import Model, RemovalResult, train
+from core.model import Model, RemovalResult
 from core.persist import load_model
+from core.train import train
 
 __all__ = [
     "CertRemoveError",

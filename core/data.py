@@ -126,12 +126,13 @@ def _images_dataset(name: str, root: Path, download: bool) -> Dataset:
     """MNIST or SVHN pixels as rows (flattened, /255, L2-normalised); ids are source row numbers."""
     from core.images import load_image_split
 
-    parts = []
+    splits = []
     for train in (True, False):
         images, labels = load_image_split(name, root, train=train, download=download)
         X = normalise_rows(images.reshape(len(images), -1).numpy() / 255.0)
-        parts += [X, labels.long(), np.arange(len(labels), dtype=np.int64)]
-    return Dataset(*parts, meta={"name": name})
+        splits.append((X, labels.long(), np.arange(len(labels), dtype=np.int64)))
+    (Xtr, ytr, idtr), (Xte, yte, idte) = splits
+    return Dataset(Xtr, ytr, idtr, Xte, yte, idte, meta={"name": name})
 
 
 def select_classes(ds: Dataset, classes: tuple[int, int]) -> Dataset:

@@ -21,15 +21,14 @@ import numpy as np
 import torch
 
 from core.bounds import rounding_margin
-from core.budget import budget_total as compute_budget
 from core.errors import InvalidInputError
 from core.group_privacy import combined_guarantee, extractor_removals_remaining
 from core.labels import LabelCoding
 from core.loss import gradient, margins
+from core.newton import gradient_tolerance, newton_fit
 from core.noise import draw_noise, generator
 from core.removal import Problem, Step, newton_step
-from core.train import gradient_tolerance, newton_fit
-from core.trigger import MaxRemovals, auto_max_removals, validate_spec
+from core.trigger import MaxRemovals, auto_max_removals
 
 if TYPE_CHECKING:
     from core.data import Dataset
@@ -488,139 +487,3 @@ class Model:
                     "the removal would leave a binary model with a single class "
                     f"(classes {self._coding.classes}); retrain on new data instead"
                 )
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` picks CUDA when available, else CPU."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def validate_rows_data(X: torch.Tensor, y: torch.Tensor) -> None:
-    """Reject data the certificate does not cover: NaN, norms above ``1 + 1e-6``, bad labels."""
-    if not isinstance(X, torch.Tensor) or X.ndim != 2:
-        raise InvalidInputError("X must be a 2-D tensor (n, d)")
-    if not isinstance(y, torch.Tensor) or y.ndim != 1:
-        raise InvalidInputError(
-            f"y must be a 1-D tensor of labels, got shape {tuple(getattr(y, 'shape', ()))}"
-        )
-    if y.shape[0] != X.shape[0]:
-        raise InvalidInputError(f"X has {X.shape[0]} rows but y has {y.shape[0]} labels")
-    if X.shape[0] < 2 or X.shape[1] < 1:
-        raise InvalidInputError(f"need at least 2 rows and 1 feature, got shape {tuple(X.shape)}")
-    if not X.is_floating_point():
-        raise InvalidInputError(f"X must be floating point, got {X.dtype}")
-    if not bool(torch.isfinite(X).all()):
-        raise InvalidInputError("X contains NaN or infinite values")
-    norms = torch.linalg.vector_norm(X.double(), dim=1)
-    worst = float(norms.max())
-    if worst > 1 + 1e-6:
-        raise InvalidInputError(
-            f"{int((norms > 1 + 1e-6).sum())} rows have L2 norm above 1 + 1e-6 (max {worst:.6g}); "
-            "the certificate needs ||x_i|| <= 1: L2-normalise the rows first"
-        )
-
-
-def train(
-    X: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    lam: float = 1e-3,
-    sigma: float = 10.0,
-    epsilon: float = 1.0,
-    delta: float = 1e-4,
-    seed: int | None = None,
-    device: str | torch.device | None = None,
-    accounting: str = "exact",
-    max_removals: MaxRemovals = "auto",
-    calibration: str = "classical",
-    subsample_ratio: float | None = None,
-    ids: Sequence[Any] | np.ndarray | None = None,
-    extractor_dp: tuple[float, float] | None = None,
-    extractor_limit: tuple[float, float] | None = None,
-) -> Model:
-    """Train a removal-enabled model (Guo et al. 2020, Algorithm 1, loss perturbation).
-
-    Binary when y has two distinct labels (the larger maps to +1), one-vs-rest for integer labels
-    0..K-1 with K > 2. ``seed`` is for tests only and marks the model ``certified=False``.
-
-    Shapes: X (n, d) with rows of norm <= 1; y (n,).
-
-    Raises:
-        InvalidInputError: bad data or options (nothing is trained).
-    """
-    validate_rows_data(X, y)
-    # The certificate is about the rows as stored (float32 in every dataset file): train on those.
-    X = X.float()
-    if not (math.isfinite(lam) and lam > 0):
-        raise InvalidInputError(f"lam must be > 0 (strong convexity), got {lam}")
-    if accounting not in ACCOUNTINGS:
-        raise InvalidInputError(f"accounting must be one of {ACCOUNTINGS}, got {accounting!r}")
-    spec = validate_spec(max_removals)
-    if subsample_ratio is not None and not 0 < subsample_ratio <= 1:
-        raise InvalidInputError(f"subsample_ratio must lie in (0, 1], got {subsample_ratio}")
-    total = compute_budget(sigma, epsilon, delta, calibration)
-    coding = LabelCoding.fit(y)
-    dev = resolve_device(device)
-    ids_arr = np.arange(X.shape[0], dtype=np.int64) if ids is None else np.asarray(ids)
-    if ids_arr.shape != (X.shape[0],) or len(set(ids_arr.tolist())) != X.shape[0]:
-        raise InvalidInputError("ids must hold one unique sample id per row")
-    rng = generator(seed)
-    Y = coding.encode(y).to(dev)
-    omega = torch.ones_like(Y)
-    if subsample_ratio is not None and subsample_ratio < 1:
-        # Bernoulli subsample of each class's negatives, drawn before and independently of b.
-        keep = torch.from_numpy(rng.random(tuple(Y.shape)) < subsample_ratio).to(dev)
-        omega = torch.where((Y > 0) | keep, 1.0, 0.0).to(torch.float64)
-    problem = make_problem(X, Y, omega, lam, dev)
-    if extractor_dp is not None:
-        extractor_dp = (float(extractor_dp[0]), float(extractor_dp[1]))
-        if not (extractor_dp[0] > 0 and 0 <= extractor_dp[1] < 1):
-            raise InvalidInputError(
-                f"extractor_dp must be (eps_dp > 0, 0 <= delta_dp < 1), got {extractor_dp}"
-            )
-        extractor_limit = tuple(map(float, extractor_limit or (epsilon, delta)))  # type: ignore[assignment]
-    hyper = Hyper(
-        lam,
-        sigma,
-        epsilon,
-        delta,
-        accounting,
-        calibration,
-        spec,
-        subsample_ratio,
-        extractor_dp,
-        extractor_limit if extractor_dp is not None else None,
-    )
-    W0 = torch.zeros((X.shape[1], Y.shape[1]), dtype=torch.float64, device=dev)
-    model = Model(
-        problem=problem,
-        coding=coding,
-        hyper=hyper,
-        ids=ids_arr,
-        alive=torch.ones(X.shape[0], dtype=torch.bool, device=dev),
-        W=W0,
-        budget_total=total,
-        certified=seed is None and sigma > 0,
-    )
-    model._fit(model._alive, seed=None if seed is None else seed + 1, W0=None)
-    return model
-
-
-def make_problem(
-    X: torch.Tensor, Y: torch.Tensor, omega: torch.Tensor, lam: float, dev: torch.device
-) -> Problem:
-    """Move the data to ``dev`` in float64 and compute the constants the bounds need."""
-    from core.bounds import spectral_norm_upper
-
-    X64 = X.to(dev, torch.float64)
-    return Problem(
-        X=X64,
-        Y=Y.to(dev, torch.float64),
-        omega=omega.to(dev, torch.float64),
-        row_norms=torch.linalg.vector_norm(X64, dim=1),
-        x_norm2=spectral_norm_upper(X64),
-        lam=float(lam),
-        hess_dtype=torch.float32 if dev.type == "cuda" else torch.float64,
-    )

@@ -32,7 +32,8 @@ from safetensors.torch import load_file, save_file
 from core.data import Dataset, load_npz, save_dataset
 from core.errors import InvalidInputError, StateError
 from core.labels import LabelCoding
-from core.model import Hyper, Model, make_problem, resolve_device
+from core.model import Hyper, Model
+from core.train import make_problem, resolve_device
 
 FORMAT = 1
 

@@ -18,7 +18,8 @@ import torch
 
 from core.data import Dataset
 from core.errors import InvalidInputError
-from core.model import Model, train
+from core.model import Model
+from core.train import train
 
 
 def removed_source_ids(model: Model, pending_rows: list[int] | tuple[int, ...] = ()) -> np.ndarray:

@@ -1,156 +1,155 @@
-"""Newton-Cholesky training of the loss-perturbed objective (Guo et al. 2020, Algorithm 1).
-
-Deviation: the paper (and its code) trains with 100 L-BFGS steps and ignores the final gradient;
-we run Newton's method with a backtracking line search to a tolerance tied to the budget, and the
-final gradient norm ``r0`` (measured at the weights as stored, float64) is charged to the budget.
-"""
+"""``core.train``: validate the data and options, and train a removal-enabled model
+(Guo et al. 2020, Algorithm 1, loss perturbation; the solver is ``core.newton``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections.abc import Sequence
+from typing import Any
 
+import numpy as np
 import torch
 
-from core.errors import ConvergenceError, NumericalError
-from core.loss import (
-    cholesky_factor,
-    frobenius,
-    gradient,
-    hessians,
-    margins,
-    objective,
-    solve_factored,
-)
+from core.budget import budget_total as compute_budget
+from core.errors import InvalidInputError
+from core.labels import LabelCoding
+from core.model import ACCOUNTINGS, Hyper, Model
+from core.noise import generator
+from core.removal import Problem
+from core.trigger import MaxRemovals, validate_spec
 
 
-@dataclass(frozen=True)
-class FitResult:
-    """Weights (d, K) float64, the final residual ``||grad L_b||_F``, the iteration count, and
-    the Cholesky factors of the last Hessian (reusable as a preconditioner near the optimum)."""
-
-    W: torch.Tensor
-    r0: float
-    iterations: int
-    factor: torch.Tensor | None = None
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` picks CUDA when available, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
 
 
-def gradient_tolerance(lam: float, n_reg: float, budget: float) -> float:
-    """``min(1e-9 lam n, 1e-6 budget)`` (DESIGN.md §1); a zero budget (sigma = 0) uses the first."""
-    tol = 1e-9 * lam * n_reg
-    return min(tol, 1e-6 * budget) if budget > 0 else tol
+def validate_rows_data(X: torch.Tensor, y: torch.Tensor) -> None:
+    """Reject data the certificate does not cover: NaN, norms above ``1 + 1e-6``, bad labels."""
+    if not isinstance(X, torch.Tensor) or X.ndim != 2:
+        raise InvalidInputError("X must be a 2-D tensor (n, d)")
+    if not isinstance(y, torch.Tensor) or y.ndim != 1:
+        raise InvalidInputError(
+            f"y must be a 1-D tensor of labels, got shape {tuple(getattr(y, 'shape', ()))}"
+        )
+    if y.shape[0] != X.shape[0]:
+        raise InvalidInputError(f"X has {X.shape[0]} rows but y has {y.shape[0]} labels")
+    if X.shape[0] < 2 or X.shape[1] < 1:
+        raise InvalidInputError(f"need at least 2 rows and 1 feature, got shape {tuple(X.shape)}")
+    if not X.is_floating_point():
+        raise InvalidInputError(f"X must be floating point, got {X.dtype}")
+    if not bool(torch.isfinite(X).all()):
+        raise InvalidInputError("X contains NaN or infinite values")
+    norms = torch.linalg.vector_norm(X.double(), dim=1)
+    worst = float(norms.max())
+    if worst > 1 + 1e-6:
+        raise InvalidInputError(
+            f"{int((norms > 1 + 1e-6).sum())} rows have L2 norm above 1 + 1e-6 (max {worst:.6g}); "
+            "the certificate needs ||x_i|| <= 1: L2-normalise the rows first"
+        )
 
 
-def newton_fit(
+def train(
     X: torch.Tensor,
-    Y: torch.Tensor,
-    C: torch.Tensor,
-    lam: float,
-    n_reg: float,
-    B: torch.Tensor,
+    y: torch.Tensor,
     *,
-    tol: float,
-    W0: torch.Tensor | None = None,
-    max_iter: int = 100,
-    hess_dtype: torch.dtype | None = None,
-) -> FitResult:
-    """Minimise ``L_b`` by damped Newton steps until ``||grad L_b||_F <= tol``.
+    lam: float = 1e-3,
+    sigma: float = 10.0,
+    epsilon: float = 1.0,
+    delta: float = 1e-4,
+    seed: int | None = None,
+    device: str | torch.device | None = None,
+    accounting: str = "exact",
+    max_removals: MaxRemovals = "auto",
+    calibration: str = "classical",
+    subsample_ratio: float | None = None,
+    ids: Sequence[Any] | np.ndarray | None = None,
+    extractor_dp: tuple[float, float] | None = None,
+    extractor_limit: tuple[float, float] | None = None,
+) -> Model:
+    """Train a removal-enabled model (Guo et al. 2020, Algorithm 1, loss perturbation).
 
-    Each class is an independent problem; the line search backtracks per class on the Armijo
-    condition (plain Newton can diverge on the logistic loss). ``hess_dtype=float32`` (CUDA) only
-    changes the direction; the gradient and the stopping test stay in X's dtype (float64).
+    Binary when y has two distinct labels (the larger maps to +1), one-vs-rest for integer labels
+    0..K-1 with K > 2. ``seed`` is for tests only and marks the model ``certified=False``.
 
-    Shapes: X (n, d) float64, Y and C (n, K), B (d, K), W0 (d, K).
+    Shapes: X (n, d) with rows of norm <= 1; y (n,).
 
     Raises:
-        ConvergenceError: the tolerance was not reached and the residual is too large to certify.
+        InvalidInputError: bad data or options (nothing is trained).
     """
-    d, n_classes = X.shape[1], Y.shape[1]
-    W = torch.zeros((d, n_classes), dtype=X.dtype, device=X.device) if W0 is None else W0.clone()
-    best = float("inf")
-    stalled = 0
-    factor: torch.Tensor | None = None
-    for it in range(1, max_iter + 1):
-        Z = margins(X, Y, W)
-        G = gradient(X, Y, C, W, lam, n_reg, B, Z=Z)
-        gnorm = frobenius(G)
-        if gnorm <= tol:
-            return FitResult(W=W, r0=gnorm, iterations=it - 1, factor=factor)
-        stalled = stalled + 1 if gnorm >= best * 0.999 else 0
-        best = min(best, gnorm)
-        if stalled >= 5:
-            break
-        try:
-            factor = cholesky_factor(hessians(X, C, Z, lam, n_reg, dtype=hess_dtype), lam)
-        except NumericalError:
-            if hess_dtype in (None, torch.float64):
-                raise
-            factor = cholesky_factor(hessians(X, C, Z, lam, n_reg, dtype=torch.float64), lam)
-        D = -solve_factored(factor, G)
-        W = _line_search(X, Y, C, W, D, G, lam, n_reg, B)
-    Z = margins(X, Y, W)
-    gnorm = frobenius(gradient(X, Y, C, W, lam, n_reg, B, Z=Z))
-    if gnorm <= tol:
-        return FitResult(W=W, r0=gnorm, iterations=max_iter, factor=factor)
-    raise ConvergenceError(
-        f"Newton training stopped at ||grad|| = {gnorm:.3e} > tolerance {tol:.3e} "
-        f"(lam={lam:g}, n={int(n_reg)}, d={d}); increase lam or check the data for NaN/duplicates"
+    validate_rows_data(X, y)
+    # The certificate is about the rows as stored (float32 in every dataset file): train on those.
+    X = X.float()
+    if not (math.isfinite(lam) and lam > 0):
+        raise InvalidInputError(f"lam must be > 0 (strong convexity), got {lam}")
+    if accounting not in ACCOUNTINGS:
+        raise InvalidInputError(f"accounting must be one of {ACCOUNTINGS}, got {accounting!r}")
+    spec = validate_spec(max_removals)
+    if subsample_ratio is not None and not 0 < subsample_ratio <= 1:
+        raise InvalidInputError(f"subsample_ratio must lie in (0, 1], got {subsample_ratio}")
+    total = compute_budget(sigma, epsilon, delta, calibration)
+    coding = LabelCoding.fit(y)
+    dev = resolve_device(device)
+    ids_arr = np.arange(X.shape[0], dtype=np.int64) if ids is None else np.asarray(ids)
+    if ids_arr.shape != (X.shape[0],) or len(set(ids_arr.tolist())) != X.shape[0]:
+        raise InvalidInputError("ids must hold one unique sample id per row")
+    rng = generator(seed)
+    Y = coding.encode(y).to(dev)
+    omega = torch.ones_like(Y)
+    if subsample_ratio is not None and subsample_ratio < 1:
+        # Bernoulli subsample of each class's negatives, drawn before and independently of b.
+        keep = torch.from_numpy(rng.random(tuple(Y.shape)) < subsample_ratio).to(dev)
+        omega = torch.where((Y > 0) | keep, 1.0, 0.0).to(torch.float64)
+    problem = make_problem(X, Y, omega, lam, dev)
+    if extractor_dp is not None:
+        extractor_dp = (float(extractor_dp[0]), float(extractor_dp[1]))
+        if not (extractor_dp[0] > 0 and 0 <= extractor_dp[1] < 1):
+            raise InvalidInputError(
+                f"extractor_dp must be (eps_dp > 0, 0 <= delta_dp < 1), got {extractor_dp}"
+            )
+        extractor_limit = tuple(map(float, extractor_limit or (epsilon, delta)))  # type: ignore[assignment]
+    hyper = Hyper(
+        lam,
+        sigma,
+        epsilon,
+        delta,
+        accounting,
+        calibration,
+        spec,
+        subsample_ratio,
+        extractor_dp,
+        extractor_limit if extractor_dp is not None else None,
     )
+    W0 = torch.zeros((X.shape[1], Y.shape[1]), dtype=torch.float64, device=dev)
+    model = Model(
+        problem=problem,
+        coding=coding,
+        hyper=hyper,
+        ids=ids_arr,
+        alive=torch.ones(X.shape[0], dtype=torch.bool, device=dev),
+        W=W0,
+        budget_total=total,
+        certified=seed is None and sigma > 0,
+    )
+    model._fit(model._alive, seed=None if seed is None else seed + 1, W0=None)
+    return model
 
 
-def _line_search(
-    X: torch.Tensor,
-    Y: torch.Tensor,
-    C: torch.Tensor,
-    W: torch.Tensor,
-    D: torch.Tensor,
-    G: torch.Tensor,
-    lam: float,
-    n_reg: float,
-    B: torch.Tensor,
-    *,
-    armijo: float = 1e-4,
-    max_halvings: int = 40,
-) -> torch.Tensor:
-    """Backtracking on the per-class objective; near the optimum the full step is accepted when the
-    objective no longer resolves the decrease (float64 rounding)."""
-    f0 = objective(X, Y, C, W, lam, n_reg, B)
-    slope = (G * D).sum(0)  # < 0: D is a descent direction because H is SPD
-    step = torch.ones_like(f0)
-    slack = 1e-13 * f0.abs().clamp_min(1.0)
-    for _ in range(max_halvings):
-        f1 = objective(X, Y, C, W + D * step, lam, n_reg, B)
-        ok = f1 <= f0 + armijo * step * slope + slack
-        if bool(ok.all()):
-            break
-        step = torch.where(ok, step, step / 2)
-    return W + D * step
+def make_problem(
+    X: torch.Tensor, Y: torch.Tensor, omega: torch.Tensor, lam: float, dev: torch.device
+) -> Problem:
+    """Move the data to ``dev`` in float64 and compute the constants the bounds need."""
+    from core.bounds import spectral_norm_upper
 
-
-def refit_with_factor(
-    X: torch.Tensor,
-    Y: torch.Tensor,
-    C: torch.Tensor,
-    lam: float,
-    n_reg: float,
-    B: torch.Tensor,
-    *,
-    tol: float,
-    W0: torch.Tensor,
-    factor: torch.Tensor,
-    max_iter: int = 60,
-) -> FitResult | None:
-    """Minimise ``L_b`` from ``W0`` with a fixed Hessian factor (chord method): O(nd + Kd^2) per
-    iteration instead of O(nd^2). Converges linearly when ``W0`` is near the new optimum (a new
-    noise draw on the same data); returns None when it does not, so the caller can fall back."""
-    W = W0.clone()
-    previous = float("inf")
-    for it in range(max_iter):
-        G = gradient(X, Y, C, W, lam, n_reg, B)
-        gnorm = frobenius(G)
-        if gnorm <= tol:
-            return FitResult(W=W, r0=gnorm, iterations=it, factor=factor)
-        if gnorm > 0.7 * previous:
-            return None
-        previous = gnorm
-        W = W - solve_factored(factor, G)
-    return None
+    X64 = X.to(dev, torch.float64)
+    return Problem(
+        X=X64,
+        Y=Y.to(dev, torch.float64),
+        omega=omega.to(dev, torch.float64),
+        row_norms=torch.linalg.vector_norm(X64, dim=1),
+        x_norm2=spectral_norm_upper(X64),
+        lam=float(lam),
+        hess_dtype=torch.float32 if dev.type == "cuda" else torch.float64,
+    )

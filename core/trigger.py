@@ -17,9 +17,9 @@ import torch
 
 from core.errors import InvalidInputError
 from core.loss import gradient
+from core.newton import FitResult, gradient_tolerance, newton_fit, refit_with_factor
 from core.noise import draw_noise
 from core.removal import Problem, newton_step
-from core.train import FitResult, gradient_tolerance, newton_fit, refit_with_factor
 
 MaxRemovals = int | float | str | None
 
