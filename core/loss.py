@@ -153,17 +153,6 @@ def solve_factored(L: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     return sol.to(rhs.dtype)
 
 
-def cholesky_solve(H: torch.Tensor, rhs: torch.Tensor, lam: float) -> torch.Tensor:
-    """Solve ``H_k s_k = rhs_k`` for each class by Cholesky (never an explicit inverse).
-
-    Shapes: H (K, d, d), rhs (d, K) -> (d, K).
-
-    Raises:
-        NumericalError: the factorisation failed (names lambda and the matrix size).
-    """
-    return solve_factored(cholesky_factor(H, lam), rhs)
-
-
 def frobenius(T: torch.Tensor) -> float:
     """Frobenius norm as a Python float (float64 reduction)."""
     return math.sqrt(float((T.double() ** 2).sum()))

@@ -23,6 +23,7 @@ import torch
 from core.bounds import rounding_margin
 from core.errors import InvalidInputError
 from core.group_privacy import combined_guarantee, extractor_removals_remaining
+from core.guard import ONE_CLASS, RemovalGuard
 from core.labels import LabelCoding
 from core.loss import gradient, margins
 from core.newton import gradient_tolerance, newton_fit
@@ -105,13 +106,15 @@ class Model:
         #: rows removed since the DP extractor was trained (head retrains do not reset it)
         self.extractor_removed = 0
         self.max_removals: int | None = None
-        self.dataset: Dataset | None = None
+        self._dataset: Dataset | None = None
         self._r0_anchor = 0.0
         self._anchor_grad = torch.zeros_like(W)
         self._anchor_distance = 0.0
         self._margin = 0.0
         self._beta = torch.zeros(W.shape[1], dtype=torch.float64, device=W.device)
         self._id_index: dict[Any, int] | None = None
+        self._excluded: frozenset[Any] | None = None
+        self._class_codes: np.ndarray | None = None
         #: (rows, max_removals) of the last "auto" estimate, scaled at retrains (in memory only)
         self._auto_basis: tuple[int, int] | None = None
         self._save_seq = 0
@@ -189,15 +192,47 @@ class Model:
     def rows_for_ids(self, sample_ids: Sequence[Any]) -> tuple[list[int], list[Any]]:
         """Map sample ids to training rows. Returns (rows, unknown ids), both in input order."""
         if self._id_index is None:
-            self._id_index = {self._id_key(v): i for i, v in enumerate(self.ids.tolist())}
+            self._id_index = {self.sample_id_key(v): i for i, v in enumerate(self.ids.tolist())}
         rows: list[int] = []
         unknown: list[Any] = []
         for raw in sample_ids:
-            row = self._id_index.get(self._id_key(raw))
+            row = self._id_index.get(self.sample_id_key(raw))
             (unknown if row is None else rows).append(raw if row is None else row)
         return rows, unknown
 
-    def _id_key(self, value: Any) -> Any:
+    @property
+    def dataset(self) -> Dataset | None:
+        """The training and test data with their meta (set by save/load and the pipeline)."""
+        return self._dataset
+
+    @dataset.setter
+    def dataset(self, value: Dataset | None) -> None:
+        self._dataset, self._excluded = value, None
+
+    @property
+    def excluded_ids(self) -> frozenset[Any]:
+        """Keys (:meth:`sample_id_key`) of sample ids earlier full-pipeline retrains dropped from
+        the data (``dataset.meta["excluded_ids"]``): removed already, though no longer rows."""
+        if self._excluded is None:
+            meta = self.dataset.meta if self.dataset is not None else {}
+            keys = (self.sample_id_key(v) for v in meta.get("excluded_ids") or [])
+            self._excluded = frozenset(k for k in keys if k is not None)
+        return self._excluded
+
+    def removal_guard(self, at_most: int | None = None) -> RemovalGuard:
+        """A :class:`core.guard.RemovalGuard` over the current alive rows: asks, removal after
+        removal, whether :meth:`remove` would refuse it."""
+        if self._class_codes is None:
+            Y = self._problem.Y
+            codes = (Y[:, 0] > 0) if self._coding.binary else Y.argmax(dim=1)
+            self._class_codes = codes.long().cpu().numpy()
+        return RemovalGuard(
+            self._class_codes, self._alive.cpu().numpy(), self._coding.binary, at_most
+        )
+
+    def sample_id_key(self, value: Any) -> Any:
+        """The normalised form of a sample id (int for integer ids, incl. digit strings of at
+        most 18 ASCII digits; str otherwise), or None when it cannot name a row."""
         if self.ids.dtype.kind in "iu":
             if isinstance(value, bool):
                 return None
@@ -366,7 +401,7 @@ class Model:
         alive = self._alive.clone()
         if rows:
             alive[torch.as_tensor(rows, dtype=torch.long, device=self.device)] = False
-        self._check_not_emptied([], alive=alive)
+        self._check_not_emptied(torch.nonzero(self._alive & ~alive).flatten().tolist())
         newly = int(self._alive.sum()) - int(alive.sum())
         left = self.extractor_removals_remaining
         if left is not None and newly > left:
@@ -471,19 +506,10 @@ class Model:
                 )
         return row_list, sizes
 
-    def _check_not_emptied(self, new_rows: list[int], *, alive: torch.Tensor | None = None) -> None:
-        if alive is None:
-            alive = self._alive.clone()
-            if new_rows:
-                alive[torch.as_tensor(new_rows, dtype=torch.long, device=self.device)] = False
-        if not bool(alive.any()):
+    def _check_not_emptied(self, rows: list[int]) -> None:
+        """Refuse removing ``rows`` (alive, distinct) when core.guard says so."""
+        reason = self.removal_guard().refuse(rows)
+        if reason is not None:
             raise InvalidInputError(
-                "the removal would leave no training rows: there is no model with n' = 0"
+                reason + (f" (classes {self._coding.classes})" if reason == ONE_CLASS else "")
             )
-        if self._coding.binary:
-            y = self._problem.Y[alive, 0]
-            if not (bool((y > 0).any()) and bool((y < 0).any())):
-                raise InvalidInputError(
-                    "the removal would leave a binary model with a single class "
-                    f"(classes {self._coding.classes}); retrain on new data instead"
-                )

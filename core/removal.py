@@ -14,7 +14,14 @@ import torch
 
 from core.bounds import remainder_bound, rounding_margin
 from core.errors import NumericalError
-from core.loss import cholesky_solve, frobenius, margins, weighted_gram, xt_dot
+from core.loss import (
+    cholesky_factor,
+    frobenius,
+    margins,
+    solve_factored,
+    weighted_gram,
+    xt_dot,
+)
 
 
 @dataclass(frozen=True)
@@ -80,8 +87,7 @@ def newton_step(
     n_after = float(alive.sum()) - m
     sig_neg = torch.sigmoid(-Z)
     curvature = C * (torch.sigmoid(Z) * sig_neg)  # C_i l''(z_i) on the remaining rows
-    Zr = Z[rows]
-    delta_grad = X[rows].T @ (problem.omega[rows] * -torch.sigmoid(-Zr) * Y[rows]) + (lam * m) * W
+    delta_grad = X[rows].T @ (problem.omega[rows] * -sig_neg[rows] * Y[rows]) + (lam * m) * W
 
     S = _solve(problem, curvature, n_after, delta_grad)
     if S is None:
@@ -142,12 +148,13 @@ def _solve(
     ridge = lam * n_after
     for dtype in dict.fromkeys((problem.hess_dtype, torch.float64)):
         try:
-            H = weighted_gram(X, curvature, ridge, dtype=dtype)
-            S = cholesky_solve(H, rhs, lam)
+            L = cholesky_factor(weighted_gram(X, curvature, ridge, dtype=dtype), lam)
+            S = solve_factored(L, rhs)
             if dtype != torch.float64:
-                # Iterative refinement: the float64 residual of the float32 solve, solved again.
+                # Iterative refinement: the float64 residual of the float32 solve, solved again
+                # with the same factor.
                 resid = rhs - (xt_dot(X, curvature * (X @ S)) + ridge * S)
-                S = S + cholesky_solve(H, resid, lam)
+                S = S + solve_factored(L, resid)
         except NumericalError:
             continue
         if bool(torch.isfinite(S).all()):

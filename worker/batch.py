@@ -14,18 +14,16 @@ error; the rest of the batch goes on.
 
 from __future__ import annotations
 
-import re
-from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from core.guard import RemovalGuard
 from producer import schema
 from worker.entries import Entry
 from worker.ledger import Answer, Ledger
-
-_INT_TEXT = re.compile(r"\s*-?[0-9]{1,19}\s*")
 
 
 @dataclass
@@ -53,47 +51,6 @@ class Plan:
     repeats: int = 0
 
 
-class RemovalGuard:
-    """Predicts core's refusal of removals that would leave no rows or one class of a binary
-    model, from per-class counts of the remaining rows, so only the offending request is
-    rejected (core raises for the whole call).
-
-    Args:
-        labels: training labels, one per row (numpy).
-        alive: the alive mask (numpy bool).
-        binary: whether the model is binary.
-    """
-
-    def __init__(
-        self, labels: np.ndarray, alive: np.ndarray, binary: bool, at_most: int | None = None
-    ) -> None:
-        self.labels = labels
-        self.binary = binary
-        values, counts = np.unique(labels[alive], return_counts=True)
-        self.counts = dict(zip(values.tolist(), counts.tolist(), strict=True))
-        self.total = int(counts.sum())
-        # When the batch holds fewer rows than the smallest class, nothing can be refused.
-        smallest = min(self.counts.values()) if binary and self.counts else self.total
-        self.safe = at_most is not None and at_most < min(smallest, self.total)
-
-    def refuse(self, rows: list[int]) -> str | None:
-        """The reason this removal would be refused, or None (and then count it as done)."""
-        if self.safe:
-            return None
-        picked = self.labels[rows].tolist()
-        dec = Counter(picked) if len(picked) > 1 else {picked[0]: 1}
-        if self.total - len(rows) <= 0:
-            return "the removal would leave no training rows: there is no model with n' = 0"
-        if self.binary:
-            left = sum(1 for k, c in self.counts.items() if c - dec.get(k, 0) > 0)
-            if left < 2:
-                return "the removal would leave a binary model with a single class"
-        for k, c in dec.items():
-            self.counts[k] = self.counts.get(k, 0) - c
-        self.total -= len(rows)
-        return None
-
-
 def plan_batch(
     entries: list[Entry],
     *,
@@ -104,14 +61,15 @@ def plan_batch(
     guard: RemovalGuard | None,
     now: float,
     fold_overlaps: bool = False,
-    excluded: frozenset[int] = frozenset(),
+    is_excluded: Callable[[Any], bool] | None = None,
 ) -> Plan:
     """Classify ``entries`` (see the module docstring); never raises on bad input.
 
     With ``fold_overlaps`` (a retrain, which removes every group at once) a request sharing rows
     with an earlier group is not deferred: its shared rows are removed by the same retrain (each
     group's ``needs`` keeps them, so dropping the earlier group later can hand them over).
-    ``excluded``: integer sample ids no longer in the data because they were removed already.
+    ``is_excluded(id)``: whether an unknown id is no longer in the data because it was removed
+    already (an earlier full-pipeline retrain).
     """
     plan = Plan()
     try:
@@ -144,7 +102,7 @@ def plan_batch(
             stop = _plan_entry(
                 plan, e, known[i] if known is not None else rows_for_ids(e.sample_ids),
                 alive=alive, sample_ids=sample_ids, guard=guard, now=now,
-                fold_overlaps=fold_overlaps, excluded=excluded, claimed=claimed,
+                fold_overlaps=fold_overlaps, is_excluded=is_excluded, claimed=claimed,
             )  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - one entry must never stop the batch
             reason = f"the request could not be planned: {type(exc).__name__}: {exc}"[:500]
@@ -168,15 +126,15 @@ def _plan_entry(
     guard: RemovalGuard | None,
     now: float,
     fold_overlaps: bool,
-    excluded: frozenset[int],
+    is_excluded: Callable[[Any], bool] | None,
     claimed: set[int],
 ) -> bool:
     """Plan one valid entry into ``plan``; True when it (and what follows) must be deferred."""
     rows, unknown = mapped
     gone: list[Any] = []
-    if unknown and excluded:
-        gone = [u for u in unknown if _int_id(u) in excluded]
-        unknown = [u for u in unknown if _int_id(u) not in excluded]
+    if unknown and is_excluded is not None:
+        gone = [u for u in unknown if is_excluded(u)]
+        unknown = [u for u in unknown if not is_excluded(u)]
     if not rows and not gone:
         plan.answers.append(_rejected(e, "no known sample id in the request", now, unknown))
         plan.answered.append(e)
@@ -210,17 +168,6 @@ def _plan_entry(
     claimed.update(new)
     plan.groups.append(Group(e, new, already, unknown, needs))
     return False
-
-
-def _int_id(value: Any) -> int | None:
-    """``value`` as an integer sample id (ints, and strings of at most 19 digits), else None."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and _INT_TEXT.fullmatch(value):
-        return int(value)
-    return None
 
 
 def _rows_in_one_call(entries: list[Entry], rows_for_ids: Any) -> list[Any] | None:

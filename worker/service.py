@@ -31,8 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from core.guard import RemovalGuard
 from producer import schema
-from worker.batch import Group, Plan, RemovalGuard, applied_answers, plan_batch, rejected_group
+from worker.batch import Group, Plan, applied_answers, plan_batch, rejected_group
 from worker.doorbell import Doorbell, SendTask
 from worker.entries import Entry, parse_entries
 from worker.errors import ServiceStoppedError
@@ -140,14 +141,10 @@ class RemovalService:
 
     # ------------------------------------------------------------------ state
     def _adopt(self, model: Any) -> None:
-        """Serve ``model``: its labels, ids, and the ids earlier full-pipeline retrains excluded
-        from its data (removed already: a repeat of one is answered applied)."""
+        """Serve ``model`` (its ids; the ids earlier full-pipeline retrains excluded from its data
+        count as removed already, see ``core.Model.excluded_ids``)."""
         self.model = model
-        ds = model.dataset
-        self._labels = ds.y_train.cpu().numpy() if ds is not None else None
         self._ids = np.asarray(model.ids)
-        meta = getattr(ds, "meta", None) or {}
-        self._excluded = frozenset(int(i) for i in meta.get("excluded_ids") or [])
         self._safety_seen = int(model.safety_retrains)
 
     def refresh_metrics(self) -> None:
@@ -162,11 +159,13 @@ class RemovalService:
     def _persist(self) -> None:
         self.model.save(self.state_dir)
 
-    def _guard(self, alive: np.ndarray, entries: list[Entry]) -> RemovalGuard | None:
-        if self._labels is None:
-            return None
+    def _guard(self, entries: list[Entry]) -> RemovalGuard:
         at_most = sum(len(e.sample_ids) for e in entries if e.sample_ids)
-        return RemovalGuard(self._labels, alive, len(self.model.classes) == 2, at_most)
+        return self.model.removal_guard(at_most)
+
+    def _is_excluded(self, sample_id: Any) -> bool:
+        excluded = self.model.excluded_ids
+        return bool(excluded) and self.model.sample_id_key(sample_id) in excluded
 
     def _plan(self, entries: list[Entry], *, fold: bool) -> tuple[Plan, np.ndarray]:
         alive = self.model.alive.cpu().numpy()
@@ -176,10 +175,10 @@ class RemovalService:
             alive=alive,
             sample_ids=self._ids,
             ledger=self.ledger,
-            guard=self._guard(alive, entries),
+            guard=self._guard(entries),
             now=self.clock(),
             fold_overlaps=fold,
-            excluded=self._excluded,
+            is_excluded=self._is_excluded,
         )
         return plan, alive
 

@@ -1,0 +1,53 @@
+"""Which removals ``core`` refuses: none that leave no rows, or one class of a binary model.
+
+One rule, used by :meth:`core.Model.remove` and :meth:`core.Model.retrain` (which raise) and by
+the worker (which asks request by request, so only the offending request is rejected).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+NO_ROWS = "the removal would leave no training rows: there is no model with n' = 0"
+ONE_CLASS = "the removal would leave a binary model with a single class"
+
+
+class RemovalGuard:
+    """Counts the remaining rows per class and answers, removal after removal, whether the next
+    one would be refused.
+
+    Args:
+        labels: a class code per training row (numpy).
+        alive: the alive mask (numpy bool).
+        binary: whether the model is binary (then both classes must keep a row).
+        at_most: rows the caller will ask about in all; fewer than the smallest class means
+            nothing can be refused (a fast path).
+    """
+
+    def __init__(
+        self, labels: np.ndarray, alive: np.ndarray, binary: bool, at_most: int | None = None
+    ) -> None:
+        self.labels = labels
+        self.binary = binary
+        values, counts = np.unique(labels[alive], return_counts=True)
+        self.counts = dict(zip(values.tolist(), counts.tolist(), strict=True))
+        self.total = int(counts.sum())
+        smallest = min(self.counts.values()) if binary and self.counts else self.total
+        self.safe = at_most is not None and at_most < min(smallest, self.total)
+
+    def refuse(self, rows: list[int]) -> str | None:
+        """Why removing ``rows`` (alive, distinct) would be refused, or None (then it counts as
+        done for the next question)."""
+        if self.safe or not rows:
+            return None
+        dec = Counter(self.labels[rows].tolist())
+        if self.total - len(rows) <= 0:
+            return NO_ROWS
+        if self.binary and sum(1 for k, c in self.counts.items() if c - dec.get(k, 0) > 0) < 2:
+            return ONE_CLASS
+        for k, c in dec.items():
+            self.counts[k] = self.counts.get(k, 0) - c
+        self.total -= len(rows)
+        return None
