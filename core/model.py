@@ -58,6 +58,31 @@ class RemovalResult:
 
 
 @dataclass
+class RetrainSnapshot:
+    """The rows and weights a background retrain starts from (:meth:`Model.retrain_snapshot`)."""
+
+    version: int
+    alive: torch.Tensor
+    W: torch.Tensor
+
+
+@dataclass
+class PreparedRetrain:
+    """A fitted noise epoch not yet in use (:meth:`Model.prepare_retrain`). Holds the new noise
+    ``b`` in memory only, like the model itself; never persisted or exported."""
+
+    version: int
+    alive: torch.Tensor
+    W: torch.Tensor
+    noise: torch.Tensor
+    anchor_grad: torch.Tensor
+    r0_anchor: float
+    max_removals: int | None
+    auto_basis: tuple[int, int] | None
+    certified: bool
+
+
+@dataclass
 class Hyper:
     """Training options, persisted with the model."""
 
@@ -414,6 +439,13 @@ class Model:
         self.version += 1
 
     def _fit(self, alive: torch.Tensor, *, seed: int | None, W0: torch.Tensor | None) -> None:
+        self._install(self._fit_epoch(alive, seed=seed, W0=W0))
+
+    def _fit_epoch(
+        self, alive: torch.Tensor, *, seed: int | None, W0: torch.Tensor | None
+    ) -> PreparedRetrain:
+        """Fit a noise epoch on ``alive`` with fresh noise. Pure: reads only the fixed problem,
+        hyper-parameters and budget, so it may run in another thread while :meth:`remove` goes on."""
         p, h = self._problem, self.hyper
         rng = generator(seed)
         B = draw_noise(tuple(self._W.shape), h.sigma, rng, self.device)
@@ -430,53 +462,145 @@ class Model:
             W0=W0,
             hess_dtype=p.hess_dtype,
         )
-        self._W, self._alive, self.noise, self._Z = fit.W, alive, B, None
-        self._set_anchor(r0=fit.r0)
-        self.certified = seed is None and h.sigma > 0
+        anchor_grad, r0_anchor = self._anchor_at(fit.W, alive, r0=fit.r0)
+        max_removals, basis = self._resolve_trigger(alive, fit.W, rng, fit.factor)
+        return PreparedRetrain(
+            version=self.version,
+            alive=alive,
+            W=fit.W,
+            noise=B,
+            anchor_grad=anchor_grad,
+            r0_anchor=r0_anchor,
+            max_removals=max_removals,
+            auto_basis=basis,
+            certified=seed is None and h.sigma > 0,
+        )
+
+    def _install(self, epoch: PreparedRetrain) -> None:
+        """Make a fitted epoch the current state (the accounting anchor; counter restarts)."""
+        self._W, self._alive, self.noise, self._Z = epoch.W, epoch.alive, epoch.noise, None
+        self._anchor_grad, self._r0_anchor = epoch.anchor_grad, epoch.r0_anchor
+        self._anchor_distance, self._margin = 0.0, 0.0
+        self._beta = torch.zeros_like(self._beta)
+        self.certified = epoch.certified
         self.removed_in_epoch = 0
-        self.max_removals = self._resolve_trigger(rng, fit.factor)
+        self.max_removals = epoch.max_removals
+        self._auto_basis = epoch.auto_basis
+
+    # ----------------------------------------------------------------- retrain in the background
+    def retrain_snapshot(self) -> RetrainSnapshot:
+        """The current alive rows and weights, for :meth:`prepare_retrain` in another thread."""
+        return RetrainSnapshot(version=self.version, alive=self._alive.clone(), W=self._W)
+
+    def prepare_retrain(
+        self, snapshot: RetrainSnapshot | None = None, *, seed: int | None = None
+    ) -> PreparedRetrain:
+        """Fit the next noise epoch (fresh noise) on a snapshot's rows without changing the model.
+
+        Thread-safe against :meth:`remove` on this model (it reads only the fixed data and the
+        snapshot). Hand the result to :meth:`adopt_retrain`, which removes the rows removed since
+        the snapshot from it before it is ever released.
+        """
+        snap = snapshot or self.retrain_snapshot()
+        epoch = self._fit_epoch(snap.alive, seed=seed, W0=snap.W)
+        epoch.version = snap.version
+        return epoch
+
+    def adopt_retrain(self, prepared: PreparedRetrain) -> bool:
+        """Switch to a prepared epoch: one Newton step on it removes the rows removed since its
+        snapshot (the catch-up), then version + 1. Returns False, with the model unchanged, when
+        the prepared epoch cannot take over: it was prepared for another version, or the
+        catch-up exceeds its ``max_removals`` or its budget (the budget check is a safety-net
+        firing, counted in ``safety_retrains``); the caller then retrains from scratch.
+
+        The catch-up set depends only on the removals served, never on the new noise; the
+        prepared weights are never released before it (they still fit the removed rows).
+        """
+        if prepared.version != self.version:
+            return False
+        caught = prepared.alive & ~self._alive
+        if bool((self._alive & ~prepared.alive).any()):
+            return False  # rows alive now but not at the snapshot: not this model's lineage
+        rows = torch.nonzero(caught).flatten()
+        m = rows.numel()
+        if prepared.max_removals is not None and m > prepared.max_removals:
+            return False
+        step = None
+        if m:
+            step = newton_step(
+                self._problem, prepared.alive, prepared.W, rows, prepared.anchor_grad, None
+            )
+            if step is None:
+                return False
+            h_exact = prepared.r0_anchor + step.anchor_distance + step.margin
+            h_bound = prepared.r0_anchor + float(torch.linalg.vector_norm(step.increments))
+            used = h_exact if self.hyper.accounting == "exact" else h_bound
+            if used > self.budget_total:
+                self.safety_retrains += 1
+                return False
+        extractor_removed = self.extractor_removed
+        self._install(prepared)
+        if step is not None:
+            self._commit(step, m)
+        self.extractor_removed = extractor_removed  # the caught-up rows were counted already
+        self.version += 1
+        return True
+
+    def _anchor_at(
+        self, W: torch.Tensor, alive: torch.Tensor, *, r0: float
+    ) -> tuple[torch.Tensor, float]:
+        """The anchor gradient ``g_a`` at ``W`` on ``alive`` and ``r0`` plus the rounding margin
+        of the float64 ``g_a``."""
+        p = self._problem
+        n_reg = float(alive.sum())
+        C = p.weights(alive)
+        Z = margins(p.X, p.Y, W)
+        anchor_grad = gradient(p.X, p.Y, C, W, p.lam, n_reg, Z=Z)
+        abs_terms = float((C * torch.sigmoid(-Z) * p.row_norms[:, None]).sum())
+        r0_anchor = r0 + rounding_margin(
+            p.X.shape[0], p.X.shape[1], abs_terms, p.lam, n_reg,
+            float(torch.linalg.vector_norm(W)), float(torch.linalg.vector_norm(anchor_grad)),
+        )  # fmt: skip
+        return anchor_grad, r0_anchor
 
     def _set_anchor(self, *, r0: float) -> None:
         """Make the current state the accounting anchor, ``r0`` its residual bound; the rounding
         margin of the float64 anchor gradient ``g_a`` is added to it."""
-        p = self._problem
-        n_reg = float(self._alive.sum())
-        C = p.weights(self._alive)
-        Z = margins(p.X, p.Y, self._W)
-        self._anchor_grad = gradient(p.X, p.Y, C, self._W, p.lam, n_reg, Z=Z)
-        abs_terms = float((C * torch.sigmoid(-Z) * p.row_norms[:, None]).sum())
-        self._r0_anchor = r0 + rounding_margin(
-            p.X.shape[0], p.X.shape[1], abs_terms, p.lam, n_reg,
-            float(torch.linalg.vector_norm(self._W)), float(torch.linalg.vector_norm(self._anchor_grad)),
-        )  # fmt: skip
+        self._anchor_grad, self._r0_anchor = self._anchor_at(self._W, self._alive, r0=r0)
         self._anchor_distance = 0.0
         self._margin = 0.0
         self._beta = torch.zeros_like(self._beta)
 
-    def _resolve_trigger(self, rng: np.random.Generator, factor: torch.Tensor | None) -> int | None:
+    def _resolve_trigger(
+        self,
+        alive: torch.Tensor,
+        W: torch.Tensor,
+        rng: np.random.Generator,
+        factor: torch.Tensor | None,
+    ) -> tuple[int | None, tuple[int, int] | None]:
+        """``max_removals`` for an epoch on ``alive`` and the "auto" basis it leaves."""
         spec = self.hyper.max_removals
-        if spec is None or isinstance(spec, int):
-            return spec
-        if isinstance(spec, float):
-            return int(spec * self.n_alive)
-        n = self.n_alive
+        n = int(alive.sum())
         basis = self._auto_basis
+        if spec is None or isinstance(spec, int):
+            return spec, basis
+        if isinstance(spec, float):
+            return int(spec * n), basis
         if basis is not None and n >= AUTO_REESTIMATE_BELOW * basis[0]:
             # Scale the last estimate with the row count (b-independent: it came from shadow runs
             # with their own noise); re-estimate once the data has shrunk by half since then.
-            return int(basis[1] * n / basis[0])
+            return int(basis[1] * n / basis[0]), basis
         value = auto_max_removals(
             self._problem,
-            self._alive,
-            self._W,
+            alive,
+            W,
             sigma=self.hyper.sigma,
             budget=self.budget_total,
             rng=rng,
             binary=self._coding.binary,
             factor=factor,
         )
-        self._auto_basis = (n, value)
-        return value
+        return value, (n, value)
 
     # ----------------------------------------------------------------- validation
     def _validate_rows(

@@ -70,6 +70,12 @@ class ServiceMetrics:
         self.retrain_seconds = Histogram(
             "certremove_retrain_seconds", "Duration of a retrain", buckets=RETRAIN_BUCKETS, **kw
         )
+        self.retrain_wait_seconds = Histogram(
+            "certremove_retrain_wait_seconds",
+            "Time removals waited at an epoch boundary for the background retrain to finish",
+            buckets=STEP_BUCKETS,
+            **kw,
+        )
         self.retrain_in_progress = Gauge(
             "certremove_retrain_in_progress", "1 while a retrain runs", **kw
         )

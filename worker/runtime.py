@@ -104,6 +104,7 @@ def build_runtime(
         reload=lambda: load_model(settings),
         pipeline=pipeline_retrainer(settings),
         pipeline_off_reason=_pipeline_off_reason(settings),
+        retrain_lead=settings.retrain_lead,
     )
     # The model, its data and the id index live as long as the process: keep them out of the
     # cyclic collector's generations (full collections were a visible share of each batch).

@@ -9,9 +9,20 @@ claim idle ones of dead consumers; then read up to ``max_batch`` waiting entries
 record the ledger, write the statuses and ``XACK`` in one script; repeat until the stream is empty
 or the slice ends (then re-queue). On exit release the bell and look once more.
 
-When core leaves requests pending (``needs_retrain``), nothing more is applied to this model:
-``certremove.retrain`` is sent to the retrain queue (consumed first), which folds every pending
-request into a retrain from scratch (their rows excluded) and answers them ``method=retrain``.
+Retrains in the background (``retrain_lead``): once a noise epoch has used ``1 - retrain_lead``
+of its ``max_removals`` (a count, independent of ``b``), the next epoch is fitted in a background
+thread from a snapshot of the alive rows, with fresh noise, while Newton steps go on against the
+current epoch. When core says the current epoch is done (``needs_retrain``: the count reached, or
+the budget safety net), the drain waits for that fit if it is still running, adopts it with one
+catch-up Newton step for the rows removed since the snapshot (``core.Model.adopt_retrain``),
+persists it (version + 1) and goes on with the same batch: the requests are answered
+``method=newton`` on the new version. Which rows are caught up depends on the requests served,
+never on the new noise; the fitted weights are never released before the catch-up.
+
+When no prepared epoch can take over (none was started, or the catch-up does not fit it), nothing
+more is applied to this model: ``certremove.retrain`` is sent to the retrain queue (consumed
+first), which folds every pending request into a retrain from scratch (their rows excluded) and
+answers them ``method=retrain``.
 
 After a failure mid-batch the persisted model is reloaded (unacknowledged entries replay against
 it); when that reload fails too the service stops for good and ``on_fatal`` ends the process
@@ -21,10 +32,13 @@ it); when that reload fails too the service stops for good and ``on_fatal`` ends
 from __future__ import annotations
 
 import logging
+import math
 import os
+import threading
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +91,8 @@ class DrainReport:
     requeued: bool = False
     retrain_requested: bool = False
     retrained: bool = False
+    #: background retrains adopted (catch-up step, version + 1) during this drain
+    adopted: int = 0
 
 
 class RemovalService:
@@ -95,6 +111,8 @@ class RemovalService:
             requests past the extractor's group privacy with ``pipeline_off_reason``.
         on_fatal: called with the error when ``reload`` fails (the service has stopped serving);
             the default ends the process.
+        retrain_lead: fraction of an epoch's ``max_removals`` left when the next epoch starts
+            fitting in the background (0 turns background retrains off).
     """
 
     def __init__(
@@ -115,7 +133,14 @@ class RemovalService:
         pipeline: PipelineRetrain | None = None,
         pipeline_off_reason: str = "full-pipeline retrains are not configured",
         on_fatal: Callable[[BaseException], None] = exit_process,
+        retrain_lead: float = 0.2,
     ) -> None:
+        if not 0 <= retrain_lead < 1:
+            raise ValueError(f"retrain_lead must lie in [0, 1), got {retrain_lead}")
+        self.retrain_lead = retrain_lead
+        self._pool: ThreadPoolExecutor | None = None
+        #: the next noise epoch, fitting in the background: (future, model it was started for)
+        self._next: tuple[Future[tuple[Any, float]], Any] | None = None
         self._reload = reload
         self._on_fatal = on_fatal
         self._stopped: str | None = None  # why the service no longer serves
@@ -146,6 +171,7 @@ class RemovalService:
         self.model = model
         self._ids = np.asarray(model.ids)
         self._safety_seen = int(model.safety_retrains)
+        self._next = None  # a background fit of another model object is of no use to this one
 
     def refresh_metrics(self) -> None:
         """Publish the model's budget, version, size, test accuracy and extractor allowance."""
@@ -332,6 +358,7 @@ class RemovalService:
                 report.rows_removed += n
                 report.steps += 1
                 self.refresh_metrics()
+                self._maybe_prepare_next()
             committed = applied_answers(
                 done, schema.METHOD_NEWTON, self.model.version, self.clock()
             )
@@ -346,13 +373,99 @@ class RemovalService:
                     plan.deferred
                 )
             elif res.needs_retrain:
-                self.retrain_due = res.retrain_reason or "max_removals"
+                reason = res.retrain_reason or "max_removals"
                 self._count_safety()
+                if reason != "extractor" and self._adopt_next(reason):
+                    # The rest of the batch goes round again, on the new epoch.
+                    report.adopted += 1
+                    plan.deferred = [g.entry for g in plan.groups[res.applied_groups :]] + (
+                        plan.deferred
+                    )
+                else:
+                    self.retrain_due = reason
         self._finish(plan, committed, committed_entries)
         report.requests += len(plan.answered) + len(committed_entries)
         if self.retrain_due:
             self._request_retrain()
         return plan.deferred
+
+    # ------------------------------------------------------------ background retrain
+    def _maybe_prepare_next(self) -> None:
+        """Start fitting the next noise epoch in the background once this one has used
+        ``1 - retrain_lead`` of its ``max_removals`` (a row count: independent of ``b``)."""
+        model = self.model
+        limit = model.max_removals
+        if self.retrain_lead <= 0 or self._next is not None or not limit or self.retrain_due:
+            return
+        if model.removed_in_epoch < limit - math.ceil(self.retrain_lead * limit):
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="certremove-retrain")
+        snapshot = model.retrain_snapshot()  # taken here, between steps
+        self._next = (self._pool.submit(self._prepare, model, snapshot), model)
+        log.info(
+            "epoch %d: %d of %d removals used, fitting the next epoch in the background",
+            model.version,
+            model.removed_in_epoch,
+            limit,
+        )
+
+    def _prepare(self, model: Any, snapshot: Any) -> tuple[Any, float]:
+        """Runs in the background thread: the fit, at a lower CPU priority on the CPU, so the
+        Newton steps of the current epoch keep theirs."""
+        if str(getattr(model, "device", "cpu")) == "cpu":
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+            except (OSError, AttributeError):  # not Linux, or not allowed: same priority
+                pass
+        self.metrics.retrain_in_progress.set(1)
+        t0 = time.perf_counter()
+        try:
+            return model.prepare_retrain(snapshot), time.perf_counter() - t0
+        finally:
+            self.metrics.retrain_in_progress.set(0)
+
+    def _adopt_next(self, reason: str) -> bool:
+        """Take over the epoch fitted in the background (waiting for it if need be): catch-up
+        step, persist, version + 1. False when there is none or it cannot take over."""
+        if self._next is None:
+            return False
+        future, model = self._next
+        self._next = None
+        if model is not self.model:
+            return False
+        t0 = time.perf_counter()
+        try:
+            prepared, fit_seconds = future.result()
+        except Exception:  # noqa: BLE001 - the synchronous retrain takes over
+            log.exception("the background retrain failed; retraining in the foreground")
+            return False
+        self.metrics.retrain_wait_seconds.observe(time.perf_counter() - t0)
+        if not self.model.adopt_retrain(prepared):
+            self._count_safety()
+            log.warning("the background retrain could not take over; retraining in the foreground")
+            return False
+        self._persist()
+        self.metrics.retrains.labels(reason=reason).inc()
+        self.metrics.retrain_seconds.observe(fit_seconds)
+        self.refresh_metrics()
+        log.info(
+            "adopted the background retrain: version %d, %d rows caught up, fit %.2f s, "
+            "waited %.2f s",
+            self.model.version,
+            self.model.removed_in_epoch,
+            fit_seconds,
+            time.perf_counter() - t0,
+        )
+        self._maybe_prepare_next()
+        return True
+
+    def close(self) -> None:
+        """Stop the background thread (a fit in progress is abandoned)."""
+        self._next = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
     def _drop_beyond_extractor(self, plan: Plan) -> list[Entry]:
         """Keep, in arrival order, the groups a head retrain can exclude within what the DP
@@ -429,6 +542,7 @@ class RemovalService:
         if not self.retrain_due:
             self.doorbell.ring()  # a stale or duplicate retrain message: nothing is due
             return report
+        self._next = None  # a retrain from scratch replaces any epoch fitting in the background
         self.metrics.retrain_in_progress.set(1)
         try:
             plan, _ = self._plan(self._pending_entries(), fold=True)

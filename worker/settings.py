@@ -44,6 +44,8 @@ class Settings:
             ``certremove extractor``), needed for a full-pipeline retrain.
         pipeline_retrain: when the extractor's group privacy is spent, retrain extractor,
             features and head (True) or reject further requests with a reason (False).
+        retrain_lead: fraction of a noise epoch's ``max_removals`` left when the next epoch
+            starts fitting in a background thread (0 turns it off: retrains then block).
     """
 
     broker_url: str = schema.DEFAULT_BROKER_URL
@@ -62,6 +64,7 @@ class Settings:
     torch_threads: int = 0
     data_dir: Path | None = None
     pipeline_retrain: bool = True
+    retrain_lead: float = 0.2
 
     def __post_init__(self) -> None:
         try:
@@ -79,6 +82,8 @@ class Settings:
         if not 0 < self.drain_interval <= 30:
             # DESIGN.md §4 asks for 10-30 s; shorter is allowed (tests), longer would stall.
             raise SettingsError("CERTREMOVE_DRAIN_INTERVAL must be in (0, 30] seconds")
+        if not 0 <= self.retrain_lead < 1:
+            raise SettingsError("CERTREMOVE_RETRAIN_LEAD must lie in [0, 1)")
         if not self.consumer:
             object.__setattr__(self, "consumer", f"{self.model}@{socket.gethostname()}")
 
@@ -108,6 +113,7 @@ class Settings:
             ("torch_threads", "TORCH_THREADS", int),
             ("data_dir", "DATA_DIR", Path),
             ("pipeline_retrain", "PIPELINE_RETRAIN", _flag),
+            ("retrain_lead", "RETRAIN_LEAD", float),
         ]
         for name, var, kind in spec:
             raw = env.get(f"CERTREMOVE_{var}")
@@ -142,6 +148,7 @@ class Settings:
             "CERTREMOVE_CONSUMER": self.consumer,
             "CERTREMOVE_VISIBILITY_TIMEOUT": str(self.visibility_timeout),
             "CERTREMOVE_TORCH_THREADS": str(self.torch_threads),
+            "CERTREMOVE_RETRAIN_LEAD": str(self.retrain_lead),
         }
         if self.device:
             out["CERTREMOVE_DEVICE"] = self.device

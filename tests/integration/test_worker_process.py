@@ -124,16 +124,22 @@ def test_500_requests_bad_input_celery_client_and_metrics(
     assert worker.proc.poll() is None
 
 
-def test_small_max_removals_forces_retrains(
-    tmp_path: Path, broker_url: str, model_name: str, start_worker_process: StartWorker
-) -> None:
-    state = make_state(tmp_path / "state", n=800, d=8, max_removals=25)
-    start_worker_process(state, broker_url, model_name)
-    client = Client(broker_url, model=model_name)
-    rids = []
-    for start in range(0, 150, 30):
+def _send_in_waves(client: Client, n: int) -> list[str]:
+    rids: list[str] = []
+    for start in range(0, n, 30):
         rids += client.enqueue_many([[i] for i in range(start, start + 30)])
         time.sleep(0.3)
+    return rids
+
+
+def test_small_max_removals_forces_retrains_folding_pending_requests(
+    tmp_path: Path, broker_url: str, model_name: str, start_worker_process: StartWorker
+) -> None:
+    """Background retrains off: each retrain blocks and folds the pending requests in."""
+    state = make_state(tmp_path / "state", n=800, d=8, max_removals=25)
+    start_worker_process(state, broker_url, model_name, retrain_lead=0.0)
+    client = Client(broker_url, model=model_name)
+    rids = _send_in_waves(client, 150)
     st = client.wait(rids, timeout=90)
     assert [s["status"] for s in st.values()] == ["applied"] * 150
     methods = [s["method"] for s in st.values()]
@@ -142,6 +148,33 @@ def test_small_max_removals_forces_retrains(
     assert max(versions) >= 2 and versions == sorted(versions)  # versions never go back
     assert removed_ids(state) == set(range(150))
     assert sorted(ledger_ids(state)) == sorted(rids)  # each request answered exactly once
+
+
+def test_background_retrains_take_over_with_a_catch_up_step(
+    tmp_path: Path, broker_url: str, model_name: str, start_worker_process: StartWorker
+) -> None:
+    """Default: the next epoch fits in the background and takes over at the count; every request
+    is a Newton step, versions climb, nothing is applied twice, the budget holds."""
+    state = make_state(tmp_path / "state", n=800, d=8, max_removals=25)
+    worker = start_worker_process(state, broker_url, model_name)
+    client = Client(broker_url, model=model_name)
+    rids = _send_in_waves(client, 150)
+    st = client.wait(rids, timeout=90)
+    assert [s["status"] for s in st.values()] == ["applied"] * 150
+    assert {s["method"] for s in st.values()} == {"newton"}
+    versions = [s["model_version"] for s in st.values()]
+    assert versions == sorted(versions) and max(versions) >= 1 + 150 // 25 - 1
+    assert removed_ids(state) == set(range(150))
+    assert sorted(ledger_ids(state)) == sorted(rids)
+    m = scrape(worker.port)
+    assert m[("certremove_retrains_total", (("reason", "max_removals"),))] >= 5
+    assert m[("certremove_removals_total", (("method", "newton"),))] == 150
+    assert m[("certremove_removals_total", (("method", "retrain"),))] == 0
+    assert m[("certremove_retrain_wait_seconds_count", ())] >= 5
+    assert m[("certremove_model_version", ())] == max(versions)
+    assert 0 <= m[("certremove_budget_used", ())] <= m[("certremove_budget_total", ())]
+    loaded = core.load_model(state, device="cpu")
+    assert loaded.version == max(versions) and loaded.removed_in_epoch <= loaded.max_removals
 
 
 def test_sigkill_mid_stream_then_restart_applies_everything_once(

@@ -158,7 +158,7 @@ def test_retrain_folds_pending_requests(
     state = make_state(tmp_path / "s", max_removals=10)
     client = Client(broker_url, model=model_name)
     rids = client.enqueue_many([[i] for i in range(30)])
-    service, sent, reg = build(state, rclient, model_name)
+    service, sent, reg = build(state, rclient, model_name, retrain_lead=0.0)
     report = service.drain()
     assert report.retrain_requested and report.rows_removed == 10
     assert sent.names().count(schema.TASK_RETRAIN) == 1
@@ -266,3 +266,56 @@ def test_a_deleted_stream_is_recreated(
     rid = Client(broker_url, model=model_name).enqueue([9])
     service.drain()
     assert Client(broker_url, model=model_name).status(rid)["status"] == "applied"
+
+
+def test_background_retrain_takes_over_at_the_count(
+    tmp_path: Path, broker_url: str, rclient: redis.Redis, model_name: str
+) -> None:
+    """The next epoch fits in a thread from a snapshot; at the count it takes over with a catch-up
+    step and the same drain goes on: every request a Newton step, no retrain task sent."""
+    state = make_state(tmp_path / "s", max_removals=10)
+    client = Client(broker_url, model=model_name)
+    service, sent, reg = build(state, rclient, model_name, retrain_lead=0.5, max_batch=3)
+    rids = client.enqueue_many([[i] for i in range(35)])
+    report = service.drain()
+    assert report.adopted >= 3 and not report.retrain_requested
+    assert sent.names().count(schema.TASK_RETRAIN) == 0
+    st = client.statuses(rids)
+    assert [s["status"] for s in st.values()] == ["applied"] * 35
+    assert {s["method"] for s in st.values()} == {"newton"}
+    versions = [s["model_version"] for s in st.values()]
+    assert versions == sorted(versions) and versions[0] == 1
+    assert versions[-1] == 1 + report.adopted
+    assert versions.count(1) == 10  # epoch 1 served exactly its max_removals
+    # an epoch serves its max_removals minus the rows it caught up (removed after the snapshot,
+    # taken once 10 - ceil(0.5 * 10) = 5 rows were used, in batches of 3): 4 or 3 rows
+    assert all(6 <= versions.count(v) <= 7 for v in range(2, versions[-1]))
+    persisted = core.load_model(state, device="cpu")
+    assert persisted.version == versions[-1] and persisted.n_alive == persisted.n_rows - 35
+    assert persisted.removed_in_epoch <= 10
+    assert service.model.budget_used <= service.model.budget_total
+    assert reg.get_sample_value(
+        "certremove_retrains_total", {"reason": "max_removals"}
+    ) == report.adopted
+    assert reg.get_sample_value("certremove_removals_total", {"method": "newton"}) == 35
+    assert reg.get_sample_value("certremove_retrain_wait_seconds_count") == report.adopted
+    service.close()
+
+
+def test_a_background_retrain_that_cannot_take_over_falls_back_to_folding(
+    tmp_path: Path, broker_url: str, rclient: redis.Redis, model_name: str
+) -> None:
+    state = make_state(tmp_path / "s", max_removals=10)
+    client = Client(broker_url, model=model_name)
+    service, sent, _ = build(state, rclient, model_name, retrain_lead=0.5, max_batch=3)
+    real = service.model.adopt_retrain
+    service.model.adopt_retrain = lambda prepared: False  # e.g. the catch-up did not fit
+    rids = client.enqueue_many([[i] for i in range(14)])
+    report = service.drain()
+    assert report.retrain_requested and report.adopted == 0 and report.rows_removed == 10
+    assert sent.names().count(schema.TASK_RETRAIN) == 1
+    service.model.adopt_retrain = real
+    assert service.retrain().retrained
+    st = client.statuses(rids)
+    assert [s["method"] for s in st.values()] == ["newton"] * 10 + ["retrain"] * 4
+    service.close()

@@ -82,7 +82,7 @@ def test_a_retrain_never_applies_a_request_on_rows_of_a_dropped_one(
     )  # fmt: skip
     client = Client(broker_url, model=model_name)
     first, small, big, overlap = client.enqueue_many([[0, 1], [2], list(range(3, 12)), [3]])
-    service, _, _ = build(state, rclient, model_name)
+    service, _, _ = build(state, rclient, model_name, retrain_lead=0.0)
     service.drain()
     assert service.retrain_due == "max_removals"
     service.retrain()  # 8 rows left: `small` fits, `big` (9) does not, `overlap` shares row 3
@@ -106,7 +106,7 @@ def test_a_retrain_guards_overlapping_requests(
     client = Client(broker_url, model=model_name)
     # `whole` shares a row with `fine` and would leave a single class
     first, fine, whole = client.enqueue_many([[others[0]], [others[1]], [others[1]] + ones])
-    service, _, _ = build(state, rclient, model_name)
+    service, _, _ = build(state, rclient, model_name, retrain_lead=0.0)
     service.drain()
     assert service.retrain_due == "max_removals"
     service.retrain()
@@ -159,7 +159,7 @@ def test_a_head_retrain_leaves_requests_past_the_extractor_to_the_pipeline(
     first, small, big, after = rids
     runs: list[list[int]] = []
     service, sent, _ = build(state, rclient, model_name, pipeline=fake_pipeline(runs),
-                             pipeline_off_reason="no source data is configured")  # fmt: skip
+                             pipeline_off_reason="no source data is configured", retrain_lead=0.0)  # fmt: skip
     service.drain()
     assert service.retrain_due == "max_removals"
     report = service.retrain()  # a head retrain: `big` does not fit the extractor, `after` waits

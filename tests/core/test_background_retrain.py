@@ -1,0 +1,119 @@
+"""A retrain prepared in another thread from a snapshot, then adopted with a catch-up Newton step
+(``Model.prepare_retrain`` / ``Model.adopt_retrain``), against the true gradient residual with the
+new noise and an exact retrain (scipy) on the remaining rows."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+import core
+from tests.core.test_removal import exact_retrain, true_residual
+
+LAM = 1e-2
+
+
+def _train(digits, **kw):
+    kw.setdefault("max_removals", 300)
+    return core.train(digits.X_train, digits.y_train, lam=LAM, sigma=1.0, **kw)
+
+
+def test_prepared_in_a_thread_while_removals_go_on_then_adopted_is_certified(digits):
+    model = _train(digits)
+    model.remove(list(range(0, 100)), groups=[10] * 10)
+    version, epoch_budget = model.version, model.budget_total
+    old_noise = model.noise.clone()
+    snap = model.retrain_snapshot()
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(model.prepare_retrain, snap)
+        for start in range(100, 200, 25):  # removals go on against the old epoch meanwhile
+            assert model.remove(list(range(start, start + 25)), groups=[5] * 5).applied
+        prepared = future.result()
+    assert model.version == version  # preparing changed nothing
+    alive_before = model.alive
+    assert model.adopt_retrain(prepared)
+    assert model.version == version + 1
+    assert torch.equal(model.alive, alive_before)  # the caught-up rows stay removed
+    assert model.removed_in_epoch == 100  # rows 100..199, removed after the snapshot
+    assert not torch.equal(model.noise, old_noise)  # fresh noise
+    assert model.budget_total == epoch_budget and 0 < model.budget_used < model.budget_total
+    # the certificate of the new epoch, against the true residual with the new noise
+    truth = true_residual(model, digits.X_train, digits.y_train, LAM)
+    assert truth <= model.exact_used * (1 + 1e-9) + 1e-12
+    assert model.exact_used <= model.bound_used * (1 + 1e-9) + 1e-12
+    W_star = exact_retrain(model, digits.X_train, digits.y_train, LAM)
+    assert float((model.weights - W_star).norm()) <= truth / (LAM * model.n_alive) * 1.01 + 1e-7
+    # and removals continue on the new epoch
+    res = model.remove(list(range(200, 250)))
+    assert res.applied and model.removed_in_epoch == 150
+    assert true_residual(model, digits.X_train, digits.y_train, LAM) <= model.exact_used * (
+        1 + 1e-9
+    )
+
+
+def test_adopt_without_removals_since_the_snapshot_is_the_fresh_fit(digits):
+    model = _train(digits)
+    model.remove(list(range(50)))
+    prepared = model.prepare_retrain()
+    assert model.adopt_retrain(prepared)
+    assert model.removed_in_epoch == 0
+    assert model.budget_used < 1e-6 * model.budget_total + 1e-9  # only r0 (tolerance-tied)
+    assert torch.equal(model.weights.reshape(prepared.W.shape), prepared.W)
+
+
+def test_a_stale_prepared_retrain_is_refused_and_changes_nothing(digits):
+    model = _train(digits)
+    prepared = model.prepare_retrain()
+    model.retrain()  # another retrain happened meanwhile: the snapshot's version is gone
+    W, version = model.weights.clone(), model.version
+    assert not model.adopt_retrain(prepared)
+    assert torch.equal(model.weights, W) and model.version == version
+
+
+def test_a_catch_up_past_the_new_epochs_trigger_is_refused(digits):
+    model = _train(digits, max_removals=40)
+    snap = model.retrain_snapshot()
+    prepared = model.prepare_retrain(snap)
+    assert prepared.max_removals == 40
+    model.remove(list(range(40)))  # 40 rows since the snapshot: fits exactly
+    assert model.adopt_retrain(prepared)
+    assert model.removed_in_epoch == 40
+    snap = model.retrain_snapshot()
+    prepared = model.prepare_retrain(snap)
+    model.retrain()  # bumps the version: refused below for that
+    model2 = _train(digits, max_removals=10)
+    prepared2 = model2.prepare_retrain()
+    model2.remove(list(range(10)))
+    model2.max_removals = 50  # let the old epoch go on past what the prepared one allows
+    model2.remove(list(range(10, 20)))
+    W, version = model2.weights.clone(), model2.version
+    assert not model2.adopt_retrain(prepared2)  # 20 caught-up rows > the new epoch's 10
+    assert torch.equal(model2.weights, W) and model2.version == version
+    assert not model.adopt_retrain(prepared)
+
+
+def test_a_catch_up_past_the_budget_is_a_counted_safety_net_firing(digits):
+    model = _train(digits)
+    prepared = model.prepare_retrain()
+    assert model.remove(list(range(200))).applied
+    # a budget that the fresh fit's r0 fits but the 200-row catch-up step does not
+    model.budget_total = 2 * prepared.r0_anchor + 1e-12
+    W, version, fired = model.weights.clone(), model.version, model.safety_retrains
+    assert not model.adopt_retrain(prepared)
+    assert torch.equal(model.weights, W) and model.version == version
+    assert model.safety_retrains == fired + 1
+
+
+def test_adopted_model_persists_and_reloads(tmp_path, digits):
+    model = _train(digits)
+    model.save(tmp_path / "state")
+    prepared = model.prepare_retrain()
+    model.remove(list(range(30)))
+    assert model.adopt_retrain(prepared)
+    model.save(tmp_path / "state")
+    loaded = core.load_model(tmp_path / "state")
+    assert loaded.version == model.version and loaded.removed_in_epoch == 30
+    assert torch.equal(loaded.alive, model.alive)
+    torch.testing.assert_close(loaded.weights, model.weights)
+    assert loaded.noise is None  # b is never persisted
