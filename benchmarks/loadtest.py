@@ -107,6 +107,9 @@ def service_run(
     rate: float,
     max_batch: int,
     timeout: float,
+    loglevel: str = "WARNING",
+    log_dir: Path | None = None,
+    env: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Copy the trained state, start a worker on it, run one load test, stop the worker."""
     state = work / name
@@ -114,9 +117,15 @@ def service_run(
     model = f"bench{name}{uuid.uuid4().hex[:4]}"
     port = free_port()
     settings = Settings(
-        broker_url=url, model=model, state_dir=state, metrics_port=port, max_batch=max_batch
+        broker_url=url,
+        model=model,
+        state_dir=state,
+        metrics_port=port,
+        max_batch=max_batch,
+        **(env or {}),
     )
-    proc = start_worker(settings, work / f"{name}.log", loglevel="WARNING")
+    log = work / f"{name}.log"
+    proc = start_worker(settings, log, loglevel=loglevel)
     try:
         wait_ready(proc, port, timeout=180)
         with Client(url, model=model) as client:
@@ -124,6 +133,9 @@ def service_run(
         return result.as_dict()
     finally:
         stop_worker(proc)
+        if log_dir is not None:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copy(log, log_dir / f"worker-{name}.log")
 
 
 def fmt(v: float | None, scale: float = 1000.0, unit: str = " ms") -> str:
@@ -143,6 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--broker-url", default=os.environ.get("CERTREMOVE_BROKER_URL"))
     ap.add_argument("--skip-steady", action="store_true")
     ap.add_argument("--timeout", type=float, default=600.0)
+    ap.add_argument(
+        "--retrain-lead",
+        type=float,
+        help="CERTREMOVE_RETRAIN_LEAD of the workers (default: the worker's, 0.2; 0 = blocking)",
+    )
+    ap.add_argument("--loglevel", default="WARNING", help="the workers' log level")
+    ap.add_argument("--log-dir", type=Path, help="keep the workers' logs here")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--output", type=Path, help="also write the JSON here")
     args = ap.parse_args(argv)
@@ -163,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         mr: Any = args.max_removals
         mr = None if mr == "none" else (int(mr) if mr.isdigit() else mr)
         report["train"] = train_state(args.dataset, work / "template", mr)
+        env = {} if args.retrain_lead is None else {"retrain_lead": args.retrain_lead}
+        report["retrain_lead"] = env.get("retrain_lead", Settings().retrain_lead)
+        worker_kw: dict[str, Any] = {"loglevel": args.loglevel, "log_dir": args.log_dir, "env": env}
         rows = int(report["train"]["rows"])
         report["burst"] = service_run(
             url,
@@ -173,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             rate=0,
             max_batch=args.max_batch,
             timeout=args.timeout,
+            **worker_kw,
         )
         if not args.skip_steady:
             n = min(int(args.rate * args.seconds), int(0.8 * rows))
@@ -185,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                 rate=args.rate,
                 max_batch=args.max_batch,
                 timeout=args.timeout,
+                **worker_kw,
             )
         report["burst_vs_raw"] = report["burst"]["throughput"] / report["raw"]["throughput"]
         report["loadavg_after"] = os.getloadavg()

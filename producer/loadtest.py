@@ -117,12 +117,12 @@ def summarize(
         if s.get("applied_at") is not None and s.get("requested_at") is not None
     )
     by_method: dict[str, int] = {}
-    retrain_versions: set[Any] = set()
+    versions: list[int] = []
     for s in applied:
         method = str(s.get("method", "?"))
         by_method[method] = by_method.get(method, 0) + 1
-        if method == schema.METHOD_RETRAIN:
-            retrain_versions.add(s.get("model_version"))
+        if isinstance(s.get("model_version"), int):
+            versions.append(s["model_version"])
     throughput = 0.0
     if applied:
         span = max(s["applied_at"] for s in applied) - min(s["requested_at"] for s in applied)
@@ -141,7 +141,8 @@ def summarize(
         latency_p99=percentile(lat, 99),
         latency_max=lat[-1] if lat else None,
         by_method=by_method,
-        retrains=len(retrain_versions),
+        # every retrain (folding requests or taking over in the background) is a new version
+        retrains=max(versions) - min(versions) if versions else 0,
     )
 
 

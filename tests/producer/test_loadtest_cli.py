@@ -61,3 +61,18 @@ def test_bad_input_exits_non_zero() -> None:
     assert out.exit_code == 2
     out = runner.invoke(app, ["enqueue", "1", "--model", "bad name"])
     assert out.exit_code == 2
+
+
+def test_retrains_seen_count_versions_also_without_retrain_statuses() -> None:
+    """Background retrains answer every request ``method=newton``: versions tell the retrains."""
+    statuses = {
+        str(i): {
+            "status": "applied",
+            "method": "newton",
+            "model_version": v,
+            "requested_at": 0.0,
+            "applied_at": 0.5,
+        }
+        for i, v in enumerate([1, 1, 2, 4])
+    }
+    assert summarize(statuses, 1, 0.0, 0.1).retrains == 3
