@@ -154,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-removals", default="auto")
     ap.add_argument("--broker-url", default=os.environ.get("CERTREMOVE_BROKER_URL"))
     ap.add_argument("--skip-steady", action="store_true")
+    ap.add_argument("--skip-burst", action="store_true")
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument(
         "--retrain-lead",
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         report["retrain_lead"] = env.get("retrain_lead", Settings().retrain_lead)
         worker_kw: dict[str, Any] = {"loglevel": args.loglevel, "log_dir": args.log_dir, "env": env}
         rows = int(report["train"]["rows"])
-        report["burst"] = service_run(
+        report["burst"] = None if args.skip_burst else service_run(
             url,
             work / "template",
             work,
@@ -210,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
                 timeout=args.timeout,
                 **worker_kw,
             )
-        report["burst_vs_raw"] = report["burst"]["throughput"] / report["raw"]["throughput"]
+        if report["burst"] is not None:
+            report["burst_vs_raw"] = report["burst"]["throughput"] / report["raw"]["throughput"]
         report["loadavg_after"] = os.getloadavg()
     finally:
         if server is not None:
@@ -238,7 +240,15 @@ def main(argv: list[str] | None = None) -> int:
             f"{fmt(r['latency_p95']):>10}{fmt(r['latency_p99']):>10}"
             f"{r.get('not_applied', 0):>13}{r.get('retrains', '-'):>10}"
         )
-    print(f"burst throughput / raw baseline = {report['burst_vs_raw']:.3f}")
+    if "burst_vs_raw" in report:
+        print(f"burst throughput / raw baseline = {report['burst_vs_raw']:.3f}")
+    for name in ("burst", "steady"):
+        r = report.get(name)
+        if r and r.get("rejected_reasons"):
+            print(f"{name}: rejected {r['rejected_reasons']}")
+    if report.get("steady"):
+        tail = report["steady"]["latency_p99_by_second"]
+        print("steady p99 per second sent: " + " ".join(fmt(v, unit="") for v in tail))
     print(f"load average before {report['loadavg_before']}, after {report['loadavg_after']}")
     return 0
 

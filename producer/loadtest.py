@@ -34,6 +34,10 @@ class LoadtestResult:
     latency_max: float | None
     by_method: dict[str, int] = field(default_factory=dict)
     retrains: int = 0
+    #: rejected requests by reason (a load test of distinct known ids expects none)
+    rejected_reasons: dict[str, int] = field(default_factory=dict)
+    #: p99 latency of the requests sent in each second of the run (where the tail comes from)
+    latency_p99_by_second: list[float | None] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -116,6 +120,19 @@ def summarize(
         for s in applied
         if s.get("applied_at") is not None and s.get("requested_at") is not None
     )
+    reasons: dict[str, int] = {}
+    for s in statuses.values():
+        if s.get("status") == schema.STATUS_REJECTED:
+            reason = str(s.get("reason", "?"))
+            reasons[reason] = reasons.get(reason, 0) + 1
+    timed = [s for s in applied if s.get("applied_at") is not None and s.get("requested_at")]
+    by_second: list[list[float]] = []
+    if timed:
+        first = min(s["requested_at"] for s in timed)
+        for s in timed:
+            k = int(s["requested_at"] - first)
+            by_second.extend([] for _ in range(k + 1 - len(by_second)))
+            by_second[k].append(s["applied_at"] - s["requested_at"])
     by_method: dict[str, int] = {}
     versions: list[int] = []
     for s in applied:
@@ -143,6 +160,8 @@ def summarize(
         by_method=by_method,
         # every retrain (folding requests or taking over in the background) is a new version
         retrains=max(versions) - min(versions) if versions else 0,
+        rejected_reasons=reasons,
+        latency_p99_by_second=[percentile(sorted(v), 99) for v in by_second],
     )
 
 
