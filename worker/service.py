@@ -53,7 +53,7 @@ from worker.entries import Entry, parse_entries
 from worker.errors import ServiceStoppedError
 from worker.ledger import Answer, DeadLetter, Ledger
 from worker.metrics import ServiceMetrics
-from worker.stream import RequestStream
+from worker.stream import RequestStream, next_id
 
 log = logging.getLogger("certremove.worker")
 
@@ -141,6 +141,10 @@ class RemovalService:
         self._pool: ThreadPoolExecutor | None = None
         #: the next noise epoch, fitting in the background: (future, model it was started for)
         self._next: tuple[Future[tuple[Any, float]], Any] | None = None
+        #: entries read and not answered, carried from one time slice to the next in memory
+        self._held: list[Entry] = []
+        #: where to read this consumer's pending list from (None: read, all held in memory)
+        self._pel_cursor: str | None = "0"
         self._reload = reload
         self._on_fatal = on_fatal
         self._stopped: str | None = None  # why the service no longer serves
@@ -234,11 +238,18 @@ class RemovalService:
     def _recover(self) -> list[Entry]:
         """This consumer's pending entries plus idle ones claimed from others; entries delivered
         more than ``max_deliveries`` times go to the dead-letter stream (status rejected)."""
-        raw = self.stream.read_own_pending(self.max_batch)
-        if len(raw) < self.max_batch:
-            raw += self.stream.autoclaim(self.max_batch - len(raw))
+        held, self._held = self._held, []
+        room = self.max_batch - len(held)
+        raw: list[Any] = []
+        if self._pel_cursor is not None and room > 0:
+            # Every read of the pending list counts a delivery: read it once per process (and
+            # after a failure or a retrain), not again at every time slice.
+            raw = self.stream.read_own_pending(room, start=self._pel_cursor)
+            self._pel_cursor = None if len(raw) < room else next_id(raw[-1][0])
+        if len(held) + len(raw) < self.max_batch:
+            raw += self.stream.autoclaim(self.max_batch - len(held) - len(raw))
         if not raw:
-            return []
+            return held
         counts = self.stream.delivery_counts([eid for eid, _ in raw])
         entries = parse_entries(raw)
         over = [e for e in entries if counts.get(e.entry_id, 1) > self.max_deliveries]
@@ -269,7 +280,11 @@ class RemovalService:
             self.metrics.requests.labels(outcome="dead_letter").inc(len(over))
             log.warning("dead-lettered %d entries delivered too often", len(over))
         skip = {e.entry_id for e in over}
-        return [e for e in entries if e.entry_id not in skip]
+        return held + [e for e in entries if e.entry_id not in skip]
+
+    def _forget_held(self) -> None:
+        """Entries held across time slices are left to the pending list: read it again next."""
+        self._held, self._pel_cursor = [], "0"
 
     def _resync(self) -> None:
         """After a failure mid-batch the model in memory may be ahead of the persisted state:
@@ -298,6 +313,7 @@ class RemovalService:
         try:
             return self._drain()
         except Exception:
+            self._forget_held()
             self._resync()
             raise
 
@@ -320,14 +336,17 @@ class RemovalService:
             carry = self._step(batch, report)
             if self.retrain_due:
                 report.retrain_requested = True
+                self._forget_held()  # the retrain reads the pending list
                 self.doorbell.release()
                 return report
             if time.monotonic() >= deadline:
                 report.requeued = True
+                self._held = carry  # the next slice goes on with them, not re-delivered
                 self.doorbell.requeue(hold_ms)
                 return report
         self.doorbell.release()
         if self.stream.has_undelivered() or self.stream.has_own_pending():
+            self._forget_held()  # own pending entries not held here (none expected): read them
             self.doorbell.ring()
         return report
 
@@ -543,6 +562,7 @@ class RemovalService:
             self.doorbell.ring()  # a stale or duplicate retrain message: nothing is due
             return report
         self._next = None  # a retrain from scratch replaces any epoch fitting in the background
+        self._forget_held()
         self.metrics.retrain_in_progress.set(1)
         try:
             plan, _ = self._plan(self._pending_entries(), fold=True)

@@ -1,7 +1,7 @@
 """The model's request stream as the worker sees it: a consumer group (DESIGN.md §4).
 
 Reads new entries, replays this consumer's own pending list, claims idle entries of other
-consumers (``XAUTOCLAIM``) and reports delivery counts. Acknowledgement and the dead-letter
+consumers (``XPENDING ... IDLE`` per consumer, then ``XCLAIM``) and reports delivery counts. Acknowledgement and the dead-letter
 stream are :mod:`worker.ledger`'s, in one script with the status writes.
 """
 
@@ -72,29 +72,42 @@ class RequestStream:
             if not got:
                 break
             out += got
-            start = _next_id(got[-1][0])
+            start = next_id(got[-1][0])
         if len(out) < cap:
             out += self.read_new(cap - len(out))
         return out
 
     def autoclaim(self, count: int) -> list[RawEntry]:
-        """Claim up to ``count`` entries other consumers left idle for ``claim_idle_ms``."""
+        """Claim up to ``count`` entries other consumers left idle for ``claim_idle_ms``.
+
+        Only other consumers' entries: ``XAUTOCLAIM`` would also claim this consumer's own idle
+        entries (waiting behind a long retrain, say) and count a delivery each time.
+        """
         out: list[RawEntry] = []
-        cursor: bytes | str = "0-0"
-        while len(out) < count:
-            reply = self.redis.xautoclaim(
+        try:
+            consumers = self.redis.xpending(self.key, self.group).get("consumers") or []
+        except redis.ResponseError:
+            return out
+        for c in consumers:
+            if _s(c["name"]) == self.consumer or len(out) >= count:
+                continue
+            rows = self.redis.xpending_range(
                 self.key,
                 self.group,
-                self.consumer,
-                self.claim_idle_ms,
-                start_id=cursor,
+                min="-",
+                max="+",
                 count=count - len(out),
+                consumername=c["name"],
+                idle=self.claim_idle_ms,
             )
-            # Redis 6.2 returns [cursor, entries]; 7.0+ adds the ids of deleted entries.
-            cursor, claimed = reply[0], reply[1]
-            out += [(eid, fields) for eid, fields in claimed]
-            if cursor in (b"0-0", "0-0") or not claimed:
-                break
+            ids = [r["message_id"] for r in rows]
+            if not ids:
+                continue
+            claimed = self.redis.xclaim(
+                self.key, self.group, self.consumer, self.claim_idle_ms, ids
+            )
+            # a claimed id whose entry was deleted comes back without fields: nothing to serve
+            out += [(eid, fields) for eid, fields in claimed if fields]
         return out
 
     def delivery_counts(self, entry_ids: list[bytes]) -> dict[bytes, int]:
@@ -153,7 +166,7 @@ def _id_key(entry_id: bytes) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-def _next_id(entry_id: bytes | str) -> str:
+def next_id(entry_id: bytes | str) -> str:
     """The smallest stream id after ``entry_id``."""
     ms, _, seq = _s(entry_id).partition("-")
     return f"{ms}-{int(seq or 0) + 1}"

@@ -319,3 +319,44 @@ def test_a_background_retrain_that_cannot_take_over_falls_back_to_folding(
     st = client.statuses(rids)
     assert [s["method"] for s in st.values()] == ["newton"] * 10 + ["retrain"] * 4
     service.close()
+
+
+def test_entries_waiting_across_time_slices_are_not_counted_as_deliveries(
+    tmp_path: Path, broker_url: str, rclient: redis.Redis, model_name: str
+) -> None:
+    """Requests behind several retrains wait through many time slices: they stay in memory, are
+    never read again from the pending list, and so are never dead-lettered for it."""
+    state = make_state(tmp_path / "s", max_removals=10)
+    client = Client(broker_url, model=model_name)
+    rids = client.enqueue_many([[i] for i in range(60)])
+    service, _, _ = build(
+        state, rclient, model_name, retrain_lead=0.5, slice_seconds=1e-6, max_deliveries=2
+    )
+    drains = 0
+    while service.stream.pending_count() or service.stream.has_undelivered():
+        report = service.drain()
+        assert report.requeued or report.steps == 0 or not service.stream.pending_count()
+        drains += 1
+        assert drains < 100
+    assert drains >= 5  # one step per slice: the last requests waited through many slices
+    st = client.statuses(rids)
+    assert [s["status"] for s in st.values()] == ["applied"] * 60
+    assert not rclient.xrange(schema.dead_letter_key(model_name))
+    service.close()
+
+
+def test_claims_only_other_consumers_idle_entries(
+    state: Path, broker_url: str, rclient: redis.Redis, model_name: str
+) -> None:
+    client = Client(broker_url, model=model_name)
+    client.enqueue_many([[1], [2]])
+    mine, other = RequestStream(rclient, model_name, "w1"), RequestStream(rclient, model_name, "w2")
+    mine.claim_idle_ms = other.claim_idle_ms = 0
+    mine.ensure_group()
+    assert len(mine.read_new(1)) == 1 and len(other.read_new(1)) == 1
+    claimed = mine.autoclaim(10)
+    assert len(claimed) == 1  # w2's entry; its own is not claimed (and not counted) again
+    counts = mine.delivery_counts([eid for eid, _ in claimed])
+    assert list(counts.values()) == [2]
+    own = rclient.xpending_range(mine.key, mine.group, "-", "+", 10, consumername="w1")
+    assert len(own) == 2 and sorted(int(r["times_delivered"]) for r in own) == [1, 2]
