@@ -97,7 +97,7 @@ def hessians(
 ) -> torch.Tensor:
     """The K Hessian blocks ``X^T diag(C_k l''(Z_k)) X + lam n_reg I`` as a (K, d, d) tensor.
 
-    ``dtype`` selects the precision of the product (float32 on CUDA is allowed: every mismatch is
+    ``dtype`` selects the precision of the product (float32, the default, is allowed: every mismatch is
     paid for by the float64 certificate, DESIGN.md §1).
     """
     _, d2 = loss_derivatives(Z)

@@ -56,7 +56,7 @@ def newton_fit(
     """Minimise ``L_b`` by damped Newton steps until ``||grad L_b||_F <= tol``.
 
     Each class is an independent problem; the line search backtracks per class on the Armijo
-    condition (plain Newton can diverge on the logistic loss). ``hess_dtype=float32`` (CUDA) only
+    condition (plain Newton can diverge on the logistic loss). ``hess_dtype=float32`` (the default) only
     changes the direction; the gradient and the stopping test stay in X's dtype (float64).
 
     Shapes: X (n, d) float64, Y and C (n, K), B (d, K), W0 (d, K).

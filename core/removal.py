@@ -73,7 +73,7 @@ def newton_step(
     """Remove ``rows`` (currently alive) with one Newton step; None if it is not finite.
 
     Delta = sum_R C_j l'(z_j) y_j x_j + lam m w;  H' = Hessian of the remaining rows at W;
-    solve H' s = Delta (Cholesky; float32 on CUDA then one float64 refinement step);
+    solve H' s = Delta (Cholesky in float32, then one float64 refinement step);
     certify in float64 at the weights as stored: s := W_new - W, H's recomputed from the data.
     ``Z`` are the margins ``Y * (X W)`` if the caller has them.
     """

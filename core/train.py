@@ -151,5 +151,8 @@ def make_problem(
         row_norms=torch.linalg.vector_norm(X64, dim=1),
         x_norm2=spectral_norm_upper(X64),
         lam=float(lam),
-        hess_dtype=torch.float32 if dev.type == "cuda" else torch.float64,
+        # float32 Hessians (CPU and CUDA): 15 % faster steps and 30 % faster retrains on
+        # n = 100,000, d = 64, same capacity on digits; the float64 refinement and certificate pay
+        # for every difference (benchmarks/README.md)
+        hess_dtype=torch.float32,
     )
