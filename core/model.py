@@ -38,6 +38,11 @@ ACCOUNTINGS = ("exact", "bound")
 #: an "auto" max_removals is re-estimated by shadow runs at a retrain once the rows have fallen
 #: below this fraction of those at the last estimate; until then it is scaled with the rows
 AUTO_REESTIMATE_BELOW = 0.5
+#: the state a noise epoch sets (restored when a prepared epoch cannot take over)
+_EPOCH_FIELDS = (
+    "_W", "_alive", "noise", "_Z", "_anchor_grad", "_r0_anchor", "_anchor_distance", "_margin",
+    "_beta", "certified", "removed_in_epoch", "max_removals", "_auto_basis", "extractor_removed",
+)  # fmt: skip
 #: a string that names an integer sample id: ASCII digits, at most 18 of them (fits in int64)
 _INT_ID = re.compile(r"-?[0-9]{1,18}")
 
@@ -488,6 +493,14 @@ class Model:
         self._auto_basis = epoch.auto_basis
 
     # ----------------------------------------------------------------- retrain in the background
+    def auto_reestimate_due(self, n_alive: int | None = None) -> bool:
+        """True when a retrain on ``n_alive`` rows (default: now) estimates an ``"auto"``
+        ``max_removals`` again by shadow runs, which costs several fits (a hint for schedulers)."""
+        if self.hyper.max_removals != "auto":
+            return False
+        n = self.n_alive if n_alive is None else n_alive
+        return self._auto_basis is None or n < AUTO_REESTIMATE_BELOW * self._auto_basis[0]
+
     def retrain_snapshot(self) -> RetrainSnapshot:
         """The current alive rows and weights, for :meth:`prepare_retrain` in another thread."""
         return RetrainSnapshot(version=self.version, alive=self._alive.clone(), W=self._W)
@@ -506,45 +519,80 @@ class Model:
         epoch.version = snap.version
         return epoch
 
-    def adopt_retrain(self, prepared: PreparedRetrain) -> bool:
+    def adopt_retrain(
+        self,
+        prepared: PreparedRetrain,
+        rows: Sequence[int] = (),
+        *,
+        groups: Sequence[int] | None = None,
+    ) -> RemovalResult | None:
         """Switch to a prepared epoch: one Newton step on it removes the rows removed since its
-        snapshot (the catch-up), then version + 1. Returns False, with the model unchanged, when
-        the prepared epoch cannot take over: it was prepared for another version, or the
-        catch-up exceeds its ``max_removals`` or its budget (the budget check is a safety-net
-        firing, counted in ``safety_retrains``); the caller then retrains from scratch.
+        snapshot (the catch-up) and, in the same step, ``rows`` (requests in arrival order,
+        ``groups`` their sizes, as in :meth:`remove`); then version + 1.
+
+        Returns the :class:`RemovalResult` of ``rows`` on the new epoch (groups past its trigger
+        or budget are ``pending``, as in :meth:`remove`), or None, with the model unchanged,
+        when the prepared epoch cannot take over: it was prepared for another version, or the
+        catch-up alone exceeds its ``max_removals`` or its budget (the budget check is a
+        safety-net firing, counted in ``safety_retrains``); the caller then retrains instead.
 
         The catch-up set depends only on the removals served, never on the new noise; the
         prepared weights are never released before it (they still fit the removed rows).
+
+        Raises:
+            InvalidInputError: bad ``rows``/``groups``, as :meth:`remove`. The model is unchanged.
         """
         if prepared.version != self.version:
-            return False
-        caught = prepared.alive & ~self._alive
+            return None
         if bool((self._alive & ~prepared.alive).any()):
-            return False  # rows alive now but not at the snapshot: not this model's lineage
-        rows = torch.nonzero(caught).flatten()
-        m = rows.numel()
-        if prepared.max_removals is not None and m > prepared.max_removals:
-            return False
-        step = None
-        if m:
-            step = newton_step(
-                self._problem, prepared.alive, prepared.W, rows, prepared.anchor_grad, None
-            )
-            if step is None:
-                return False
-            h_exact = prepared.r0_anchor + step.anchor_distance + step.margin
-            h_bound = prepared.r0_anchor + float(torch.linalg.vector_norm(step.increments))
-            used = h_exact if self.hyper.accounting == "exact" else h_bound
-            if used > self.budget_total:
-                self.safety_retrains += 1
-                return False
-        extractor_removed = self.extractor_removed
+            return None  # rows alive now but not at the snapshot: not this model's lineage
+        row_list, sizes = self._validate_rows(rows, groups)
+        caught = torch.nonzero(prepared.alive & ~self._alive).flatten().tolist()
+        flags = (
+            self._alive[torch.as_tensor(row_list, dtype=torch.long, device=self.device)].tolist()
+            if row_list
+            else []
+        )
+        group_rows: list[list[int]] = []
+        already: list[int] = []
+        start = 0
+        for size in sizes:
+            pairs = list(zip(row_list[start : start + size], flags[start : start + size], strict=True))
+            group_rows.append([r for r, a in pairs if a])
+            already.extend(r for r, a in pairs if not a)
+            start += size
+        self._check_not_emptied([r for g in group_rows for r in g])
+
+        saved = {name: getattr(self, name) for name in _EPOCH_FIELDS}
         self._install(prepared)
-        if step is not None:
-            self._commit(step, m)
-        self.extractor_removed = extractor_removed  # the caught-up rows were counted already
+        # the caught-up rows were counted against the DP extractor when they were removed
+        self.extractor_removed -= len(caught)
+        groups_all = [caught, *group_rows]
+        fit, reason = self._groups_within_trigger(groups_all)
+        committed, bound_inc, step_reason = self._commit_prefix(groups_all[:fit])
+        if committed == 0:
+            for name, value in saved.items():
+                setattr(self, name, value)
+            if step_reason == "budget":
+                self.safety_retrains += 1
+            return None
+        if step_reason == "budget":
+            self.safety_retrains += 1
         self.version += 1
-        return True
+        done = committed - 1  # groups of ``rows`` in the step
+        reason = step_reason or reason
+        pending = [r for g in group_rows[done:] for r in g]
+        return RemovalResult(
+            applied=done == len(group_rows),
+            applied_groups=done,
+            removed=[r for g in group_rows[:done] for r in g],
+            already_removed=already,
+            pending=pending,
+            bound_increment=bound_inc,
+            budget_used=self.budget_used,
+            needs_retrain=done < len(group_rows),
+            retrain_reason=reason if done < len(group_rows) else None,
+        )
 
     def _anchor_at(
         self, W: torch.Tensor, alive: torch.Tensor, *, r0: float

@@ -10,7 +10,8 @@ record the ledger, write the statuses and ``XACK`` in one script; repeat until t
 or the slice ends (then re-queue). On exit release the bell and look once more.
 
 Retrains in the background (``retrain_lead``): once a noise epoch has used ``1 - retrain_lead``
-of its ``max_removals`` (a count, independent of ``b``), the next epoch is fitted in a background
+of its ``max_removals`` (a count, independent of ``b``; earlier when the last fit took longer
+than that lead, see ``_lead_rows``), the next epoch is fitted in a background
 thread from a snapshot of the alive rows, with fresh noise, while Newton steps go on against the
 current epoch. When core says the current epoch is done (``needs_retrain``: the count reached, or
 the budget safety net), the drain waits for that fit if it is still running, adopts it with one
@@ -37,6 +38,7 @@ import os
 import threading
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -59,6 +61,7 @@ log = logging.getLogger("certremove.worker")
 
 RETRAIN_FOLD_CAP = 50_000
 RETRAIN_RESEND_S = 60.0
+RATE_WINDOW_S = 3.0
 EXTRACTOR_SPENT = (
     "the DP feature extractor's group privacy covers no more removed rows and a full-pipeline "
     "retrain (extractor, features, head) cannot run"
@@ -141,6 +144,8 @@ class RemovalService:
         self._pool: ThreadPoolExecutor | None = None
         #: the next noise epoch, fitting in the background: (future, model it was started for)
         self._next: tuple[Future[tuple[Any, float]], Any] | None = None
+        self._fit_seconds: float | None = None  # of the last background fit
+        self._marks: deque[tuple[float, int]] = deque()  # (time, rows removed so far)
         #: entries read and not answered, carried from one time slice to the next in memory
         self._held: list[Entry] = []
         #: where to read this consumer's pending list from (None: read, all held in memory)
@@ -377,6 +382,7 @@ class RemovalService:
                 report.rows_removed += n
                 report.steps += 1
                 self.refresh_metrics()
+                self._mark_removed(n)
                 self._maybe_prepare_next()
             committed = applied_answers(
                 done, schema.METHOD_NEWTON, self.model.version, self.clock()
@@ -394,14 +400,23 @@ class RemovalService:
             elif res.needs_retrain:
                 reason = res.retrain_reason or "max_removals"
                 self._count_safety()
-                if reason != "extractor" and self._adopt_next(reason):
-                    # The rest of the batch goes round again, on the new epoch.
+                rest = plan.groups[res.applied_groups :]
+                adopted = None if reason == "extractor" else self._adopt_next(reason, rest)
+                if adopted is None:
+                    self.retrain_due = reason
+                else:
+                    # The rest of the batch rode in the catch-up step, as far as it fitted; the
+                    # groups left go round again on the new epoch.
                     report.adopted += 1
-                    plan.deferred = [g.entry for g in plan.groups[res.applied_groups :]] + (
+                    report.rows_removed += len(adopted.removed)
+                    ridden = rest[: adopted.applied_groups]
+                    committed += applied_answers(
+                        ridden, schema.METHOD_NEWTON, self.model.version, self.clock()
+                    )
+                    committed_entries += [g.entry for g in ridden]
+                    plan.deferred = [g.entry for g in rest[adopted.applied_groups :]] + (
                         plan.deferred
                     )
-                else:
-                    self.retrain_due = reason
         self._finish(plan, committed, committed_entries)
         report.requests += len(plan.answered) + len(committed_entries)
         if self.retrain_due:
@@ -416,7 +431,7 @@ class RemovalService:
         limit = model.max_removals
         if self.retrain_lead <= 0 or self._next is not None or not limit or self.retrain_due:
             return
-        if model.removed_in_epoch < limit - math.ceil(self.retrain_lead * limit):
+        if model.removed_in_epoch < limit - self._lead_rows(limit):
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="certremove-retrain")
@@ -428,6 +443,36 @@ class RemovalService:
             model.removed_in_epoch,
             limit,
         )
+
+    def _lead_rows(self, limit: int) -> int:
+        """Rows before the count at which the next epoch starts fitting: ``retrain_lead`` of the
+        epoch, or more when the last fit took longer than that many rows arrive in (twice the
+        rows removed meanwhile at the recent rate; three fits when shadow runs re-estimate an
+        ``"auto"`` trigger), at most half the epoch. Past fit times and the load decide this,
+        never the noise of the epoch being fitted (drawn after the snapshot), and the epoch in
+        use still ends at its count."""
+        lead = math.ceil(self.retrain_lead * limit)
+        if self._fit_seconds is not None:
+            expect = self._fit_seconds
+            after = self.model.n_alive - (limit - self.model.removed_in_epoch)
+            if self.model.auto_reestimate_due(max(1, after)):
+                expect *= 3
+            lead = max(lead, math.ceil(2 * self._removal_rate() * expect))
+        return min(lead, limit // 2)
+
+    def _removal_rate(self) -> float:
+        """Rows removed per second over the last few seconds of steps."""
+        marks = self._marks
+        if len(marks) < 2 or marks[-1][0] <= marks[0][0]:
+            return 0.0
+        return (marks[-1][1] - marks[0][1]) / (marks[-1][0] - marks[0][0])
+
+    def _mark_removed(self, rows: int) -> None:
+        now = time.monotonic()
+        total = (self._marks[-1][1] if self._marks else 0) + rows
+        self._marks.append((now, total))
+        while len(self._marks) > 2 and now - self._marks[0][0] > RATE_WINDOW_S:
+            self._marks.popleft()
 
     def _prepare(self, model: Any, snapshot: Any) -> tuple[Any, float]:
         """Runs in the background thread: the fit, at a lower CPU priority on the CPU, so the
@@ -444,40 +489,59 @@ class RemovalService:
         finally:
             self.metrics.retrain_in_progress.set(0)
 
-    def _adopt_next(self, reason: str) -> bool:
-        """Take over the epoch fitted in the background (waiting for it if need be): catch-up
-        step, persist, version + 1. False when there is none or it cannot take over."""
+    def _adopt_next(self, reason: str, rest: list[Group]) -> Any:
+        """Take over the epoch fitted in the background (waiting for it if need be): one Newton
+        step removes the rows removed since its snapshot and the ``rest`` of the batch (as far
+        as they fit), persist, version + 1. Returns core's ``RemovalResult`` for ``rest``, or
+        None when there is no fitted epoch or it cannot take over."""
         if self._next is None:
-            return False
+            return None
         future, model = self._next
         self._next = None
         if model is not self.model:
-            return False
+            return None
         t0 = time.perf_counter()
         try:
             prepared, fit_seconds = future.result()
         except Exception:  # noqa: BLE001 - the synchronous retrain takes over
             log.exception("the background retrain failed; retraining in the foreground")
-            return False
+            return None
         self.metrics.retrain_wait_seconds.observe(time.perf_counter() - t0)
-        if not self.model.adopt_retrain(prepared):
+        rows = [r for g in rest for r in g.rows]
+        t1 = time.perf_counter()
+        try:
+            res = self.model.adopt_retrain(prepared, rows, groups=[len(g.rows) for g in rest])
+        except ValueError as exc:  # core refused the rows: the retrain that folds answers them
+            log.warning("the background retrain could not take the batch over: %s", exc)
+            return None
+        if res is None:
             self._count_safety()
             log.warning("the background retrain could not take over; retraining in the foreground")
-            return False
+            return None
+        step_seconds = time.perf_counter() - t1
+        self._count_safety()
         self._persist()
+        self._fit_seconds = fit_seconds
         self.metrics.retrains.labels(reason=reason).inc()
         self.metrics.retrain_seconds.observe(fit_seconds)
+        self.metrics.newton_update_seconds.observe(step_seconds)
+        if res.removed:
+            n = len(res.removed)
+            self.metrics.batch_size.observe(n)
+            self.metrics.removals.labels(method=schema.METHOD_NEWTON).inc(n)
+            self._mark_removed(n)
         self.refresh_metrics()
         log.info(
-            "adopted the background retrain: version %d, %d rows caught up, fit %.2f s, "
-            "waited %.2f s",
+            "adopted the background retrain: version %d, %d rows caught up and %d removed in "
+            "one step, fit %.2f s, waited %.2f s",
             self.model.version,
-            self.model.removed_in_epoch,
+            self.model.removed_in_epoch - len(res.removed),
+            len(res.removed),
             fit_seconds,
-            time.perf_counter() - t0,
+            t1 - t0,
         )
         self._maybe_prepare_next()
-        return True
+        return res
 
     def close(self) -> None:
         """Stop the background thread (a fit in progress is abandoned)."""

@@ -117,3 +117,35 @@ def test_adopted_model_persists_and_reloads(tmp_path, digits):
     assert torch.equal(loaded.alive, model.alive)
     torch.testing.assert_close(loaded.weights, model.weights)
     assert loaded.noise is None  # b is never persisted
+
+
+def test_auto_reestimate_due_says_when_shadow_runs_come(digits):
+    model = core.train(digits.X_train, digits.y_train, lam=LAM, sigma=1.0)  # "auto"
+    n0 = model.n_alive
+    assert not model.auto_reestimate_due()
+    assert not model.auto_reestimate_due(n0 // 2 + 1)
+    assert model.auto_reestimate_due(n0 // 2 - 1)
+    model.retrain(exclude=list(range(n0 // 2 + 10)))  # the retrain re-estimated: a new basis
+    assert not model.auto_reestimate_due()
+    assert not _train(digits).auto_reestimate_due(1)  # a fixed count never re-estimates
+
+
+def test_requests_ride_in_the_catch_up_step(digits):
+    model = _train(digits, max_removals=100)
+    prepared = model.prepare_retrain()
+    model.remove(list(range(40)))
+    version = model.version
+    res = model.adopt_retrain(prepared, list(range(30, 80)), groups=[10, 20, 20])
+    assert res is not None and model.version == version + 1
+    assert res.applied and res.applied_groups == 3
+    assert res.already_removed == list(range(30, 40)) and res.removed == list(range(40, 80))
+    assert model.removed_in_epoch == 80 and model.n_alive == model.n_rows - 80
+    truth = true_residual(model, digits.X_train, digits.y_train, LAM)
+    assert truth <= model.exact_used * (1 + 1e-9) + 1e-12 <= model.budget_total
+    # groups past the new epoch's trigger are left pending, on request boundaries
+    prepared = model.prepare_retrain()
+    assert model.remove(list(range(80, 100))).applied  # fills the epoch: 20 rows to catch up
+    res = model.adopt_retrain(prepared, list(range(100, 200)), groups=[50, 40, 10])
+    assert res is not None and res.applied_groups == 1 and res.needs_retrain
+    assert res.retrain_reason == "max_removals" and res.pending == list(range(150, 200))
+    assert model.removed_in_epoch == 70 and model.n_alive == model.n_rows - 150

@@ -309,7 +309,7 @@ def test_a_background_retrain_that_cannot_take_over_falls_back_to_folding(
     client = Client(broker_url, model=model_name)
     service, sent, _ = build(state, rclient, model_name, retrain_lead=0.5, max_batch=3)
     real = service.model.adopt_retrain
-    service.model.adopt_retrain = lambda prepared: False  # e.g. the catch-up did not fit
+    service.model.adopt_retrain = lambda *a, **k: None  # e.g. the catch-up did not fit
     rids = client.enqueue_many([[i] for i in range(14)])
     report = service.drain()
     assert report.retrain_requested and report.adopted == 0 and report.rows_removed == 10
