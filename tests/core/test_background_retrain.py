@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import torch
 
 import core
@@ -149,3 +150,20 @@ def test_requests_ride_in_the_catch_up_step(digits):
     assert res is not None and res.applied_groups == 1 and res.needs_retrain
     assert res.retrain_reason == "max_removals" and res.pending == list(range(150, 200))
     assert model.removed_in_epoch == 70 and model.n_alive == model.n_rows - 150
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_background_retrain_on_cuda_is_certified(digits):
+    model = _train(digits, device="cuda")
+    snap = model.retrain_snapshot()
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(model.prepare_retrain, snap)
+        for start in range(0, 100, 20):
+            assert model.remove(list(range(start, start + 20))).applied
+        prepared = future.result()
+    res = model.adopt_retrain(prepared, list(range(100, 140)), groups=[20, 20])
+    assert res is not None and res.applied and model.removed_in_epoch == 140
+    assert model.device.type == "cuda"
+    truth = true_residual(model, digits.X_train, digits.y_train, LAM)
+    assert truth <= model.exact_used * (1 + 1e-9) + 1e-12 <= model.budget_total
