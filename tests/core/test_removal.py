@@ -187,7 +187,9 @@ def test_float32_solve_path_stays_certified(digits):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_model_matches_cpu_and_is_certified(digits):
-    cpu = core.train(digits.X_train, digits.y_train, lam=1e-2, sigma=1.0, seed=3, max_removals=None)
+    cpu = core.train(
+        digits.X_train, digits.y_train, lam=1e-2, sigma=1.0, seed=3, max_removals=None, device="cpu"
+    )
     gpu = core.train(
         digits.X_train,
         digits.y_train,
