@@ -447,7 +447,12 @@ class Model:
         self._install(self._fit_epoch(alive, seed=seed, W0=W0))
 
     def _fit_epoch(
-        self, alive: torch.Tensor, *, seed: int | None, W0: torch.Tensor | None
+        self,
+        alive: torch.Tensor,
+        *,
+        seed: int | None,
+        W0: torch.Tensor | None,
+        basis: tuple[int, int] | None = None,
     ) -> PreparedRetrain:
         """Fit a noise epoch on ``alive`` with fresh noise. Pure: reads only the fixed problem,
         hyper-parameters and budget, so it may run in another thread while :meth:`remove` goes on."""
@@ -468,7 +473,7 @@ class Model:
             hess_dtype=p.hess_dtype,
         )
         anchor_grad, r0_anchor = self._anchor_at(fit.W, alive, r0=fit.r0)
-        max_removals, basis = self._resolve_trigger(alive, fit.W, rng, fit.factor)
+        max_removals, basis = self._resolve_trigger(alive, fit.W, rng, fit.factor, basis)
         return PreparedRetrain(
             version=self.version,
             alive=alive,
@@ -506,18 +511,45 @@ class Model:
         return RetrainSnapshot(version=self.version, alive=self._alive.clone(), W=self._W)
 
     def prepare_retrain(
-        self, snapshot: RetrainSnapshot | None = None, *, seed: int | None = None
+        self,
+        snapshot: RetrainSnapshot | None = None,
+        *,
+        seed: int | None = None,
+        auto_basis: tuple[int, int] | None = None,
     ) -> PreparedRetrain:
         """Fit the next noise epoch (fresh noise) on a snapshot's rows without changing the model.
 
         Thread-safe against :meth:`remove` on this model (it reads only the fixed data and the
         snapshot). Hand the result to :meth:`adopt_retrain`, which removes the rows removed since
-        the snapshot from it before it is ever released.
+        the snapshot from it before it is ever released. ``auto_basis`` is an
+        :meth:`estimate_max_removals` result made ahead of time (an ``"auto"`` trigger is then
+        scaled from it instead of estimated by shadow runs here).
         """
         snap = snapshot or self.retrain_snapshot()
-        epoch = self._fit_epoch(snap.alive, seed=seed, W0=snap.W)
+        epoch = self._fit_epoch(snap.alive, seed=seed, W0=snap.W, basis=auto_basis)
         epoch.version = snap.version
         return epoch
+
+    def estimate_max_removals(
+        self, snapshot: RetrainSnapshot | None = None, *, seed: int | None = None
+    ) -> tuple[int, int] | None:
+        """The shadow-run estimate of an ``"auto"`` ``max_removals`` on a snapshot's rows, as
+        ``(rows, value)`` for :meth:`prepare_retrain` (None unless ``"auto"``): the costly part
+        of a retrain that re-estimates, run ahead of it. Independent of ``b`` (the shadow runs
+        draw their own noise); thread-safe like :meth:`prepare_retrain`."""
+        if self.hyper.max_removals != "auto":
+            return None
+        snap = snapshot or self.retrain_snapshot()
+        value = auto_max_removals(
+            self._problem,
+            snap.alive,
+            snap.W,
+            sigma=self.hyper.sigma,
+            budget=self.budget_total,
+            rng=generator(seed),
+            binary=self._coding.binary,
+        )
+        return int(snap.alive.sum()), value
 
     def adopt_retrain(
         self,
@@ -564,12 +596,18 @@ class Model:
         self._check_not_emptied([r for g in group_rows for r in g])
 
         saved = {name: getattr(self, name) for name in _EPOCH_FIELDS}
-        self._install(prepared)
-        # the caught-up rows were counted against the DP extractor when they were removed
-        self.extractor_removed -= len(caught)
-        groups_all = [caught, *group_rows]
-        fit, reason = self._groups_within_trigger(groups_all)
-        committed, bound_inc, step_reason = self._commit_prefix(groups_all[:fit])
+        try:
+            self._install(prepared)
+            # the caught-up rows were counted against the DP extractor when they were removed
+            self.extractor_removed -= len(caught)
+            groups_all = [caught, *group_rows]
+            fit, reason = self._groups_within_trigger(groups_all)
+            committed, bound_inc, step_reason = self._commit_prefix(groups_all[:fit])
+        except BaseException:  # e.g. out of memory in the step: the model must stay as it was
+            committed, step_reason = 0, None
+            for name, value in saved.items():
+                setattr(self, name, value)
+            raise
         if committed == 0:
             for name, value in saved.items():
                 setattr(self, name, value)
@@ -625,11 +663,13 @@ class Model:
         W: torch.Tensor,
         rng: np.random.Generator,
         factor: torch.Tensor | None,
+        basis: tuple[int, int] | None = None,
     ) -> tuple[int | None, tuple[int, int] | None]:
-        """``max_removals`` for an epoch on ``alive`` and the "auto" basis it leaves."""
+        """``max_removals`` for an epoch on ``alive`` and the "auto" basis it leaves (from
+        ``basis`` when given, else the model's last one)."""
         spec = self.hyper.max_removals
         n = int(alive.sum())
-        basis = self._auto_basis
+        basis = basis or self._auto_basis
         if spec is None or isinstance(spec, int):
             return spec, basis
         if isinstance(spec, float):

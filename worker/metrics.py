@@ -77,7 +77,7 @@ class ServiceMetrics:
             **kw,
         )
         self.retrain_in_progress = Gauge(
-            "certremove_retrain_in_progress", "1 while a retrain runs", **kw
+            "certremove_retrain_in_progress", "Retrains running (background fits included)", **kw
         )
         self.test_accuracy = Gauge(
             "certremove_test_accuracy", "Accuracy on the held-out split", **kw

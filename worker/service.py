@@ -40,7 +40,8 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+import queue
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,13 +56,15 @@ from worker.entries import Entry, parse_entries
 from worker.errors import ServiceStoppedError
 from worker.ledger import Answer, DeadLetter, Ledger
 from worker.metrics import ServiceMetrics
-from worker.stream import RequestStream, next_id
+from worker.stream import RequestStream
 
 log = logging.getLogger("certremove.worker")
 
 RETRAIN_FOLD_CAP = 50_000
 RETRAIN_RESEND_S = 60.0
 RATE_WINDOW_S = 3.0
+#: nice value of the background fit's thread on the CPU (0 gave a worse p99 side by side)
+BACKGROUND_NICE = 10
 EXTRACTOR_SPENT = (
     "the DP feature extractor's group privacy covers no more removed rows and a full-pipeline "
     "retrain (extractor, features, head) cannot run"
@@ -73,6 +76,10 @@ EXTRACTOR_WAITS = (
 
 #: ``pipeline(model, pending_rows) -> (dataset, new_model)``: the full-pipeline retrain
 PipelineRetrain = Callable[[Any, list[int]], tuple[Any, Any]]
+
+
+def _text_id(entry_id: bytes | str) -> str:
+    return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
 
 
 def exit_process(exc: BaseException) -> None:
@@ -96,6 +103,32 @@ class DrainReport:
     retrained: bool = False
     #: background retrains adopted (catch-up step, version + 1) during this drain
     adopted: int = 0
+
+
+
+class BackgroundRunner:
+    """One daemon thread running jobs in submission order (an estimate before the fit that uses
+    it). A daemon: the process never waits for a fit at exit (its result is never persisted)."""
+
+    def __init__(self, name: str = "certremove-retrain") -> None:
+        self._jobs: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]]
+        self._jobs = queue.SimpleQueue()
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        self._jobs.put((future, fn, args))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            future, fn, args = self._jobs.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for it
+                future.set_exception(exc)
 
 
 class RemovalService:
@@ -141,10 +174,12 @@ class RemovalService:
         if not 0 <= retrain_lead < 1:
             raise ValueError(f"retrain_lead must lie in [0, 1), got {retrain_lead}")
         self.retrain_lead = retrain_lead
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: BackgroundRunner | None = None
         #: the next noise epoch, fitting in the background: (future, model it was started for)
         self._next: tuple[Future[tuple[Any, float]], Any] | None = None
         self._fit_seconds: float | None = None  # of the last background fit
+        #: an "auto" max_removals estimated ahead of the next fit, in the background
+        self._estimate: Future[Any] | None = None
         self._marks: deque[tuple[float, int]] = deque()  # (time, rows removed so far)
         #: entries read and not answered, carried from one time slice to the next in memory
         self._held: list[Entry] = []
@@ -181,6 +216,7 @@ class RemovalService:
         self._ids = np.asarray(model.ids)
         self._safety_seen = int(model.safety_retrains)
         self._next = None  # a background fit of another model object is of no use to this one
+        self._estimate = None
 
     def refresh_metrics(self) -> None:
         """Publish the model's budget, version, size, test accuracy and extractor allowance."""
@@ -250,9 +286,13 @@ class RemovalService:
             # Every read of the pending list counts a delivery: read it once per process (and
             # after a failure or a retrain), not again at every time slice.
             raw = self.stream.read_own_pending(room, start=self._pel_cursor)
-            self._pel_cursor = None if len(raw) < room else next_id(raw[-1][0])
+            # reads after an explicit id are exclusive: the next page starts after the last one
+            self._pel_cursor = None if len(raw) < room else _text_id(raw[-1][0])
         if len(held) + len(raw) < self.max_batch:
             raw += self.stream.autoclaim(self.max_batch - len(held) - len(raw))
+        if held and raw:  # a later page of the pending list holds entries read since
+            mine = {e.entry_id for e in held}
+            raw = [(eid, fields) for eid, fields in raw if eid not in mine]
         if not raw:
             return held
         counts = self.stream.delivery_counts([eid for eid, _ in raw])
@@ -351,7 +391,7 @@ class RemovalService:
                 return report
         self.doorbell.release()
         if self.stream.has_undelivered() or self.stream.has_own_pending():
-            self._forget_held()  # own pending entries not held here (none expected): read them
+            self._forget_held()  # own pending entries not in memory (unread pages): read them
             self.doorbell.ring()
         return report
 
@@ -414,9 +454,15 @@ class RemovalService:
                         ridden, schema.METHOD_NEWTON, self.model.version, self.clock()
                     )
                     committed_entries += [g.entry for g in ridden]
+                    report.steps += 1
                     plan.deferred = [g.entry for g in rest[adopted.applied_groups :]] + (
                         plan.deferred
                     )
+                    if adopted.retrain_reason in ("budget", "numerical"):
+                        # The new epoch's safety net fired (a b-dependent outcome): no more
+                        # tries on it; a retrain folds the rest. (Past its count, the groups left
+                        # go round again and meet the next background fit as usual.)
+                        self.retrain_due = adopted.retrain_reason
         self._finish(plan, committed, committed_entries)
         report.requests += len(plan.answered) + len(committed_entries)
         if self.retrain_due:
@@ -431,12 +477,24 @@ class RemovalService:
         limit = model.max_removals
         if self.retrain_lead <= 0 or self._next is not None or not limit or self.retrain_due:
             return
+        left = model.extractor_removals_remaining
+        if left is not None and left < limit - model.removed_in_epoch:
+            return  # the DP extractor's allowance ends this epoch: a head fit would be wasted
+        if self._pool is None:
+            self._pool = BackgroundRunner()
+        if self._estimate is None and model.auto_reestimate_due(
+            max(1, model.n_alive - (limit - model.removed_in_epoch))
+        ):
+            # The next fit would re-estimate an "auto" trigger by shadow runs (several fits):
+            # do that now, on the rows of today (b-independent), and let the fit scale it.
+            self._estimate = self._pool.submit(
+                self._background, model.estimate_max_removals, model.retrain_snapshot()
+            )
         if model.removed_in_epoch < limit - self._lead_rows(limit):
             return
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="certremove-retrain")
         snapshot = model.retrain_snapshot()  # taken here, between steps
-        self._next = (self._pool.submit(self._prepare, model, snapshot), model)
+        estimate, self._estimate = self._estimate, None
+        self._next = (self._pool.submit(self._prepare, model, snapshot, estimate), model)
         log.info(
             "epoch %d: %d of %d removals used, fitting the next epoch in the background",
             model.version,
@@ -474,20 +532,33 @@ class RemovalService:
         while len(self._marks) > 2 and now - self._marks[0][0] > RATE_WINDOW_S:
             self._marks.popleft()
 
-    def _prepare(self, model: Any, snapshot: Any) -> tuple[Any, float]:
-        """Runs in the background thread: the fit, at a lower CPU priority on the CPU, so the
-        Newton steps of the current epoch keep theirs."""
-        if str(getattr(model, "device", "cpu")) == "cpu":
+    def _background(self, job: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Runs ``job`` in the background thread at a lower CPU priority on the CPU, so the Newton
+        steps of the current epoch keep theirs."""
+        if str(getattr(self.model, "device", "cpu")) == "cpu":
             try:
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
             except (OSError, AttributeError):  # not Linux, or not allowed: same priority
                 pass
-        self.metrics.retrain_in_progress.set(1)
+        return job(*args, **kwargs)
+
+    def _prepare(
+        self, model: Any, snapshot: Any, estimate: Future[Any] | None
+    ) -> tuple[Any, float]:
+        """Runs in the background thread: the fit (with the trigger estimated ahead, if any)."""
+        self.metrics.retrain_in_progress.inc()
         t0 = time.perf_counter()
         try:
-            return model.prepare_retrain(snapshot), time.perf_counter() - t0
+            basis = None
+            if estimate is not None:
+                try:
+                    basis = estimate.result()  # done: the one thread ran it first
+                except Exception:  # noqa: BLE001 - the fit estimates it itself then
+                    log.exception("estimating max_removals ahead failed")
+            prepared = self._background(model.prepare_retrain, snapshot, auto_basis=basis)
+            return prepared, time.perf_counter() - t0
         finally:
-            self.metrics.retrain_in_progress.set(0)
+            self.metrics.retrain_in_progress.dec()
 
     def _adopt_next(self, reason: str, rest: list[Group]) -> Any:
         """Take over the epoch fitted in the background (waiting for it if need be): one Newton
@@ -544,11 +615,11 @@ class RemovalService:
         return res
 
     def close(self) -> None:
-        """Stop the background thread (a fit in progress is abandoned)."""
-        self._next = None
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        """Drop the background work (a fit in progress runs out in its daemon thread, unused)."""
+        for job in (self._next[0] if self._next else None, self._estimate):
+            if job is not None:
+                job.cancel()
+        self._next = self._estimate = None
 
     def _drop_beyond_extractor(self, plan: Plan) -> list[Entry]:
         """Keep, in arrival order, the groups a head retrain can exclude within what the DP
@@ -625,9 +696,9 @@ class RemovalService:
         if not self.retrain_due:
             self.doorbell.ring()  # a stale or duplicate retrain message: nothing is due
             return report
-        self._next = None  # a retrain from scratch replaces any epoch fitting in the background
+        self.close()  # a retrain from scratch replaces any background work
         self._forget_held()
-        self.metrics.retrain_in_progress.set(1)
+        self.metrics.retrain_in_progress.inc()
         try:
             plan, _ = self._plan(self._pending_entries(), fold=True)
             full = self.retrain_due == "extractor" and self._pipeline is not None
@@ -676,7 +747,7 @@ class RemovalService:
                 seconds,
             )
         finally:
-            self.metrics.retrain_in_progress.set(0)
+            self.metrics.retrain_in_progress.dec()
         if self.retrain_due:
             log.info("%d requests wait for the full-pipeline retrain", len(waiting))
             report.retrain_requested = True

@@ -72,7 +72,7 @@ class RequestStream:
             if not got:
                 break
             out += got
-            start = next_id(got[-1][0])
+            start = _s(got[-1][0])  # reads after an explicit id are exclusive
         if len(out) < cap:
             out += self.read_new(cap - len(out))
         return out
@@ -164,9 +164,3 @@ def _s(value: bytes | str) -> str:
 def _id_key(entry_id: bytes) -> tuple[int, int]:
     ms, _, seq = _s(entry_id).partition("-")
     return int(ms), int(seq or 0)
-
-
-def next_id(entry_id: bytes | str) -> str:
-    """The smallest stream id after ``entry_id``."""
-    ms, _, seq = _s(entry_id).partition("-")
-    return f"{ms}-{int(seq or 0) + 1}"

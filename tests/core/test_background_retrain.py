@@ -167,3 +167,33 @@ def test_background_retrain_on_cuda_is_certified(digits):
     assert model.device.type == "cuda"
     truth = true_residual(model, digits.X_train, digits.y_train, LAM)
     assert truth <= model.exact_used * (1 + 1e-9) + 1e-12 <= model.budget_total
+
+
+def test_an_auto_trigger_estimated_ahead_is_scaled_by_the_fit(digits):
+    model = core.train(digits.X_train, digits.y_train, lam=LAM, sigma=1.0)  # "auto"
+    rows, value = model.estimate_max_removals(seed=7)
+    assert rows == model.n_alive and 0 < value <= 0.25 * rows
+    assert model.estimate_max_removals(seed=7) == (rows, value)  # its own noise, seeded
+    assert _train(digits).estimate_max_removals() is None  # a fixed count: nothing to estimate
+    model.remove(list(range(100)))
+    prepared = model.prepare_retrain(auto_basis=(rows, value))
+    assert prepared.auto_basis == (rows, value)
+    assert prepared.max_removals == int(value * (rows - 100) / rows)
+
+
+def test_an_error_inside_the_catch_up_leaves_the_model_as_it_was(digits, monkeypatch):
+    model = _train(digits)
+    prepared = model.prepare_retrain()
+    model.remove(list(range(30)))
+    W, alive, version, used = model.weights.clone(), model.alive, model.version, model.budget_used
+    extractor_removed = model.extractor_removed
+
+    def boom(*a, **k):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr("core.model.newton_step", boom)
+    with pytest.raises(RuntimeError):
+        model.adopt_retrain(prepared, [40, 41])
+    assert torch.equal(model.weights, W) and torch.equal(model.alive, alive)
+    assert model.version == version and model.budget_used == used
+    assert model.removed_in_epoch == 30 and model.extractor_removed == extractor_removed
