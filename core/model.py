@@ -498,13 +498,15 @@ class Model:
         self._auto_basis = epoch.auto_basis
 
     # ----------------------------------------------------------------- retrain in the background
-    def auto_reestimate_due(self, n_alive: int | None = None) -> bool:
+    def auto_reestimate_due(self, n_alive: int | None = None, *, margin: float = 1.0) -> bool:
         """True when a retrain on ``n_alive`` rows (default: now) estimates an ``"auto"``
-        ``max_removals`` again by shadow runs, which costs several fits (a hint for schedulers)."""
+        ``max_removals`` again by shadow runs, which costs several fits (a hint for schedulers);
+        ``margin`` > 1 says so that much earlier (rows below ``margin`` times the threshold)."""
         if self.hyper.max_removals != "auto":
             return False
         n = self.n_alive if n_alive is None else n_alive
-        return self._auto_basis is None or n < AUTO_REESTIMATE_BELOW * self._auto_basis[0]
+        basis = self._auto_basis
+        return basis is None or n < AUTO_REESTIMATE_BELOW * margin * basis[0]
 
     def retrain_snapshot(self) -> RetrainSnapshot:
         """The current alive rows and weights, for :meth:`prepare_retrain` in another thread."""

@@ -142,6 +142,9 @@ def _state_dict(model: Model, fingerprint: str) -> dict[str, Any]:
         "budget_used": model.budget_used,
         "removed_in_epoch": model.removed_in_epoch,
         "max_removals_resolved": model.max_removals,
+        # (rows, value) of the last "auto" estimate: b-independent (shadow runs), kept so that a
+        # restart scales it instead of running the shadow runs again
+        "auto_basis": list(model._auto_basis) if model._auto_basis is not None else None,
         "safety_retrains": model.safety_retrains,
         "certified": model.certified,
         "x_norm2": model._problem.x_norm2,
@@ -202,6 +205,8 @@ def load_model(
     model.version = int(state["version"])
     model.removed_in_epoch = int(state["removed_in_epoch"])
     model.max_removals = state["max_removals_resolved"]
+    basis = state.get("auto_basis")  # absent in states written before it was kept
+    model._auto_basis = (int(basis[0]), int(basis[1])) if basis else None
     model.safety_retrains = int(state["safety_retrains"])
     model.extractor_removed = int(state.get("extractor_removed", 0))
     model.extra = dict(state.get("extra") or {})

@@ -65,6 +65,9 @@ RETRAIN_RESEND_S = 60.0
 RATE_WINDOW_S = 3.0
 #: nice value of the background fit's thread on the CPU (0 gave a worse p99 side by side)
 BACKGROUND_NICE = 10
+#: start estimating an "auto" trigger ahead once the rows fall below this many times the point
+#: where a fit would re-estimate it (core.model.AUTO_REESTIMATE_BELOW of the last estimate's)
+ESTIMATE_AHEAD = 1.25
 EXTRACTOR_SPENT = (
     "the DP feature extractor's group privacy covers no more removed rows and a full-pipeline "
     "retrain (extractor, features, head) cannot run"
@@ -175,6 +178,7 @@ class RemovalService:
             raise ValueError(f"retrain_lead must lie in [0, 1), got {retrain_lead}")
         self.retrain_lead = retrain_lead
         self._pool: BackgroundRunner | None = None
+        self._estimator: BackgroundRunner | None = None
         #: the next noise epoch, fitting in the background: (future, model it was started for)
         self._next: tuple[Future[tuple[Any, float]], Any] | None = None
         self._fit_seconds: float | None = None  # of the last background fit
@@ -482,12 +486,13 @@ class RemovalService:
             return  # the DP extractor's allowance ends this epoch: a head fit would be wasted
         if self._pool is None:
             self._pool = BackgroundRunner()
-        if self._estimate is None and model.auto_reestimate_due(
-            max(1, model.n_alive - (limit - model.removed_in_epoch))
-        ):
-            # The next fit would re-estimate an "auto" trigger by shadow runs (several fits):
-            # do that now, on the rows of today (b-independent), and let the fit scale it.
-            self._estimate = self._pool.submit(
+        if self._estimate is None and model.auto_reestimate_due(margin=ESTIMATE_AHEAD):
+            # A fit soon would re-estimate an "auto" trigger by shadow runs (several fits): do
+            # that now, in a thread of its own, on the rows of today (b-independent: the shadow
+            # runs draw their own noise), and let the fit scale it.
+            if self._estimator is None:
+                self._estimator = BackgroundRunner("certremove-estimate")
+            self._estimate = self._estimator.submit(
                 self._background, model.estimate_max_removals, model.retrain_snapshot()
             )
         if model.removed_in_epoch < limit - self._lead_rows(limit):
@@ -545,14 +550,15 @@ class RemovalService:
     def _prepare(
         self, model: Any, snapshot: Any, estimate: Future[Any] | None
     ) -> tuple[Any, float]:
-        """Runs in the background thread: the fit (with the trigger estimated ahead, if any)."""
+        """Runs in the background thread: the fit (with the trigger estimated ahead, if any,
+        waiting for that estimate if it still runs)."""
         self.metrics.retrain_in_progress.inc()
         t0 = time.perf_counter()
         try:
             basis = None
             if estimate is not None:
                 try:
-                    basis = estimate.result()  # done: the one thread ran it first
+                    basis = estimate.result()
                 except Exception:  # noqa: BLE001 - the fit estimates it itself then
                     log.exception("estimating max_removals ahead failed")
             prepared = self._background(model.prepare_retrain, snapshot, auto_basis=basis)

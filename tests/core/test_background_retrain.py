@@ -197,3 +197,12 @@ def test_an_error_inside_the_catch_up_leaves_the_model_as_it_was(digits, monkeyp
     assert torch.equal(model.weights, W) and torch.equal(model.alive, alive)
     assert model.version == version and model.budget_used == used
     assert model.removed_in_epoch == 30 and model.extractor_removed == extractor_removed
+
+
+def test_the_auto_basis_survives_a_restart(tmp_path, digits):
+    model = core.train(digits.X_train, digits.y_train, lam=LAM, sigma=1.0)  # "auto"
+    basis = model._auto_basis
+    assert basis is not None and not model.auto_reestimate_due()
+    model.save(tmp_path / "s")
+    loaded = core.load_model(tmp_path / "s")
+    assert loaded._auto_basis == basis and not loaded.auto_reestimate_due()
