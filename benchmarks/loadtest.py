@@ -187,16 +187,20 @@ def main(argv: list[str] | None = None) -> int:
         report["retrain_lead"] = env.get("retrain_lead", Settings().retrain_lead)
         worker_kw: dict[str, Any] = {"loglevel": args.loglevel, "log_dir": args.log_dir, "env": env}
         rows = int(report["train"]["rows"])
-        report["burst"] = None if args.skip_burst else service_run(
-            url,
-            work / "template",
-            work,
-            "burst",
-            requests=min(args.burst, int(0.8 * rows)),
-            rate=0,
-            max_batch=args.max_batch,
-            timeout=args.timeout,
-            **worker_kw,
+        report["burst"] = (
+            None
+            if args.skip_burst
+            else service_run(
+                url,
+                work / "template",
+                work,
+                "burst",
+                requests=min(args.burst, int(0.8 * rows)),
+                rate=0,
+                max_batch=args.max_batch,
+                timeout=args.timeout,
+                **worker_kw,
+            )
         )
         if not args.skip_steady:
             n = min(int(args.rate * args.seconds), int(0.8 * rows))

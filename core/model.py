@@ -453,6 +453,7 @@ class Model:
         seed: int | None,
         W0: torch.Tensor | None,
         basis: tuple[int, int] | None = None,
+        reestimate: bool = True,
     ) -> PreparedRetrain:
         """Fit a noise epoch on ``alive`` with fresh noise. Pure: reads only the fixed problem,
         hyper-parameters and budget, so it may run in another thread while :meth:`remove` goes on."""
@@ -473,7 +474,9 @@ class Model:
             hess_dtype=p.hess_dtype,
         )
         anchor_grad, r0_anchor = self._anchor_at(fit.W, alive, r0=fit.r0)
-        max_removals, basis = self._resolve_trigger(alive, fit.W, rng, fit.factor, basis)
+        max_removals, basis = self._resolve_trigger(
+            alive, fit.W, rng, fit.factor, basis, reestimate
+        )
         return PreparedRetrain(
             version=self.version,
             alive=alive,
@@ -518,6 +521,7 @@ class Model:
         *,
         seed: int | None = None,
         auto_basis: tuple[int, int] | None = None,
+        reestimate: bool = True,
     ) -> PreparedRetrain:
         """Fit the next noise epoch (fresh noise) on a snapshot's rows without changing the model.
 
@@ -525,10 +529,13 @@ class Model:
         snapshot). Hand the result to :meth:`adopt_retrain`, which removes the rows removed since
         the snapshot from it before it is ever released. ``auto_basis`` is an
         :meth:`estimate_max_removals` result made ahead of time (an ``"auto"`` trigger is then
-        scaled from it instead of estimated by shadow runs here).
+        scaled from it instead of estimated by shadow runs here); ``reestimate=False`` scales
+        the last estimate even when the rows have halved since (no shadow runs in this fit).
         """
         snap = snapshot or self.retrain_snapshot()
-        epoch = self._fit_epoch(snap.alive, seed=seed, W0=snap.W, basis=auto_basis)
+        epoch = self._fit_epoch(
+            snap.alive, seed=seed, W0=snap.W, basis=auto_basis, reestimate=reestimate
+        )
         epoch.version = snap.version
         return epoch
 
@@ -591,7 +598,9 @@ class Model:
         already: list[int] = []
         start = 0
         for size in sizes:
-            pairs = list(zip(row_list[start : start + size], flags[start : start + size], strict=True))
+            pairs = list(
+                zip(row_list[start : start + size], flags[start : start + size], strict=True)
+            )
             group_rows.append([r for r, a in pairs if a])
             already.extend(r for r, a in pairs if not a)
             start += size
@@ -666,6 +675,7 @@ class Model:
         rng: np.random.Generator,
         factor: torch.Tensor | None,
         basis: tuple[int, int] | None = None,
+        reestimate: bool = True,
     ) -> tuple[int | None, tuple[int, int] | None]:
         """``max_removals`` for an epoch on ``alive`` and the "auto" basis it leaves (from
         ``basis`` when given, else the model's last one)."""
@@ -676,7 +686,7 @@ class Model:
             return spec, basis
         if isinstance(spec, float):
             return int(spec * n), basis
-        if basis is not None and n >= AUTO_REESTIMATE_BELOW * basis[0]:
+        if basis is not None and (n >= AUTO_REESTIMATE_BELOW * basis[0] or not reestimate):
             # Scale the last estimate with the row count (b-independent: it came from shadow runs
             # with their own noise); re-estimate once the data has shrunk by half since then.
             return int(basis[1] * n / basis[0]), basis

@@ -36,7 +36,7 @@ class Runtime:
     metrics_port: int
 
 
-def load_model(settings: Settings) -> object:
+def load_model(settings: Settings) -> Any:
     """The current model of ``settings.state_dir``.
 
     Raises:

@@ -35,12 +35,12 @@ from __future__ import annotations
 import logging
 import math
 import os
-import threading
+import queue
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
-import queue
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,11 +63,12 @@ log = logging.getLogger("certremove.worker")
 RETRAIN_FOLD_CAP = 50_000
 RETRAIN_RESEND_S = 60.0
 RATE_WINDOW_S = 3.0
-#: nice value of the background fit's thread on the CPU (0 gave a worse p99 side by side)
+#: nice value of the background threads on the CPU (steady p99 over 4 interleaved pairs of runs:
+#: 191-257 ms at 10, 226-315 ms at 0)
 BACKGROUND_NICE = 10
 #: start estimating an "auto" trigger ahead once the rows fall below this many times the point
 #: where a fit would re-estimate it (core.model.AUTO_REESTIMATE_BELOW of the last estimate's)
-ESTIMATE_AHEAD = 1.25
+ESTIMATE_AHEAD = 1.5
 EXTRACTOR_SPENT = (
     "the DP feature extractor's group privacy covers no more removed rows and a full-pipeline "
     "retrain (extractor, features, head) cannot run"
@@ -106,7 +107,6 @@ class DrainReport:
     retrained: bool = False
     #: background retrains adopted (catch-up step, version + 1) during this drain
     adopted: int = 0
-
 
 
 class BackgroundRunner:
@@ -493,19 +493,38 @@ class RemovalService:
             if self._estimator is None:
                 self._estimator = BackgroundRunner("certremove-estimate")
             self._estimate = self._estimator.submit(
-                self._background, model.estimate_max_removals, model.retrain_snapshot()
+                self._background, self._estimate_ahead, model, model.retrain_snapshot()
             )
         if model.removed_in_epoch < limit - self._lead_rows(limit):
             return
         snapshot = model.retrain_snapshot()  # taken here, between steps
-        estimate, self._estimate = self._estimate, None
-        self._next = (self._pool.submit(self._prepare, model, snapshot, estimate), model)
+        estimate = None
+        if self._estimate is not None and self._estimate.done():
+            estimate, self._estimate = self._estimate, None
+        # A fit never waits for shadow runs: with an estimate still running it scales the last
+        # one for this epoch (the next fit takes the new estimate).
+        reestimate = self._estimate is None
+        self._next = (
+            self._pool.submit(self._prepare, model, snapshot, estimate, reestimate),
+            model,
+        )
         log.info(
             "epoch %d: %d of %d removals used, fitting the next epoch in the background",
             model.version,
             model.removed_in_epoch,
             limit,
         )
+
+    @staticmethod
+    def _estimate_ahead(model: Any, snapshot: Any) -> Any:
+        t0 = time.perf_counter()
+        basis = model.estimate_max_removals(snapshot)
+        log.info(
+            "estimated max_removals ahead: %s (rows, value) in %.2f s",
+            basis,
+            time.perf_counter() - t0,
+        )
+        return basis
 
     def _lead_rows(self, limit: int) -> int:
         """Rows before the count at which the next epoch starts fitting: ``retrain_lead`` of the
@@ -548,10 +567,9 @@ class RemovalService:
         return job(*args, **kwargs)
 
     def _prepare(
-        self, model: Any, snapshot: Any, estimate: Future[Any] | None
+        self, model: Any, snapshot: Any, estimate: Future[Any] | None, reestimate: bool
     ) -> tuple[Any, float]:
-        """Runs in the background thread: the fit (with the trigger estimated ahead, if any,
-        waiting for that estimate if it still runs)."""
+        """Runs in the background thread: the fit (with the trigger estimated ahead, if any)."""
         self.metrics.retrain_in_progress.inc()
         t0 = time.perf_counter()
         try:
@@ -561,7 +579,9 @@ class RemovalService:
                     basis = estimate.result()
                 except Exception:  # noqa: BLE001 - the fit estimates it itself then
                     log.exception("estimating max_removals ahead failed")
-            prepared = self._background(model.prepare_retrain, snapshot, auto_basis=basis)
+            prepared = self._background(
+                model.prepare_retrain, snapshot, auto_basis=basis, reestimate=reestimate
+            )
             return prepared, time.perf_counter() - t0
         finally:
             self.metrics.retrain_in_progress.dec()

@@ -7,6 +7,8 @@ stream are :mod:`worker.ledger`'s, in one script with the status writes.
 
 from __future__ import annotations
 
+from typing import Any
+
 import redis
 
 from producer import schema
@@ -43,7 +45,7 @@ class RequestStream:
 
     def _read(self, start: str, count: int, block_ms: int | None = None) -> list[RawEntry]:
         try:
-            reply = self.redis.xreadgroup(
+            reply: Any = self.redis.xreadgroup(
                 self.group, self.consumer, {self.key: start}, count=count, block=block_ms
             )
         except redis.ResponseError as exc:
@@ -100,10 +102,10 @@ class RequestStream:
                 consumername=c["name"],
                 idle=self.claim_idle_ms,
             )
-            ids = [r["message_id"] for r in rows]
+            ids: list[Any] = [r["message_id"] for r in rows]
             if not ids:
                 continue
-            claimed = self.redis.xclaim(
+            claimed: Any = self.redis.xclaim(
                 self.key, self.group, self.consumer, self.claim_idle_ms, ids
             )
             # a claimed id whose entry was deleted comes back without fields: nothing to serve

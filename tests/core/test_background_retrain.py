@@ -206,3 +206,16 @@ def test_the_auto_basis_survives_a_restart(tmp_path, digits):
     model.save(tmp_path / "s")
     loaded = core.load_model(tmp_path / "s")
     assert loaded._auto_basis == basis and not loaded.auto_reestimate_due()
+
+
+def test_a_fit_told_not_to_reestimate_scales_the_last_estimate(digits):
+    model = core.train(digits.X_train, digits.y_train, lam=LAM, sigma=1.0)  # "auto"
+    n0, m0 = model._auto_basis
+    snap = model.retrain_snapshot()
+    snap.alive[: n0 // 2 + 50] = False  # the rows have halved: a fit would estimate again
+    n = int(snap.alive.sum())
+    fresh = model.prepare_retrain(snap)
+    assert fresh.auto_basis[0] == n  # shadow runs on the snapshot's rows
+    scaled = model.prepare_retrain(snap, reestimate=False)
+    assert scaled.auto_basis == (n0, m0)  # none: the last estimate, scaled
+    assert scaled.max_removals == int(m0 * n / n0)

@@ -294,9 +294,10 @@ def test_background_retrain_takes_over_at_the_count(
     assert persisted.version == versions[-1] and persisted.n_alive == persisted.n_rows - 35
     assert persisted.removed_in_epoch <= 10
     assert service.model.budget_used <= service.model.budget_total
-    assert reg.get_sample_value(
-        "certremove_retrains_total", {"reason": "max_removals"}
-    ) == report.adopted
+    assert (
+        reg.get_sample_value("certremove_retrains_total", {"reason": "max_removals"})
+        == report.adopted
+    )
     assert reg.get_sample_value("certremove_removals_total", {"method": "newton"}) == 35
     assert reg.get_sample_value("certremove_retrain_wait_seconds_count") == report.adopted
     service.close()
