@@ -316,13 +316,24 @@ class Model:
                 removal that would leave no rows (or a binary model with a single class). The
                 model is unchanged.
         """
+        group_rows, already = self._alive_groups(rows, groups)
+        fit, reason = self._groups_within_trigger(group_rows)
+        committed, bound_inc, step_reason = self._commit_prefix(group_rows[:fit])
+        if step_reason == "budget":
+            self.safety_retrains += 1  # the safety net fired: an incident, counted in the state
+        return self._result(group_rows, committed, already, bound_inc, step_reason or reason)
+
+    def _alive_groups(
+        self, rows: Sequence[int], groups: Sequence[int] | None
+    ) -> tuple[list[list[int]], list[int]]:
+        """Validated rows split into request groups of alive rows, and the rows already removed;
+        raises (model unchanged) when core.guard refuses removing them all."""
         row_list, sizes = self._validate_rows(rows, groups)
-        was_alive = (
-            self._alive[torch.as_tensor(row_list, dtype=torch.long, device=self.device)]
+        flags = (
+            self._alive[torch.as_tensor(row_list, dtype=torch.long, device=self.device)].tolist()
             if row_list
-            else None
+            else []
         )
-        flags = was_alive.tolist() if was_alive is not None else []
         group_rows: list[list[int]] = []
         already: list[int] = []
         start = 0
@@ -334,24 +345,28 @@ class Model:
             already.extend(r for r, a in pairs if not a)
             start += size
         self._check_not_emptied([r for g in group_rows for r in g])
+        return group_rows, already
 
-        fit, reason = self._groups_within_trigger(group_rows)
-        committed, bound_inc, step_reason = self._commit_prefix(group_rows[:fit])
-        if step_reason == "budget":
-            self.safety_retrains += 1  # the safety net fired: an incident, counted in the state
-        reason = step_reason or reason
-        pending = [r for g in group_rows[committed:] for r in g]
-        removed = [r for g in group_rows[:committed] for r in g]
+    def _result(
+        self,
+        group_rows: list[list[int]],
+        committed: int,
+        already: list[int],
+        bound_inc: float,
+        reason: str | None,
+    ) -> RemovalResult:
+        """The :class:`RemovalResult` of ``group_rows`` when the first ``committed`` went in."""
+        left = committed < len(group_rows)
         return RemovalResult(
-            applied=committed == len(group_rows),
+            applied=not left,
             applied_groups=committed,
-            removed=removed,
+            removed=[r for g in group_rows[:committed] for r in g],
             already_removed=already,
-            pending=pending,
+            pending=[r for g in group_rows[committed:] for r in g],
             bound_increment=bound_inc,
             budget_used=self.budget_used,
-            needs_retrain=committed < len(group_rows),
-            retrain_reason=reason if committed < len(group_rows) else None,
+            needs_retrain=left,
+            retrain_reason=reason if left else None,
         )
 
     def _groups_within_trigger(self, group_rows: list[list[int]]) -> tuple[int, str | None]:
@@ -587,24 +602,8 @@ class Model:
             return None
         if bool((self._alive & ~prepared.alive).any()):
             return None  # rows alive now but not at the snapshot: not this model's lineage
-        row_list, sizes = self._validate_rows(rows, groups)
+        group_rows, already = self._alive_groups(rows, groups)
         caught = torch.nonzero(prepared.alive & ~self._alive).flatten().tolist()
-        flags = (
-            self._alive[torch.as_tensor(row_list, dtype=torch.long, device=self.device)].tolist()
-            if row_list
-            else []
-        )
-        group_rows: list[list[int]] = []
-        already: list[int] = []
-        start = 0
-        for size in sizes:
-            pairs = list(
-                zip(row_list[start : start + size], flags[start : start + size], strict=True)
-            )
-            group_rows.append([r for r, a in pairs if a])
-            already.extend(r for r, a in pairs if not a)
-            start += size
-        self._check_not_emptied([r for g in group_rows for r in g])
 
         saved = {name: getattr(self, name) for name in _EPOCH_FIELDS}
         try:
@@ -619,29 +618,15 @@ class Model:
             for name, value in saved.items():
                 setattr(self, name, value)
             raise
+        if step_reason == "budget":
+            self.safety_retrains += 1  # not an epoch field: kept when the old epoch comes back
         if committed == 0:
             for name, value in saved.items():
                 setattr(self, name, value)
-            if step_reason == "budget":
-                self.safety_retrains += 1
             return None
-        if step_reason == "budget":
-            self.safety_retrains += 1
         self.version += 1
-        done = committed - 1  # groups of ``rows`` in the step
-        reason = step_reason or reason
-        pending = [r for g in group_rows[done:] for r in g]
-        return RemovalResult(
-            applied=done == len(group_rows),
-            applied_groups=done,
-            removed=[r for g in group_rows[:done] for r in g],
-            already_removed=already,
-            pending=pending,
-            bound_increment=bound_inc,
-            budget_used=self.budget_used,
-            needs_retrain=done < len(group_rows),
-            retrain_reason=reason if done < len(group_rows) else None,
-        )
+        # committed - 1: the groups of ``rows`` that rode in the step (group 0 is the catch-up)
+        return self._result(group_rows, committed - 1, already, bound_inc, step_reason or reason)
 
     def _anchor_at(
         self, W: torch.Tensor, alive: torch.Tensor, *, r0: float
