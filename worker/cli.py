@@ -183,6 +183,13 @@ def worker(
         raise fail(
             f"no model in {settings.state_dir}: run `certremove train --state {settings.state_dir}`"
         )
+    from worker.errors import StateLockedError  # noqa: PLC0415
+    from worker.runtime import lock_state_dir  # noqa: PLC0415
+
+    try:
+        lock_state_dir(settings.state_dir)
+    except StateLockedError as exc:
+        raise fail(str(exc)) from exc
     from worker.app import app as celery_app  # noqa: PLC0415 - reads the settings once
 
     celery_app.worker_main(

@@ -14,3 +14,7 @@ class StateMissingError(WorkerError, RuntimeError):
 class ServiceStoppedError(WorkerError, RuntimeError):
     """The service stopped serving (its persisted model could not be reloaded after a failure):
     the process must be restarted."""
+
+
+class StateLockedError(WorkerError, RuntimeError):
+    """Another worker process already serves this state directory."""

@@ -7,10 +7,12 @@ to Redis, starts the operator metrics endpoint and wires the collaborators toget
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -18,7 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from producer.client import redis_py_url
 from worker.doorbell import Doorbell, SendTask
-from worker.errors import StateMissingError
+from worker.errors import StateLockedError, StateMissingError
 from worker.ledger import Ledger
 from worker.metrics import ServiceMetrics
 from worker.service import PipelineRetrain, RemovalService
@@ -78,11 +80,51 @@ def _pipeline_off_reason(settings: Settings) -> str:
     return "no source data for a full-pipeline retrain is configured (CERTREMOVE_DATA_DIR)"
 
 
+#: state directories this process holds the worker lock of (path -> open lock file)
+_HELD: dict[Path, Any] = {}
+LOCK_NAME = ".worker.lock"
+
+
+def lock_state_dir(state_dir: Path) -> None:
+    """Hold the state directory's worker lock for the life of this process (``flock``; the
+    kernel drops it when the process ends, also on SIGKILL). Two workers writing one state
+    directory would each persist a mask without the other's removals: removals undone.
+
+    Raises:
+        StateLockedError: another process holds it (names its pid).
+    """
+    path = Path(state_dir).resolve()
+    if path in _HELD:
+        return
+    fh = open(path / LOCK_NAME, "a+")  # noqa: SIM115 - held open for the process's life
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "?"
+        fh.close()
+        raise StateLockedError(
+            f"another worker (pid {holder}) already serves {path}: run exactly one worker per "
+            "model and state directory"
+        ) from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(str(os.getpid()))
+    fh.flush()
+    _HELD[path] = fh
+
+
 def build_runtime(
     settings: Settings, send_task: SendTask, *, serve_metrics: bool = True
 ) -> Runtime:
-    """Load the model and assemble the service (see the module docstring)."""
+    """Load the model and assemble the service (see the module docstring).
+
+    Raises:
+        StateLockedError: another worker serves the state directory.
+        StateMissingError: no model there.
+    """
     model = load_model(settings)
+    lock_state_dir(settings.state_dir)
     client = redis.Redis.from_url(redis_py_url(settings.broker_url), health_check_interval=30)
     metrics = ServiceMetrics(CollectorRegistry())
     port = 0

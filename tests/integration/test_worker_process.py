@@ -15,7 +15,8 @@ import core
 from producer import Client, schema
 from tests.conftest import make_state
 from tests.integration.conftest import StartWorker
-from worker.launcher import metrics_text
+from worker.launcher import free_port, metrics_text, start_worker
+from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -200,6 +201,42 @@ def test_sigkill_mid_stream_then_restart_applies_everything_once(
     assert removed_ids(state) == set(range(1200))
     answered = ledger_ids(state)
     assert len(answered) == len(set(answered)) == 1200  # exactly once
+
+
+def test_a_second_worker_on_the_same_state_refuses_to_start(
+    small_state_template: Path,
+    tmp_path: Path,
+    broker_url: str,
+    model_name: str,
+    start_worker_process: StartWorker,
+) -> None:
+    """Two workers persisting one state directory would undo each other's removals."""
+    state = Path(shutil.copytree(small_state_template, tmp_path / "state"))
+    first = start_worker_process(state, broker_url, model_name)
+    settings = Settings(
+        broker_url=broker_url,
+        model=model_name,
+        state_dir=state,
+        metrics_port=free_port(),
+        device="cpu",
+        consumer=f"{model_name}-second",
+    )
+    log = tmp_path / "second.log"
+    second = start_worker(settings, log)
+    try:
+        assert second.wait(timeout=60) != 0
+    finally:
+        if second.poll() is None:
+            second.kill()
+    text = log.read_text()
+    assert "another worker" in text and f"pid {first.proc.pid}" in text
+    client = Client(broker_url, model=model_name)  # the first one still serves
+    rid = client.enqueue([3])
+    assert client.wait([rid], timeout=30)[rid]["status"] == "applied"
+    first.stop(kill=True)  # the lock goes with the process, also on SIGKILL
+    start_worker_process(state, broker_url, model_name)
+    rid = client.enqueue([4])
+    assert client.wait([rid], timeout=30)[rid]["status"] == "applied"
 
 
 def test_two_models_share_one_redis(
