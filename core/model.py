@@ -507,9 +507,7 @@ class Model:
     def _install(self, epoch: PreparedRetrain) -> None:
         """Make a fitted epoch the current state (the accounting anchor; counter restarts)."""
         self._W, self._alive, self.noise, self._Z = epoch.W, epoch.alive, epoch.noise, None
-        self._anchor_grad, self._r0_anchor = epoch.anchor_grad, epoch.r0_anchor
-        self._anchor_distance, self._margin = 0.0, 0.0
-        self._beta = torch.zeros_like(self._beta)
+        self._restart_accounting(epoch.anchor_grad, epoch.r0_anchor)
         self.certified = epoch.certified
         self.removed_in_epoch = 0
         self.max_removals = epoch.max_removals
@@ -614,15 +612,15 @@ class Model:
             fit, reason = self._groups_within_trigger(groups_all)
             committed, bound_inc, step_reason = self._commit_prefix(groups_all[:fit])
         except BaseException:  # e.g. out of memory in the step: the model must stay as it was
-            committed, step_reason = 0, None
-            for name, value in saved.items():
-                setattr(self, name, value)
+            committed = 0
             raise
+        finally:
+            if committed == 0:
+                for name, value in saved.items():
+                    setattr(self, name, value)
         if step_reason == "budget":
             self.safety_retrains += 1  # not an epoch field: kept when the old epoch comes back
         if committed == 0:
-            for name, value in saved.items():
-                setattr(self, name, value)
             return None
         self.version += 1
         # committed - 1: the groups of ``rows`` that rode in the step (group 0 is the catch-up)
@@ -648,9 +646,12 @@ class Model:
     def _set_anchor(self, *, r0: float) -> None:
         """Make the current state the accounting anchor, ``r0`` its residual bound; the rounding
         margin of the float64 anchor gradient ``g_a`` is added to it."""
-        self._anchor_grad, self._r0_anchor = self._anchor_at(self._W, self._alive, r0=r0)
-        self._anchor_distance = 0.0
-        self._margin = 0.0
+        self._restart_accounting(*self._anchor_at(self._W, self._alive, r0=r0))
+
+    def _restart_accounting(self, anchor_grad: torch.Tensor, r0_anchor: float) -> None:
+        """A new anchor ``(g_a, r0_a)``: nothing used beyond it yet."""
+        self._anchor_grad, self._r0_anchor = anchor_grad, r0_anchor
+        self._anchor_distance, self._margin = 0.0, 0.0
         self._beta = torch.zeros_like(self._beta)
 
     def _resolve_trigger(

@@ -82,10 +82,6 @@ EXTRACTOR_WAITS = (
 PipelineRetrain = Callable[[Any, list[int]], tuple[Any, Any]]
 
 
-def _text_id(entry_id: bytes | str) -> str:
-    return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-
-
 def exit_process(exc: BaseException) -> None:
     """End the worker process at once (the supervisor restarts it on the persisted state)."""
     log.critical("reloading the persisted model failed (%s): exiting the worker process", exc)
@@ -188,7 +184,7 @@ class RemovalService:
         #: entries read and not answered, carried from one time slice to the next in memory
         self._held: list[Entry] = []
         #: where to read this consumer's pending list from (None: read, all held in memory)
-        self._pel_cursor: str | None = "0"
+        self._pel_cursor: bytes | str | None = "0"
         self._reload = reload
         self._on_fatal = on_fatal
         self._stopped: str | None = None  # why the service no longer serves
@@ -219,8 +215,7 @@ class RemovalService:
         self.model = model
         self._ids = np.asarray(model.ids)
         self._safety_seen = int(model.safety_retrains)
-        self._next = None  # a background fit of another model object is of no use to this one
-        self._estimate = None
+        self.close()  # background work for another model object is of no use to this one
 
     def refresh_metrics(self) -> None:
         """Publish the model's budget, version, size, test accuracy and extractor allowance."""
@@ -291,7 +286,7 @@ class RemovalService:
             # after a failure or a retrain), not again at every time slice.
             raw = self.stream.read_own_pending(room, start=self._pel_cursor)
             # reads after an explicit id are exclusive: the next page starts after the last one
-            self._pel_cursor = None if len(raw) < room else _text_id(raw[-1][0])
+            self._pel_cursor = None if len(raw) < room else raw[-1][0]
         if len(held) + len(raw) < self.max_batch:
             raw += self.stream.autoclaim(self.max_batch - len(held) - len(raw))
         if held and raw:  # a later page of the pending list holds entries read since
@@ -529,17 +524,13 @@ class RemovalService:
     def _lead_rows(self, limit: int) -> int:
         """Rows before the count at which the next epoch starts fitting: ``retrain_lead`` of the
         epoch, or more when the last fit took longer than that many rows arrive in (twice the
-        rows removed meanwhile at the recent rate; three fits when shadow runs re-estimate an
-        ``"auto"`` trigger), at most half the epoch. Past fit times and the load decide this,
+        rows removed meanwhile at the recent rate; shadow runs never delay a fit, see
+        ``_maybe_prepare_next``), at most half the epoch. Past fit times and the load decide this,
         never the noise of the epoch being fitted (drawn after the snapshot), and the epoch in
         use still ends at its count."""
         lead = math.ceil(self.retrain_lead * limit)
         if self._fit_seconds is not None:
-            expect = self._fit_seconds
-            after = self.model.n_alive - (limit - self.model.removed_in_epoch)
-            if self.model.auto_reestimate_due(max(1, after)):
-                expect *= 3
-            lead = max(lead, math.ceil(2 * self._removal_rate() * expect))
+            lead = max(lead, math.ceil(2 * self._removal_rate() * self._fit_seconds))
         return min(lead, limit // 2)
 
     def _removal_rate(self) -> float:

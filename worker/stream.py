@@ -1,8 +1,9 @@
 """The model's request stream as the worker sees it: a consumer group (DESIGN.md §4).
 
 Reads new entries, replays this consumer's own pending list, claims idle entries of other
-consumers (``XPENDING ... IDLE`` per consumer, then ``XCLAIM``) and reports delivery counts. Acknowledgement and the dead-letter
-stream are :mod:`worker.ledger`'s, in one script with the status writes.
+consumers (``XPENDING ... IDLE`` per consumer, then ``XCLAIM``) and reports delivery counts.
+Acknowledgement and the dead-letter stream are :mod:`worker.ledger`'s, in one script with the
+status writes.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class RequestStream:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    def _read(self, start: str, count: int, block_ms: int | None = None) -> list[RawEntry]:
+    def _read(self, start: bytes | str, count: int, block_ms: int | None = None) -> list[RawEntry]:
         try:
             reply: Any = self.redis.xreadgroup(
                 self.group, self.consumer, {self.key: start}, count=count, block=block_ms
@@ -61,20 +62,21 @@ class RequestStream:
         """Entries never delivered to any consumer (``>``), at most ``count``."""
         return self._read(">", count, block_ms)
 
-    def read_own_pending(self, count: int, start: str = "0") -> list[RawEntry]:
-        """This consumer's delivered-but-unacknowledged entries after ``start`` (replay)."""
+    def read_own_pending(self, count: int, start: bytes | str = "0") -> list[RawEntry]:
+        """This consumer's delivered-but-unacknowledged entries after ``start`` (replay; the
+        read is exclusive: an entry's own id continues after it)."""
         return self._read(start, count)
 
     def read_all_pending_then_new(self, cap: int, page: int = 2048) -> list[RawEntry]:
         """Every entry this consumer holds (paged), then undelivered ones, ``cap`` in all."""
         out: list[RawEntry] = []
-        start = "0"
+        start: bytes | str = "0"
         while len(out) < cap:
             got = self.read_own_pending(min(page, cap - len(out)), start=start)
             if not got:
                 break
             out += got
-            start = _s(got[-1][0])  # reads after an explicit id are exclusive
+            start = got[-1][0]
         if len(out) < cap:
             out += self.read_new(cap - len(out))
         return out
