@@ -21,10 +21,12 @@ from core.errors import (
     ConvergenceError,
     InvalidInputError,
     NumericalError,
+    StateDamagedError,
     StateError,
+    StateNotFoundError,
 )
 from core.model import Model, RemovalResult
-from core.persist import load_model
+from core.persist import SnapshotInfo, list_snapshots, load_model, read_journal
 from core.train import train
 
 __all__ = [
@@ -35,13 +37,18 @@ __all__ = [
     "Model",
     "NumericalError",
     "RemovalResult",
+    "SnapshotInfo",
+    "StateDamagedError",
     "StateError",
+    "StateNotFoundError",
     "analytic_mu",
     "budget_total",
     "classical_c",
+    "list_snapshots",
     "load_dataset",
     "load_model",
     "load_npz",
+    "read_journal",
     "save_dataset",
     "train",
 ]

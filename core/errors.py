@@ -21,3 +21,17 @@ class NumericalError(CertRemoveError, RuntimeError):
 
 class StateError(CertRemoveError, RuntimeError):
     """A state directory is missing, unreadable or inconsistent with its dataset."""
+
+
+class StateNotFoundError(StateError):
+    """The directory holds no model at all (no ``CURRENT``, no snapshot): a new state directory."""
+
+
+class StateDamagedError(StateError):
+    """A file of a state directory is missing, damaged or inconsistent (checksum, format or
+    invariant). ``path`` is the file concerned; the message names it and says what to do. A
+    damaged state is never served."""
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path

@@ -292,15 +292,27 @@ class Model:
         *,
         dataset: Dataset | None = None,
         replace_dataset: bool = False,
+        journal: dict[str, Any] | None = None,
+        keep: int = 3,
     ) -> None:
-        """Persist into a state directory atomically (``b`` and ``g_a`` are never written).
+        """Persist into a state directory atomically as a new checksummed snapshot (``b`` and
+        ``g_a`` are never written); see :func:`core.persist.save_model`.
 
         ``replace_dataset=True`` lets a model on new data (a full-pipeline retrain) take over a
         state directory; otherwise a different dataset is refused with ``StateError``.
+        ``journal``: a JSON-serialisable dict stored with the snapshot
+        (:func:`core.persist.read_journal`). ``keep``: the newest snapshots kept (>= 1).
         """
         from core.persist import save_model
 
-        save_model(self, directory, dataset=dataset, replace_dataset=replace_dataset)
+        save_model(
+            self,
+            directory,
+            dataset=dataset,
+            replace_dataset=replace_dataset,
+            journal=journal,
+            keep=keep,
+        )
 
     # ----------------------------------------------------------------- removal
     def remove(self, rows: Sequence[int], *, groups: Sequence[int] | None = None) -> RemovalResult:

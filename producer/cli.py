@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import redis
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from producer import schema
-from producer.client import Client
+from producer.client import Client, resolve_broker_url
 from producer.loadtest import LoadtestResult, run_loadtest
+from producer.urls import redact_url
 
 app = typer.Typer(add_completion=False, no_args_is_help=True)
 console = Console(stderr=True, soft_wrap=True)
@@ -43,16 +45,36 @@ def parse_sample_id(text: str) -> int | str:
 
 
 def open_client(broker_url: str | None, model: str) -> Client:
-    """A connected client, or exit 2 with a clear message."""
+    """A connected client, or exit 2 with a clear one-line message.
+
+    The URL in a message is redacted (a password shows as ``***``), and only the exception's own
+    text follows it: redis-py's messages name the host and port, never the password.
+    """
+    url = resolve_broker_url(broker_url)
     try:
-        client = Client(broker_url, model=model)
-        client.redis.ping()
+        client = Client(url, model=model)
     except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+        raise typer.BadParameter(str(exc)) from None
+    try:
+        client.redis.ping()
+    except redis.AuthenticationError as exc:
+        client.close()
+        if redact_url(url) == url:  # nothing to hide: the URL has no password
+            error_exit(
+                f"Redis at {url} needs a password: give it in the URL "
+                "(redis://:PASSWORD@host:port/db, or rediss:// for TLS)"
+            )
+        error_exit(f"Redis at {redact_url(url)} refused the credentials: {exc}")
     except (redis.RedisError, OSError) as exc:
-        console.print(f"[red]error:[/red] cannot reach Redis at {broker_url or 'default'}: {exc}")
-        raise typer.Exit(2) from exc
+        client.close()
+        error_exit(f"cannot reach Redis at {redact_url(url)}: {exc}")
     return client
+
+
+def error_exit(message: str) -> NoReturn:
+    """Print ``error: message`` on stderr (markup escaped) and exit 2."""
+    console.print(f"[red]error:[/red] {escape(message)}")
+    raise typer.Exit(2)
 
 
 @app.command()

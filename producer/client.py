@@ -13,12 +13,14 @@ import os
 import time
 import uuid
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import redis
 from celery import Celery
 
 from producer import schema
+from producer.urls import redact_url, tls_options
 
 DOORBELL_MS = 5000
 CHUNK = 1000
@@ -69,6 +71,23 @@ def resolve_broker_url(broker_url: str | None) -> str:
     return broker_url or os.environ.get("CERTREMOVE_BROKER_URL") or schema.DEFAULT_BROKER_URL
 
 
+def resolve_tls_options(
+    broker_url: str, ca_certs: str | Path | None = None, cert_reqs: str | None = None
+) -> dict[str, Any]:
+    """TLS options of a ``rediss://`` URL (``{}`` otherwise): the arguments, else
+    ``$CERTREMOVE_REDIS_SSL_CA_CERTS`` and ``$CERTREMOVE_REDIS_SSL_CERT_REQS`` (the worker's
+    variables), else the system CA store and ``required``.
+
+    Raises:
+        ValueError: the certificate requirement is not ``required``, ``optional`` or ``none``.
+    """
+    return tls_options(
+        broker_url,
+        ca_certs or os.environ.get("CERTREMOVE_REDIS_SSL_CA_CERTS") or None,
+        cert_reqs or os.environ.get("CERTREMOVE_REDIS_SSL_CERT_REQS") or None,
+    )
+
+
 def new_request_id() -> str:
     """A fresh unique request id."""
     return uuid.uuid4().hex
@@ -78,16 +97,41 @@ class Client:
     """Enqueue deletions for one model and read their status.
 
     Args:
-        broker_url: kombu-style Redis URL (``redis://``, ``redis+socket://``); default
-            ``$CERTREMOVE_BROKER_URL`` or ``redis://127.0.0.1:6379/0``.
+        broker_url: kombu-style Redis URL (``redis://``, ``rediss://`` for TLS,
+            ``redis+socket://``); default ``$CERTREMOVE_BROKER_URL`` or
+            ``redis://127.0.0.1:6379/0``. A password goes in the URL (``redis://:PW@host``);
+            messages show it as ``***``.
         model: the model name, which selects the stream and the Celery queues.
+        ssl_ca_certs: for ``rediss://``, the CA file of the server's certificate (default
+            ``$CERTREMOVE_REDIS_SSL_CA_CERTS``, else the system CA store).
+        ssl_cert_reqs: for ``rediss://``, ``required`` (default), ``optional`` or ``none``
+            (default ``$CERTREMOVE_REDIS_SSL_CERT_REQS``).
     """
 
-    def __init__(self, broker_url: str | None = None, model: str = schema.DEFAULT_MODEL) -> None:
+    def __init__(
+        self,
+        broker_url: str | None = None,
+        model: str = schema.DEFAULT_MODEL,
+        *,
+        ssl_ca_certs: str | Path | None = None,
+        ssl_cert_reqs: str | None = None,
+    ) -> None:
         self.broker_url = resolve_broker_url(broker_url)
         self.model = schema.check_model_name(model)
-        self.redis = redis.Redis.from_url(redis_py_url(self.broker_url))
+        self.tls = resolve_tls_options(self.broker_url, ssl_ca_certs, ssl_cert_reqs)
+        try:
+            self.redis = redis.Redis.from_url(redis_py_url(self.broker_url), **self.tls)
+        except ValueError as exc:
+            # urllib's parse errors quote pieces of the URL (``Port could not be cast ... 'pw'``
+            # for a password with a raw '#'): name the URL redacted, and the cause only when
+            # nothing in the URL needed hiding. ``from None`` keeps it out of tracebacks too.
+            safe = redact_url(self.broker_url)
+            cause = f": {exc}" if safe == self.broker_url else " (percent-encode the password)"
+            raise ValueError(f"invalid broker URL {safe}{cause}") from None
         self._celery: Celery | None = None
+
+    def __repr__(self) -> str:
+        return f"Client({redact_url(self.broker_url)!r}, model={self.model!r})"
 
     def close(self) -> None:
         """Release the connections."""
@@ -107,6 +151,8 @@ class Client:
         if self._celery is None:
             self._celery = Celery("certremove-producer", broker=self.broker_url)
             self._celery.conf.update(task_serializer="json", accept_content=["json"])
+            if self.tls:  # kombu alone would not verify a rediss:// server (CERT_NONE)
+                self._celery.conf.broker_use_ssl = self.tls
         return self._celery
 
     def enqueue(self, sample_ids: Sequence[int | str], request_id: str | None = None) -> str:
@@ -142,7 +188,9 @@ class Client:
         try:
             append_requests(self.redis, self.model, encoded)
         except redis.RedisError as exc:
-            raise ConnectionError(f"cannot enqueue on {self.broker_url}: {exc}") from exc
+            raise ConnectionError(
+                f"cannot enqueue on {redact_url(self.broker_url)}: {exc}"
+            ) from exc
 
     def ring(self) -> bool:
         """Ring the doorbell: send ``certremove.drain`` unless a drain already holds it."""

@@ -23,6 +23,9 @@ TASK_REMOVE = "certremove.remove"
 FIELD_REQUEST_ID = "request_id"
 FIELD_SAMPLE_IDS = "sample_ids"
 FIELD_REQUESTED_AT = "requested_at"
+#: set on an entry an operator replayed from the dead-letter stream (the dead letter's entry id):
+#: the worker serves it as new even though its request id was answered (dead-lettered) before
+FIELD_REPLAY_OF = "replay_of"
 
 # Request status values and fields.
 STATUS_QUEUED = "queued"
@@ -64,8 +67,29 @@ def stream_key(model: str) -> str:
 
 
 def dead_letter_key(model: str) -> str:
-    """Entries delivered too often or unreadable end here, with the reason."""
+    """Entries that failed because of their own content, or unreadable, end here with the
+    reason."""
     return f"certremove:{model}:deadletter"
+
+
+def lease_key(model: str) -> str:
+    """The model's ownership lease: the token of the one worker that may serve it."""
+    return f"certremove:{model}:lease"
+
+
+def lease_counter_key(model: str) -> str:
+    """The lease tokens handed out so far (``INCR``: a fencing token grows with each owner)."""
+    return f"certremove:{model}:lease:token"
+
+
+def state_marker_key(model: str) -> str:
+    """Which state directory last persisted the model, and its last snapshot (a hash)."""
+    return f"certremove:{model}:state"
+
+
+def failures_key(model: str) -> str:
+    """The worker's own count of processing failures per stream entry id (a hash)."""
+    return f"certremove:{model}:failures"
 
 
 def doorbell_key(model: str) -> str:

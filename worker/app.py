@@ -50,10 +50,19 @@ def create_app(settings: Settings) -> Celery:
         broker_transport_options=transport,
         visibility_timeout=settings.visibility_timeout,
         broker_connection_retry_on_startup=True,
+        # Bounded (Celery's default is 100 retries, about 50 min): past it the worker exits with
+        # status 4 and its supervisor restarts it (worker.fatal).
+        broker_connection_max_retries=settings.broker_max_retries,
+        # Drops malformed broker messages instead of dying on them; ends the worker non-zero when
+        # the broker connection is lost for good (worker.consumer).
+        worker_consumer="worker.consumer:Consumer",
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
         worker_send_task_events=False,
     )
+    if settings.tls_options():
+        # rediss://: without options kombu would fall back to CERT_NONE (an unverified server).
+        app.conf.broker_use_ssl = settings.tls_options()
     app.conf.certremove_settings = settings
     tasks.register(app, settings)
     return app

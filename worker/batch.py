@@ -84,6 +84,8 @@ def plan_batch(
             plan.dead.append(e)
             continue
         prior = ledger.seen(rid)
+        if prior is not None and prior.dead_letter and e.replay_of:
+            prior = None  # an operator replayed a dead letter: serve it as new
         if rid in seen or prior is not None:
             plan.repeats += 1
             if prior is not None:
@@ -205,8 +207,15 @@ def _py(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
-def applied_answers(groups: list[Group], method: str, version: int, now: float) -> list[Answer]:
-    """The ``applied`` answers of committed groups."""
+def applied_answers(
+    groups: list[Group],
+    method: str,
+    version: int,
+    now: float,
+    sample_ids: np.ndarray | None = None,
+) -> list[Answer]:
+    """The ``applied`` answers of committed groups (with the sample ids each removed, for the
+    ledger file, when ``sample_ids`` maps rows to ids)."""
     return [
         Answer(
             str(g.entry.request_id),
@@ -217,6 +226,7 @@ def applied_answers(groups: list[Group], method: str, version: int, now: float) 
             g.already_removed_ids,
             requested_at=g.entry.requested_at,
             applied_at=now,
+            removed_ids=[] if sample_ids is None else [_py(sample_ids[r]) for r in g.rows],
         )
         for g in groups
     ]

@@ -17,7 +17,10 @@ import typer
 from rich.console import Console
 
 from producer import cli as producer_cli
+from producer.deadletters import app as deadletters_app
 from producer import schema
+from worker.owner_cli import app as owner_app
+from worker.state_cli import app as state_app
 
 app = typer.Typer(
     name="certremove",
@@ -30,6 +33,9 @@ err = Console(stderr=True, soft_wrap=True)
 
 for _name in ("enqueue", "status", "loadtest"):
     app.command(_name)(getattr(producer_cli, _name))
+app.add_typer(deadletters_app, name="deadletters")
+app.add_typer(owner_app, name="owner")
+app.add_typer(state_app, name="state")
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
@@ -71,10 +77,16 @@ def train_model(
         ValueError: bad dataset, options, or a state directory that already holds a model.
     """
     import core  # noqa: PLC0415 - torch only for the commands that need it
+    from worker.integrity import state_contents  # noqa: PLC0415
 
-    if (state / "CURRENT").exists():
+    found = state_contents(state) if state.is_dir() else []
+    if found:
         if not overwrite:
-            raise ValueError(f"{state} already holds a model (use --overwrite to replace it)")
+            raise ValueError(
+                f"{state} already holds a model's state ({', '.join(found)}): training over it "
+                "would bring removed rows back; use a new state directory (or --overwrite to "
+                "delete all of it)"
+            )
         shutil.rmtree(state)
     ds = core.load_dataset(dataset)
     meta = ds.meta or {}
@@ -179,34 +191,53 @@ def worker(
         settings = Settings.from_env()
     except SettingsError as exc:
         raise fail(str(exc)) from exc
-    if not (settings.state_dir / "CURRENT").exists():
-        raise fail(
-            f"no model in {settings.state_dir}: run `certremove train --state {settings.state_dir}`"
-        )
+    from worker.integrity import current_problem  # noqa: PLC0415
+
+    from worker import fatal  # noqa: PLC0415
+
+    if (problem := current_problem(settings.state_dir)) is not None:
+        raise fail(problem, fatal.EXIT_STATE)
     from worker.errors import StateLockedError  # noqa: PLC0415
     from worker.runtime import lock_state_dir  # noqa: PLC0415
 
     try:
         lock_state_dir(settings.state_dir)
     except StateLockedError as exc:
-        raise fail(str(exc)) from exc
+        raise fail(str(exc), fatal.EXIT_STATE) from exc
+    code = run_celery_worker(settings.model, loglevel)
+    if (error := fatal.last()) is not None:
+        raise fail(error.message, fatal.exit_code(error.code))
+    if code:
+        raise fail(f"the worker stopped with status {code} (see the log above)", code)
+
+
+def run_celery_worker(model: str, loglevel: str) -> int:
+    """Run the solo-pool Celery worker in this process until it stops; return its exit status.
+
+    Not ``celery_app.worker_main``: it drops the worker's exit code (a failed start would exit 0).
+    A fatal error of the worker's own steps is recorded by ``worker.fatal``, printed by the caller.
+    """
+    from celery.utils.log import LOG_LEVELS  # noqa: PLC0415
+    from celery.utils.nodenames import default_nodename, host_format  # noqa: PLC0415
+
+    from worker import fatal  # noqa: PLC0415
+
+    level = LOG_LEVELS.get(loglevel.upper())
+    if not isinstance(level, int):
+        raise fail(f"--loglevel must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {loglevel!r}")
+    fatal.report_at_exit()
     from worker.app import app as celery_app  # noqa: PLC0415 - reads the settings once
 
-    celery_app.worker_main(
-        [
-            "worker",
-            "-P",
-            "solo",
-            "-c",
-            "1",
-            "--loglevel",
-            loglevel,
-            "-n",
-            f"{settings.model}@%h",
-            "--without-mingle",
-            "--without-gossip",
-        ]
+    celery_worker = celery_app.Worker(
+        hostname=host_format(default_nodename(f"{model}@%h")),
+        pool_cls="solo",
+        concurrency=1,
+        loglevel=level,
+        without_mingle=True,
+        without_gossip=True,
     )
+    celery_worker.start()
+    return fatal.exit_code(celery_worker.exitcode)
 
 
 @app.command()

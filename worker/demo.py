@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from producer import Client, schema
+from producer.urls import redact_url
 from worker.embedded_redis import start_redis
 from worker.launcher import free_port, metrics_text, start_worker, stop_worker, wait_ready
 from worker.settings import Settings
@@ -89,7 +90,7 @@ def run_demo(
             "accuracy_after": m.get("certremove_test_accuracy"),
             "metrics_url": f"http://127.0.0.1:{port}/metrics",
             "state_dir": str(state),
-            "broker_url": broker,
+            "broker_url": redact_url(broker),
         }
         table = Table(title="certremove demo: final report")
         table.add_column("")

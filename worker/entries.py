@@ -8,6 +8,7 @@ dead-letter stream when it has no request id to answer).
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ RawEntry = tuple[bytes, Fields]
 _RID = schema.FIELD_REQUEST_ID.encode()
 _IDS = schema.FIELD_SAMPLE_IDS.encode()
 _AT = schema.FIELD_REQUESTED_AT.encode()
+_REPLAY = schema.FIELD_REPLAY_OF.encode()
 _ONE_INT = re.compile(rb"\[(-?[0-9]{1,18})\]")  # the common single-id request, without json
 
 
@@ -34,6 +36,8 @@ class Entry:
         requested_at: enqueue time (epoch seconds), None when absent or unreadable.
         error: why the entry is rejected, None when it is valid.
         fields: the raw fields, kept for the dead-letter stream.
+        replay_of: the dead letter's entry id when an operator replayed this entry (it is then
+            served as new even though its request id was dead-lettered before).
     """
 
     entry_id: bytes
@@ -42,6 +46,7 @@ class Entry:
     requested_at: float | None
     error: str | None
     fields: Fields
+    replay_of: str | None = None
 
 
 def _text(value: bytes | None) -> str | None:
@@ -71,7 +76,9 @@ def parse_entry(entry_id: bytes, fields: Fields) -> Entry:
     """Parse one raw stream entry; never raises: an entry that makes parsing fail in any way
     is returned malformed with the error (so it is answered or dead-lettered, never retried)."""
     try:
-        return _parse(entry_id, fields)
+        entry = _parse(entry_id, fields)
+        entry.replay_of = _text(fields.get(_REPLAY)) or None
+        return entry
     except Exception as exc:  # noqa: BLE001 - one bad entry must never stop the model
         try:
             rid = _text(fields.get(_RID))
@@ -90,6 +97,8 @@ def _parse(entry_id: bytes, fields: Fields) -> Entry:
             requested_at = float(at_text)
         except ValueError:
             requested_at = None
+        if requested_at is not None and not math.isfinite(requested_at):
+            requested_at = None  # nan/inf: no usable enqueue time
     if not rid:
         return Entry(entry_id, None, None, requested_at, "malformed entry: no request_id", fields)
     raw = fields.get(_IDS)

@@ -18,3 +18,9 @@ class ServiceStoppedError(WorkerError, RuntimeError):
 
 class StateLockedError(WorkerError, RuntimeError):
     """Another worker process already serves this state directory."""
+
+
+class StateDamagedError(StateMissingError):
+    """The state directory's model is damaged, tampered with or rolled back (a file fails its
+    checksum or an invariant, or rows the removal ledger says were removed are alive): it is never
+    served. The message says what to do (``certremove state recover``)."""

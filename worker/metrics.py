@@ -91,6 +91,31 @@ class ServiceMetrics:
             "Removals the DP feature extractor still allows (only with a DP extractor)",
             **kw,
         )
+        self.infrastructure_errors = Counter(
+            "certremove_infrastructure_errors",
+            "Drains that failed on the disk, Redis or memory and were retried with backoff "
+            "(no request is rejected for these), by kind",
+            ["kind"],
+            **kw,
+        )
+        self.infrastructure_backoff_seconds = Gauge(
+            "certremove_infrastructure_backoff_seconds",
+            "Current wait before the next retry after an infrastructure failure (0 when healthy)",
+            **kw,
+        )
+        self.entry_failures = Counter(
+            "certremove_entry_failures",
+            "Processing failures an entry caused on its own (served alone); dead-lettered at "
+            "CERTREMOVE_MAX_FAILURES",
+            **kw,
+        )
+        self.stream_trimmed = Counter(
+            "certremove_stream_trimmed_entries",
+            "Acknowledged entries trimmed from the request stream (retention)",
+            **kw,
+        )
+        for kind in ("redis", "disk", "other"):
+            self.infrastructure_errors.labels(kind=kind)
         for method in ("newton", "retrain"):
             self.removals.labels(method=method)
         for outcome in ("applied", "rejected", "duplicate", "dead_letter"):

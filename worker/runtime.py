@@ -20,8 +20,10 @@ from prometheus_client import CollectorRegistry
 
 from producer.client import redis_py_url
 from worker.doorbell import Doorbell, SendTask
-from worker.errors import StateLockedError, StateMissingError
-from worker.ledger import Ledger
+from worker.errors import StateDamagedError, StateLockedError, StateMissingError
+from worker.integrity import no_model_message, state_contents, verify_against_ledger
+from worker.lease import Lease
+from worker.ledger import LEDGER_NAME, Ledger, LedgerDamagedError
 from worker.metrics import ServiceMetrics
 from worker.service import PipelineRetrain, RemovalService
 from worker.settings import Settings
@@ -39,10 +41,14 @@ class Runtime:
 
 
 def load_model(settings: Settings) -> Any:
-    """The current model of ``settings.state_dir``.
+    """The current model of ``settings.state_dir``, verified (checksums and invariants, by
+    ``core.load_model``) and checked against the removal ledger: every sample id the ledger says
+    was removed must be removed in it.
 
     Raises:
-        StateMissingError: no model there (run ``certremove train`` first) or unreadable.
+        StateMissingError: no model there (run ``certremove train`` first, in a new directory).
+        StateDamagedError: a damaged CURRENT or snapshot, or rows alive that the ledger says were
+            removed (the message says to run ``certremove state recover``).
     """
     import torch  # noqa: PLC0415 - torch is loaded only in the worker process, never by producers
 
@@ -50,14 +56,16 @@ def load_model(settings: Settings) -> Any:
 
     torch.set_num_threads(settings.torch_threads or max(1, (os.cpu_count() or 2) - 1))
 
-    if not (settings.state_dir / "CURRENT").exists():
-        raise StateMissingError(
-            f"no model in {settings.state_dir}: run `certremove train --state {settings.state_dir}`"
-        )
+    state_dir = settings.state_dir
+    if not (state_dir / "CURRENT").exists():
+        error = StateDamagedError if state_contents(state_dir) else StateMissingError
+        raise error(no_model_message(state_dir))
     try:
-        return core.load_model(settings.state_dir, device=settings.device)
+        model = core.load_model(state_dir, device=settings.device)
     except core.errors.StateError as exc:
-        raise StateMissingError(str(exc)) from exc
+        raise StateDamagedError(str(exc)) from exc
+    verify_against_ledger(model, state_dir)
+    return model
 
 
 def pipeline_retrainer(settings: Settings) -> PipelineRetrain | None:
@@ -121,32 +129,63 @@ def build_runtime(
 
     Raises:
         StateLockedError: another worker serves the state directory.
-        StateMissingError: no model there.
+        StateMissingError: no model there, or a damaged ledger.
+        worker.lease.LeaseHeldError: another worker (any host) serves the model.
+        worker.lease.StateBehindError: another state directory served the model last.
     """
     model = load_model(settings)
     lock_state_dir(settings.state_dir)
-    client = redis.Redis.from_url(redis_py_url(settings.broker_url), health_check_interval=30)
+    client = redis.Redis.from_url(
+        redis_py_url(settings.broker_url), health_check_interval=30, **settings.tls_options()
+    )
+    # One owner per model across hosts: refused here while another worker holds the lease, or
+    # when another state directory (or a later snapshot of this one) served the model last.
+    lease = Lease(
+        client, settings.model, settings.consumer, settings.state_dir, ttl_ms=settings.lease_ttl_ms
+    )
+    lease.acquire()
+    try:
+        ledger = Ledger(
+            client,
+            settings.model,
+            settings.state_dir / LEDGER_NAME,
+            status_ttl=settings.status_ttl,
+            rotate_bytes=int(settings.ledger_rotate_mb * 2**20),
+            fence=lease.fence_token,
+        )
+    except LedgerDamagedError as exc:
+        lease.release()
+        raise StateMissingError(str(exc)) from exc
     metrics = ServiceMetrics(CollectorRegistry())
     port = 0
     if serve_metrics:
-        port = metrics.serve(settings.metrics_port, settings.metrics_addr)
+        try:
+            port = metrics.serve(settings.metrics_port, settings.metrics_addr)
+        except OSError:
+            lease.release()
+            raise
+    lease.start()
     service = RemovalService(
         model=model,
         state_dir=settings.state_dir,
         stream=RequestStream(
             client, settings.model, settings.consumer, claim_idle_ms=settings.claim_idle_ms
         ),
-        ledger=Ledger(client, settings.model, settings.state_dir / "ledger.jsonl"),
+        ledger=ledger,
         metrics=metrics,
         doorbell=Doorbell(client, settings.model, send_task),
         send_task=send_task,
         max_batch=settings.max_batch,
         slice_seconds=settings.slice_seconds,
-        max_deliveries=settings.max_deliveries,
+        max_failures=settings.max_failures,
         reload=lambda: load_model(settings),
         pipeline=pipeline_retrainer(settings),
         pipeline_off_reason=_pipeline_off_reason(settings),
         retrain_lead=settings.retrain_lead,
+        lease=lease,
+        stream_retention=settings.stream_retention,
+        max_backoff=settings.max_backoff,
+        keep_snapshots=settings.keep_snapshots,
     )
     # The model, its data and the id index live as long as the process: keep them out of the
     # cyclic collector's generations (full collections were a visible share of each batch).

@@ -50,6 +50,7 @@ import numpy as np
 
 from core.guard import RemovalGuard
 from producer import schema
+from worker import faults
 from worker.batch import Group, Plan, applied_answers, plan_batch, rejected_group
 from worker.doorbell import Doorbell, SendTask
 from worker.entries import Entry, parse_entries
@@ -63,6 +64,10 @@ log = logging.getLogger("certremove.worker")
 RETRAIN_FOLD_CAP = 50_000
 RETRAIN_RESEND_S = 60.0
 RATE_WINDOW_S = 3.0
+#: seconds between two trims of the request stream (retention)
+TRIM_EVERY_S = 10.0
+#: first wait after an infrastructure failure; doubled per failure up to ``max_backoff``
+FIRST_BACKOFF_S = 0.5
 #: nice value of the background threads on the CPU (steady p99 over 4 interleaved pairs of runs:
 #: 191-257 ms at 10, 226-315 ms at 0)
 BACKGROUND_NICE = 10
@@ -80,6 +85,14 @@ EXTRACTOR_WAITS = (
 
 #: ``pipeline(model, pending_rows) -> (dataset, new_model)``: the full-pipeline retrain
 PipelineRetrain = Callable[[Any, list[int]], tuple[Any, Any]]
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _b(value: bytes | str) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
 
 
 def exit_process(exc: BaseException) -> None:
@@ -103,6 +116,9 @@ class DrainReport:
     retrained: bool = False
     #: background retrains adopted (catch-up step, version + 1) during this drain
     adopted: int = 0
+    #: the infrastructure failure this drain stopped on (it is retried after ``backoff`` s)
+    infrastructure_error: str = ""
+    backoff: float = 0.0
 
 
 class BackgroundRunner:
@@ -140,7 +156,8 @@ class RemovalService:
         send_task: ``send_task(name, queue)`` for ``certremove.retrain``.
         max_batch: most entries folded into one Newton step.
         slice_seconds: length of one drain's time slice.
-        max_deliveries: deliveries after which an entry is dead-lettered.
+        max_failures: processing failures an entry causes on its own (see ``worker.faults``)
+            before it is dead-lettered; infrastructure failures never count.
         reload: loads the persisted model again (after a failure mid-batch).
         pipeline: the full-pipeline retrain for a model on DP-extractor features; None rejects
             requests past the extractor's group privacy with ``pipeline_off_reason``.
@@ -148,6 +165,12 @@ class RemovalService:
             the default ends the process.
         retrain_lead: fraction of an epoch's ``max_removals`` left when the next epoch starts
             fitting in the background (0 turns background retrains off).
+        lease: the model's ownership lease (``worker.lease.Lease``), checked before every
+            persist; None in tests that run one service alone.
+        stream_retention: seconds acknowledged entries stay in the stream (0: trim at once).
+        max_backoff: longest wait between retries after an infrastructure failure.
+        keep_snapshots: snapshots kept in the state directory.
+        sleep: how to wait between retries (tests).
     """
 
     def __init__(
@@ -162,13 +185,18 @@ class RemovalService:
         send_task: SendTask,
         max_batch: int = 8192,
         slice_seconds: float = 0.75,
-        max_deliveries: int = 5,
+        max_failures: int = 3,
         clock: Callable[[], float] = time.time,
         reload: Callable[[], Any] | None = None,
         pipeline: PipelineRetrain | None = None,
         pipeline_off_reason: str = "full-pipeline retrains are not configured",
         on_fatal: Callable[[BaseException], None] = exit_process,
         retrain_lead: float = 0.2,
+        lease: Any = None,
+        stream_retention: float | None = None,
+        max_backoff: float = 30.0,
+        keep_snapshots: int = 3,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         if not 0 <= retrain_lead < 1:
             raise ValueError(f"retrain_lead must lie in [0, 1), got {retrain_lead}")
@@ -196,16 +224,33 @@ class RemovalService:
         self.state_dir = Path(state_dir)
         self.stream, self.ledger, self.metrics, self.doorbell = stream, ledger, metrics, doorbell
         self.send_task = send_task
-        self.max_batch, self.slice_seconds, self.max_deliveries = (
+        self.max_batch, self.slice_seconds, self.max_failures = (
             max_batch,
             slice_seconds,
-            max_deliveries,
+            max_failures,
         )
+        self.lease = lease
+        self.stream_retention = stream_retention
+        self.max_backoff = max_backoff
+        self.keep_snapshots = keep_snapshots
+        self._sleep = sleep
+        self._backoff = 0.0
+        self._trimmed_at = 0.0
+        #: answers of persisted steps not yet in the ledger file (journaled with each persist)
+        self._unrecorded: list[Answer] = []
+        #: the model in memory is ahead of the persisted state (a step ran, not yet persisted)
+        self._dirty = False
+        #: the persisted snapshot's journal still has to be checked against the ledger
+        self._journal_due = False
+        #: entry ids with a processing failure counted in Redis (cleared when acknowledged)
+        self._failed: set[bytes] = set()
         self.clock = clock
         self.retrain_due: str | None = None  # the reason, while a retrain is due
         self._retrain_sent_at: float | None = None
         self._adopt(model)
         self.stream.ensure_group()
+        self._failed = {_b(k) for k in self.stream.redis.hkeys(self.ledger.failures_key)}
+        self._replay_journal()
         self.refresh_metrics()
 
     # ------------------------------------------------------------------ state
@@ -226,8 +271,45 @@ class RemovalService:
         value = getattr(self.model, "extractor_removals_remaining", None)
         return None if value is None else int(value)
 
-    def _persist(self) -> None:
-        self.model.save(self.state_dir)
+    def _persist(
+        self, answers: list[Answer] | None = None, model: Any = None, **save: Any
+    ) -> None:
+        """Persist the model with the journal of every answer not yet in the ledger file: a
+        crash between this and the ledger append is repaired at the next start
+        (:meth:`_replay_journal`), so the replayed request is answered with its method and
+        version. Checks the lease first: a worker that lost it writes nothing."""
+        if self.lease is not None:
+            self.lease.check()
+        pending = self._unrecorded + list(answers or [])
+        journal = {
+            "answers": [a.to_json() for a in pending],
+            "lease_token": None if self.lease is None else self.lease.token,
+            "state_id": None if self.lease is None else self.lease.state_id,
+        }
+        (model or self.model).save(
+            self.state_dir, journal=journal, keep=self.keep_snapshots, **save
+        )
+        self._unrecorded = pending
+        self._dirty = False
+        if self.lease is not None:
+            self.lease.mark_state()
+
+    def _replay_journal(self) -> None:
+        """Record in the ledger the journaled answers of the persisted snapshot that the ledger
+        file lacks (the process stopped between the persist and the ledger append)."""
+        import core  # noqa: PLC0415 - the worker process has core loaded already
+
+        journal = core.read_journal(self.state_dir)
+        answers = [Answer.from_json(r) for r in (journal or {}).get("answers", [])]
+        missing = []
+        for a in answers:
+            prior = self.ledger.seen(a.request_id)
+            if prior is None or (prior.dead_letter and a.status == schema.STATUS_APPLIED):
+                missing.append(a)
+        if missing:
+            self.ledger.record(missing)
+            log.info("recorded %d journaled answers the ledger lacked", len(missing))
+        self._unrecorded = []
 
     def _guard(self, entries: list[Entry]) -> RemovalGuard:
         at_most = sum(len(e.sample_ids) for e in entries if e.sample_ids)
@@ -255,10 +337,14 @@ class RemovalService:
     def _finish(self, plan: Plan, committed: list[Answer], committed_entries: list[Entry]) -> None:
         """Ledger, statuses + XACK, dead letters and request metrics of a planned batch."""
         answers = plan.answers + committed
-        self.ledger.record(answers)
+        recorded = {id(a) for a in self._unrecorded}
+        self.ledger.record(self._unrecorded + [a for a in answers if id(a) not in recorded])
+        self._unrecorded = []
         ack = [e.entry_id for e in plan.answered] + [e.entry_id for e in committed_entries]
         dead: list[DeadLetter] = [(e.entry_id, e.fields, e.error or "malformed") for e in plan.dead]
-        self.ledger.publish(answers, ack + plan.ack_only, dead)
+        ack_ids = ack + plan.ack_only
+        self.ledger.publish(answers, ack_ids, dead)
+        self._clear_failures(ack_ids + [eid for eid, _, _ in dead])
         if plan.dead:
             self.metrics.requests.labels(outcome="dead_letter").inc(len(plan.dead))
         outcomes: dict[str, int] = {}
@@ -276,14 +362,15 @@ class RemovalService:
 
     # ------------------------------------------------------------------ drain
     def _recover(self) -> list[Entry]:
-        """This consumer's pending entries plus idle ones claimed from others; entries delivered
-        more than ``max_deliveries`` times go to the dead-letter stream (status rejected)."""
+        """This consumer's pending entries plus idle ones claimed from others (never
+        dead-lettered for how often Redis delivered them: restarts and retries re-read the
+        pending list, and that is no fault of the entry's)."""
         held, self._held = self._held, []
         room = self.max_batch - len(held)
         raw: list[Any] = []
         if self._pel_cursor is not None and room > 0:
-            # Every read of the pending list counts a delivery: read it once per process (and
-            # after a failure or a retrain), not again at every time slice.
+            # read the pending list once per process (and after a failure or a retrain), not
+            # again at every time slice: entries read stay in memory across slices
             raw = self.stream.read_own_pending(room, start=self._pel_cursor)
             # reads after an explicit id are exclusive: the next page starts after the last one
             self._pel_cursor = None if len(raw) < room else raw[-1][0]
@@ -292,46 +379,85 @@ class RemovalService:
         if held and raw:  # a later page of the pending list holds entries read since
             mine = {e.entry_id for e in held}
             raw = [(eid, fields) for eid, fields in raw if eid not in mine]
-        if not raw:
-            return held
-        counts = self.stream.delivery_counts([eid for eid, _ in raw])
-        entries = parse_entries(raw)
-        over = [e for e in entries if counts.get(e.entry_id, 1) > self.max_deliveries]
-        if over:
-            now = self.clock()
-            reason = f"dead-lettered: delivered more than {self.max_deliveries} times"
-            answers: list[Answer] = []
-            for e in over:
-                if not e.request_id:
-                    continue
-                prior = self.ledger.seen(e.request_id)
-                if prior is not None:  # answered (say applied and persisted) before: say so again
-                    prior.requested_at = e.requested_at
-                    answers.append(prior)
-                    continue
-                answers.append(
-                    Answer(
-                        e.request_id,
-                        schema.STATUS_REJECTED,
-                        reason=reason,
-                        requested_at=e.requested_at,
-                        applied_at=now,
-                    )
+        return held + parse_entries(raw)
+
+    # ------------------------------------------------------------ failures
+    def _clear_failures(self, entry_ids: list[bytes]) -> None:
+        """Forget the failure counts of entries that are acknowledged now."""
+        if not self._failed:
+            return
+        done = self._failed.intersection(entry_ids)
+        if done:
+            self.stream.redis.hdel(self.ledger.failures_key, *done)
+            self._failed -= done
+
+    def _entry_failed(self, entry: Entry, exc: BaseException) -> None:
+        """Count a failure ``entry`` caused on its own; dead-letter it at ``max_failures``."""
+        count = int(self.stream.redis.hincrby(self.ledger.failures_key, entry.entry_id, 1))
+        self._failed.add(entry.entry_id)
+        self.metrics.entry_failures.inc()
+        error = f"{type(exc).__name__}: {exc}"[:300]
+        log.warning(
+            "entry %s (request %s) failed on its own, %d of %d: %s",
+            _s(entry.entry_id),
+            entry.request_id,
+            count,
+            self.max_failures,
+            error,
+        )
+        if count >= self.max_failures:
+            reason = f"dead-lettered: processing it failed {count} times ({error})"
+            self._dead_letter([entry], reason)
+        else:
+            self._forget_held()  # it stays pending: read it again with the pending list
+
+    def _dead_letter(self, entries: list[Entry], reason: str) -> None:
+        """Copy ``entries`` to the dead-letter stream with ``reason``, answer them rejected
+        (an answer the ledger holds already is repeated instead) and acknowledge them. When
+        the status cannot be written (the entry's own status key is the fault), the copy and
+        the acknowledgement go alone: the dead-letter stream holds the reason."""
+        now = self.clock()
+        answers: list[Answer] = []
+        for e in entries:
+            if not e.request_id:
+                continue
+            prior = self.ledger.seen(e.request_id)
+            if prior is not None and not prior.dead_letter:
+                prior.requested_at = e.requested_at
+                answers.append(prior)
+                continue
+            answers.append(
+                Answer(
+                    e.request_id,
+                    schema.STATUS_REJECTED,
+                    reason=reason,
+                    requested_at=e.requested_at,
+                    applied_at=now,
+                    dead_letter=True,
                 )
-            self.ledger.record(answers)
-            # statuses first, then the dead-letter copies and the XACK, in one script
-            self.ledger.publish(answers, [], [(e.entry_id, e.fields, reason) for e in over])
-            self.metrics.requests.labels(outcome="dead_letter").inc(len(over))
-            log.warning("dead-lettered %d entries delivered too often", len(over))
-        skip = {e.entry_id for e in over}
-        return held + [e for e in entries if e.entry_id not in skip]
+            )
+        dead: list[DeadLetter] = [(e.entry_id, e.fields, reason) for e in entries]
+        self.ledger.record(answers)
+        try:
+            self.ledger.publish(answers, [], dead)
+        except Exception as exc:
+            if faults.is_infrastructure(exc) or faults.is_fenced(exc):
+                raise
+            log.warning("the dead letters' statuses cannot be written (%s): copying alone", exc)
+            self.ledger.publish([], [], dead)
+        self._clear_failures([e.entry_id for e in entries])
+        self.metrics.requests.labels(outcome="dead_letter").inc(len(entries))
+        for e in entries:
+            log.warning(
+                "dead-lettered entry %s (request %s): %s", _s(e.entry_id), e.request_id, reason
+            )
 
     def _forget_held(self) -> None:
         """Entries held across time slices are left to the pending list: read it again next."""
         self._held, self._pel_cursor = [], "0"
 
     def _resync(self) -> None:
-        """After a failure mid-batch the model in memory may be ahead of the persisted state:
+        """After a failure mid-step the model in memory may be ahead of the persisted state:
         reload the persisted one (entries not acknowledged are replayed against it). When the
         reload fails, stop serving for good and call ``on_fatal`` (default: exit the process)."""
         if self._reload is None:
@@ -346,20 +472,76 @@ class RemovalService:
             return
         self._adopt(model)
         self.retrain_due, self._retrain_sent_at = None, None
+        self._dirty, self._unrecorded, self._journal_due = False, [], True
 
     def _check_serving(self) -> None:
         if self._stopped is not None:
             raise ServiceStoppedError(self._stopped)
 
+    def _settle(self) -> None:
+        """Finish what a failure left before serving: the journal of a reloaded snapshot and
+        answers persisted but not yet in the ledger file go to the ledger first (so a replayed
+        request is answered with its method and version, not as already removed)."""
+        if self._journal_due:
+            self._replay_journal()
+            self._journal_due = False
+        if self._unrecorded:
+            self.ledger.record(self._unrecorded)
+            self._unrecorded = []
+
+    def _on_failure(self, exc: Exception, retry: Callable[[], None]) -> DrainReport:
+        """A drain or retrain failed: stop for good when the lease is lost; reload the model
+        when it ran ahead of the disk; wait (backoff) and ``retry`` after a disk, Redis or
+        memory failure, rejecting nothing; re-raise anything else."""
+        self._forget_held()
+        if faults.is_fenced(exc):
+            self._stopped = f"this worker lost the lease of model {self.ledger.model!r}: {exc}"
+            log.critical("%s: the service stops", self._stopped)
+            self._on_fatal(exc)
+            raise exc
+        if self._dirty:
+            self._resync()
+            if self._stopped is not None:
+                raise exc
+        if not faults.is_infrastructure(exc):
+            raise exc
+        kind = faults.kind(exc)
+        self.metrics.infrastructure_errors.labels(kind=kind).inc()
+        self._backoff = min(self.max_backoff, max(FIRST_BACKOFF_S, 2 * self._backoff))
+        self.metrics.infrastructure_backoff_seconds.set(self._backoff)
+        log.warning(
+            "%s failure (%s: %s); nothing is rejected for it: retrying in %.1f s",
+            kind,
+            type(exc).__name__,
+            str(exc)[:300],
+            self._backoff,
+        )
+        self._sleep(self._backoff)
+        try:
+            retry()
+        except Exception as again:  # noqa: BLE001 - the periodic check sends the next drain
+            log.warning("cannot queue the retry now (%s): the periodic check will", again)
+        return DrainReport(
+            requeued=True, infrastructure_error=str(exc)[:300], backoff=self._backoff
+        )
+
+    def _healthy(self) -> None:
+        if self._backoff:
+            log.info("serving again after an infrastructure failure")
+            self._backoff = 0.0
+            self.metrics.infrastructure_backoff_seconds.set(0.0)
+
     def drain(self) -> DrainReport:
-        """Serve the stream for one time slice (DESIGN.md §4 step 2)."""
+        """Serve the stream for one time slice."""
         self._check_serving()
         try:
-            return self._drain()
-        except Exception:
-            self._forget_held()
-            self._resync()
-            raise
+            self._settle()
+            report = self._drain()
+        except Exception as exc:  # noqa: BLE001 - sorted out by _on_failure
+            hold_ms = int(self.slice_seconds * 1000) + 5000
+            return self._on_failure(exc, lambda: self.doorbell.requeue(hold_ms))
+        self._healthy()
+        return report
 
     def _drain(self) -> DrainReport:
         report = DrainReport()
@@ -377,7 +559,7 @@ class RemovalService:
             batch = carry + (parse_entries(self.stream.read_new(room)) if room > 0 else [])
             if not batch:
                 break
-            carry = self._step(batch, report)
+            carry = self._serve(batch, report)
             if self.retrain_due:
                 report.retrain_requested = True
                 self._forget_held()  # the retrain reads the pending list
@@ -389,10 +571,64 @@ class RemovalService:
                 self.doorbell.requeue(hold_ms)
                 return report
         self.doorbell.release()
+        self._maybe_trim()
         if self.stream.has_undelivered() or self.stream.has_own_pending():
             self._forget_held()  # own pending entries not in memory (unread pages): read them
             self.doorbell.ring()
         return report
+
+    def _maybe_trim(self) -> None:
+        """Trim acknowledged entries past the retention window, every ``TRIM_EVERY_S``."""
+        if self.stream_retention is None:
+            return
+        now = self.clock()
+        if now - self._trimmed_at < TRIM_EVERY_S:
+            return
+        self._trimmed_at = now
+        trimmed = self.stream.trim(self.stream_retention, now)
+        if trimmed:
+            self.metrics.stream_trimmed.inc(trimmed)
+
+    def _serve(self, batch: list[Entry], report: DrainReport) -> list[Entry]:
+        """One step over ``batch``; when it fails for a reason that is not the infrastructure's,
+        serve its entries one by one, so that only an entry that fails on its own is counted
+        (``_entry_failed``) and the rest flow. Returns the deferred entries."""
+        try:
+            return self._step(batch, report)
+        except Exception as exc:  # noqa: BLE001 - sorted below
+            if faults.is_infrastructure(exc) or faults.is_fenced(exc):
+                raise
+            first = exc
+        log.warning(
+            "a batch of %d entries failed (%s: %s): serving them one by one",
+            len(batch),
+            type(first).__name__,
+            str(first)[:300],
+        )
+        self._recover_from(first)
+        if len(batch) == 1:
+            self._entry_failed(batch[0], first)
+            return []
+        for i, e in enumerate(batch):
+            try:
+                deferred = self._step([e], report)
+            except Exception as exc:  # noqa: BLE001 - sorted below
+                if faults.is_infrastructure(exc) or faults.is_fenced(exc):
+                    raise
+                self._recover_from(exc)
+                self._entry_failed(e, exc)
+                continue
+            if deferred or self.retrain_due:
+                return deferred + batch[i + 1 :]
+        return []
+
+    def _recover_from(self, exc: Exception) -> None:
+        """After a step failed: reload the model if it ran ahead of the disk, then settle."""
+        if self._dirty:
+            self._resync()
+            if self._stopped is not None:
+                raise exc
+        self._settle()
 
     def _step(self, batch: list[Entry], report: DrainReport) -> list[Entry]:
         """One Newton step over a batch; returns the deferred entries."""
@@ -402,9 +638,11 @@ class RemovalService:
         if plan.groups:
             rows = [r for g in plan.groups for r in g.rows]
             t0 = time.perf_counter()
+            self._dirty = True
             try:
                 res = self.model.remove(rows, groups=[len(g.rows) for g in plan.groups])
             except ValueError as exc:  # core refused the call (InvalidInputError): answer it
+                self._dirty = False  # core checks before it changes anything
                 now = self.clock()
                 plan.answers += [rejected_group(g, str(exc), now) for g in plan.groups]
                 plan.answered += [g.entry for g in plan.groups]
@@ -412,8 +650,11 @@ class RemovalService:
                 return plan.deferred
             seconds = time.perf_counter() - t0
             done = plan.groups[: res.applied_groups]
+            committed = applied_answers(
+                done, schema.METHOD_NEWTON, self.model.version, self.clock(), self._ids
+            )
             if res.removed:
-                self._persist()
+                self._persist(committed)
                 n = len(res.removed)
                 self.metrics.newton_update_seconds.observe(seconds)
                 self.metrics.batch_size.observe(n)
@@ -423,9 +664,11 @@ class RemovalService:
                 self.refresh_metrics()
                 self._mark_removed(n)
                 self._maybe_prepare_next()
-            committed = applied_answers(
-                done, schema.METHOD_NEWTON, self.model.version, self.clock()
-            )
+            else:
+                self._dirty = False
+            now = self.clock()
+            for a in committed:
+                a.applied_at = now  # certified once persisted
             committed_entries = [g.entry for g in done]
             if res.needs_retrain and res.retrain_reason == "extractor" and self._pipeline is None:
                 # No retrain of the head helps: the request exceeds what the DP extractor's group
@@ -440,18 +683,17 @@ class RemovalService:
                 reason = res.retrain_reason or "max_removals"
                 self._count_safety()
                 rest = plan.groups[res.applied_groups :]
-                adopted = None if reason == "extractor" else self._adopt_next(reason, rest)
-                if adopted is None:
+                took = None if reason == "extractor" else self._adopt_next(reason, rest)
+                if took is None:
                     self.retrain_due = reason
                 else:
                     # The rest of the batch rode in the catch-up step, as far as it fitted; the
                     # groups left go round again on the new epoch.
+                    adopted, ridden_answers = took
                     report.adopted += 1
                     report.rows_removed += len(adopted.removed)
                     ridden = rest[: adopted.applied_groups]
-                    committed += applied_answers(
-                        ridden, schema.METHOD_NEWTON, self.model.version, self.clock()
-                    )
+                    committed += ridden_answers
                     committed_entries += [g.entry for g in ridden]
                     report.steps += 1
                     plan.deferred = [g.entry for g in rest[adopted.applied_groups :]] + (
@@ -577,11 +819,12 @@ class RemovalService:
         finally:
             self.metrics.retrain_in_progress.dec()
 
-    def _adopt_next(self, reason: str, rest: list[Group]) -> Any:
+    def _adopt_next(self, reason: str, rest: list[Group]) -> tuple[Any, list[Answer]] | None:
         """Take over the epoch fitted in the background (waiting for it if need be): one Newton
         step removes the rows removed since its snapshot and the ``rest`` of the batch (as far
-        as they fit), persist, version + 1. Returns core's ``RemovalResult`` for ``rest``, or
-        None when there is no fitted epoch or it cannot take over."""
+        as they fit), persist, version + 1. Returns core's ``RemovalResult`` for ``rest`` and
+        the answers of the groups that rode in it, or None when there is no fitted epoch or it
+        cannot take over."""
         if self._next is None:
             return None
         future, model = self._next
@@ -597,18 +840,28 @@ class RemovalService:
         self.metrics.retrain_wait_seconds.observe(time.perf_counter() - t0)
         rows = [r for g in rest for r in g.rows]
         t1 = time.perf_counter()
+        self._dirty = True
         try:
             res = self.model.adopt_retrain(prepared, rows, groups=[len(g.rows) for g in rest])
         except ValueError as exc:  # core refused the rows: the retrain that folds answers them
+            self._dirty = False  # adopt_retrain restores the model on any error
             log.warning("the background retrain could not take the batch over: %s", exc)
             return None
         if res is None:
+            self._dirty = False
             self._count_safety()
             log.warning("the background retrain could not take over; retraining in the foreground")
             return None
         step_seconds = time.perf_counter() - t1
         self._count_safety()
-        self._persist()
+        ridden = applied_answers(
+            rest[: res.applied_groups],
+            schema.METHOD_NEWTON,
+            self.model.version,
+            self.clock(),
+            self._ids,
+        )
+        self._persist(ridden)
         self._fit_seconds = fit_seconds
         self.metrics.retrains.labels(reason=reason).inc()
         self.metrics.retrain_seconds.observe(fit_seconds)
@@ -629,7 +882,7 @@ class RemovalService:
             t1 - t0,
         )
         self._maybe_prepare_next()
-        return res
+        return res, ridden
 
     def close(self) -> None:
         """Drop the background work (a fit in progress runs out in its daemon thread, unused)."""
@@ -669,14 +922,18 @@ class RemovalService:
         plan.groups = keep
         return waiting
 
-    def _retrain_pipeline(self, exclude: list[int]) -> None:
+    def _retrain_pipeline(self, exclude: list[int], groups: list[Group]) -> list[Answer]:
         """Extractor, features and head again without every removed row (``core.pipeline``);
-        the new model takes over the state directory with its new dataset."""
+        the new model takes over the state directory with its new dataset. Returns the answers
+        of ``groups`` (journaled with the new state)."""
         assert self._pipeline is not None
         log.info("DP extractor spent: full-pipeline retrain without %d more rows", len(exclude))
+        ids = self._ids  # the rows of the old dataset
         dataset, model = self._pipeline(self.model, exclude)
-        model.save(self.state_dir, dataset=dataset, replace_dataset=True)
+        answers = applied_answers(groups, schema.METHOD_RETRAIN, model.version, self.clock(), ids)
+        self._persist(answers, model=model, dataset=dataset, replace_dataset=True)
         self._adopt(model)
+        return answers
 
     def _count_safety(self) -> None:
         fired = int(self.model.safety_retrains) - self._safety_seen
@@ -699,13 +956,23 @@ class RemovalService:
         )
 
     def retrain(self) -> DrainReport:
-        """Retrain from scratch, folding every pending request in (DESIGN.md §4 step 5)."""
+        """Retrain from scratch, folding every pending request in."""
         self._check_serving()
         try:
-            return self._retrain()
-        except Exception:
-            self._resync()
-            raise
+            self._settle()
+            report = self._retrain()
+        except Exception as exc:  # noqa: BLE001 - sorted out by _on_failure
+            self._dirty = True  # whatever the retrain left in memory is not served
+            return self._on_failure(exc, self._resend_retrain)
+        self._healthy()
+        return report
+
+    def _resend_retrain(self) -> None:
+        self._retrain_sent_at = None
+        if self.retrain_due:
+            self._request_retrain()
+        else:
+            self.doorbell.ring()
 
     def _retrain(self) -> DrainReport:
         report = DrainReport()
@@ -722,10 +989,12 @@ class RemovalService:
             waiting = [] if full else self._drop_beyond_extractor(plan)
             exclude = [r for g in plan.groups for r in g.rows]
             retrained = True
+            committed: list[Answer] = []
             t0 = time.perf_counter()
+            self._dirty = True
             try:
                 if full:
-                    self._retrain_pipeline(exclude)
+                    committed = self._retrain_pipeline(exclude, plan.groups)
                 else:
                     self.model.retrain(exclude=exclude)
             except ValueError as exc:  # core refused the exclusions: answer them
@@ -743,7 +1012,11 @@ class RemovalService:
                     self.model.retrain(exclude=[])  # the retrain that was due, still fresh noise
             seconds = time.perf_counter() - t0
             if not full:  # a pipeline retrain persisted its new dataset and model already
-                self._persist()
+                committed = applied_answers(
+                    plan.groups, schema.METHOD_RETRAIN, self.model.version, self.clock(), self._ids
+                )
+                self._persist(committed)
+            self._dirty = False
             if retrained:
                 self.metrics.retrains.labels(reason=self.retrain_due).inc()
                 self.metrics.retrain_seconds.observe(seconds)
@@ -751,9 +1024,9 @@ class RemovalService:
             # Requests past the extractor's allowance wait (pending) for the pipeline retrain.
             self.retrain_due = "extractor" if waiting and self._pipeline is not None else None
             self.refresh_metrics()
-            committed = applied_answers(
-                plan.groups, schema.METHOD_RETRAIN, self.model.version, self.clock()
-            )
+            now = self.clock()
+            for a in committed:
+                a.applied_at = now
             self._finish(plan, committed, [g.entry for g in plan.groups])
             report.retrained, report.rows_removed = retrained, len(exclude)
             report.requests = len(plan.answered) + len(plan.groups)

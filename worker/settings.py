@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from producer import schema
+from producer.urls import check_cert_reqs, tls_options
 
 
 class SettingsError(ValueError):
@@ -35,9 +36,22 @@ class Settings:
         slice_seconds: time slice of one drain task before it yields to other tasks.
         drain_interval: seconds between periodic checks for pending entries.
         claim_idle_ms: idle time after which another consumer's pending entries are claimed.
-        max_deliveries: deliveries after which an entry goes to the dead-letter stream.
+        max_failures: processing failures an entry causes on its own (served alone, with the
+            infrastructure answering) before it goes to the dead-letter stream; disk, Redis and
+            process failures never count (they are retried with backoff).
+        status_ttl: seconds a final status hash lives in Redis (0: for good); the ledger in the
+            state directory keeps the permanent record.
+        stream_retention: seconds acknowledged entries stay in the request stream before they
+            are trimmed (entries not yet acknowledged are never trimmed).
+        ledger_rotate_mb: rotate ``ledger.jsonl`` into a gzipped segment past this size.
+        lease_ttl_ms: life of the model's ownership lease in Redis without renewal.
+        max_backoff: longest wait (seconds) between retries after an infrastructure failure.
+        keep_snapshots: snapshots kept in the state directory (the newest valid one is what
+            ``certremove state recover`` falls back to).
         consumer: stable consumer name in the group (default ``{model}@{hostname}``).
         visibility_timeout: kombu visibility timeout for Celery messages (wake-ups only).
+        broker_max_retries: retries (2, 4, 6 ... s apart, at most 30 s) to reach Redis at start
+            and after losing it, before the worker exits with status 4.
         torch_threads: CPU threads for torch; 0 picks one less than the CPUs (at least 1), so
             Redis, Celery and producers on the same machine do not stall its parallel regions.
         data_dir: the source images of a DP-extractor model (``--data-dir`` of
@@ -46,6 +60,11 @@ class Settings:
             features and head (True) or reject further requests with a reason (False).
         retrain_lead: fraction of a noise epoch's ``max_removals`` left when the next epoch
             starts fitting in a background thread (0 turns it off: retrains then block).
+        redis_ssl_ca_certs: CA file that signed the Redis server's certificate, for a
+            ``rediss://`` broker URL (default: the system CA store).
+        redis_ssl_cert_reqs: ``required`` (default), ``optional`` or ``none``: whether a
+            ``rediss://`` server's certificate must verify. Passed to redis-py and to Celery
+            alike, since kombu alone would not verify it.
     """
 
     broker_url: str = schema.DEFAULT_BROKER_URL
@@ -58,13 +77,22 @@ class Settings:
     slice_seconds: float = 0.75
     drain_interval: float = 15.0
     claim_idle_ms: int = 10_000
-    max_deliveries: int = 5
+    max_failures: int = 3
+    status_ttl: int = 7 * 86400
+    stream_retention: int = 86400
+    ledger_rotate_mb: float = 64.0
+    lease_ttl_ms: int = 30_000
+    max_backoff: float = 30.0
+    keep_snapshots: int = 3
     consumer: str = ""
     visibility_timeout: int = 600
+    broker_max_retries: int = 10
     torch_threads: int = 0
     data_dir: Path | None = None
     pipeline_retrain: bool = True
     retrain_lead: float = 0.2
+    redis_ssl_ca_certs: Path | None = None
+    redis_ssl_cert_reqs: str = "required"
 
     def __post_init__(self) -> None:
         try:
@@ -77,13 +105,29 @@ class Settings:
             raise SettingsError(f"CERTREMOVE_METRICS_PORT out of range: {self.metrics_port}")
         if self.torch_threads < 0:
             raise SettingsError("CERTREMOVE_TORCH_THREADS must be >= 0")
-        if self.max_batch < 1 or self.max_deliveries < 1 or self.slice_seconds <= 0:
-            raise SettingsError("max_batch, max_deliveries and slice_seconds must be positive")
+        if self.max_batch < 1 or self.max_failures < 1 or self.slice_seconds <= 0:
+            raise SettingsError("max_batch, max_failures and slice_seconds must be positive")
+        if self.status_ttl < 0 or self.stream_retention < 0:
+            raise SettingsError("CERTREMOVE_STATUS_TTL and CERTREMOVE_STREAM_RETENTION must be >= 0")
+        if self.ledger_rotate_mb <= 0 or self.max_backoff <= 0:
+            raise SettingsError("CERTREMOVE_LEDGER_ROTATE_MB and CERTREMOVE_MAX_BACKOFF must be > 0")
+        if self.lease_ttl_ms < 1000:
+            raise SettingsError("CERTREMOVE_LEASE_TTL_MS must be at least 1000")
+        if self.keep_snapshots < 1:
+            raise SettingsError("CERTREMOVE_KEEP_SNAPSHOTS must be at least 1")
+        if self.broker_max_retries < 1:
+            raise SettingsError("CERTREMOVE_BROKER_MAX_RETRIES must be at least 1")
         if not 0 < self.drain_interval <= 30:
             # DESIGN.md §4 asks for 10-30 s; shorter is allowed (tests), longer would stall.
             raise SettingsError("CERTREMOVE_DRAIN_INTERVAL must be in (0, 30] seconds")
         if not 0 <= self.retrain_lead < 1:
             raise SettingsError("CERTREMOVE_RETRAIN_LEAD must lie in [0, 1)")
+        try:
+            object.__setattr__(
+                self, "redis_ssl_cert_reqs", check_cert_reqs(self.redis_ssl_cert_reqs)
+            )
+        except ValueError as exc:
+            raise SettingsError(f"CERTREMOVE_REDIS_SSL_CERT_REQS: {exc}") from exc
         if not self.consumer:
             object.__setattr__(self, "consumer", f"{self.model}@{socket.gethostname()}")
 
@@ -107,13 +151,22 @@ class Settings:
             ("slice_seconds", "SLICE_SECONDS", float),
             ("drain_interval", "DRAIN_INTERVAL", float),
             ("claim_idle_ms", "CLAIM_IDLE_MS", int),
-            ("max_deliveries", "MAX_DELIVERIES", int),
+            ("max_failures", "MAX_FAILURES", int),
+            ("status_ttl", "STATUS_TTL", int),
+            ("stream_retention", "STREAM_RETENTION", int),
+            ("ledger_rotate_mb", "LEDGER_ROTATE_MB", float),
+            ("lease_ttl_ms", "LEASE_TTL_MS", int),
+            ("max_backoff", "MAX_BACKOFF", float),
+            ("keep_snapshots", "KEEP_SNAPSHOTS", int),
             ("consumer", "CONSUMER", str),
             ("visibility_timeout", "VISIBILITY_TIMEOUT", int),
+            ("broker_max_retries", "BROKER_MAX_RETRIES", int),
             ("torch_threads", "TORCH_THREADS", int),
             ("data_dir", "DATA_DIR", Path),
             ("pipeline_retrain", "PIPELINE_RETRAIN", _flag),
             ("retrain_lead", "RETRAIN_LEAD", float),
+            ("redis_ssl_ca_certs", "REDIS_SSL_CA_CERTS", Path),
+            ("redis_ssl_cert_reqs", "REDIS_SSL_CERT_REQS", str),
         ]
         for name, var, kind in spec:
             raw = env.get(f"CERTREMOVE_{var}")
@@ -132,6 +185,10 @@ class Settings:
         """A copy with some fields replaced (None values are ignored)."""
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
+    def tls_options(self) -> dict[str, Any]:
+        """redis-py / ``broker_use_ssl`` options for a ``rediss://`` broker URL, else ``{}``."""
+        return tls_options(self.broker_url, self.redis_ssl_ca_certs, self.redis_ssl_cert_reqs)
+
     def to_env(self) -> dict[str, str]:
         """The ``CERTREMOVE_*`` variables that rebuild these settings in a child process."""
         out = {
@@ -144,16 +201,26 @@ class Settings:
             "CERTREMOVE_SLICE_SECONDS": str(self.slice_seconds),
             "CERTREMOVE_DRAIN_INTERVAL": str(self.drain_interval),
             "CERTREMOVE_CLAIM_IDLE_MS": str(self.claim_idle_ms),
-            "CERTREMOVE_MAX_DELIVERIES": str(self.max_deliveries),
+            "CERTREMOVE_MAX_FAILURES": str(self.max_failures),
+            "CERTREMOVE_STATUS_TTL": str(self.status_ttl),
+            "CERTREMOVE_STREAM_RETENTION": str(self.stream_retention),
+            "CERTREMOVE_LEDGER_ROTATE_MB": str(self.ledger_rotate_mb),
+            "CERTREMOVE_LEASE_TTL_MS": str(self.lease_ttl_ms),
+            "CERTREMOVE_MAX_BACKOFF": str(self.max_backoff),
+            "CERTREMOVE_KEEP_SNAPSHOTS": str(self.keep_snapshots),
             "CERTREMOVE_CONSUMER": self.consumer,
             "CERTREMOVE_VISIBILITY_TIMEOUT": str(self.visibility_timeout),
+            "CERTREMOVE_BROKER_MAX_RETRIES": str(self.broker_max_retries),
             "CERTREMOVE_TORCH_THREADS": str(self.torch_threads),
             "CERTREMOVE_RETRAIN_LEAD": str(self.retrain_lead),
+            "CERTREMOVE_REDIS_SSL_CERT_REQS": self.redis_ssl_cert_reqs,
         }
         if self.device:
             out["CERTREMOVE_DEVICE"] = self.device
         if self.data_dir is not None:
             out["CERTREMOVE_DATA_DIR"] = str(self.data_dir)
+        if self.redis_ssl_ca_certs is not None:
+            out["CERTREMOVE_REDIS_SSL_CA_CERTS"] = str(self.redis_ssl_ca_certs)
         out["CERTREMOVE_PIPELINE_RETRAIN"] = "1" if self.pipeline_retrain else "0"
         return out
 

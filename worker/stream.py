@@ -132,6 +132,24 @@ class RequestStream:
             r["message_id"]: int(r["times_delivered"]) for r in rows if r["message_id"] in wanted
         }
 
+    def trim(self, keep_seconds: float, now: float) -> int:
+        """Delete acknowledged entries older than ``keep_seconds`` (``XTRIM MINID``); never an
+        entry that is pending (delivered, not acknowledged) or not yet delivered. Returns how
+        many were deleted."""
+        cut = _id_key(f"{int(max(0.0, now - keep_seconds) * 1000)}-0".encode())
+        try:
+            summary = self.redis.xpending(self.key, self.group)
+            groups = self.redis.xinfo_groups(self.key)
+        except redis.ResponseError:
+            return 0
+        if summary.get("pending") and summary.get("min"):
+            cut = min(cut, _id_key(summary["min"]))
+        last = next((g["last-delivered-id"] for g in groups if _s(g["name"]) == self.group), None)
+        cut = min(cut, _id_key(last or b"0-0"))  # the last delivered entry itself stays
+        if cut <= (0, 0):
+            return 0
+        return int(self.redis.xtrim(self.key, minid=f"{cut[0]}-{cut[1]}", approximate=False))
+
     def has_own_pending(self) -> bool:
         """This consumer holds unacknowledged entries (read without counting a delivery)."""
         return bool(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import uuid
 from typing import Any
@@ -22,6 +23,7 @@ from celery import Celery, bootsteps
 
 from producer import schema
 from producer.client import append_requests
+from worker import fatal
 from worker.runtime import Runtime, build_runtime
 from worker.settings import Settings
 
@@ -60,11 +62,25 @@ def register(app: Celery, settings: Settings) -> None:
         sample_ids: Any = None,
         requested_at: float | None = None,
     ) -> str:
+        if request_id is not None and (
+            isinstance(request_id, bool) or not isinstance(request_id, str | int)
+        ):
+            # No request id to answer under: a malformed message, dropped (sample_ids are checked
+            # by the drain, which answers a bad list as `rejected`).
+            log.warning(
+                "dropped a malformed broker message on %s: %s request_id must be a string, got %s",
+                schema.queue_name(settings.model),
+                schema.TASK_REMOVE,
+                type(request_id).__name__,
+            )
+            return ""
         svc = service()
         rid = str(request_id) if request_id else uuid.uuid4().hex
         try:
             at = float(requested_at) if requested_at is not None else time.time()
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
+            at = time.time()
+        if not math.isfinite(at):
             at = time.time()
         append_requests(svc.stream.redis, settings.model, [(rid, json.dumps(sample_ids))], at)
         svc.doorbell.ring()
@@ -80,8 +96,14 @@ def register(app: Celery, settings: Settings) -> None:
             self.tref: Any = None
 
         def start(self, worker: Any) -> None:
-            holder.runtime = build_runtime(settings, send_task)
-            holder.runtime.service.doorbell.requeue(5000)  # drain on worker ready
+            try:
+                wait_for_broker(app, settings)
+                holder.runtime = build_runtime(settings, send_task)
+                holder.runtime.service.doorbell.requeue(5000)  # drain on worker ready
+            except Exception as exc:
+                # Celery would log "Unrecoverable error" with a traceback and exit 0: exit
+                # non-zero by class with one line instead (worker.fatal).
+                raise fatal.from_exception(exc, settings) from exc
             self.tref = worker.timer.call_repeatedly(settings.drain_interval, self.tick)
 
         def tick(self) -> None:
@@ -97,3 +119,31 @@ def register(app: Celery, settings: Settings) -> None:
                 self.tref.cancel()
 
     app.steps["worker"].add(ServiceStep)
+
+
+def wait_for_broker(app: Celery, settings: Settings) -> None:
+    """Wait until Redis answers, with kombu's own retry (2, 4, 6 ... s apart, at most
+    ``settings.broker_max_retries`` retries), before the model is loaded.
+
+    Raises:
+        WorkerFatal: Redis refused the credentials (at once: retrying cannot help).
+        OperationalError: Redis did not answer within the retries.
+    """
+    broker = fatal.broker_name(settings)
+    tries = [0]
+
+    def on_error(exc: BaseException, interval: float) -> None:
+        if fatal.is_auth_error(exc):
+            raise fatal.from_exception(exc, settings) from exc
+        tries[0] += 1
+        log.warning(
+            "cannot reach Redis at %s (%s): retry %d of %d in %.0f s",
+            broker,
+            " ".join(str(exc).split())[:200],
+            tries[0],
+            settings.broker_max_retries,
+            interval,
+        )
+
+    with app.connection_for_read() as conn:
+        conn.ensure_connection(errback=on_error, max_retries=settings.broker_max_retries)

@@ -57,8 +57,12 @@ def test_snapshots_are_replaced_atomically(tmp_path, digits, trained):
     trained.save(tmp_path)
     second = (tmp_path / "CURRENT").read_text().strip()
     assert first != second
-    assert [p.name for p in (tmp_path / "snapshots").iterdir()] == [second.split("/")[1]]
+    names = sorted(p.name for p in (tmp_path / "snapshots").iterdir())
+    assert names == [first.split("/")[1], second.split("/")[1]]  # the previous one is kept
     assert not core.load_model(tmp_path).alive[5]
+    trained.save(tmp_path, keep=1)
+    third = (tmp_path / "CURRENT").read_text().strip()
+    assert [p.name for p in (tmp_path / "snapshots").iterdir()] == [third.split("/")[1]]
 
 
 def test_a_state_dir_refuses_a_different_dataset(tmp_path, digits, trained):
@@ -81,5 +85,9 @@ def test_full_pipeline_retrain_replaces_the_dataset_only_when_asked(tmp_path, di
     m.save(tmp_path, dataset=other, replace_dataset=True)
     loaded = core.load_model(tmp_path)
     assert loaded.n_rows == 300
+    # the previous snapshot is kept (something to fall back to), and so is its dataset
+    assert len(list((tmp_path / "datasets").glob("*.npz"))) == 2
+    assert len(list((tmp_path / "snapshots").iterdir())) == 2
+    m.save(tmp_path, keep=1)  # once no kept snapshot uses the old dataset, it goes
     assert len(list((tmp_path / "datasets").glob("*.npz"))) == 1
     assert len(list((tmp_path / "snapshots").iterdir())) == 1

@@ -36,8 +36,12 @@ StartWorker = Callable[..., WorkerHandle]
 
 
 @pytest.fixture
-def start_worker_process(tmp_path: Path) -> Iterator[StartWorker]:
-    """Start workers (stopped by pid at teardown): ``start(state, broker_url, model, **settings)``."""
+def start_worker_process(tmp_path: Path, broker_url: str) -> Iterator[StartWorker]:
+    """Start workers (stopped by pid at teardown): ``start(state, broker_url, model, **settings)``.
+
+    Depending on ``broker_url`` orders the teardowns: the workers stop before the test's database
+    is flushed or its keys deleted, so none writes a key back after the cleanup.
+    """
     handles: list[WorkerHandle] = []
 
     def start(state: Path, broker_url: str, model: str, **overrides: object) -> WorkerHandle:

@@ -55,10 +55,10 @@ def test_wait_times_out_with_queued_statuses(broker_url: str, model_name: str) -
         assert client.status("nobody") == {}
 
 
-def test_bad_arguments(broker_url: str) -> None:
+def test_bad_arguments(broker_url: str, model_name: str) -> None:
     with pytest.raises(ValueError, match="model name"):
         Client(broker_url, model="no spaces")
-    with Client(broker_url, model="m") as client, pytest.raises(TypeError):
+    with Client(broker_url, model=model_name) as client, pytest.raises(TypeError):
         client.enqueue(5)  # type: ignore[arg-type]
 
 

@@ -26,7 +26,13 @@ DESIGN_NAMES = {
     "certremove_extractor_removals_remaining",
 }
 #: metrics beyond DESIGN.md §3 (documented in README "Metrics")
-EXTRA_NAMES = {"certremove_retrain_wait_seconds"}
+EXTRA_NAMES = {
+    "certremove_retrain_wait_seconds",
+    "certremove_infrastructure_errors",
+    "certremove_infrastructure_backoff_seconds",
+    "certremove_entry_failures",
+    "certremove_stream_trimmed_entries",
+}
 
 
 def test_every_design_metric_is_registered() -> None:

@@ -193,22 +193,24 @@ def test_dead_consumer_entries_are_claimed(
     assert {s["status"] for s in client.statuses(rids).values()} == {"applied"}
 
 
-def test_entries_delivered_too_often_are_dead_lettered(
+def test_entries_delivered_many_times_are_never_dead_lettered_for_it(
     state: Path, broker_url: str, rclient: redis.Redis, model_name: str
 ) -> None:
+    """Restarts and retries re-read the pending list, which Redis counts as deliveries: that is
+    no fault of the entry's, so it is served as usual."""
     client = Client(broker_url, model=model_name)
     rid = client.enqueue([7])
     own = RequestStream(rclient, model_name, "w1")
     own.ensure_group()
     own.read_new(10)
-    for _ in range(3):
+    for _ in range(30):
         own.read_own_pending(10)  # each replay counts as a delivery
-    service, _, _ = build(state, rclient, model_name, max_deliveries=3)
+    service, _, _ = build(state, rclient, model_name, max_failures=1)
     service.drain()
     st = client.status(rid)
-    assert st["status"] == "rejected" and "delivered more than 3 times" in st["reason"]
-    assert len(rclient.xrange(schema.dead_letter_key(model_name))) == 1
-    assert bool(service.model.alive[7])
+    assert st["status"] == "applied" and st["method"] == "newton"
+    assert not rclient.xrange(schema.dead_letter_key(model_name))
+    assert not bool(service.model.alive[7])
 
 
 def test_removal_core_would_refuse_is_rejected(
@@ -331,7 +333,7 @@ def test_entries_waiting_across_time_slices_are_not_counted_as_deliveries(
     client = Client(broker_url, model=model_name)
     rids = client.enqueue_many([[i] for i in range(60)])
     service, _, _ = build(
-        state, rclient, model_name, retrain_lead=0.5, slice_seconds=1e-6, max_deliveries=2
+        state, rclient, model_name, retrain_lead=0.5, slice_seconds=1e-6, max_failures=1
     )
     drains = 0
     while service.stream.pending_count() or service.stream.has_undelivered():

@@ -202,44 +202,48 @@ def test_ids_excluded_from_the_data_count_as_removed(
     assert st[unknown]["status"] == "rejected"
 
 
-def over_deliver(rclient: redis.Redis, model_name: str, times: int) -> None:
-    own = RequestStream(rclient, model_name, "w1")
-    own.ensure_group()
-    own.read_new(10)
-    for _ in range(times):
-        own.read_own_pending(10)
-
-
 def test_a_dead_letter_keeps_an_answer_the_ledger_holds(
     state: Path, broker_url: str, rclient: redis.Redis, model_name: str
 ) -> None:
+    """An entry whose status hash is of another Redis type makes every status script fail: it is
+    isolated, counted and dead-lettered (its applied answer, recorded before, stays the answer
+    in the ledger), and the requests around it flow."""
     client = Client(broker_url, model=model_name)
-    rid = client.enqueue([7])
-    over_deliver(rclient, model_name, 3)
-    service, _, _ = build(state, rclient, model_name, max_deliveries=3)
-    # applied and persisted before a crash that came before the status write
-    service.ledger.record([Answer(rid, "applied", "newton", 2, applied_at=5.0)])
-    service.drain()
-    st = client.status(rid)
-    assert st["status"] == "applied" and st["method"] == "newton" and st["model_version"] == 2
-    assert len(rclient.xrange(schema.dead_letter_key(model_name))) == 1
+    before, rid, after = client.enqueue_many([[1], [7], [2]])
+    key = schema.status_key(model_name, rid)
+    rclient.delete(key)
+    rclient.rpush(key, "not a hash")
+    service, _, reg = build(state, rclient, model_name, max_failures=3)
+    for _ in range(5):
+        service.drain()
+    st = client.statuses([before, after])
+    assert st[before]["status"] == st[after]["status"] == "applied"
+    dead = rclient.xrange(schema.dead_letter_key(model_name))
+    assert len(dead) == 1 and dead[0][1][b"request_id"] == rid.encode()
+    assert b"WRONGTYPE" in dead[0][1][b"reason"]
     assert service.stream.pending_count() == 0
+    assert reg.get_sample_value("certremove_entry_failures_total") == 3
+    assert not rclient.exists(schema.failures_key(model_name))
+    seen = service.ledger.seen(rid)
+    assert seen is not None and seen.status == "applied" and seen.method == "newton"
+    assert not bool(service.model.alive[7])  # removed once, never twice
+    later = client.enqueue([3])
+    service.drain()
+    assert client.status(later)["status"] == "applied"
 
 
-def test_a_dead_letter_is_never_acknowledged_before_its_status(
+def test_a_dead_letter_is_never_acknowledged_before_its_copy(
     state: Path, broker_url: str, rclient: redis.Redis, model_name: str
 ) -> None:
-    client = Client(broker_url, model=model_name)
-    rid = client.enqueue([7])
-    over_deliver(rclient, model_name, 3)
+    rclient.xadd(schema.stream_key(model_name), {"sample_ids": "[1]"})  # no request id
     rclient.set(schema.dead_letter_key(model_name), "not a stream")  # the XADD fails
-    service, _, _ = build(state, rclient, model_name, max_deliveries=3)
+    service, _, _ = build(state, rclient, model_name, max_failures=2)
     with pytest.raises(redis.ResponseError):
-        service.drain()
-    st = client.status(rid)
-    assert st["status"] == "rejected" and "delivered more than 3 times" in st["reason"]
-    assert service.stream.pending_count() == 1  # not acknowledged: it is dead-lettered next time
+        for _ in range(4):
+            service.drain()
+    assert service.stream.pending_count() == 1  # not acknowledged: it is dead-lettered later
     rclient.delete(schema.dead_letter_key(model_name))
+    service.drain()
     service.drain()
     assert service.stream.pending_count() == 0
     assert len(rclient.xrange(schema.dead_letter_key(model_name))) == 1

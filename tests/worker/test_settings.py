@@ -32,7 +32,8 @@ def test_reads_every_variable() -> None:
         "CERTREMOVE_SLICE_SECONDS": "0.25",
         "CERTREMOVE_DRAIN_INTERVAL": "2",
         "CERTREMOVE_CONSUMER": "c1",
-        "CERTREMOVE_MAX_DELIVERIES": "3",
+        "CERTREMOVE_MAX_FAILURES": "3",
+        "CERTREMOVE_STATUS_TTL": "60",
     }
     s = Settings.from_env(env)
     assert (s.broker_url, s.model, s.state_dir, s.metrics_port) == (
@@ -42,7 +43,7 @@ def test_reads_every_variable() -> None:
         0,
     )
     assert (s.device, s.max_batch, s.slice_seconds, s.drain_interval) == ("cpu", 64, 0.25, 2.0)
-    assert (s.consumer, s.max_deliveries) == ("c1", 3)
+    assert (s.consumer, s.max_failures, s.status_ttl) == ("c1", 3, 60)
     assert Settings.from_env(s.to_env()) == s
 
 

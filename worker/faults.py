@@ -1,0 +1,73 @@
+"""Which failures are the infrastructure's (wait and retry) and which are an entry's own.
+
+A deletion request is never rejected because a disk, Redis or the process failed: those errors
+mean "wait and retry with backoff". Only a failure that an entry causes on its own (it fails when
+served alone, with the infrastructure answering) counts against the entry; after
+``max_failures`` such failures it goes to the dead-letter stream with the reason.
+"""
+
+from __future__ import annotations
+
+import redis
+
+#: Redis error replies that say the server cannot serve now, whatever the command
+_TRANSIENT_REPLIES = (
+    "OOM",
+    "LOADING",
+    "READONLY",
+    "MASTERDOWN",
+    "MISCONF",
+    "BUSY",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+    "NOREPLICAS",
+    "NOAUTH",
+    "WRONGPASS",
+    "NOPERM",
+    "UNBLOCKED",
+)
+
+
+class LeaseLostError(RuntimeError):
+    """This worker no longer holds the model's lease: it must not persist or answer anything."""
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and cur not in out and len(out) < 10:
+        out.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return out
+
+
+def is_fenced(exc: BaseException) -> bool:
+    """True when ``exc`` says this worker lost the model's lease (fatal for this process)."""
+    for e in _chain(exc):
+        if isinstance(e, LeaseLostError):
+            return True
+        if isinstance(e, redis.ResponseError) and "CERTREMOVE_FENCED" in str(e):
+            return True
+    return False
+
+
+def is_infrastructure(exc: BaseException) -> bool:
+    """True when ``exc`` (or what caused it) is a disk, memory or Redis failure: retry later."""
+    for e in _chain(exc):
+        if isinstance(e, OSError | MemoryError | redis.ConnectionError | redis.TimeoutError):
+            return True
+        if isinstance(e, redis.ResponseError):
+            text = str(e).lstrip("-").upper()
+            if text.startswith(_TRANSIENT_REPLIES) or "SCRIPT KILL" in text:
+                return True
+    return False
+
+
+def kind(exc: BaseException) -> str:
+    """A label for metrics: ``redis``, ``disk`` or ``other``."""
+    for e in _chain(exc):
+        if isinstance(e, redis.RedisError):
+            return "redis"
+        if isinstance(e, OSError):
+            return "disk"
+    return "other"
