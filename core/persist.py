@@ -134,14 +134,32 @@ def _hash_file(path: Path) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
-def _dataset_entry(path: Path) -> dict[str, Any]:
-    """The manifest entry of a dataset file (hashed once per process while it is unchanged)."""
+def _dataset_entry(root: Path, data_name: str, *, written: bool) -> dict[str, Any]:
+    """The manifest entry of a state directory's dataset file: hashed when this save wrote it;
+    else what this process verified or wrote (while the file is unchanged), else what a
+    snapshot's manifest says (the bytes it must have: a file damaged since is never blessed),
+    else (a directory of format-1 snapshots) hashed."""
+    path = root / data_name
     key = _stat_key(path)
-    sha = _DATA_SHA.get(key)
-    if sha is None:
-        sha, _ = _hash_file(path)
+    sha = None if written else _DATA_SHA.get(key)
+    if sha is not None:
+        return {"sha256": sha, "size": key[3]}
+    if not written:
+        for snap in sorted(
+            (p for p in (root / "snapshots").iterdir() if _SNAP_NAME.fullmatch(p.name)),
+            key=lambda p: int(p.name),
+            reverse=True,
+        ):
+            try:
+                entry = json.loads((snap / MANIFEST_FILE).read_bytes())["dataset"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if isinstance(entry, dict) and entry.get("file") == data_name and _good_entry(entry):
+                return {"sha256": entry["sha256"], "size": entry["size"]}
+    sha, size = _hash_file(path)
+    if key == _stat_key(path):
         _DATA_SHA[key] = sha
-    return {"sha256": sha, "size": key[3]}
+    return {"sha256": sha, "size": size}
 
 
 def _recover_hint(root: Path) -> str:
@@ -212,14 +230,15 @@ def save_model(
             "directory (or replace_dataset=True for a full-pipeline retrain)"
         )
     data_file = root / data_name
-    if not data_file.exists():
+    written = not data_file.exists()
+    if written:
         data_file.parent.mkdir(exist_ok=True)
         save_dataset(data_file, ds)
         _fsync_dir(data_file.parent)
-    data_entry = _dataset_entry(data_file)
     model.dataset = ds
     snaps = root / "snapshots"
     snaps.mkdir(exist_ok=True)
+    data_entry = _dataset_entry(root, data_name, written=written)
     # Never reuse a snapshot's name: continue after the highest sequence number present.
     taken = [int(p.name) for p in snaps.iterdir() if _SNAP_NAME.fullmatch(p.name)]
     model._save_seq = max([model._save_seq, *taken]) + 1
@@ -617,9 +636,8 @@ def _check_invariants(
         h = None
     if h is None or not _is_number(h.lam) or h.lam <= 0:
         raise bad_state("has bad hyper-parameters")
-    for key in ("certified",):
-        if not isinstance(state.get(key), bool):
-            raise bad_state(f"has a bad {key} {state.get(key)!r}")
+    if not isinstance(state.get("certified"), bool):
+        raise bad_state(f"has a bad certified {state.get('certified')!r}")
     basis = state.get("auto_basis")
     if basis is not None and not (
         isinstance(basis, list) and len(basis) == 2 and all(_is_int(v) for v in basis)

@@ -20,7 +20,7 @@ import redis
 from celery import Celery
 
 from producer import schema
-from producer.urls import redact_url, tls_options
+from producer.urls import redact_url, split_tls_query, tls_options
 
 DOORBELL_MS = 5000
 CHUNK = 1000
@@ -149,9 +149,12 @@ class Client:
     def celery(self) -> Celery:
         """A minimal Celery app used only to send tasks by name (JSON serializer)."""
         if self._celery is None:
-            self._celery = Celery("certremove-producer", broker=self.broker_url)
+            # rediss://: kombu alone would not verify the server (CERT_NONE), and would take the
+            # URL's ssl_* parameters instead of broker_use_ssl: it gets the merged options only.
+            url = split_tls_query(self.broker_url)[0] if self.tls else self.broker_url
+            self._celery = Celery("certremove-producer", broker=url)
             self._celery.conf.update(task_serializer="json", accept_content=["json"])
-            if self.tls:  # kombu alone would not verify a rediss:// server (CERT_NONE)
+            if self.tls:
                 self._celery.conf.broker_use_ssl = self.tls
         return self._celery
 

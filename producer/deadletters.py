@@ -57,8 +57,9 @@ def list_dead_letters(
 ) -> list[DeadLetter]:
     """The model's dead letters, oldest first (at most ``count``)."""
     out = []
-    for did, fields in client.xrange(schema.dead_letter_key(model), min=start, count=count):
-        f: dict[bytes, bytes] = fields
+    rows: Any = client.xrange(schema.dead_letter_key(model), min=start, count=count)
+    for did, fields in rows or []:
+        f: dict[bytes, bytes] = fields or {}
         out.append(
             DeadLetter(
                 id=did.decode() if isinstance(did, bytes) else str(did),
@@ -113,9 +114,7 @@ app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="List and replay dead-lettered requests."
 )
 _err = Console(stderr=True, soft_wrap=True)
-ModelOpt = Annotated[
-    str, typer.Option("--model", envvar="CERTREMOVE_MODEL", help="Model name.")
-]
+ModelOpt = Annotated[str, typer.Option("--model", envvar="CERTREMOVE_MODEL", help="Model name.")]
 BrokerOpt = Annotated[
     str | None,
     typer.Option("--broker-url", envvar="CERTREMOVE_BROKER_URL", help="Redis URL (kombu form)."),

@@ -7,20 +7,24 @@ unix socket). Every message, exception text and log line that names the broker g
 ``rediss://`` URLs need TLS options on two clients that default differently: redis-py verifies
 the server certificate against the system CAs, while kombu (Celery's transport) falls back to
 ``CERT_NONE`` with only a warning when it gets no options. :func:`tls_options` gives both the same
-verified settings.
+verified settings. Kombu also takes a URL's ``ssl_*`` query parameters *instead of* its
+``broker_use_ssl`` (not merged with it), so Celery gets the URL without them
+(:func:`split_tls_query`) and one merged set of options.
 """
 
 from __future__ import annotations
 
 import re
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 MASK = "***"
 
 # Query parameters whose values are secrets (redis-py takes any connection argument there).
-_SECRET_PARAMS = re.compile(r"(?i)([?&;](?:password|passwd|pwd)=)[^&]*")
+_SECRET_PARAMS = re.compile(r"(?i)([?&;](?:password|passwd|pwd|ssl_password)=)[^&]*")
 # An authority without userinfo: nothing (a socket path), or a host and maybe a numeric port.
 _HOST_PORT = re.compile(r"^(?:|(?:\[[0-9A-Fa-f:.]*\]|[^:@\[\]]+)(?::\d*)?)$")
 
@@ -71,16 +75,33 @@ def is_tls(url: str) -> bool:
 
 
 def check_cert_reqs(value: str) -> str:
-    """``value`` if it names a certificate requirement (``required``, ``optional``, ``none``).
+    """The certificate requirement ``value`` names: ``required``, ``optional`` or ``none``
+    (any case; kombu's spellings ``CERT_REQUIRED`` ... too).
 
     Raises:
         ValueError: any other value.
     """
-    if value.lower() not in CERT_REQS:
+    name = value.lower().removeprefix("cert_")
+    if name not in CERT_REQS:
         raise ValueError(
             f"ssl cert requirement must be one of {', '.join(CERT_REQS)}, got {value!r}"
         )
-    return value.lower()
+    return name
+
+
+def split_tls_query(url: str) -> tuple[str, dict[str, str]]:
+    """``url`` without the ``ssl_*`` parameters of its query string, and those parameters."""
+    base, sep, query = url.partition("?")
+    if not sep:
+        return url, {}
+    kept, params = [], {}
+    for part in query.split("&"):
+        name, _, value = part.partition("=")
+        if name.startswith("ssl_"):
+            params[name] = unquote(value)
+        elif part:
+            kept.append(part)
+    return (f"{base}?{'&'.join(kept)}" if kept else base), params
 
 
 def tls_options(
@@ -89,16 +110,30 @@ def tls_options(
     """Connection options for a ``rediss://`` URL; ``{}`` for any other URL.
 
     The same dict is passed to ``redis.Redis.from_url(url, **options)`` and to Celery as
-    ``broker_use_ssl``: ``ssl_cert_reqs`` (default ``required``, never kombu's silent
-    ``CERT_NONE``) and ``ssl_ca_certs`` when given (else the system CA store). ``ssl_*``
-    parameters in the URL's query string still win in both clients.
+    ``broker_use_ssl`` (with the URL from :func:`split_tls_query`): ``ssl_cert_reqs`` (default
+    ``required``, never kombu's silent ``CERT_NONE``), ``ssl_ca_certs`` when given (else the
+    system CA store), and any other ``ssl_*`` parameter of the URL's query string
+    (``ssl_certfile``, ``ssl_keyfile`` for a client certificate). A parameter in the URL wins
+    over the arguments, as it does in redis-py.
 
     Raises:
-        ValueError: ``cert_reqs`` is not ``required``, ``optional`` or ``none``.
+        ValueError: the certificate requirement is not ``required``, ``optional`` or ``none``.
     """
     if not is_tls(url):
         return {}
-    options: dict[str, Any] = {"ssl_cert_reqs": CERT_REQS[check_cert_reqs(cert_reqs or "required")]}
-    if ca_certs:
-        options["ssl_ca_certs"] = str(ca_certs)
+    _, query = split_tls_query(url)
+    reqs = query.pop("ssl_cert_reqs", None) or cert_reqs or "required"
+    options: dict[str, Any] = {"ssl_cert_reqs": CERT_REQS[check_cert_reqs(reqs)]}
+    ca = query.pop("ssl_ca_certs", None) or ca_certs
+    if ca:
+        options["ssl_ca_certs"] = str(ca)
+    for name, value in query.items():
+        options[name] = _QUERY_PARSERS.get(name, str)(value)
     return options
+
+
+# redis-py's own parsers of these query parameters (the rest are strings).
+_QUERY_PARSERS: dict[str, Callable[[str], Any]] = {
+    "ssl_check_hostname": lambda v: v.lower() not in ("0", "false", "no", "off"),
+    "ssl_min_version": int,
+}

@@ -43,6 +43,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -102,12 +103,12 @@ class SessionRedis:
         return self.server is not None
 
 
-def start_private_redis(attempts: int = 3, **kwargs: object) -> RedisServer:
+def start_private_redis(attempts: int = 3, **kwargs: Any) -> RedisServer:
     """A Redis on a free 127.0.0.1 port (retried: another process may take the port between
     :func:`free_port` and the server's bind)."""
     for attempt in range(attempts):
         try:
-            return start_redis(port=free_port(), **kwargs)  # type: ignore[arg-type]
+            return start_redis(port=free_port(), **kwargs)
         except RuntimeError:
             if attempt == attempts - 1:
                 raise
@@ -171,8 +172,12 @@ def delete_model_keys(client: redis.Redis, model: str) -> int:
     SCAN, never KEYS or FLUSHDB: the database may hold other people's data.
     """
     name = _glob_escape(model)
-    owned = ("certremove:", "certremove.", "_kombu.binding.certremove.")
-    owned += ("_kombu.binding_permanent.certremove.",)
+    owned = (
+        "certremove:",
+        "certremove.",
+        "_kombu.binding.certremove.",
+        "_kombu.binding_permanent.certremove.",
+    )
     keys = {k for prefix in owned for k in client.scan_iter(match=prefix + name + "*", count=1000)}
     removed = client.delete(*keys) if keys else 0
     queue = f"certremove.{model}"
@@ -197,7 +202,7 @@ def make_state(
     n: int = 600,
     d: int = 8,
     max_removals: int | str | None = 1000,
-    **kw: object,
+    **kw: Any,
 ) -> Path:
     """Train a small synthetic binary model into ``path`` (CPU, seeded) and return ``path``."""
     import core

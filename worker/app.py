@@ -61,7 +61,9 @@ def create_app(settings: Settings) -> Celery:
         worker_send_task_events=False,
     )
     if settings.tls_options():
-        # rediss://: without options kombu would fall back to CERT_NONE (an unverified server).
+        # rediss://: without options kombu would fall back to CERT_NONE (an unverified server),
+        # and it takes the URL's ssl_* parameters instead of broker_use_ssl: merged options only.
+        app.conf.broker_url = settings.celery_broker_url()
         app.conf.broker_use_ssl = settings.tls_options()
     app.conf.certremove_settings = settings
     tasks.register(app, settings)

@@ -17,8 +17,8 @@ import typer
 from rich.console import Console
 
 from producer import cli as producer_cli
-from producer.deadletters import app as deadletters_app
 from producer import schema
+from producer.deadletters import app as deadletters_app
 from worker.owner_cli import app as owner_app
 from worker.state_cli import app as state_app
 
@@ -191,9 +191,8 @@ def worker(
         settings = Settings.from_env()
     except SettingsError as exc:
         raise fail(str(exc)) from exc
-    from worker.integrity import current_problem  # noqa: PLC0415
-
     from worker import fatal  # noqa: PLC0415
+    from worker.integrity import current_problem  # noqa: PLC0415
 
     if (problem := current_problem(settings.state_dir)) is not None:
         raise fail(problem, fatal.EXIT_STATE)

@@ -95,7 +95,8 @@ def start_redis(
 ) -> RedisServer:
     """Start a private Redis (no persistence to disk) on ``port`` (TCP) or on a unix socket.
 
-    ``password`` sets ``requirepass``; ``tls`` makes ``port`` a TLS-only port (``rediss://``,
+    ``password`` sets ``requirepass`` (on the command line, which local users can read: for
+    throwaway servers such as the tests'); ``tls`` makes ``port`` a TLS-only port (``rediss://``,
     clients need not present a certificate); both need a TCP port. ``extra_args`` come after the
     defaults (``--save "" --appendonly no``), so a caller can turn persistence back on. ``exe``
     picks the binary (default :func:`redis_server_binary`; TLS needs one built with it).

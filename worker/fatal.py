@@ -79,7 +79,9 @@ def fatal(code: int, message: str, settings: Settings | None = None) -> WorkerFa
     return _last
 
 
-def from_exception(exc: BaseException, settings: Settings, when: str = "at start-up") -> WorkerFatal:
+def from_exception(
+    exc: BaseException, settings: Settings, when: str = "at start-up"
+) -> WorkerFatal:
     """The :class:`WorkerFatal` for ``exc`` (classified by :func:`classify`), recorded; its
     traceback is logged at DEBUG."""
     if isinstance(exc, WorkerFatal):
@@ -136,7 +138,10 @@ def classify(exc: BaseException, settings: Settings, when: str = "at start-up") 
                 "CERTREMOVE_METRICS_PORT"
             )
     if isinstance(exc, OSError):
-        return EXIT_STATE, f"cannot use {settings.state_dir} ({detail}): check the path and its permissions"
+        return (
+            EXIT_STATE,
+            f"cannot use {settings.state_dir} ({detail}): check the path and its permissions",
+        )
     if isinstance(exc, ValueError):
         return EXIT_CONFIG, f"bad configuration: {detail}"
     return EXIT_FAILURE, (
@@ -157,7 +162,10 @@ def _state_errors() -> tuple[type[BaseException], ...]:
 
         out += [
             cls
-            for cls in (getattr(lease, "LeaseHeldError", None), getattr(lease, "StateBehindError", None))
+            for cls in (
+                getattr(lease, "LeaseHeldError", None),
+                getattr(lease, "StateBehindError", None),
+            )
             if isinstance(cls, type)
         ]
     except ImportError:
@@ -174,7 +182,7 @@ def _chain(exc: BaseException) -> list[BaseException]:
     return out
 
 
-def _one_line(exc: BaseException, limit: int = 300) -> str:
+def _one_line(exc: BaseException, limit: int = 1000) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     if not isinstance(exc, OSError | redis.RedisError | OperationalError | RuntimeError):
         text = f"{type(exc).__name__}: {text}"
@@ -184,7 +192,7 @@ def _one_line(exc: BaseException, limit: int = 300) -> str:
 def _password(url: str) -> str | None:
     try:
         parts = urlsplit(url)
-        return parts.password or (parse_qs(parts.query).get("password") or [None])[0] or None
+        return parts.password or next(iter(parse_qs(parts.query).get("password", [])), None)
     except ValueError:
         return None
 

@@ -429,7 +429,9 @@ class Ledger:
         if self.path is None or not self.path.exists() or self.path.stat().st_size == 0:
             return None
         root = self.path.parent
-        taken = [int(p.name[7:13]) for p in root.glob("ledger-*.jsonl.gz") if p.name[7:13].isdigit()]
+        taken = [
+            int(p.name[7:13]) for p in root.glob("ledger-*.jsonl.gz") if p.name[7:13].isdigit()
+        ]
         segment = root / f"ledger-{max(taken, default=0) + 1:06d}.jsonl.gz"
         tmp = root / f".{segment.name}.tmp"
         with open(self.path, "rb") as src, gzip.open(tmp, "wb") as dst:
@@ -508,4 +510,3 @@ def dead_letter_record(
     record[b"entry_id"] = entry_id if isinstance(entry_id, bytes) else str(entry_id).encode()
     record[b"reason"] = reason.encode("utf-8", errors="replace")[:2000]
     return record
-

@@ -4,7 +4,7 @@ persisted it last (see ``worker.lease``)."""
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -21,8 +21,12 @@ BrokerOpt = Annotated[
 ]
 
 
-def _decode(raw: dict[bytes, bytes]) -> dict[str, str]:
-    return {k.decode(): v.decode(errors="replace") for k, v in raw.items()}
+def _decode(raw: Any) -> dict[str, str]:
+    return {_s(k): _s(v) for k, v in dict(raw or {}).items()}
+
+
+def _s(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 @app.command("show")

@@ -271,9 +271,7 @@ class RemovalService:
         value = getattr(self.model, "extractor_removals_remaining", None)
         return None if value is None else int(value)
 
-    def _persist(
-        self, answers: list[Answer] | None = None, model: Any = None, **save: Any
-    ) -> None:
+    def _persist(self, answers: list[Answer] | None = None, model: Any = None, **save: Any) -> None:
         """Persist the model with the journal of every answer not yet in the ledger file: a
         crash between this and the ledger append is repaired at the next start
         (:meth:`_replay_journal`), so the replayed request is answered with its method and

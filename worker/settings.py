@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from producer import schema
-from producer.urls import check_cert_reqs, tls_options
+from producer.urls import check_cert_reqs, redact_url, split_tls_query, tls_options
 
 
 class SettingsError(ValueError):
@@ -108,9 +108,13 @@ class Settings:
         if self.max_batch < 1 or self.max_failures < 1 or self.slice_seconds <= 0:
             raise SettingsError("max_batch, max_failures and slice_seconds must be positive")
         if self.status_ttl < 0 or self.stream_retention < 0:
-            raise SettingsError("CERTREMOVE_STATUS_TTL and CERTREMOVE_STREAM_RETENTION must be >= 0")
+            raise SettingsError(
+                "CERTREMOVE_STATUS_TTL and CERTREMOVE_STREAM_RETENTION must be >= 0"
+            )
         if self.ledger_rotate_mb <= 0 or self.max_backoff <= 0:
-            raise SettingsError("CERTREMOVE_LEDGER_ROTATE_MB and CERTREMOVE_MAX_BACKOFF must be > 0")
+            raise SettingsError(
+                "CERTREMOVE_LEDGER_ROTATE_MB and CERTREMOVE_MAX_BACKOFF must be > 0"
+            )
         if self.lease_ttl_ms < 1000:
             raise SettingsError("CERTREMOVE_LEASE_TTL_MS must be at least 1000")
         if self.keep_snapshots < 1:
@@ -181,6 +185,12 @@ class Settings:
         fields.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**fields)
 
+    def __repr__(self) -> str:
+        # The broker URL may carry the Redis password; a repr ends up in logs and tracebacks.
+        shown = {f.name: getattr(self, f.name) for f in fields(self)}
+        shown["broker_url"] = redact_url(self.broker_url)
+        return f"Settings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
     def with_overrides(self, **overrides: Any) -> Settings:
         """A copy with some fields replaced (None values are ignored)."""
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
@@ -188,6 +198,11 @@ class Settings:
     def tls_options(self) -> dict[str, Any]:
         """redis-py / ``broker_use_ssl`` options for a ``rediss://`` broker URL, else ``{}``."""
         return tls_options(self.broker_url, self.redis_ssl_ca_certs, self.redis_ssl_cert_reqs)
+
+    def celery_broker_url(self) -> str:
+        """The broker URL for Celery: on ``rediss://`` without its ``ssl_*`` query parameters,
+        which kombu would take instead of ``broker_use_ssl`` (:meth:`tls_options` has them)."""
+        return split_tls_query(self.broker_url)[0] if self.tls_options() else self.broker_url
 
     def to_env(self) -> dict[str, str]:
         """The ``CERTREMOVE_*`` variables that rebuild these settings in a child process."""

@@ -68,8 +68,7 @@ def register(app: Celery, settings: Settings) -> None:
             # No request id to answer under: a malformed message, dropped (sample_ids are checked
             # by the drain, which answers a bad list as `rejected`).
             log.warning(
-                "dropped a malformed broker message on %s: %s request_id must be a string, got %s",
-                schema.queue_name(settings.model),
+                "dropped a malformed broker message: %s needs a string request_id, got %s",
                 schema.TASK_REMOVE,
                 type(request_id).__name__,
             )

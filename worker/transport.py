@@ -24,7 +24,6 @@ from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
-
 log = logging.getLogger("certremove.worker")
 
 #: bytes of a dropped item shown in its warning (escaped, so the line stays short and printable)
@@ -32,15 +31,18 @@ EXCERPT_BYTES = 120
 _EXCERPT_CHARS = 160
 
 
+def _as_bytes(value: Any) -> bytes:
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogatepass")
+    if isinstance(value, bytes | bytearray):
+        return bytes(value)
+    return repr(value).encode("utf-8", "replace")
+
+
 def printable(value: Any, limit: int = EXCERPT_BYTES) -> str:
     """At most ``limit`` bytes of ``value`` (bytes, str or anything else) as one printable ASCII
     line: control and non-ASCII characters escaped, ``...`` when cut."""
-    if isinstance(value, str):
-        raw = value.encode("utf-8", "surrogatepass")
-    elif isinstance(value, bytes | bytearray):
-        raw = bytes(value)
-    else:
-        raw = repr(value).encode("utf-8", "replace")
+    raw = _as_bytes(value)
     text = ascii(raw[:limit].decode("utf-8", "replace"))[1:-1]
     cut = len(raw) > limit or len(text) > _EXCERPT_CHARS
     return text[:_EXCERPT_CHARS] + ("..." if cut else "")
@@ -48,8 +50,7 @@ def printable(value: Any, limit: int = EXCERPT_BYTES) -> str:
 
 def excerpt(raw: Any) -> str:
     """A short, safe excerpt of a message for a log line: its size and :func:`printable` text."""
-    size = len(raw) if isinstance(raw, str | bytes | bytearray) else len(repr(raw))
-    return f"{size} bytes: '{printable(raw)}'"
+    return f"{len(_as_bytes(raw))} bytes: '{printable(raw)}'"
 
 
 def warn_dropped(where: str, reason: str, raw: Any) -> None:
@@ -116,9 +117,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
     def _brpop_read(self, **options: Any) -> bool:
         try:
             try:
-                dest__item = self.client.parse_response(
-                    self.client.connection, "BRPOP", **options
-                )
+                dest__item = self.client.parse_response(self.client.connection, "BRPOP", **options)
             except self.connection_errors:
                 # if there's a ConnectionError, disconnect so the next
                 # iteration will reconnect automatically.
@@ -135,12 +134,12 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
             self.connection._deliver(payload, dest)
             return True
         finally:
-            self._in_poll = None
+            self._in_poll = None  # type: ignore[assignment]  # kombu's own reset
             flush = getattr(self, "_flush_brpop_reauth", None)  # kombu >= 5.7
             if flush is not None:
                 flush()
 
-    def _get(self, queue: str) -> Any:
+    def _get(self, queue: str, timeout: Any = None) -> Any:
         expire = getattr(self, "_maybe_update_queues_expire", None)  # kombu >= 5.6
         with self.conn_or_acquire() as client:
             for pri in self.priority_steps:
@@ -168,4 +167,3 @@ def guard(conn: Connection) -> Connection:
     if conn.get_transport_cls() is kombu_redis.Transport:
         conn.transport_cls = f"{__name__}.Transport"  # a name: what Celery logs as the scheme
     return conn
-

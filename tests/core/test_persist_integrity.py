@@ -284,3 +284,13 @@ def test_save_refuses_bad_arguments_and_non_finite_models(state: Path) -> None:
         model.save(state)
     assert (state / "CURRENT").read_text() == before
     assert len(list((state / "snapshots").iterdir())) == 2
+
+
+def test_a_save_never_blesses_a_dataset_file_damaged_since_it_was_verified(state: Path) -> None:
+    model = core.load_model(state, device="cpu")
+    flip(target(state, "dataset"))
+    model.remove([300])
+    model.save(state)  # the manifest carries the dataset's checksum forward, not the damage
+    with pytest.raises(StateDamagedError, match="does not match its checksum") as info:
+        core.load_model(state, device="cpu")
+    assert target(state, "dataset").name in str(info.value)

@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from producer import Client, schema
-from tests.redis_servers import start_password_redis, start_tls_redis
+from tests.redis_servers import make_client_cert, start_password_redis, start_tls_redis
 from worker.embedded_redis import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,7 +79,9 @@ def test_the_cli_with_the_right_password_works_and_never_prints_it(
         assert PASSWORD not in run.stdout + run.stderr
 
 
-def test_client_messages_name_the_url_redacted(password_redis: RedisServer, model_name: str) -> None:
+def test_client_messages_name_the_url_redacted(
+    password_redis: RedisServer, model_name: str
+) -> None:
     wrong = password_redis.url.replace(PASSWORD, WRONG)
     with Client(wrong, model=model_name) as client:
         assert WRONG not in repr(client)
@@ -101,6 +103,13 @@ def test_the_producer_enqueues_and_reads_status_over_tls(
         rid = client.enqueue([1, 2])
         assert client.status(rid)["status"] == "queued"
         # the doorbell's drain message went through kombu, over TLS as well
+        assert client.redis.llen(schema.queue_name(model_name)) == 1
+    # ssl_* in the URL (Celery's documented form) and the CA as an argument: both clients get
+    # both (kombu alone would take the URL's set and drop the CA). A database of its own: kombu
+    # pools producers per process by URL, not by TLS options.
+    query_url = tls_redis.url.rsplit("/", 1)[0] + "/3?ssl_cert_reqs=required"
+    with Client(query_url, model=model_name, ssl_ca_certs=ca) as client:
+        client.enqueue([5])
         assert client.redis.llen(schema.queue_name(model_name)) == 1
     # the worker's variables configure the producer too (here: the CLI)
     out = cli(
@@ -132,3 +141,26 @@ def test_tls_verifies_the_server_certificate_in_both_clients(
     with Client(f"{base}/8", model=model_name, ssl_cert_reqs="none") as client:
         assert client.status(client.enqueue([4]))["status"] == "queued"
         assert client.redis.llen(schema.queue_name(model_name)) == 1  # kombu connected too
+
+
+def test_a_client_certificate_from_the_query_string_reaches_both_clients(
+    tls_redis: RedisServer, model_name: str
+) -> None:
+    """A server that asks for client certificates: ``ssl_certfile`` / ``ssl_keyfile`` in the URL
+    get redis-py and kombu through, merged with the CA given apart."""
+    ca = Path(tls_redis.client_options["ssl_ca_certs"])
+    cert, key = make_client_cert(ca)
+    admin = redis.Redis.from_url(tls_redis.url, ssl_ca_certs=str(ca))
+    admin.config_set("tls-auth-clients", "yes")
+    try:
+        base = tls_redis.url.rsplit("/", 1)[0]
+        with Client(f"{base}/4", model=model_name, ssl_ca_certs=ca) as client:
+            with pytest.raises(redis.ConnectionError):
+                client.redis.ping()  # no certificate: refused
+        url = f"{base}/5?ssl_certfile={cert}&ssl_keyfile={key}"
+        with Client(url, model=model_name, ssl_ca_certs=ca) as client:
+            client.enqueue([6])
+            assert client.redis.llen(schema.queue_name(model_name)) == 1  # kombu's message
+    finally:
+        admin.config_set("tls-auth-clients", "no")
+        admin.close()

@@ -5,7 +5,7 @@ import ssl
 
 import pytest
 
-from producer.urls import redact_url, tls_options
+from producer.urls import redact_url, split_tls_query, tls_options
 
 
 @pytest.mark.parametrize(
@@ -32,6 +32,10 @@ from producer.urls import redact_url, tls_options
         # query-string passwords (redis-py takes any connection argument there)
         ("unix:///tmp/r.sock?db=1&password=secret&x=1", "unix:///tmp/r.sock?db=1&password=***&x=1"),
         ("redis://h/0?PASSWORD=secret", "redis://h/0?PASSWORD=***"),
+        (
+            "rediss://h/0?ssl_keyfile=/k.pem&ssl_password=secret",
+            "rediss://h/0?ssl_keyfile=/k.pem&ssl_password=***",
+        ),
         # a raw '#', '/' or '?' in the password breaks the parse: mask up to the last '@'
         ("redis://:p#ss@host:6379", "redis://***@host:6379"),
         ("redis://:p/ss@host/0", "redis://***@host/0"),
@@ -72,3 +76,28 @@ def test_tls_options_only_for_rediss() -> None:
     }
     with pytest.raises(ValueError, match="required, optional, none"):
         tls_options("rediss://h/0", cert_reqs="maybe")
+
+
+def test_the_urls_ssl_parameters_join_the_options_and_win() -> None:
+    """Kombu would take the query's ssl_* set instead of broker_use_ssl: Celery gets the URL
+    without them and one merged set, the same redis-py gets."""
+    url = "rediss://:pw@h:6380/0?ssl_cert_reqs=CERT_OPTIONAL&x=1&ssl_certfile=/c.pem"
+    assert split_tls_query(url) == (
+        "rediss://:pw@h:6380/0?x=1",
+        {"ssl_cert_reqs": "CERT_OPTIONAL", "ssl_certfile": "/c.pem"},
+    )
+    assert split_tls_query("rediss://h/0?ssl_ca_certs=%2Fca.pem") == (
+        "rediss://h/0",
+        {"ssl_ca_certs": "/ca.pem"},
+    )
+    assert split_tls_query("redis://h/0") == ("redis://h/0", {})
+    assert tls_options(url, "/ca.pem", "required") == {
+        "ssl_cert_reqs": ssl.CERT_OPTIONAL,  # the URL's
+        "ssl_ca_certs": "/ca.pem",  # the argument (the URL has none)
+        "ssl_certfile": "/c.pem",
+    }
+    assert tls_options("rediss://h/0?ssl_ca_certs=/u.pem&ssl_check_hostname=false", "/ca.pem") == {
+        "ssl_cert_reqs": ssl.CERT_REQUIRED,
+        "ssl_ca_certs": "/u.pem",
+        "ssl_check_hostname": False,
+    }

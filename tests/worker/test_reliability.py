@@ -140,7 +140,9 @@ def test_the_ledger_rotates_into_segments_that_are_kept(
     path = tmp_path / "ledger.jsonl"
     ledger = Ledger(rclient, model_name, path, rotate_bytes=300)
     for i in range(20):
-        ledger.record([Answer(f"r{i}", "applied", "newton", 1, applied_at=float(i), removed_ids=[i])])
+        ledger.record(
+            [Answer(f"r{i}", "applied", "newton", 1, applied_at=float(i), removed_ids=[i])]
+        )
     segments = sorted(tmp_path.glob("ledger-*.jsonl.gz"))
     assert len(segments) >= 3
     assert removed_sample_ids(tmp_path) == list(range(20))
@@ -263,7 +265,9 @@ def test_random_entries_always_end_final_and_valid_requests_flow(
         if eid.decode() in dead:
             continue
         assert rid, f"entry {eid!r} without a request id is not in the dead-letter stream"
-        status = rclient.hget(schema.status_key(model_name, rid.decode("utf-8", "replace")), "status")
+        status = rclient.hget(
+            schema.status_key(model_name, rid.decode("utf-8", "replace")), "status"
+        )
         assert status in (b"applied", b"rejected"), (fields, status)
     service.close()
 

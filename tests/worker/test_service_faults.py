@@ -18,8 +18,6 @@ from producer import Client, schema
 from tests.conftest import make_state
 from tests.worker.test_service import build
 from worker.errors import ServiceStoppedError
-from worker.ledger import Answer
-from worker.stream import RequestStream
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -29,7 +30,7 @@ from worker.settings import Settings
 
 runner = CliRunner()
 #: the ids each of two batches removed (int ids; one named as a digit string, as clients may)
-BATCHES: list[list[object]] = [list(range(0, 30)), [*range(30, 59), "59"]]
+BATCHES: list[list[Any]] = [list(range(0, 30)), [*range(30, 59), "59"]]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def threads() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-def worker_load(state: Path) -> object:
+def worker_load(state: Path) -> Any:
     return load_model(Settings(state_dir=state, device="cpu", torch_threads=1))
 
 
@@ -135,7 +136,7 @@ def test_train_never_overwrites_a_populated_directory(
 # ------------------------------------------------------------------------------ worker start
 def test_the_worker_starts_on_a_sound_state(state: Path, threads: None) -> None:
     model = worker_load(state)
-    assert model.n_alive == 540  # type: ignore[attr-defined]
+    assert model.n_alive == 540
 
 
 def test_a_lost_current_says_recover_never_train(state: Path, threads: None) -> None:
@@ -186,7 +187,7 @@ def test_a_consistent_looking_tamper_is_caught_by_the_ledger_check(
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["rows_re_removed"] == 2 and summary["snapshot"] == snap.name
     recovered = worker_load(state)
-    assert not recovered.alive[ledger_rows(recovered)].any()  # type: ignore[attr-defined]
+    assert not recovered.alive[ledger_rows(recovered)].any()
 
 
 # ------------------------------------------------------------------------------ verify, list
@@ -228,7 +229,7 @@ def test_recover_after_losing_current(state: Path, threads: None) -> None:
     assert "0 rows removed again" in out.output
     assert current_snapshot(state) == "000000000004"
     model = worker_load(state)
-    assert model.version == 2 and model.n_alive == 540  # type: ignore[attr-defined]
+    assert model.version == 2 and model.n_alive == 540
     assert runner.invoke(app, ["state", "verify", "--state", str(state)]).exit_code == 0
     out = runner.invoke(app, ["state", "recover", "--state", str(state), "--yes"])
     assert out.exit_code == 0 and "nothing to do" in out.output
@@ -255,12 +256,12 @@ def test_recover_after_damaging_the_newest_snapshot_removes_the_rows_again(
     assert "version 2" in out.output
     assert (state / LEDGER_NAME).read_bytes() == ledger_before  # never touches the ledger
     model = worker_load(state)  # passes the checksums, invariants and the ledger check
-    rows = ledger_rows(model)  # type: ignore[arg-type]
+    rows = ledger_rows(model)
     assert len(rows) == 60
-    assert not model.alive[torch.as_tensor(rows)].any()  # type: ignore[attr-defined]
-    assert model.n_alive == 540 and model.version == 2  # type: ignore[attr-defined]
-    assert model.certified  # type: ignore[attr-defined] - a retrain with fresh noise
-    after = model.accuracy(ds.X_test, ds.y_test)  # type: ignore[attr-defined]
+    assert not model.alive[torch.as_tensor(rows)].any()
+    assert model.n_alive == 540 and model.version == 2
+    assert model.certified  # a retrain with fresh noise
+    after = model.accuracy(ds.X_test, ds.y_test)
     assert after > 0.8 and abs(after - before) < 0.05, (before, after)
     assert current_snapshot(state) == "000000000004"
     assert len(list((state / "snapshots").iterdir())) == 4  # recover deletes nothing

@@ -1,0 +1,431 @@
+"""Helpers of the fault tests (``test_fault_storm.py``): a Redis of the test's own that can be
+stopped and started again on the same port with the same data, a restartable worker process,
+mounts, and the independent end-of-test check of the service's promises.
+
+Nothing here trusts the worker's own account: the final check reads the statuses from Redis, the
+persisted model with ``core.load_model`` and the ledger file with ``worker.ledger.read_records``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+
+import core
+from producer import Client, schema
+from worker.launcher import free_port, metrics_text, start_worker, stop_worker, wait_ready
+from worker.ledger import read_records
+from worker.settings import Settings
+
+FINAL = (schema.STATUS_APPLIED, schema.STATUS_REJECTED)
+
+
+# ----------------------------------------------------------------------------- redis
+class OwnRedis:
+    """A ``redis-server`` of one test: AOF with ``appendfsync always``, no RDB, in ``directory``.
+
+    :meth:`stop` (SIGTERM) and :meth:`start` again keep the port and the data.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.binary = (
+            "/usr/bin/redis-server"
+            if os.path.exists("/usr/bin/redis-server")
+            else shutil.which("redis-server") or "redis-server"
+        )
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, db=0)
+
+    def start(self) -> None:
+        """Start it (on a free port the first time, on the same port afterwards)."""
+        for _attempt in range(3):
+            if not self.starts or self.port == 0:
+                self.port = free_port()
+            self.proc = subprocess.Popen(
+                [
+                    self.binary,
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--appendonly",
+                    "yes",
+                    "--appendfsync",
+                    "always",
+                    "--save",
+                    "",
+                    "--dir",
+                    str(self.dir),
+                    "--logfile",
+                    str(self.dir / "redis.log"),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                try:
+                    c = self.client()
+                    c.ping()
+                    c.close()
+                    self.starts += 1
+                    return
+                except redis.RedisError:
+                    time.sleep(0.05)
+            self.stop()
+            if self.starts:  # the same port must come back: no other try makes sense
+                break
+        raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    def stop(self) -> None:
+        """SIGTERM by pid and wait (with ``appendfsync always`` every write is on disk)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# ----------------------------------------------------------------------------- worker
+@dataclass
+class Worker:
+    """One worker configuration, started (and killed) as often as the test likes; every
+    process appends to the same log file."""
+
+    settings: Settings
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+    exits: list[int] = field(default_factory=list)
+
+    @property
+    def port(self) -> int:
+        return self.settings.metrics_port
+
+    def spawn(self) -> subprocess.Popen[bytes]:
+        """Start a process (a fresh metrics port each time) without waiting for it."""
+        self.settings = self.settings.with_overrides(metrics_port=free_port())
+        self.proc = start_worker(self.settings, self.log)
+        self.starts += 1
+        return self.proc
+
+    def start(self, timeout: float = 120.0) -> subprocess.Popen[bytes]:
+        """Start a process and wait until it serves metrics (its model is loaded)."""
+        proc = self.spawn()
+        try:
+            wait_ready(proc, self.port, timeout=timeout)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}\n--- worker log ---\n{self.log_tail()}") from exc
+        return proc
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL by pid."""
+        if self.proc is not None:
+            stop_worker(self.proc, kill=True)
+            self.exits.append(self.proc.returncode)
+
+    def stop(self) -> None:
+        """SIGTERM by pid (SIGKILL after 15 s)."""
+        if self.proc is not None and self.proc.poll() is None:
+            stop_worker(self.proc)
+            self.exits.append(self.proc.returncode)
+
+    def wait_exit(self, timeout: float) -> int | None:
+        """The exit status of the current process once it ended, None if still running."""
+        if self.proc is None:
+            return None
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        self.exits.append(code)
+        return code
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log_text()[-chars:]
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return scrape(self.port)
+
+
+def worker_settings(
+    broker_url: str, model: str, state: Path, consumer: str, **overrides: Any
+) -> Settings:
+    """The settings of every fault test: CPU, short periodic check, quick claims, short backoff,
+    a 5 s lease."""
+    fields: dict[str, Any] = dict(
+        broker_url=broker_url,
+        model=model,
+        state_dir=state,
+        metrics_port=free_port(),
+        device="cpu",
+        drain_interval=1.0,
+        claim_idle_ms=1000,
+        consumer=consumer,
+        max_backoff=2.0,
+        lease_ttl_ms=5000,
+        visibility_timeout=30,
+        torch_threads=1,
+    )
+    fields.update(overrides)
+    return Settings(**fields)
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(metrics_text(port)):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def metric(
+    m: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
+) -> float:
+    return m.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+# ----------------------------------------------------------------------------- mounts
+def mount_tmpfs(path: Path, size: str) -> None:
+    """Mount a tmpfs of ``size`` on ``path``; skip the test when mounting is not permitted."""
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip() or r.returncode}")
+
+
+def umount(path: Path) -> None:
+    """Unmount ``path`` (lazily if busy), every mount stacked on it."""
+    for _ in range(4):
+        r = subprocess.run(["umount", str(path)], capture_output=True, text=True)
+        if r.returncode != 0:
+            r = subprocess.run(["umount", "-l", str(path)], capture_output=True, text=True)
+            if r.returncode != 0:
+                return
+        if subprocess.run(["mountpoint", "-q", str(path)]).returncode != 0:
+            return
+
+
+def fill(directory: Path, name: str = "filler") -> Path:
+    """Write zeros into ``directory/name`` until the file system is full; return the file."""
+    path = directory / name
+    chunk = b"\0" * (64 * 1024)
+    with open(path, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(chunk)
+        except OSError:
+            pass
+        small = b"\0" * 512
+        try:
+            while True:
+                f.write(small)
+        except OSError:
+            pass
+    return path
+
+
+# ----------------------------------------------------------------------------- sending
+def send(client: Client, ids: list[list[Any]], sent: dict[str, list[Any]]) -> list[str]:
+    """Enqueue one request per id list; remember what each request id asked for."""
+    rids = client.enqueue_many(ids)
+    for rid, group in zip(rids, ids, strict=True):
+        sent[rid] = list(group)
+    return rids
+
+
+def statuses(client: Client, rids: list[str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for start in range(0, len(rids), 2000):
+        out.update(client.statuses(rids[start : start + 2000]))
+    return out
+
+
+def wait_final(
+    client: Client, rids: list[str], timeout: float, worker: Worker | None = None
+) -> dict[str, dict[str, Any]]:
+    """Wait until every request is applied or rejected (bounded). When ``worker`` died with a
+    non-zero status meanwhile, it is restarted (as a supervisor would) and that is recorded."""
+    deadline = time.monotonic() + timeout
+    while True:
+        st = statuses(client, rids)
+        if all(s.get("status") in FINAL for s in st.values()):
+            return st
+        if time.monotonic() >= deadline:
+            return st
+        if worker is not None and worker.proc is not None and worker.proc.poll() is not None:
+            worker.exits.append(worker.proc.returncode)
+            worker.start()
+        time.sleep(0.25)
+
+
+def pending_count(r: redis.Redis, model: str) -> int:
+    try:
+        info = r.xpending(schema.stream_key(model), schema.group_name(model))
+    except redis.ResponseError:
+        return 0
+    return int(info["pending"])
+
+
+# ----------------------------------------------------------------------------- invariants
+@dataclass
+class Outcome:
+    """What the final check counted (figures for docs/reliability.md)."""
+
+    requests: int = 0
+    applied_removed: int = 0
+    applied_already_removed: int = 0
+    applied_unknown: int = 0
+    rejected: int = 0
+    by_method: Counter[str] = field(default_factory=Counter)
+    by_version: Counter[int] = field(default_factory=Counter)
+    final_version: int = 0
+    rows_removed: int = 0
+    rows_alive: int = 0
+    budget_used: float = 0.0
+    budget_total: float = 0.0
+
+    def line(self) -> str:
+        return (
+            f"requests={self.requests} applied(removed)={self.applied_removed} "
+            f"applied(already_removed)={self.applied_already_removed} rejected={self.rejected} "
+            f"methods={dict(self.by_method)} versions_answered={len(self.by_version)} "
+            f"final_version={self.final_version} rows_removed={self.rows_removed} "
+            f"rows_alive={self.rows_alive} budget={self.budget_used:.4g}/{self.budget_total:.4g}"
+        )
+
+
+def check_invariants(
+    client: Client,
+    state: Path,
+    sent: dict[str, list[Any]],
+    *,
+    st: dict[str, dict[str, Any]] | None = None,
+    dead_letters_allowed: int = 0,
+) -> Outcome:
+    """The service's promises, checked from Redis, the persisted model and the ledger file.
+
+    ``sent`` maps each valid request id to the (known) sample ids it asked for. Checks: every
+    request is final; none rejected; every applied request either removed its ids (``method``
+    and ``model_version`` set, ids not alive in the persisted model) or says they were removed
+    already; each sample id was removed by exactly one request and appears once in the ledger's
+    ``x``; each request id is once in the ledger, with the method and version of its status;
+    the rows the model lacks are exactly the ledger's; the budget holds; nothing is pending.
+    """
+    rids = list(sent)
+    st = st if st is not None else statuses(client, rids)
+    out = Outcome(requests=len(rids))
+    not_final = {r: st[r] for r in rids if st[r].get("status") not in FINAL}
+    assert not not_final, f"{len(not_final)} requests not final, e.g. {list(not_final.items())[:3]}"
+    rejected = {r: st[r] for r in rids if st[r]["status"] == schema.STATUS_REJECTED}
+    out.rejected = len(rejected)
+    assert not rejected, f"{len(rejected)} valid requests rejected: {list(rejected.items())[:3]}"
+
+    model = core.load_model(state, device="cpu")
+    alive = model.alive.cpu().numpy()
+    removed_by: dict[Any, list[str]] = {}
+    for rid in rids:
+        s, ids = st[rid], sent[rid]
+        assert not s.get("unknown_ids"), (rid, s)
+        already = list(s.get("already_removed_ids") or [])
+        rows, unknown = model.rows_for_ids(ids)
+        assert not unknown, (rid, ids, unknown)
+        assert not any(alive[r] for r in rows), f"request {rid} {s} but {ids} alive in the model"
+        if s.get("method"):
+            assert s["method"] in (schema.METHOD_NEWTON, schema.METHOD_RETRAIN), (rid, s)
+            assert isinstance(s.get("model_version"), int) and s["model_version"] >= 1, (rid, s)
+            out.applied_removed += 1
+            out.by_method[s["method"]] += 1
+            out.by_version[s["model_version"]] += 1
+            for i in ids:
+                if i not in already:
+                    removed_by.setdefault(i, []).append(rid)
+        else:
+            # answered at once: every id was removed before (no step, so no method or version)
+            assert sorted(already) == sorted(ids), f"applied without method: {rid} {s} {ids}"
+            out.applied_already_removed += 1
+
+    # each requested id removed by exactly one request, the others saw it removed already
+    every_id = {i for ids in sent.values() for i in ids}
+    twice = {i: r for i, r in removed_by.items() if len(r) > 1}
+    assert not twice, f"sample ids removed by two requests: {list(twice.items())[:5]}"
+    never = every_id - set(removed_by)
+    assert not never, f"ids no request removed (all say 'already removed'): {sorted(never)[:10]}"
+
+    # the ledger file: each request id once, each sample id once, same answers as the statuses
+    records = list(read_records(state))
+    rid_count: Counter[str] = Counter()
+    x_count: Counter[Any] = Counter()
+    ledger_answer: dict[str, tuple[str, str, Any]] = {}
+    for rec in records:
+        for rid in rec["ids"]:
+            rid_count[rid] += 1
+            ledger_answer[rid] = (rec["s"], rec.get("m", ""), rec.get("v"))
+        for i in rec.get("x") or []:
+            x_count[i] += 1
+    dup_rids = [r for r, c in rid_count.items() if c > 1]
+    assert not dup_rids, f"request ids twice in the ledger: {dup_rids[:5]}"
+    dup_x = [i for i, c in x_count.items() if c > 1]
+    assert not dup_x, f"sample ids removed twice per the ledger: {dup_x[:5]}"
+    for rid in rids:
+        s = st[rid]
+        assert rid in ledger_answer, f"request {rid} ({s}) missing from the ledger"
+        if s.get("method"):
+            want = (s["status"], s["method"], s["model_version"])
+            assert ledger_answer[rid] == want, (rid, ledger_answer[rid], want)
+    removed_ids = {int(model.ids[r]) for r in (~alive).nonzero()[0].tolist()}
+    assert set(x_count) == removed_ids, (
+        f"ledger and model disagree: {len(set(x_count) - removed_ids)} only in the ledger, "
+        f"{len(removed_ids - set(x_count))} only in the model"
+    )
+    assert set(removed_by) == {i for i in removed_ids if i in every_id}
+
+    out.final_version = int(model.version)
+    out.rows_removed = len(removed_ids)
+    out.rows_alive = int(alive.sum())
+    out.budget_used, out.budget_total = float(model.budget_used), float(model.budget_total)
+    assert model.budget_used <= model.budget_total, (model.budget_used, model.budget_total)
+    assert max(out.by_version, default=0) <= model.version
+
+    r = client.redis
+    assert pending_count(r, client.model) == 0, "entries still pending in the consumer group"
+    dead = r.xlen(schema.dead_letter_key(client.model))
+    assert dead <= dead_letters_allowed, (
+        f"{dead} dead letters: {r.xrange(schema.dead_letter_key(client.model))[:3]}"
+    )
+    return out
