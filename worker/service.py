@@ -589,7 +589,8 @@ class RemovalService:
 
     def _serve(self, batch: list[Entry], report: DrainReport) -> list[Entry]:
         """One step over ``batch``; when it fails for a reason that is not the infrastructure's,
-        serve its entries one by one, so that only an entry that fails on its own is counted
+        serve its halves, and so on down to single entries (a few steps per bad entry, not one
+        per entry of a large batch), so that only an entry that fails on its own is counted
         (``_entry_failed``) and the rest flow. Returns the deferred entries."""
         try:
             return self._step(batch, report)
@@ -597,28 +598,21 @@ class RemovalService:
             if faults.is_infrastructure(exc) or faults.is_fenced(exc):
                 raise
             first = exc
-        log.warning(
-            "a batch of %d entries failed (%s: %s): serving them one by one",
-            len(batch),
-            type(first).__name__,
-            str(first)[:300],
-        )
         self._recover_from(first)
         if len(batch) == 1:
             self._entry_failed(batch[0], first)
             return []
-        for i, e in enumerate(batch):
-            try:
-                deferred = self._step([e], report)
-            except Exception as exc:  # noqa: BLE001 - sorted below
-                if faults.is_infrastructure(exc) or faults.is_fenced(exc):
-                    raise
-                self._recover_from(exc)
-                self._entry_failed(e, exc)
-                continue
-            if deferred or self.retrain_due:
-                return deferred + batch[i + 1 :]
-        return []
+        log.warning(
+            "a batch of %d entries failed (%s: %s): serving its halves apart",
+            len(batch),
+            type(first).__name__,
+            str(first)[:300],
+        )
+        half = len(batch) // 2
+        deferred = self._serve(batch[:half], report)
+        if deferred or self.retrain_due:
+            return deferred + batch[half:]
+        return self._serve(batch[half:], report)
 
     def _recover_from(self, exc: Exception) -> None:
         """After a step failed: reload the model if it ran ahead of the disk, then settle."""

@@ -328,3 +328,32 @@ def test_a_second_owner_is_refused_and_a_stale_one_is_fenced(
     time.sleep(1.2)
     with pytest.raises(StateBehindError, match="another state directory"):
         Lease(rclient, model_name, "b", other, ttl_ms=1000).acquire(wait_s=0)
+
+
+def test_one_poison_entry_in_a_large_batch_costs_a_few_steps_not_one_per_entry(
+    state: Path, broker_url: str, rclient: redis.Redis, model_name: str
+) -> None:
+    client = Client(broker_url, model=model_name)
+    rids = client.enqueue_many([[i] for i in range(100, 164)])
+    poison = rids[37]
+    rclient.delete(schema.status_key(model_name, poison))
+    rclient.sadd(schema.status_key(model_name, poison), "a set, not a hash")
+    service, _, reg = build(state, rclient, model_name, max_failures=2)
+    save = service.model.save
+    saves = {"n": 0}
+
+    def counting(*args: Any, **kw: Any) -> Any:
+        saves["n"] += 1
+        return save(*args, **kw)
+
+    service.model.save = counting  # type: ignore[method-assign]
+    for _ in range(4):
+        service.drain()
+    others = [r for r in rids if r != poison]
+    assert {s["status"] for s in client.statuses(others).values()} == {"applied"}
+    assert saves["n"] <= 16  # bisection: about log2(64) steps per failure, not 64
+    [letter] = list_dead_letters(rclient, model_name)
+    assert letter.request_id == poison
+    assert reg.get_sample_value("certremove_entry_failures_total") == 2
+    assert service.stream.pending_count() == 0
+    assert not service.model.alive[100:164].any()
