@@ -7,11 +7,13 @@ background retrains on) and ends with :func:`check_invariants`, an independent c
 promises: every request final, no valid request rejected, nothing lost, nothing applied twice,
 the budget held, nothing left pending.
 
-- ``test_kill_storm`` (``slow``): 3,000 requests at a steady rate, the worker SIGKILLed 10
-  times (at start-up, right after it is ready, during a retrain, at random) and restarted.
-- ``test_disk_full_then_freed`` / ``..._read_only``: the state directory on a full tmpfs, then
-  on a read-only mount, while requests arrive.
-- ``test_redis_stopped_longer_than_the_retry_window``: Redis away for 20 s.
+- ``test_kill_storm`` (``slow``: pyproject's addopts deselect it; ``-m slow`` runs it): 3,000
+  requests at a steady rate, the worker SIGKILLed 10 times (at start-up, right after it is
+  ready, during a retrain, with a batch in flight, at random) and restarted.
+- ``test_disk_full_then_freed_then_read_only``: the state directory on a full tmpfs, then on a
+  read-only mount, while requests arrive (skipped where ``mount`` is not permitted).
+- ``test_redis_stopped_longer_than_the_retry_window``: Redis away for 20 s, with 2 broker
+  retries (the worker gives up and exits 4) and with the default 10 (it reconnects).
 - ``test_two_owners_on_two_state_directories``: the lease and the state record.
 - ``test_poison_entries_with_a_real_worker``: hostile stream entries among valid requests.
 
@@ -53,6 +55,7 @@ from tests.integration.fault_support import (
 )
 from worker.cli import train_model
 from worker.launcher import REPO_ROOT
+from worker.ledger import Answer, Ledger, LedgerDamagedError, read_records
 
 pytestmark = pytest.mark.integration
 
@@ -92,13 +95,6 @@ def workers() -> Any:
             w.kill()
 
 
-def _only_with_m_slow(request: pytest.FixtureRequest) -> None:
-    # pyproject registers the marker as "excluded from the default run", but neither its
-    # addopts nor a conftest deselects it: without this, `pytest` would run the storm.
-    if "slow" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("the kill storm runs only with -m slow")
-
-
 def _copy_state(template: Path, dest: Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     return Path(shutil.copytree(template, dest))
@@ -112,7 +108,6 @@ def _log_count(text: str, pattern: str) -> int:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_kill_storm(
-    request: pytest.FixtureRequest,
     digits_template: Path,
     digits_ids: list[int],
     tmp_path: Path,
@@ -121,8 +116,8 @@ def test_kill_storm(
     workers: list[Worker],
 ) -> None:
     """3,000 single-id requests over ~70 s, the worker SIGKILLed 10 times and restarted."""
-    _only_with_m_slow(request)
-    rng = random.Random(20240611)
+    seed = int(os.environ.get("CERTREMOVE_STORM_SEED", "20240611"))
+    rng = random.Random(seed)
     state = _copy_state(digits_template, tmp_path / "state")
     w = Worker(
         worker_settings(own_redis.url, model_name, state, f"{model_name}-storm"),
@@ -132,21 +127,32 @@ def test_kill_storm(
     client = Client(own_redis.url, model=model_name)
 
     # 1,300 of the 1,438 ids (138 rows stay: core refuses to remove the last row), each asked
-    # for twice, 400 of them a third time: 3,000 requests of one id. The first request of an id
-    # removes it; the later ones are answered "already removed".
+    # for twice, 400 of them a third time: 3,000 requests of one id (at most twice per id
+    # cannot reach 3,000 with 1,438 ids). First asks sit at 1,300 random places of the sequence,
+    # so that removals (and retrains) go on all along; each repeat comes after its first ask
+    # and is answered "already removed".
     chosen = rng.sample(digits_ids, 1300)
-    first = list(chosen)
-    again = list(chosen)
-    rng.shuffle(again)
-    third = rng.sample(chosen, 400)
-    # repeats come later than the first asks, interleaved with them
+    repeats_left = dict.fromkeys(chosen, 1)
+    for i in rng.sample(chosen, 400):
+        repeats_left[i] += 1
+    first_at = set(rng.sample(range(3000), len(chosen)))
+    firsts = iter(chosen)
+    firsts_left = len(chosen)
+    asked: list[int] = []  # ids asked for once, with repeats left
     plan: list[int] = []
-    queue_a, queue_b = first, again + third
-    while queue_a or queue_b:
-        if queue_a and (not queue_b or rng.random() < 0.62 or len(plan) < 200):
-            plan.append(queue_a.pop(0))
+    for pos in range(3000):
+        if firsts_left and (pos in first_at or not asked):
+            i = next(firsts)
+            firsts_left -= 1
+            asked.append(i)
         else:
-            plan.append(queue_b.pop(0))
+            k = rng.randrange(len(asked))
+            i = asked[k]
+            repeats_left[i] -= 1
+            if not repeats_left[i]:
+                asked[k] = asked[-1]
+                asked.pop()
+        plan.append(i)
     assert len(plan) == 3000
 
     sent: dict[str, list[Any]] = {}
@@ -167,50 +173,56 @@ def test_kill_storm(
         finally:
             done_sending.set()
 
+    # the kill schedule: 10 kills of 5 kinds, in a shuffled order, spread over the sending
+    # (a "retrain", "in_flight" or "random" kill waits for its slot, slot n at n * 6.5 s).
+    # "startup": while the process loads the model and takes the lease (0.3-3 s after it was
+    # spawned); "ready": within 0.3 s of serving (it drains the backlog of its downtime then);
+    # "retrain": while the next epoch is fitted in the background (the retrain gauge is up,
+    # or, after 3 s of watching, between the log's "fitting the next epoch" and its adoption);
+    # "in_flight": as soon as the consumer group shows entries delivered and not acknowledged
+    # (a batch between read and acknowledgement); "random": 0.5-5 s into its slot.
+    kinds = ["startup", "startup", "ready", "ready", "retrain", "retrain", "retrain"]
+    kinds += ["in_flight", "in_flight", "random"]
+    rng.shuffle(kinds)
+    slot = 6.5
+    kills: list[dict[str, Any]] = []
     t_start = time.monotonic()
-    w.start()
+
+    def restart(next_kind: str | None) -> int:
+        start_at = w.log.stat().st_size if w.log.exists() else 0
+        if next_kind == "startup":
+            w.spawn()
+        else:
+            w.start()
+        return start_at
+
+    offset = restart(kinds[0])
     thread = threading.Thread(target=producer, name="storm-producer", daemon=True)
     thread.start()
-
-    # the kill schedule: 10 kills of 4 kinds, in a shuffled order
-    kinds = ["startup", "startup", "ready", "ready", "retrain", "retrain", "retrain"]
-    kinds += ["random", "random", "random"]
-    rng.shuffle(kinds)
-    kills: list[dict[str, Any]] = []
-    for kind in kinds:
+    for n, kind in enumerate(kinds):
         if not w.alive():
-            w.exits.append(w.proc.returncode if w.proc else None)  # type: ignore[arg-type]
             raise AssertionError(f"the worker exited on its own:\n{w.log_tail()}")
-        note: dict[str, Any] = {"kind": kind, "t": 0.0}
+        note: dict[str, Any] = {"kind": kind}
+        if kind in ("retrain", "in_flight", "random"):
+            time.sleep(max(0.0, t_start + n * slot - time.monotonic()))
         if kind == "startup":
-            # the worker just served a while: kill it, restart it, and kill the new process
-            # while it is still starting (loading the model, taking the lease)
-            time.sleep(rng.uniform(1.0, 4.0))
-            w.kill()
-            w.spawn()
             time.sleep(rng.uniform(0.3, 3.0))
-            note["ready"] = _ready(w)
+            note["was_serving"] = _ready(w)
         elif kind == "ready":
-            time.sleep(rng.uniform(0.0, 0.3))  # just came up (it drains its backlog first)
+            time.sleep(rng.uniform(0.0, 0.3))
         elif kind == "retrain":
+            note["retrain"] = _wait_for_retrain(w, offset, patience=3.0, limit=20.0)
+        elif kind == "in_flight":
             deadline = time.monotonic() + 20
-            while time.monotonic() < deadline:
-                try:
-                    if metric(w.metrics(), "certremove_retrain_in_progress") > 0:
-                        note["retrain_in_progress"] = True
-                        break
-                except OSError:
-                    pass
-                time.sleep(0.02)
-            note["retrain_in_progress"] = note.get("retrain_in_progress", False)
+            while time.monotonic() < deadline and not pending_count(client.redis, model_name):
+                time.sleep(0.002)
         else:
-            time.sleep(rng.uniform(0.5, 8.0))
+            time.sleep(rng.uniform(0.5, 5.0))
         note["t"] = round(time.monotonic() - t_start, 1)
-        note["pending_before"] = pending_count(client.redis, model_name)
+        note["pending"] = pending_count(client.redis, model_name)
         w.kill()
         kills.append(note)
-        w.start()  # the supervisor restarts it at once
-
+        offset = restart(kinds[n + 1] if n + 1 < len(kinds) else None)  # as a supervisor would
     thread.join(timeout=duration + 120)
     assert done_sending.is_set() and not send_errors, send_errors
     rids = list(sent)
@@ -218,6 +230,7 @@ def test_kill_storm(
     st = wait_final(client, rids, timeout=180, worker=w)
     wall = time.monotonic() - t_start
     assert w.alive(), w.log_tail()
+    assert set(w.exits) == {-9}, f"exits other than the SIGKILLs: {w.exits}"
     m = w.metrics()
     w.stop()
 
@@ -225,20 +238,25 @@ def test_kill_storm(
     log = w.log_text()
     # each id asked for several times: exactly one request removed it (checked above); the
     # figures below only describe the run
-    assert outcome.applied_removed == len(set(plan))
-    assert outcome.applied_already_removed == len(plan) - len(set(plan))
+    assert outcome.applied_removed - outcome.folded_in_one_retrain == len(set(plan))
+    assert outcome.applied_removed + outcome.applied_already_removed == len(plan)
     assert len(kills) >= 8 and w.starts >= len(kills) + 1
-    retrain_kills = [k for k in kills if k["kind"] == "retrain" and k["retrain_in_progress"]]
+    retrain_kills = [k for k in kills if k.get("retrain")]
     assert retrain_kills, "no kill landed during a retrain"
     versions = sorted(outcome.by_version)
     figures = {
+        "seed": seed,
         "requests": len(rids),
         "distinct_ids": len(set(plan)),
         "kills": len(kills),
         "kills_by_kind": dict(Counter(k["kind"] for k in kills)),
         "kills_during_retrain": len(retrain_kills),
         "kill_times_s": [k["t"] for k in kills],
-        "pending_at_kills": [k["pending_before"] for k in kills],
+        "kills_during_retrain_how": [k["retrain"] for k in retrain_kills],
+        "unacknowledged_entries_at_kills": [k["pending"] for k in kills],
+        "startup_kills_before_ready": sum(
+            1 for k in kills if k["kind"] == "startup" and not k["was_serving"]
+        ),
         "worker_starts": w.starts,
         "exit_codes": Counter(w.exits),
         "sending_s": round(sent_at, 1),
@@ -246,6 +264,7 @@ def test_kill_storm(
         "statuses": dict(Counter(s["status"] for s in st.values())),
         "applied_removed": outcome.applied_removed,
         "applied_already_removed": outcome.applied_already_removed,
+        "applied_together_in_one_retrain": outcome.folded_in_one_retrain,
         "methods": dict(outcome.by_method),
         "model_versions_answered": f"{versions[0]}..{versions[-1]} ({len(versions)} versions)",
         "requests_per_version_max": max(outcome.by_version.values()),
@@ -265,6 +284,29 @@ def test_kill_storm(
     for k, v in figures.items():
         print(f"  {k}: {v}")
     print("  " + outcome.line())
+
+
+def _wait_for_retrain(w: Worker, offset: int, *, patience: float, limit: float) -> str:
+    """Wait until the worker fits the next epoch: ``"gauge"`` when its retrain gauge is up,
+    ``"log"`` when (after ``patience`` s) its log says a fit started and was not adopted yet,
+    ``""`` when neither happened within ``limit`` s."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit:
+        try:
+            if metric(w.metrics(), "certremove_retrain_in_progress") > 0:
+                return "gauge"
+        except OSError:
+            pass
+        if time.monotonic() - t0 > patience:
+            with open(w.log, "rb") as f:
+                f.seek(offset)
+                text = f.read().decode(errors="replace")
+            started = _log_count(text, "fitting the next epoch in the background")
+            ended = _log_count(text, r"adopted the background retrain|retrained: version")
+            if started > ended:
+                return "log"
+        time.sleep(0.01)
+    return ""
 
 
 def _ready(w: Worker) -> bool:
@@ -302,7 +344,10 @@ def _disk_phase(
             code = w.wait_exit(1)
             assert code not in (0, None), f"worker exited {code}:\n{w.log_tail()}"
             w.start()
+    # the counter of the process serving now; the log counts across restarts as well
     errors = metric(w.metrics(), "certremove_infrastructure_errors_total", kind="disk")
+    if w.starts > 1:
+        errors = float(_log_count(w.log_text(), r"disk failure \("))
     return rids, errors
 
 
@@ -339,7 +384,7 @@ def test_disk_full_then_freed_then_read_only(
         full_rids, disk_errors = _disk_phase(client, w, ids[40:140], sent, 15.0)
         assert disk_errors > 0, w.log_tail()
         backoff = metric(w.metrics(), "certremove_infrastructure_backoff_seconds")
-        assert 0 < backoff <= 2.0
+        assert 0 < backoff <= 2.0 or w.starts > 1, backoff
         filler.unlink()
         st = wait_final(client, full_rids, 60, worker=w)
         full_recovery = time.monotonic() - t_full - 15.0
@@ -654,3 +699,42 @@ def test_poison_entries_with_a_real_worker(
         f"  dead letters: {len(dead)}; entry failures counted: "
         f"{metric(m, 'certremove_entry_failures_total'):.0f}\n  {outcome.line()}"
     )
+
+
+# ==================================================== 6. disk full in the middle of a ledger append
+@pytest.mark.xfail(
+    strict=True,
+    raises=LedgerDamagedError,
+    reason="BUG: Ledger._append leaves the part of a line written before ENOSPC in ledger.jsonl; "
+    "the retried append joins it, so a damaged line sits in the middle of the ledger and the "
+    "worker refuses to start on it (LedgerDamagedError, exit 3) until an operator edits it",
+)
+def test_ledger_append_on_a_full_disk_leaves_the_ledger_readable(tmp_path: Path) -> None:
+    """The disk fills between the snapshot and the ledger append (another writer took the
+    space): the append fails part-way (a short write), the service retries it after backoff
+    (``_settle``), and the ledger must still read, at the next start as well."""
+    import redis
+
+    mnt = tmp_path / "disk"
+    mount_tmpfs(mnt, "256k")
+    try:
+        path = mnt / "ledger.jsonl"
+        ledger = Ledger(redis.Redis(port=1), "m", path)  # record() never talks to Redis
+
+        def answer(rid: str, n: int = 1) -> Answer:
+            return Answer(rid, "applied", "newton", 1, removed_ids=list(range(n)), applied_at=1.0)
+
+        k = 0
+        while not path.exists() or path.stat().st_size < 4096 - 300:
+            ledger.record([answer(f"r{k}")])
+            k += 1
+        filler = fill(mnt)
+        with pytest.raises(OSError):
+            ledger.record([answer("big", 200)])  # crosses the page boundary: a short write
+        filler.unlink()
+        ledger.record([answer("big", 200)])  # the retry once space is back
+        ids = [rid for rec in read_records(mnt) for rid in rec["ids"]]
+        assert ids.count("big") == 1
+        Ledger(redis.Redis(port=1), "m", path)  # what the worker does at start
+    finally:
+        umount(mnt)
