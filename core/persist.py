@@ -241,6 +241,7 @@ def save_model(
     data_entry = _dataset_entry(root, data_name, written=written)
     # Never reuse a snapshot's name: continue after the highest sequence number present.
     taken = [int(p.name) for p in snaps.iterdir() if _SNAP_NAME.fullmatch(p.name)]
+    previous = _current_seq(root)
     model._save_seq = max([model._save_seq, *taken]) + 1
     name = f"{model._save_seq:012d}"
     tmp = snaps / f".tmp-{name}-{os.getpid()}"
@@ -261,28 +262,48 @@ def save_model(
     }
     if journal_bytes is not None:
         files[JOURNAL_FILE] = journal_bytes
-    for fname, data in files.items():
-        _write_file(tmp / fname, data)
     manifest = {
         "format": FORMAT,
         "snapshot": name,
         "files": {fname: _entry(data) for fname, data in files.items()},
         "dataset": {"file": data_name, **data_entry},
     }
-    _write_file(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())  # last
-    _fsync_dir(tmp)
+    try:
+        for fname, data in files.items():
+            _write_file(tmp / fname, data)
+        _write_file(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())  # last
+        _fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk: give the space back
+        raise
     final = snaps / name
     os.replace(tmp, final)
-    _fsync_dir(snaps)
     pointer = root / ".CURRENT.tmp"
-    _write_file(pointer, f"snapshots/{name}\n".encode())
-    os.replace(pointer, root / "CURRENT")
+    try:
+        _fsync_dir(snaps)
+        _write_file(pointer, f"snapshots/{name}\n".encode())
+        os.replace(pointer, root / "CURRENT")
+    except BaseException:
+        # CURRENT still names the previous snapshot: this one would be an orphan that a retry
+        # (under the next number) leaves behind, and that pruning would count as kept
+        pointer.unlink(missing_ok=True)
+        shutil.rmtree(final, ignore_errors=True)
+        raise
     _fsync_dir(root)
-    _prune(root, keep)
+    _prune(root, keep, previous)
     return final
 
 
-def _prune(root: Path, keep: int) -> None:
+def _current_seq(root: Path) -> int | None:
+    """The number of the snapshot ``CURRENT`` names, or None."""
+    try:
+        match = _CURRENT.fullmatch((root / "CURRENT").read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return int(match.group(1)) if match else None
+
+
+def _prune(root: Path, keep: int, previous: int | None = None) -> None:
     """Delete all but the newest ``keep`` snapshots (and left-over temporary ones), then every
     dataset file no kept snapshot uses (all stay when a kept snapshot's is unknown)."""
     snaps = root / "snapshots"
@@ -291,6 +312,16 @@ def _prune(root: Path, keep: int) -> None:
         key=lambda p: int(p.name),
         reverse=True,
     )
+    current = _current_seq(root)
+    if current is not None:
+        # Snapshots numbered between the one CURRENT named before this save and the one it
+        # names now (or after it) never became current: a process died between the rename and
+        # CURRENT. Orphans: deleted, never kept in place of real history.
+        low = current if previous is None else previous
+        orphans = [p for p in named if int(p.name) > current or low < int(p.name) < current]
+        for orphan in orphans:
+            shutil.rmtree(orphan, ignore_errors=True)
+        named = [p for p in named if p not in orphans]
     for old in named[keep:]:
         shutil.rmtree(old, ignore_errors=True)
     for left in snaps.glob(".tmp-*"):

@@ -54,13 +54,19 @@ end
 return 0
 """
 
-# KEYS[1] lease, KEYS[2] state marker; ARGV[1] token, then field/value pairs.
+# KEYS[1] lease, KEYS[2] state marker, KEYS[3] token counter; ARGV[1] token, ARGV[2] ttl ms, then
+# field/value pairs. Fenced like the status script (a lapsed lease nobody took is taken again).
 _MARK_LUA = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then
-  return redis.error_reply('CERTREMOVE_FENCED this worker no longer holds the model lease')
+local cur = redis.call('GET', KEYS[1])
+if cur ~= ARGV[1] then
+  if cur == false and redis.call('GET', KEYS[3]) == ARGV[1] then
+    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  else
+    return redis.error_reply('CERTREMOVE_FENCED this worker no longer holds the model lease')
+  end
 end
 local args = {}
-for i = 2, #ARGV do args[#args + 1] = ARGV[i] end
+for i = 3, #ARGV do args[#args + 1] = ARGV[i] end
 redis.call('HSET', KEYS[2], unpack(args))
 return 1
 """
@@ -272,9 +278,10 @@ class Lease:
         if self.token is None:
             return
         self._mark(
-            keys=[self.key, self.marker_key],
+            keys=[self.key, self.marker_key, self.counter],
             args=[
                 str(self.token),
+                str(self.ttl_ms),
                 "state_id",
                 self.state_id,
                 "seq",

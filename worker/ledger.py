@@ -46,11 +46,12 @@ _KEPT_FIELDS = (
 #: longest value kept per field in a dead-letter copy (bytes)
 _DEAD_VALUE_MAX = 1 << 20
 
-# KEYS[1] stream, KEYS[2] dead-letter stream, KEYS[3] lease, KEYS[4] failure counts, then the
-# status hashes: first the ARGV[5] "common" answers, which share the 8 values ARGV[6..13] (a
+# KEYS[1] stream, KEYS[2] dead-letter stream, KEYS[3] lease, KEYS[4] lease token counter, then
+# the status hashes: first the ARGV[5] "common" answers, which share the 8 values ARGV[6..13] (a
 # committed batch: same status, method, version and time), then the others. ARGV[1] group,
 # ARGV[2] lease token ('' = unfenced: tests and tools), ARGV[3] status TTL in seconds ('0' =
-# keep), ARGV[4] reserved; after the common values, per other answer a mode ('w' write, 'q' write
+# keep), ARGV[4] the lease's life in ms (to take it again when it lapsed during a Redis outage
+# and nobody took it since: the counter still ends at this token); after the common values, per other answer a mode ('w' write, 'q' write
 # only while the status is missing or queued) and its 8 values in _NAMES order ('' = leave the
 # field alone); then the count of dead letters and, per dead letter, its entry id and its field
 # count and fields (flat); then the entry ids to acknowledge. Statuses are written first, dead
@@ -62,7 +63,11 @@ if redis.replicate_commands then redis.replicate_commands() end
 if ARGV[2] ~= '' then
   local owner = redis.call('GET', KEYS[3])
   if owner ~= ARGV[2] then
-    return redis.error_reply('CERTREMOVE_FENCED this worker no longer holds the model lease')
+    if owner == false and redis.call('GET', KEYS[4]) == ARGV[2] then
+      redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[4])
+    else
+      return redis.error_reply('CERTREMOVE_FENCED this worker no longer holds the model lease')
+    end
   end
 end
 local ttl = tonumber(ARGV[3])
@@ -291,6 +296,8 @@ class Ledger:
             keeps the permanent record and answers a repeated request id after that.
         rotate_bytes: rotate the live file into a gzipped segment past this size.
         fence: returns the lease token the status script must find (None: unfenced).
+        lease_ttl_ms: the lease's life, to take it again in the script when it lapsed while
+            Redis was away and nobody took it since.
 
     Raises:
         LedgerDamagedError: a ledger file is damaged.
@@ -305,6 +312,7 @@ class Ledger:
         status_ttl: int = 0,
         rotate_bytes: int = ROTATE_BYTES,
         fence: Any = None,
+        lease_ttl_ms: int = 30_000,
     ) -> None:
         self.redis = client
         self.model = model
@@ -313,16 +321,21 @@ class Ledger:
         self.dead_letter_key = schema.dead_letter_key(model)
         self.lease_key = schema.lease_key(model)
         self.failures_key = schema.failures_key(model)
+        self.lease_counter_key = schema.lease_counter_key(model)
         self.path = path
         self.status_ttl = int(status_ttl)
         self.rotate_bytes = int(rotate_bytes)
         self.fence = fence
+        self.lease_ttl_ms = int(lease_ttl_ms)
         self._publish = client.register_script(_PUBLISH_LUA)
         self._known: dict[str, _Key] = {}
         #: unknown_ids / already_removed_ids of answered requests that had some
         self._lists: dict[str, tuple[list[Any], list[Any]]] = {}
+        #: size of the live file up to its last whole line (None: not read yet)
+        self._size: int | None = None
         if path is not None:
             self._load(path)
+            self._size = path.stat().st_size if path.exists() else 0
 
     def _load(self, path: Path) -> None:
         if path.exists():
@@ -414,13 +427,35 @@ class Ledger:
                     self._lists.pop(a.request_id, None)
 
     def _append(self, text: str) -> None:
+        """Append whole lines or nothing: a write that fails part-way (a disk filling up) is cut
+        off again, and anything past the last line known to be whole (a cut that failed too) is
+        cut before the next append, so a retry never lands behind a partial line."""
         assert self.path is not None
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-            size = f.tell()
-        if size >= self.rotate_bytes:
+        data = text.encode("utf-8")
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            end = os.lseek(fd, 0, os.SEEK_END)
+            if self._size is not None and end != self._size:
+                os.ftruncate(fd, self._size)
+                end = self._size
+            os.lseek(fd, end, os.SEEK_SET)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            except BaseException:
+                try:
+                    os.ftruncate(fd, end)
+                    os.fsync(fd)
+                except OSError:
+                    pass  # cut before the next append (self._size stays at end)
+                self._size = end
+                raise
+            self._size = end + len(data)
+        finally:
+            os.close(fd)
+        if self._size >= self.rotate_bytes:
             self.rotate()
 
     def rotate(self) -> Path | None:
@@ -443,6 +478,7 @@ class Ledger:
         # leaves both: the same lines twice, which reads the same).
         os.replace(self.path, root / ".ledger.rotated")
         self.path.touch()
+        self._size = 0
         (root / ".ledger.rotated").unlink()
         fd = os.open(root, os.O_RDONLY)
         try:
@@ -467,7 +503,7 @@ class Ledger:
         common_key = next((a.common_key() for a in answers if a.common_key()), None)
         common = [a for a in answers if common_key and a.common_key() == common_key]
         others = [a for a in answers if not (common_key and a.common_key() == common_key)]
-        keys = [self.stream, self.dead_letter_key, self.lease_key, self.failures_key] + [
+        keys = [self.stream, self.dead_letter_key, self.lease_key, self.lease_counter_key] + [
             schema.status_key(self.model, a.request_id) for a in common + others
         ]
         token = self.fence() if self.fence is not None else None
@@ -475,7 +511,7 @@ class Ledger:
             self.group,
             "" if token is None else str(token),
             str(self.status_ttl),
-            "",
+            str(self.lease_ttl_ms),
             len(common),
         ]
         args += common[0].values(with_requested_at=False) if common else [""] * len(_NAMES)

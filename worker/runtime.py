@@ -152,6 +152,7 @@ def build_runtime(
             status_ttl=settings.status_ttl,
             rotate_bytes=int(settings.ledger_rotate_mb * 2**20),
             fence=lease.fence_token,
+            lease_ttl_ms=settings.lease_ttl_ms,
         )
     except LedgerDamagedError as exc:
         lease.release()

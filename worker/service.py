@@ -97,7 +97,7 @@ def _b(value: bytes | str) -> bytes:
 
 def exit_process(exc: BaseException) -> None:
     """End the worker process at once (the supervisor restarts it on the persisted state)."""
-    log.critical("reloading the persisted model failed (%s): exiting the worker process", exc)
+    log.critical("the service stopped (%s): exiting the worker process", exc)
     for handler in logging.getLogger().handlers + log.handlers:
         handler.flush()
     sys.stderr.flush()

@@ -91,3 +91,37 @@ def test_full_pipeline_retrain_replaces_the_dataset_only_when_asked(tmp_path, di
     m.save(tmp_path, keep=1)  # once no kept snapshot uses the old dataset, it goes
     assert len(list((tmp_path / "datasets").glob("*.npz"))) == 1
     assert len(list((tmp_path / "snapshots").iterdir())) == 1
+
+
+def test_a_save_that_fails_at_current_leaves_no_orphan_snapshot(
+    tmp_path, digits, trained, monkeypatch
+):
+    """A disk that has room for a snapshot but not for CURRENT: the retry must not leave
+    snapshots that never became current, and pruning never keeps one in place of history."""
+    import errno
+
+    import core.persist as persist
+
+    trained.save(tmp_path, dataset=digits)
+    trained.save(tmp_path)
+    before = sorted(p.name for p in (tmp_path / "snapshots").iterdir())
+    real = persist._write_file
+
+    def full_at_current(path, data):
+        if path.name == ".CURRENT.tmp":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(persist, "_write_file", full_at_current)
+    for _ in range(3):
+        with pytest.raises(OSError):
+            trained.save(tmp_path)
+    assert sorted(p.name for p in (tmp_path / "snapshots").iterdir()) == before
+    monkeypatch.setattr(persist, "_write_file", real)
+    # an orphan left by an older version (a number past CURRENT) is deleted, never kept
+    orphan = tmp_path / "snapshots" / "000000009999"
+    orphan.mkdir()
+    trained.save(tmp_path)
+    names = sorted(p.name for p in (tmp_path / "snapshots").iterdir())
+    assert "000000009999" not in names and len(names) == 3 and before[0] in names
+    assert core.load_model(tmp_path, device="cpu").n_alive == trained.n_alive

@@ -55,7 +55,7 @@ from tests.integration.fault_support import (
 )
 from worker.cli import train_model
 from worker.launcher import REPO_ROOT
-from worker.ledger import Answer, Ledger, LedgerDamagedError, read_records
+from worker.ledger import Answer, Ledger, read_records
 
 pytestmark = pytest.mark.integration
 
@@ -702,13 +702,6 @@ def test_poison_entries_with_a_real_worker(
 
 
 # ==================================================== 6. disk full in the middle of a ledger append
-@pytest.mark.xfail(
-    strict=True,
-    raises=LedgerDamagedError,
-    reason="BUG: Ledger._append leaves the part of a line written before ENOSPC in ledger.jsonl; "
-    "the retried append joins it, so a damaged line sits in the middle of the ledger and the "
-    "worker refuses to start on it (LedgerDamagedError, exit 3) until an operator edits it",
-)
 def test_ledger_append_on_a_full_disk_leaves_the_ledger_readable(tmp_path: Path) -> None:
     """The disk fills between the snapshot and the ledger append (another writer took the
     space): the append fails part-way (a short write), the service retries it after backoff

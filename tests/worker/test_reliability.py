@@ -357,3 +357,25 @@ def test_one_poison_entry_in_a_large_batch_costs_a_few_steps_not_one_per_entry(
     assert reg.get_sample_value("certremove_entry_failures_total") == 2
     assert service.stream.pending_count() == 0
     assert not service.model.alive[100:164].any()
+
+
+def test_a_lease_that_lapsed_while_redis_was_away_is_taken_again_if_nobody_took_it(
+    state: Path, broker_url: str, rclient: redis.Redis, model_name: str
+) -> None:
+    lease = Lease(rclient, model_name, "w1", state, ttl_ms=5000)
+    lease.acquire()
+    client = Client(broker_url, model=model_name)
+    service, _, _ = build(state, rclient, model_name, lease=lease, sleep=lambda s: None)
+    service.ledger.fence = lease.fence_token
+    rclient.delete(schema.lease_key(model_name))  # expired during an outage
+    first = client.enqueue([21])
+    service.drain()  # the status script takes it again: nobody else did
+    assert client.status(first)["status"] == "applied"
+    assert int(rclient.get(schema.lease_key(model_name))) == lease.token
+    rclient.delete(schema.lease_key(model_name))
+    rclient.incr(schema.lease_counter_key(model_name))  # another worker took a token since
+    later = client.enqueue([22])
+    service._on_fatal = lambda exc: None
+    with pytest.raises(redis.ResponseError, match="CERTREMOVE_FENCED"):
+        service.drain()
+    assert client.status(later)["status"] == "queued"
