@@ -20,8 +20,9 @@ removals exceed what the extractor covers, and ``--enforce-extractor-cover`` let
 them (``core.train(extractor_dp=..., extractor_limit=...)``), which stops the run at the cover.
 
 Deviation from the reference: the retrain trigger defaults to ``max_removals="auto"`` (a count
-fixed without looking at the noise, DESIGN.md §1); ``--max-removals none`` gives the paper's rule
-(retrain when the budget would be crossed), which DESIGN.md documents as outside the theorem.
+fixed without looking at the noise, docs/theory.md "The retrain trigger"); ``--max-removals
+none`` gives the paper's rule (retrain when the budget would be crossed), which docs/theory.md
+documents as outside the theorem.
 No data is downloaded unless ``--download`` is given.
 """
 
@@ -315,7 +316,8 @@ def extractor_cover(
 
     The head's ``(eps, delta)`` holds for a fixed extractor; the extractor saw every removed row,
     so the pipeline is ``(eps + k eps_dp, delta + k e^((k-1) eps_dp) delta_dp)`` after ``k`` rows
-    (DESIGN.md §1). ``k`` counts rows removed since the extractor was trained, retrains included.
+    (docs/theory.md "The DP feature extractor"). ``k`` counts rows removed since the extractor
+    was trained, retrains included.
     """
     from core.group_privacy import combined_guarantee, extractor_removals_allowed
 

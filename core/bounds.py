@@ -1,4 +1,5 @@
-"""Sound a-priori residual bounds for one Newton removal step (DESIGN.md §1, THEORY.md §8.2).
+"""Sound a-priori residual bounds for one Newton removal step (docs/theory.md, "The gradient
+residual").
 
 Per class k and committed step s_k, the gradient residual of the new weights grows by at most
 
@@ -62,5 +63,6 @@ def rounding_margin(
     anchor_norm: float,
 ) -> float:
     """Summation margin ``(n + d) u (sum |l'_i| ||x_i|| + lam n ||w|| + ||g_a||)`` of a float64
-    gradient (THEORY.md §8.7): it makes a computed residual norm a rigorous upper bound."""
+    gradient: it makes a computed residual norm a rigorous upper bound (docs/theory.md, "Float32
+    Hessians, float64 certificates")."""
     return (n + d) * UNIT_ROUNDOFF * (abs_grad_terms + lam * n_reg * w_norm + anchor_norm)

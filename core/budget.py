@@ -35,7 +35,7 @@ def analytic_mu(epsilon: float, delta: float) -> float:
     """Largest shift ``mu`` (in units of sigma) whose exact profile stays within ``delta``.
 
     Analytic Gaussian mechanism (Balle & Wang 2018, Alg. 1). Deviation: leaves no margin for the
-    dependence of the residual on ``b`` (THEORY.md §8.5), hence opt-in only.
+    dependence of the residual on ``b`` (docs/theory.md "What is certified"), hence opt-in only.
     """
     lo, hi = 1e-9, 1.0
     while gaussian_delta(hi, epsilon) <= delta:

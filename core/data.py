@@ -1,8 +1,8 @@
 """Datasets: the embedded ``digits``, ``.npz`` dataset files, MNIST, SVHN and a synthetic generator.
 
 Rows are L2-normalised and scaled by ``1 - 1e-6`` before the cast to float32, so every stored row
-has norm <= 1 (DESIGN.md §1). Splits are fixed (public, independent of the noise). Nothing is
-downloaded unless the caller asks for it (``download=True``).
+has norm <= 1 (docs/theory.md "Notation and objective"). Splits are fixed (public, independent
+of the noise). Nothing is downloaded unless the caller asks for it (``download=True``).
 """
 
 from __future__ import annotations
@@ -46,11 +46,46 @@ class Dataset:
         """sha256 of the training rows, labels and ids (ties a model to its data); computed once
         (treat a Dataset's arrays as immutable)."""
         if self._fingerprint is None:
-            h = hashlib.sha256()
-            for arr in (self.X_train.numpy(), self.y_train.numpy(), self.ids_train):
-                h.update(np.ascontiguousarray(arr).tobytes())
-            self._fingerprint = h.hexdigest()
+            self._fingerprint = fingerprint_arrays(self.X_train, self.y_train, self.ids_train)
         return self._fingerprint
+
+    def stored_form(self) -> Dataset:
+        """This dataset in the dtypes a dataset file stores and loads (rows float32, labels
+        int64, integer ids int64): itself when it is already, else a converted copy. Its
+        :meth:`fingerprint` is then the one the file gives back at load."""
+        if (
+            self.X_train.dtype == torch.float32
+            and self.y_train.dtype == torch.int64
+            and self.X_test.dtype == torch.float32
+            and self.y_test.dtype == torch.int64
+            and np.asarray(self.ids_train).dtype == stored_ids(self.ids_train).dtype
+        ):
+            return self
+        return Dataset(
+            self.X_train.float(),
+            self.y_train.long(),
+            stored_ids(self.ids_train),
+            self.X_test.float(),
+            self.y_test.long(),
+            self.ids_test,
+            dict(self.meta),
+        )
+
+
+def stored_ids(ids: Any) -> np.ndarray:
+    """Sample ids as a dataset file gives them back: integer ids as int64, others unchanged."""
+    arr = np.asarray(ids)
+    return arr.astype(np.int64, copy=False) if arr.dtype.kind in "iu" else arr
+
+
+def fingerprint_arrays(X: torch.Tensor, y: torch.Tensor, ids: np.ndarray) -> str:
+    """sha256 of the bytes of training rows, labels and ids, in that order (the
+    :meth:`Dataset.fingerprint` of a dataset holding them). Hashes the buffers in place: about
+    0.02 s for n = 100,000 float32 rows of d = 64."""
+    h = hashlib.sha256()
+    for arr in (X.detach().cpu().numpy(), y.detach().cpu().numpy(), np.asarray(ids)):
+        h.update(np.ascontiguousarray(arr).data)
+    return h.hexdigest()
 
 
 def normalise_rows(X: np.ndarray) -> torch.Tensor:
@@ -198,7 +233,8 @@ def synthetic(*, n: int, d: int, classes: int, seed: int) -> Dataset:
 
 
 def load_npz(path: str | os.PathLike[str]) -> Dataset:
-    """Read a dataset file (DESIGN.md §3) with ``allow_pickle=False`` and validate it."""
+    """Read a dataset file (docs/design.md "Dataset file") with ``allow_pickle=False`` and
+    validate it."""
     path = Path(path)
     if not path.is_file():
         raise InvalidInputError(f"dataset file {path} does not exist")

@@ -15,7 +15,7 @@ The extractor's privacy then limits removals from the linear head: see ``core.gr
 
 Shapes:
     images ``(N, C, H, W)`` uint8 (``core.images``); features ``(N, F)`` float32, rows of L2 norm
-    ``1 - 1e-6`` (DESIGN.md §1).
+    ``1 - 1e-6`` (docs/theory.md "Notation and objective").
 """
 
 from __future__ import annotations
@@ -209,7 +209,7 @@ def train_extractor(
         raise InvalidInputError(f"bad shapes: images {tuple(images.shape)}, labels {labels.shape}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # Deviation: no torchcsprng (Opacus secure_mode); the noise and Poisson-sampling generator is
-    # seeded from the OS entropy source instead, as the head's noise is (DESIGN.md §1).
+    # seeded from the OS entropy source instead, as the head's noise is (docs/theory.md "Training").
     gen = torch.Generator().manual_seed(seed if seed is not None else secrets.randbits(63))
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
@@ -312,7 +312,7 @@ def load_extractor(
 def extract_features(
     model: nn.Module, images: torch.Tensor, *, batch_size: int = 1024
 ) -> torch.Tensor:
-    """Penultimate features, each row L2-normalised then scaled by ``1 - 1e-6`` (DESIGN.md §1).
+    """Penultimate features, each row L2-normalised then scaled by ``1 - 1e-6`` (docs/theory.md).
 
     Runs on the model's device; the normalisation is done in float64 before the float32 cast.
 
@@ -345,7 +345,8 @@ def write_feature_dataset(
     ids_test: np.ndarray,
     meta: dict[str, Any],
 ) -> Path:
-    """Write the ``.npz`` dataset file of DESIGN.md §3 (loadable with ``allow_pickle=False``).
+    """Write the ``.npz`` dataset file (docs/design.md "Dataset file"), loadable with
+    ``allow_pickle=False``.
 
     ``meta`` is stored as a JSON string (a 0-d unicode array).
     """

@@ -4,8 +4,8 @@ A linear head trained on features from an ``(eps_dp, delta_dp)``-DP extractor ca
 removal certificate ``(eps, delta)`` for every fixed extractor (Guo et al. 2020, Thm 1 and the
 paper's §4.3 on DP feature extractors). Removing ``k`` rows also changes the extractor's
 training set in ``k`` rows, which the extractor hides only up to group privacy; composing the
-two gives the pipeline's guarantee (DESIGN.md §1, THEORY.md §8.8 item 10). ``k`` counts rows,
-not requests.
+two gives the pipeline's guarantee (docs/theory.md "The DP feature extractor: group privacy").
+``k`` counts rows, not requests.
 
 Numbers only (``math``); the worker calls these for ``certremove_extractor_removals_remaining``.
 """
@@ -43,7 +43,7 @@ def group_privacy(
     Chain the DP inequality along ``k`` neighbouring datasets ``D_0 .. D_k``:
     ``P[M(D_0) in S] <= e^(k eps) P[M(D_k) in S] + delta * sum_{j<k} e^(j eps)`` (Dwork & Roth
     2014, §2.3, Theorem 2.2 for ``delta = 0``; the same induction with ``delta > 0``). The sum is
-    at most ``k e^((k-1) eps)``: the form of DESIGN.md §1.
+    at most ``k e^((k-1) eps)``: the form docs/theory.md uses.
 
     Args:
         eps_dp, delta_dp: the mechanism's guarantee for one row.
@@ -78,7 +78,7 @@ def combined_guarantee(
 
     Basic composition (Dwork & Roth 2014, Theorem 3.16) of the head's removal certificate
     ``(eps, delta)``, which holds for every fixed extractor, with the extractor's group privacy
-    for ``k`` rows (:func:`group_privacy`). THEORY.md §8.8 item 10.
+    for ``k`` rows (:func:`group_privacy`). See docs/theory.md "The DP feature extractor".
     """
     eps_k, delta_k = group_privacy(eps_dp, delta_dp, k)
     return eps + eps_k, delta + delta_k

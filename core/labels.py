@@ -1,4 +1,7 @@
-"""Label coding: binary {-1, +1} (larger label -> +1) or one-vs-rest columns (DESIGN.md §1)."""
+"""Label coding: binary {-1, +1} (larger label -> +1) or one-vs-rest columns.
+
+See docs/theory.md "Notation and objective".
+"""
 
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ Shapes: ``X`` (n, d) rows with ``||x_i|| <= 1``; ``Y`` (n, K) labels in {-1, +1}
 binary model); ``C`` (n, K) per-row, per-class weights ``alive_i * omega_ik`` (``omega`` is the
 optional negative-subsampling mask, 1 when unused; removed rows have weight 0); ``W``, ``B`` (d, K).
 
-Objective of class k (DESIGN.md §1), with ``n_reg`` the number of rows still in the model
-(every class regularises with all remaining rows, also when its negatives are subsampled):
+Objective of class k (docs/theory.md "Notation and objective"), with ``n_reg`` the number of
+rows still in the model (every class regularises with all remaining rows, also when its negatives are subsampled):
 
     L_b(w_k) = sum_i C_ik l(z_ik) + (lam * n_reg / 2) ||w_k||^2 + b_k . w_k,   z_ik = Y_ik w_k . x_i
     grad     = X^T (C * l'(Z) * Y) + lam * n_reg * W + B
@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from core.errors import NumericalError
 
-#: max |l'''| of the logistic loss, 1/(6 sqrt 3) = 0.096225044864..., rounded up (THEORY.md §8.2).
+#: max |l'''| of the logistic loss, 1/(6 sqrt 3) = 0.096225044864..., rounded up
+#: (docs/theory.md "The gradient residual").
 #: Deviation: the paper and its code use 1/4.
 GAMMA = 0.09622505
 
@@ -110,7 +111,7 @@ def hessians(
     """The K Hessian blocks ``X^T diag(C_k l''(Z_k)) X + lam n_reg I`` as a (K, d, d) tensor.
 
     ``dtype`` selects the precision of the product (float32, the default, is allowed: every mismatch is
-    paid for by the float64 certificate, DESIGN.md §1).
+    paid for by the float64 certificate, docs/theory.md "Float32 Hessians").
     """
     _, d2 = loss_derivatives(Z)
     return weighted_gram(X, C * d2, lam * n_reg, dtype=dtype)

@@ -1,7 +1,7 @@
 """The removal-enabled model: weights, alive mask, budget state; train, remove, retrain.
 
-Accounting (DESIGN.md §1): the budget used is an upper bound on ``||U||_F``, where the current
-weights exactly minimise ``L_{b-U}`` on the remaining rows.
+Accounting (docs/theory.md "Accounting: exact and bound"): the budget used is an upper bound
+on ``||U||_F``, where the current weights exactly minimise ``L_{b-U}`` on the remaining rows.
 - ``"exact"`` (default): ``r0_a + ||grad L_0(W; D') - g_a||_F`` from an anchor ``a`` (the last
   training, or the state loaded at start-up); ``g_a`` is as secret as ``b`` and lives in memory.
 - ``"bound"``: ``r0_a + sqrt(sum_k beta_k^2)``, ``beta_k`` the summed a-priori increments.
@@ -15,12 +15,13 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from core.bounds import rounding_margin
+from core.data import Dataset, fingerprint_arrays, stored_ids
 from core.errors import InvalidInputError
 from core.group_privacy import combined_guarantee, extractor_removals_remaining
 from core.guard import ONE_CLASS, RemovalGuard
@@ -30,9 +31,6 @@ from core.newton import gradient_tolerance, newton_fit
 from core.noise import draw_noise, generator
 from core.removal import Problem, Step, newton_step
 from core.trigger import MaxRemovals, auto_max_removals
-
-if TYPE_CHECKING:
-    from core.data import Dataset
 
 ACCOUNTINGS = ("exact", "bound")
 #: an "auto" max_removals is re-estimated by shadow runs at a retrain once the rows have fallen
@@ -119,11 +117,20 @@ class Model:
         W: torch.Tensor,
         budget_total: float,
         certified: bool,
+        data_fingerprint: str | None = None,
     ) -> None:
         self._problem = problem
         self._coding = coding
         self.hyper = hyper
         self.ids = ids
+        #: :meth:`core.data.Dataset.fingerprint` of the training rows, labels and ids, taken once
+        #: here (``data_fingerprint`` when the caller has it, e.g. a load): a save compares it,
+        #: never hashes the model's data again
+        self._data_fingerprint = (
+            data_fingerprint
+            if data_fingerprint is not None
+            else fingerprint_arrays(*self.training_data())
+        )
         self._alive = alive
         self._W = W
         self._Z: torch.Tensor | None = None  # margins at _W, cached between steps
@@ -212,11 +219,54 @@ class Model:
 
     def guarantee(self) -> tuple[float, float]:
         """The (epsilon, delta) of the released pipeline: the head's, plus the extractor's group
-        privacy for the rows removed since it was trained (DESIGN.md §1)."""
+        privacy for the rows removed since it was trained (docs/theory.md, "The DP feature
+        extractor")."""
         h = self.hyper
         if h.extractor_dp is None:
             return h.epsilon, h.delta
         return combined_guarantee(h.epsilon, h.delta, *h.extractor_dp, self.extractor_removed)
+
+    # ----------------------------------------------------------------- training data
+    @property
+    def data_fingerprint(self) -> str:
+        """The :meth:`core.data.Dataset.fingerprint` of a dataset holding this model's training
+        rows (float32), labels (int64) and ids, in the model's row order."""
+        return self._data_fingerprint
+
+    def training_data(self) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """The rows (float32, exactly as trained on), labels and ids the model was trained on, as a
+        dataset file stores them: (n, d) float32 and (n,) int64 CPU tensors, and the ids."""
+        p = self._problem
+        X = p.X.to(torch.float32).cpu()  # exact: the rows were float32 before the float64 copy
+        y = self._coding.decode(p.Y).cpu()  # the +-1 columns map back to the training labels
+        return X, y, stored_ids(self.ids)
+
+    def dataset_differences(self, dataset: Dataset) -> list[str]:
+        """What of ``dataset``'s training part is not this model's training data, in the model's
+        row order: a sublist of ``["rows", "labels", "ids"]``, empty when it is the same data
+        (in whatever dtypes). Compares the arrays (O(nd)); :meth:`data_fingerprint` is the
+        cheap test."""
+        X, y, ids = self.training_data()
+        out = []
+        dX = dataset.X_train.detach().cpu()
+        if tuple(dX.shape) != tuple(X.shape) or not torch.equal(dX.to(torch.float32), X):
+            out.append("rows")
+        dy = dataset.y_train.detach().cpu()
+        same = tuple(dy.shape) == tuple(y.shape) and (
+            torch.equal(dy.double(), y.double())
+            if dy.is_floating_point()
+            else torch.equal(dy.long(), y)
+        )
+        if not same:
+            out.append("labels")
+        other = stored_ids(dataset.ids_train)
+        if not (
+            other.shape == ids.shape
+            and (other.dtype.kind in "iu") == (ids.dtype.kind in "iu")
+            and bool(np.array_equal(other, ids))
+        ):
+            out.append("ids")
+        return out
 
     # ----------------------------------------------------------------- ids
     def rows_for_ids(self, sample_ids: Sequence[Any]) -> tuple[list[int], list[Any]]:
@@ -298,6 +348,9 @@ class Model:
         """Persist into a state directory atomically as a new checksummed snapshot (``b`` and
         ``g_a`` are never written); see :func:`core.persist.save_model`.
 
+        ``dataset`` (default: :attr:`dataset`, else one built from the model's rows) must hold the
+        model's own training rows, labels and ids in its row order; anything else is refused
+        with ``InvalidInputError`` (the persisted budget is anchored on it at the next load).
         ``replace_dataset=True`` lets a model on new data (a full-pipeline retrain) take over a
         state directory; otherwise a different dataset is refused with ``StateError``.
         ``journal``: a JSON-serialisable dict stored with the snapshot
@@ -316,7 +369,7 @@ class Model:
 
     # ----------------------------------------------------------------- removal
     def remove(self, rows: Sequence[int], *, groups: Sequence[int] | None = None) -> RemovalResult:
-        """Remove training rows with one batched Newton step (DESIGN.md §1).
+        """Remove training rows with one batched Newton step (docs/theory.md "Removal").
 
         ``groups`` gives the request sizes (request boundaries, in arrival order); a batch is only
         ever split on them. Rows past the per-epoch ``max_removals`` (the b-independent trigger),
@@ -582,6 +635,7 @@ class Model:
             budget=self.budget_total,
             rng=generator(seed),
             binary=self._coding.binary,
+            accounting=self.hyper.accounting,
         )
         return int(snap.alive.sum()), value
 
@@ -696,6 +750,7 @@ class Model:
             budget=self.budget_total,
             rng=rng,
             binary=self._coding.binary,
+            accounting=self.hyper.accounting,
             factor=factor,
         )
         return value, (n, value)

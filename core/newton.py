@@ -35,7 +35,8 @@ class FitResult:
 
 
 def gradient_tolerance(lam: float, n_reg: float, budget: float) -> float:
-    """``min(1e-9 lam n, 1e-6 budget)`` (DESIGN.md §1); a zero budget (sigma = 0) uses the first."""
+    """``min(1e-9 lam n, 1e-6 budget)`` (docs/theory.md "Training"); a zero budget (sigma = 0)
+    uses the first."""
     tol = 1e-9 * lam * n_reg
     return min(tol, 1e-6 * budget) if budget > 0 else tol
 

@@ -1,4 +1,4 @@
-"""The secret noise ``b`` and other randomness (DESIGN.md §1, THEORY.md §8.8 item 1).
+"""The secret noise ``b`` and other randomness (docs/theory.md "Training").
 
 ``b`` comes from numpy's PCG64 seeded with 128 bits of OS entropy; a ``seed`` exists for tests
 only (a reproducible ``b`` is a public ``b``) and marks the model uncertified.

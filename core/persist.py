@@ -1,5 +1,6 @@
-"""Model state on disk (DESIGN.md §3): ``safetensors`` + JSON, checksummed, replaced atomically;
-never ``b``.
+"""Model state on disk: ``safetensors`` + JSON, checksummed, replaced atomically; never ``b``.
+
+The contract is docs/design.md "State directory".
 
 Layout of a state directory::
 
@@ -200,7 +201,9 @@ def save_model(
     uses stay.
 
     Raises:
-        InvalidInputError: ``keep`` < 1 or a journal that is not a JSON-serialisable dict.
+        InvalidInputError: ``keep`` < 1, a journal that is not a JSON-serialisable dict, or a
+            dataset (given, or set on the model) whose training rows, labels or ids are not the
+            model's own (the message names which); nothing is written.
         StateError: a different dataset without ``replace_dataset``, or a model whose weights or
             budget are not finite (it would be refused at load; nothing is written).
     """
@@ -218,10 +221,12 @@ def save_model(
         raise StateError("refusing to save a model with non-finite weights")
     if not (math.isfinite(model.budget_used) and math.isfinite(model.budget_total)):
         raise StateError("refusing to save a model with a non-finite budget")
+    # the dtypes the file stores, so that the fingerprint recorded is the one the load finds
+    ds = (dataset or model.dataset or _dataset_from_model(model)).stored_form()
+    _check_training_data(model, ds)
+    fingerprint = ds.fingerprint()
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
-    ds = dataset or model.dataset or _dataset_from_model(model)
-    fingerprint = ds.fingerprint()
     current = _current_dataset_name(root)
     data_name = f"datasets/{fingerprint[:16]}.npz"
     if current is not None and current != data_name and not replace_dataset:
@@ -292,6 +297,24 @@ def save_model(
     _fsync_dir(root)
     _prune(root, keep, previous)
     return final
+
+
+def _check_training_data(model: Model, ds: Dataset) -> None:
+    """Refuse a dataset whose training part is not the model's own rows, labels and ids (in the
+    model's row order): the persisted budget used is anchored on the dataset file at the next
+    load, so other data would be served with a budget that bounds nothing. The cheap test is the
+    fingerprint (the dataset's is computed once per Dataset, the model's once at train or load);
+    the arrays are compared only when the fingerprints differ."""
+    if ds.fingerprint() == model.data_fingerprint:
+        return
+    differs = model.dataset_differences(ds)
+    if differs:
+        raise InvalidInputError(
+            f"the dataset {ds.name!r} is not this model's training data: its {', '.join(differs)} "
+            f"differ from the model's ({ds.X_train.shape[0]} rows of {ds.X_train.shape[1]} vs "
+            f"{model.n_rows} of {model._problem.X.shape[1]}); save the model with its own dataset "
+            "(or none: the one it was trained, loaded or saved with); nothing was written"
+        )
 
 
 def _current_seq(root: Path) -> int | None:
@@ -378,6 +401,9 @@ def _state_dict(model: Model, fingerprint: str) -> dict[str, Any]:
         # (rows, value) of the last "auto" estimate: b-independent (shadow runs), kept so that a
         # restart scales it instead of running the shadow runs again
         "auto_basis": list(model._auto_basis) if model._auto_basis is not None else None,
+        # the accounting its shadow runs charged (states without it: the exact residual, also
+        # under "bound", where that is far too lax; _build drops such a basis)
+        "auto_basis_accounting": model.hyper.accounting,
         "safety_retrains": model.safety_retrains,
         "certified": model.certified,
         "x_norm2": model._problem.x_norm2,
@@ -737,11 +763,16 @@ def _build(root: Path, snap: _Snapshot, device: str | torch.device | None) -> Mo
         W=tensors["weights"].to(dev, torch.float64),
         budget_total=float(state["budget_total"]),
         certified=bool(state["certified"]),
+        data_fingerprint=ds.fingerprint(),  # verified against state.json: no second hash
     )
     model.version = int(state["version"])
     model.removed_in_epoch = int(state["removed_in_epoch"])
     model.max_removals = state["max_removals_resolved"]
     basis = state.get("auto_basis")  # absent in states written before it was kept
+    if model.hyper.accounting != "exact" and state.get("auto_basis_accounting") != (
+        model.hyper.accounting
+    ):
+        basis = None  # estimated on the exact residual: the next retrain estimates it again
     model._auto_basis = (int(basis[0]), int(basis[1])) if basis else None
     model.safety_retrains = int(state["safety_retrains"])
     model.extractor_removed = int(state.get("extractor_removed", 0))

@@ -1,4 +1,4 @@
-"""The retrain trigger that does not depend on ``b`` (DESIGN.md §1, THEORY.md §8.4c).
+"""The retrain trigger that does not depend on ``b`` (docs/theory.md "The retrain trigger").
 
 A commit/retrain decision that depends on ``b`` selects which noise draws survive (up to about
 ``e^-eps/4`` in delta). The primary trigger is therefore a count of removed rows per noise epoch,
@@ -46,9 +46,10 @@ def validate_spec(spec: MaxRemovals) -> MaxRemovals:
 @dataclass(frozen=True)
 class AutoSettings:
     """Shadow-run settings: ``shadow_runs`` noise draws, each removing up to ``search_fraction``
-    of the rows in ``chunks`` batched steps until the exact residual crosses the budget; the
-    trigger is ``target_fraction`` of the smallest crossing point, at most ``cap_fraction`` of
-    the rows (beyond that the residual's dependence on ``b`` grows, THEORY.md §8.4b)."""
+    of the rows in ``chunks`` batched steps until the budget used (in the model's accounting)
+    crosses the budget; the trigger is ``target_fraction`` of the smallest crossing point, at
+    most ``cap_fraction`` of the rows (beyond that the residual's dependence on ``b`` grows,
+    docs/theory.md "What is certified")."""
 
     shadow_runs: int = 2
     chunks: int = 16
@@ -66,6 +67,7 @@ def auto_max_removals(
     budget: float,
     rng: np.random.Generator,
     binary: bool,
+    accounting: str = "exact",
     factor: torch.Tensor | None = None,
     settings: AutoSettings = AutoSettings(),
 ) -> int:
@@ -73,10 +75,14 @@ def auto_max_removals(
 
     Each run refits with its own noise (from ``W`` with the training's Hessian ``factor``, a chord
     iteration of O(nd) per step, or Newton if that does not converge), then removes a random order
-    of rows with the real Newton step and the exact residual: first the whole cap in one batch
-    (if that stays below the limit, the cap is the answer), else in batches of ``ceil(cap/chunks)``
-    rows. Batched steps leave a larger residual than smaller ones, so the estimate errs early.
+    of rows with the real Newton step, charged as the model charges it (``accounting``: the exact
+    anchored residual, or the a-priori bound ``r0 + ||sum of increments||``, which grows much
+    faster): first the whole cap in one batch (if that stays below the limit, the cap is the
+    answer), else in batches of ``ceil(cap/chunks)`` rows. Batched steps leave a larger residual
+    and a larger bound than smaller ones, so the estimate errs early.
     """
+    if accounting not in ("exact", "bound"):
+        raise InvalidInputError(f"accounting must be 'exact' or 'bound', got {accounting!r}")
     n_alive = int(alive.sum())
     cap = int(settings.cap_fraction * n_alive)
     search = int(settings.search_fraction * n_alive)
@@ -102,27 +108,39 @@ def auto_max_removals(
         order = torch.from_numpy(rng.permutation(np.flatnonzero(alive.cpu().numpy())))
         crossing = min(
             crossing,
-            _shadow_crossing(problem, alive, fit, anchor, order, search, budget, settings, binary),
+            _shadow_crossing(
+                problem, alive, fit, anchor, order, search, budget, settings, binary, accounting
+            ),
         )
         if crossing == 0:
             break
     return min(cap, int(settings.target_fraction * crossing))
 
 
-def _shadow_crossing(problem, alive, fit, anchor, order, cap, limit, settings, binary) -> int:  # type: ignore[no-untyped-def]
-    """Rows removable (in this run's batches) while ``r0 + ||grad L_0 - g_a||`` stays <= limit."""
+def _shadow_crossing(  # type: ignore[no-untyped-def]
+    problem, alive, fit, anchor, order, cap, limit, settings, binary, accounting="exact"
+) -> int:
+    """Rows removable (in this run's batches) while the budget used stays <= limit: the exact
+    ``r0 + ||grad L_0 - g_a||`` (plus its margin), or under ``"bound"`` the model's a-priori
+    ``r0 + ||beta||`` with ``beta`` the summed per-class increments (``Model._used_after``)."""
     chunk = cap  # first the whole cap in one batch: the largest residual of any split
     coarse = True
     while True:
         state, W, Z, done = alive.clone(), fit.W, None, 0
+        beta = torch.zeros(fit.W.shape[1], dtype=torch.float64, device=fit.W.device)
         while done < cap:
             rows = order[done : min(cap, done + chunk)].to(problem.X.device)
             step = newton_step(problem, state, W, rows, anchor, Z)
             if step is None or _class_emptied(problem, step.alive, binary):
                 return done
-            if fit.r0 + step.anchor_distance + step.margin > limit:
+            if accounting == "bound":
+                used = fit.r0 + float(torch.linalg.vector_norm(beta + step.increments))
+            else:
+                used = fit.r0 + step.anchor_distance + step.margin
+            if used > limit:
                 break
             state, W, Z, done = step.alive, step.W, step.Z, done + rows.numel()
+            beta = beta + step.increments
         else:
             return done
         if coarse:  # the cap in one batch crossed: measure in finer batches

@@ -1,4 +1,4 @@
-"""Enqueue deletion requests and read their status (DESIGN.md §3 "Producer API", §4 steps 1).
+"""Enqueue deletion requests and read their status (docs/design.md "Enqueue").
 
 The producer writes each request's ``queued`` status and appends it to the model's Redis Stream
 in one server-side script (status first, so a late ``queued`` can never overwrite ``applied``),

@@ -1,4 +1,4 @@
-"""The wire contract between producers and the worker (DESIGN.md §3, §4).
+"""The wire contract between producers and the worker (docs/design.md "Contracts").
 
 Everything a producer needs to talk to the service lives here: Redis key names, Celery task and
 queue names, stream entry fields, the request status schema and the request size limit. The worker

@@ -31,7 +31,7 @@ keys themselves, which hold nothing of the test's once those entries are gone: `
 ``unacked_index``, ``unacked_mutex`` (a lock kombu expires itself), ``_kombu.binding_deadlines``
 (deadlines of exchanges with expiring queues: Celery's pidbox ones, keyed by exchange, not by
 model) and the pidbox/reply binding sets while other workers' members remain. Tests never mock
-Redis or Celery (STYLE.md "Tests").
+Redis or Celery (docs/design.md "Code conventions and tests").
 """
 
 from __future__ import annotations

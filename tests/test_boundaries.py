@@ -1,4 +1,4 @@
-"""The boundary rule of STYLE.md, kept by a machine: walk the packages' imports with ``ast``."""
+"""The boundary rule of docs/design.md "Architecture", kept by a machine (imports, by ``ast``)."""
 
 from __future__ import annotations
 

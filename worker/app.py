@@ -3,7 +3,7 @@
 JSON only, late acks, results ignored, one solo-pool process that owns the model. The model's
 retrain queue is listed first and polled with ``queue_order_strategy="priority"``, so a retrain
 waits at most one drain time slice. Celery messages are only wake-ups: the Redis Stream is the
-durable record (DESIGN.md §4), so the visibility timeout can stay moderate.
+durable record (docs/design.md "Doorbell"), so the visibility timeout can stay moderate.
 
 Settings come from ``CERTREMOVE_*`` variables, read once here: this module is the entry point.
 Give the service a Redis database of its own (kombu's ``unacked`` keys are shared by every Celery

@@ -1,4 +1,4 @@
-"""The owned doorbell (DESIGN.md §4 step 2; PROTOTYPE.md "Doorbell and Celery behaviour").
+"""The owned doorbell (docs/design.md "Request life cycle", step 2 "Doorbell").
 
 Producers ring with ``SET doorbell 1 NX PX 5000`` and send ``certremove.drain`` only when that
 succeeds. A running drain holds the bell (so rings during it are no-ops), and on exit releases it

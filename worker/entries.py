@@ -1,4 +1,4 @@
-"""Parse and validate request-stream entries (DESIGN.md §3 "Request log").
+"""Parse and validate request-stream entries (docs/design.md "Stream entry fields").
 
 Bad input is answered, never dropped: an entry that cannot be read becomes an :class:`Entry`
 with ``error`` set, which the service records as ``rejected`` with that reason (or sends to the

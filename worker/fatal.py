@@ -7,7 +7,7 @@ fatal error into :class:`WorkerFatal`, a ``SystemExit`` that Celery's ``Worker.s
 the worker's exit code without a traceback; ``certremove worker`` prints the recorded line on
 stderr and exits with the code.
 
-Exit statuses (README "Exit status"):
+Exit statuses (docs/design.md "Exit codes", README "Worker exit status"):
 
 - 1: an unexpected error, or the service stopped (its persisted model could not be reloaded);
 - 2: bad configuration (a setting, the broker URL, Redis refusing the credentials);

@@ -8,6 +8,8 @@ served alone, with the infrastructure answering) counts against the entry; after
 
 from __future__ import annotations
 
+import re
+
 import redis
 
 #: Redis error replies that say the server cannot serve now, whatever the command
@@ -26,6 +28,13 @@ _TRANSIENT_REPLIES = (
     "NOPERM",
     "UNBLOCKED",
 )
+
+#: the same replies from a command inside a script, as Redis 6 reports them ("Error running script
+#: (call to f_...): @user_script:1: @user_script: 1: -OOM command not allowed ...")
+_IN_SCRIPT = re.compile(r"@USER_SCRIPT: ?\d+: -?(?:" + "|".join(_TRANSIENT_REPLIES) + r")\b")
+#: what torch says when an allocation fails: a RuntimeError (CPU), or torch.OutOfMemoryError (a
+#: RuntimeError too), never MemoryError
+_OUT_OF_MEMORY = ("OUT OF MEMORY", "CAN'T ALLOCATE MEMORY")
 
 
 class LeaseLostError(RuntimeError):
@@ -56,9 +65,16 @@ def is_infrastructure(exc: BaseException) -> bool:
     for e in _chain(exc):
         if isinstance(e, OSError | MemoryError | redis.ConnectionError | redis.TimeoutError):
             return True
+        if isinstance(e, RuntimeError) and (
+            type(e).__name__ == "OutOfMemoryError"
+            or any(s in str(e).upper() for s in _OUT_OF_MEMORY)
+        ):
+            return True
         if isinstance(e, redis.ResponseError):
             text = str(e).lstrip("-").upper()
             if text.startswith(_TRANSIENT_REPLIES) or "SCRIPT KILL" in text:
+                return True
+            if _IN_SCRIPT.search(text):
                 return True
     return False
 

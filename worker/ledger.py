@@ -435,7 +435,7 @@ class Ledger:
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
         try:
             end = os.lseek(fd, 0, os.SEEK_END)
-            if self._size is not None and end != self._size:
+            if self._size is not None and end > self._size:
                 os.ftruncate(fd, self._size)
                 end = self._size
             os.lseek(fd, end, os.SEEK_SET)

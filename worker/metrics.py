@@ -1,7 +1,7 @@
-"""Every Prometheus metric of DESIGN.md §3, defined once against an injected registry.
+"""Every Prometheus metric (docs/design.md "Metrics"), defined once against an injected registry.
 
 The endpoint that serves them is an **operator** endpoint: the budget gauges and the update and
-latency timings depend on the secret noise draw (DESIGN.md §1 "Secrets and limits"), so it binds
+latency timings depend on the secret noise draw (docs/design.md "Secrets and limits"), so it binds
 to loopback by default and must never be published. No per-step residual or noise figure is
 exported beyond the budget gauges listed here.
 """
@@ -19,7 +19,7 @@ RETRAIN_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0
 
 
 class ServiceMetrics:
-    """The worker's metrics (names in DESIGN.md §3), registered on ``registry``.
+    """The worker's metrics (names in docs/design.md "Metrics"), registered on ``registry``.
 
     Args:
         registry: where to register; tests pass a fresh ``CollectorRegistry``.

@@ -1,4 +1,6 @@
-"""The removal service: batching, the drain protocol, retrain scheduling (DESIGN.md §4).
+"""The removal service: batching, the drain protocol, retrain scheduling.
+
+The life cycle it implements is docs/design.md "Request life cycle".
 
 No Celery here: ``worker.tasks`` calls :meth:`RemovalService.drain` and
 :meth:`RemovalService.retrain` and injects how tasks are sent. One instance owns the model.
@@ -450,6 +452,22 @@ class RemovalService:
                 "dead-lettered entry %s (request %s): %s", _s(e.entry_id), e.request_id, reason
             )
 
+    def _redo_dead_letters(self, batch: list[Entry]) -> list[Entry]:
+        """Copy and acknowledge the entries whose dead-lettering stopped after the ledger recorded
+        it (Redis failed before the copy): answered as a repeat, they would have no dead letter
+        to replay. Returns the rest of ``batch``."""
+        redo: list[tuple[Entry, str]] = []
+        for e in batch:
+            if e.entry_id not in self._failed or e.replay_of or not e.request_id:
+                continue
+            prior = self.ledger.seen(e.request_id)
+            if prior is not None and prior.dead_letter:
+                redo.append((e, prior.reason))
+        for e, reason in redo:
+            self._dead_letter([e], reason)
+        done = {e.entry_id for e, _ in redo}
+        return [e for e in batch if e.entry_id not in done] if done else batch
+
     def _forget_held(self) -> None:
         """Entries held across time slices are left to the pending list: read it again next."""
         self._held, self._pel_cursor = [], "0"
@@ -624,6 +642,7 @@ class RemovalService:
 
     def _step(self, batch: list[Entry], report: DrainReport) -> list[Entry]:
         """One Newton step over a batch; returns the deferred entries."""
+        batch = self._redo_dead_letters(batch)
         plan, _ = self._plan(batch, fold=False)
         committed: list[Answer] = []
         committed_entries: list[Entry] = []
@@ -990,6 +1009,8 @@ class RemovalService:
                 else:
                     self.model.retrain(exclude=exclude)
             except ValueError as exc:  # core refused the exclusions: answer them
+                if faults.is_infrastructure(exc):  # e.g. the source images could not be read
+                    raise
                 now = self.clock()
                 reason = str(exc)
                 if full:  # e.g. the source images are gone: stop trying, reject from now on

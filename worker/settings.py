@@ -122,7 +122,7 @@ class Settings:
         if self.broker_max_retries < 1:
             raise SettingsError("CERTREMOVE_BROKER_MAX_RETRIES must be at least 1")
         if not 0 < self.drain_interval <= 30:
-            # DESIGN.md §4 asks for 10-30 s; shorter is allowed (tests), longer would stall.
+            # 10-30 s by design (docs/design.md "Doorbell"); shorter is fine (tests).
             raise SettingsError("CERTREMOVE_DRAIN_INTERVAL must be in (0, 30] seconds")
         if not 0 <= self.retrain_lead < 1:
             raise SettingsError("CERTREMOVE_RETRAIN_LEAD must lie in [0, 1)")

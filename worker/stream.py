@@ -1,4 +1,4 @@
-"""The model's request stream as the worker sees it: a consumer group (DESIGN.md §4).
+"""The model's request stream as the worker sees it: a consumer group (docs/design.md "Drain").
 
 Reads new entries, replays this consumer's own pending list, claims idle entries of other
 consumers (``XPENDING ... IDLE`` per consumer, then ``XCLAIM``) and reports delivery counts.
@@ -138,8 +138,8 @@ class RequestStream:
         many were deleted."""
         cut = _id_key(f"{int(max(0.0, now - keep_seconds) * 1000)}-0".encode())
         try:
-            summary = self.redis.xpending(self.key, self.group)
             groups = self.redis.xinfo_groups(self.key)
+            summary = self.redis.xpending(self.key, self.group)
         except redis.ResponseError:
             return 0
         if summary.get("pending") and summary.get("min"):

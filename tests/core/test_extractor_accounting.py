@@ -16,6 +16,7 @@ def model(digits):
     return core.train(
         digits.X_train,
         digits.y_train,
+        ids=digits.ids_train,  # saved with digits below: the ids must be the dataset's
         lam=1e-2,
         sigma=1.0,
         max_removals=None,

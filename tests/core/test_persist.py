@@ -13,7 +13,10 @@ import core
 
 @pytest.fixture
 def trained(digits):
-    return core.train(digits.X_train, digits.y_train, lam=1e-2, sigma=1.0, max_removals=None)
+    # saved with ``dataset=digits``: trained on its ids (a save refuses other ids)
+    return core.train(
+        digits.X_train, digits.y_train, ids=digits.ids_train, lam=1e-2, sigma=1.0, max_removals=None
+    )
 
 
 def test_round_trip_and_continue(tmp_path, digits, trained):

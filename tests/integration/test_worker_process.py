@@ -1,4 +1,7 @@
-"""End to end: producer -> Redis -> ``certremove worker`` subprocess -> core (DESIGN.md §4)."""
+"""End to end: producer -> Redis -> ``certremove worker`` subprocess -> core.
+
+The path of docs/design.md "Request life cycle".
+"""
 
 from __future__ import annotations
 

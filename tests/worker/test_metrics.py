@@ -25,7 +25,7 @@ DESIGN_NAMES = {
     "certremove_training_samples",
     "certremove_extractor_removals_remaining",
 }
-#: metrics beyond DESIGN.md §3 (documented in README "Metrics")
+#: metrics added since the first design (docs/design.md "Metrics", README "Metrics")
 EXTRA_NAMES = {
     "certremove_retrain_wait_seconds",
     "certremove_infrastructure_errors",
