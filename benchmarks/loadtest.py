@@ -89,7 +89,7 @@ def raw_baseline(url: str, n: int) -> dict[str, Any]:
 
 
 def train_state(dataset: str, path: Path, max_removals: Any) -> dict[str, Any]:
-    from worker.cli import train_model  # noqa: PLC0415 - torch only here
+    from worker.training import train_model  # noqa: PLC0415 - torch only here
 
     t0 = time.time()
     summary = train_model(dataset, path, overwrite=True, max_removals=max_removals, device="cpu")

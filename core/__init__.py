@@ -25,8 +25,8 @@ from core.errors import (
     StateError,
     StateNotFoundError,
 )
-from core.model import Model, RemovalResult
-from core.persist import SnapshotInfo, list_snapshots, load_model, read_journal
+from core.model import Model, RemovalResult, load_model
+from core.persist import SnapshotInfo, list_snapshots, read_journal
 from core.train import train
 
 __all__ = [

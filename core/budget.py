@@ -1,6 +1,6 @@
 """Privacy calibration: the residual budget ``sigma * epsilon / c`` and its analytic variant.
 
-Pure functions (math/scipy only). The stateful bookkeeping lives in ``core.model``.
+Pure functions (math/scipy only). The stateful bookkeeping lives in ``core.accountant``.
 """
 
 from __future__ import annotations

@@ -300,3 +300,51 @@ def save_dataset(path: str | os.PathLike[str], ds: Dataset) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def dataset_differences(
+    X: torch.Tensor, y: torch.Tensor, ids: np.ndarray, dataset: Dataset
+) -> list[str]:
+    """What of ``dataset``'s training part differs from the training rows ``X`` (float32),
+    labels ``y`` (int64) and ``ids`` (stored form), in that row order: a sublist of
+    ``["rows", "labels", "ids"]``, empty when it is the same data (in whatever dtypes)."""
+    out = []
+    dX = dataset.X_train.detach().cpu()
+    if tuple(dX.shape) != tuple(X.shape) or not torch.equal(dX.to(torch.float32), X):
+        out.append("rows")
+    dy = dataset.y_train.detach().cpu()
+    same = tuple(dy.shape) == tuple(y.shape) and (
+        torch.equal(dy.double(), y.double())
+        if dy.is_floating_point()
+        else torch.equal(dy.long(), y)
+    )
+    if not same:
+        out.append("labels")
+    other = stored_ids(dataset.ids_train)
+    if not (
+        other.shape == ids.shape
+        and (other.dtype.kind in "iu") == (ids.dtype.kind in "iu")
+        and bool(np.array_equal(other, ids))
+    ):
+        out.append("ids")
+    return out
+
+
+def check_training_data(
+    ds: Dataset, fingerprint: str, X: torch.Tensor, y: torch.Tensor, ids: np.ndarray
+) -> None:
+    """Refuse (:class:`InvalidInputError`) a dataset whose training part is not a model's own
+    rows ``X``, labels ``y`` and ``ids`` (fingerprint ``fingerprint``), in its row order: a
+    saved budget is anchored on the dataset file at the next load, so other data would be
+    served with a budget that bounds nothing. The fingerprints are the cheap test; the arrays
+    are compared only when they differ."""
+    if ds.fingerprint() == fingerprint:
+        return
+    differs = dataset_differences(X, y, ids, ds)
+    if differs:
+        raise InvalidInputError(
+            f"the dataset {ds.name!r} is not this model's training data: its {', '.join(differs)} "
+            f"differ from the model's ({ds.X_train.shape[0]} rows of {ds.X_train.shape[1]} vs "
+            f"{X.shape[0]} of {X.shape[1]}); save the model with its own dataset "
+            "(or none: the one it was trained, loaded or saved with); nothing was written"
+        )

@@ -1,7 +1,8 @@
 """Which removals ``core`` refuses: none that leave no rows, or one class of a binary model.
 
-One rule, used by :meth:`core.Model.remove` and :meth:`core.Model.retrain` (which raise) and by
-the worker (which asks request by request, so only the offending request is rejected).
+One rule (:func:`refusal`), used by :meth:`core.Model.remove` and :meth:`core.Model.retrain`
+(which raise), by the trigger's shadow runs (:mod:`core.trigger`, which stop there) and by the
+worker (which asks request by request, so only the offending request is rejected).
 """
 
 from __future__ import annotations
@@ -12,6 +13,15 @@ import numpy as np
 
 NO_ROWS = "the removal would leave no training rows: there is no model with n' = 0"
 ONE_CLASS = "the removal would leave a binary model with a single class"
+
+
+def refusal(rows_left: int, classes_left: int, binary: bool) -> str | None:
+    """THE rule: why a state with ``rows_left`` rows in ``classes_left`` classes is refused."""
+    if rows_left <= 0:
+        return NO_ROWS
+    if binary and classes_left < 2:
+        return ONE_CLASS
+    return None
 
 
 class RemovalGuard:
@@ -43,10 +53,10 @@ class RemovalGuard:
         if self.safe or not rows:
             return None
         dec = Counter(self.labels[rows].tolist())
-        if self.total - len(rows) <= 0:
-            return NO_ROWS
-        if self.binary and sum(1 for k, c in self.counts.items() if c - dec.get(k, 0) > 0) < 2:
-            return ONE_CLASS
+        left = sum(1 for k, c in self.counts.items() if c - dec.get(k, 0) > 0)
+        reason = refusal(self.total - len(rows), left, self.binary)
+        if reason is not None:
+            return reason
         for k, c in dec.items():
             self.counts[k] = self.counts.get(k, 0) - c
         self.total -= len(rows)

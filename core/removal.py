@@ -22,27 +22,7 @@ from core.loss import (
     weighted_gram,
     xt_dot,
 )
-
-
-@dataclass(frozen=True)
-class Problem:
-    """The fixed data of a model: float64 rows, labels, subsampling mask and derived constants.
-
-    Shapes: X (n, d) float64; Y (n, K) in {-1, +1}; omega (n, K) in {0, 1}; row_norms (n,).
-    ``x_norm2`` is an upper bound on the full training matrix's spectral norm.
-    """
-
-    X: torch.Tensor
-    Y: torch.Tensor
-    omega: torch.Tensor
-    row_norms: torch.Tensor
-    x_norm2: float
-    lam: float
-    hess_dtype: torch.dtype
-
-    def weights(self, alive: torch.Tensor) -> torch.Tensor:
-        """Row weights ``C = alive * omega`` (n, K) in X's dtype."""
-        return self.omega * alive.to(self.X.dtype)[:, None]
+from core.problem import Problem
 
 
 @dataclass(frozen=True)

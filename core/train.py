@@ -11,44 +11,22 @@ import numpy as np
 import torch
 
 from core.budget import budget_total as compute_budget
+from core.epoch import fit_epoch
 from core.errors import InvalidInputError
 from core.labels import LabelCoding
-from core.model import ACCOUNTINGS, Hyper, Model
+from core.model import Model
 from core.noise import generator
-from core.removal import Problem
-from core.trigger import MaxRemovals, validate_spec
+from core.problem import (
+    ACCOUNTINGS,
+    Hyper,
+    MaxRemovals,
+    make_problem,
+    resolve_device,
+    validate_rows_data,
+)
+from core.trigger import validate_spec
 
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` picks CUDA when available, else CPU."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def validate_rows_data(X: torch.Tensor, y: torch.Tensor) -> None:
-    """Reject data the certificate does not cover: NaN, norms above ``1 + 1e-6``, bad labels."""
-    if not isinstance(X, torch.Tensor) or X.ndim != 2:
-        raise InvalidInputError("X must be a 2-D tensor (n, d)")
-    if not isinstance(y, torch.Tensor) or y.ndim != 1:
-        raise InvalidInputError(
-            f"y must be a 1-D tensor of labels, got shape {tuple(getattr(y, 'shape', ()))}"
-        )
-    if y.shape[0] != X.shape[0]:
-        raise InvalidInputError(f"X has {X.shape[0]} rows but y has {y.shape[0]} labels")
-    if X.shape[0] < 2 or X.shape[1] < 1:
-        raise InvalidInputError(f"need at least 2 rows and 1 feature, got shape {tuple(X.shape)}")
-    if not X.is_floating_point():
-        raise InvalidInputError(f"X must be floating point, got {X.dtype}")
-    if not bool(torch.isfinite(X).all()):
-        raise InvalidInputError("X contains NaN or infinite values")
-    norms = torch.linalg.vector_norm(X.double(), dim=1)
-    worst = float(norms.max())
-    if worst > 1 + 1e-6:
-        raise InvalidInputError(
-            f"{int((norms > 1 + 1e-6).sum())} rows have L2 norm above 1 + 1e-6 (max {worst:.6g}); "
-            "the certificate needs ||x_i|| <= 1: L2-normalise the rows first"
-        )
+__all__ = ["make_problem", "resolve_device", "train", "validate_rows_data"]
 
 
 def train(
@@ -122,37 +100,16 @@ def train(
         extractor_dp,
         extractor_limit if extractor_dp is not None else None,
     )
-    W0 = torch.zeros((X.shape[1], Y.shape[1]), dtype=torch.float64, device=dev)
-    model = Model(
-        problem=problem,
-        coding=coding,
-        hyper=hyper,
-        ids=ids_arr,
-        alive=torch.ones(X.shape[0], dtype=torch.bool, device=dev),
-        W=W0,
-        budget_total=total,
-        certified=seed is None and sigma > 0,
+    epoch = fit_epoch(
+        problem,
+        hyper,
+        total,
+        torch.ones(X.shape[0], dtype=torch.bool, device=dev),
+        binary=coding.binary,
+        version=1,
+        seed=None if seed is None else seed + 1,
+        W0=None,
     )
-    model._fit(model._alive, seed=None if seed is None else seed + 1, W0=None)
-    return model
-
-
-def make_problem(
-    X: torch.Tensor, Y: torch.Tensor, omega: torch.Tensor, lam: float, dev: torch.device
-) -> Problem:
-    """Move the data to ``dev`` in float64 and compute the constants the bounds need."""
-    from core.bounds import spectral_norm_upper
-
-    X64 = X.to(dev, torch.float64)
-    return Problem(
-        X=X64,
-        Y=Y.to(dev, torch.float64),
-        omega=omega.to(dev, torch.float64),
-        row_norms=torch.linalg.vector_norm(X64, dim=1),
-        x_norm2=spectral_norm_upper(X64),
-        lam=float(lam),
-        # float32 Hessians (CPU and CUDA): 15 % faster steps and 30 % faster retrains on
-        # n = 100,000, d = 64, same capacity on digits; the float64 refinement and certificate pay
-        # for every difference (benchmarks/README.md)
-        hess_dtype=torch.float32,
+    return Model(
+        problem=problem, coding=coding, hyper=hyper, ids=ids_arr, epoch=epoch, budget_total=total
     )

@@ -4,24 +4,63 @@ A commit/retrain decision that depends on ``b`` selects which noise draws surviv
 ``e^-eps/4`` in delta). The primary trigger is therefore a count of removed rows per noise epoch,
 fixed at training time without looking at ``b``: an int, a fraction of the rows, or ``"auto"``,
 estimated from shadow runs that draw their own independent noise and remove rows of the (public)
-training data in a random order.
+training data in a random order. This module owns the ``max_removals`` option: its parsing and
+validation, its resolution per noise epoch (scale the last ``"auto"`` estimate, or estimate it
+again), and the per-epoch limits a batch of removals is cut at.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from core.errors import InvalidInputError
+from core.guard import refusal
 from core.loss import gradient
 from core.newton import FitResult, gradient_tolerance, newton_fit, refit_with_factor
 from core.noise import draw_noise
-from core.removal import Problem, newton_step
+from core.problem import MaxRemovals, Problem
+from core.removal import newton_step
 
-MaxRemovals = int | float | str | None
+__all__ = [
+    "AUTO_REESTIMATE_BELOW",
+    "AutoSettings",
+    "MaxRemovals",
+    "auto_max_removals",
+    "groups_within_limits",
+    "parse_max_removals",
+    "reestimate_due",
+    "resolve_max_removals",
+    "validate_spec",
+]
+
+#: an "auto" max_removals is re-estimated by shadow runs at a retrain once the rows have fallen
+#: below this fraction of those at the last estimate; until then it is scaled with the rows
+AUTO_REESTIMATE_BELOW = 0.5
+
+
+def parse_max_removals(text: str) -> MaxRemovals:
+    """Parse a ``--max-removals`` text: ``auto``, ``none``, an integer count >= 0 or a fraction
+    in (0, 1) (case and surrounding blanks ignored). Raises ``ValueError`` (an
+    :class:`InvalidInputError`) on anything else."""
+    low = text.strip().lower()
+    if low in ("auto", "none"):
+        return None if low == "none" else "auto"
+    value: int | float
+    try:
+        value = int(low)
+    except ValueError:
+        try:
+            value = float(low)
+        except ValueError:
+            raise InvalidInputError(
+                f"max_removals: use auto, none, an integer or a fraction in (0, 1), got {text!r}"
+            ) from None
+    return validate_spec(value)
 
 
 def validate_spec(spec: MaxRemovals) -> MaxRemovals:
@@ -41,6 +80,53 @@ def validate_spec(spec: MaxRemovals) -> MaxRemovals:
     raise InvalidInputError(
         f"max_removals must be an int, a fraction, 'auto' or None, got {spec!r}"
     )
+
+
+def reestimate_due(
+    spec: MaxRemovals, n_alive: int, basis: tuple[int, int] | None, margin: float = 1.0
+) -> bool:
+    """True when an ``"auto"`` ``max_removals`` on ``n_alive`` rows is estimated again by shadow
+    runs (no estimate yet, or the rows fell below ``AUTO_REESTIMATE_BELOW * margin`` of the
+    estimate's)."""
+    if spec != "auto":
+        return False
+    return basis is None or n_alive < AUTO_REESTIMATE_BELOW * margin * basis[0]
+
+
+def resolve_max_removals(
+    spec: MaxRemovals,
+    n_alive: int,
+    basis: tuple[int, int] | None,
+    estimate: Callable[[], int],
+    *,
+    reestimate: bool = True,
+) -> tuple[int | None, tuple[int, int] | None]:
+    """``max_removals`` for a noise epoch on ``n_alive`` rows and the ``"auto"`` basis
+    ``(rows, value)`` it leaves. An ``"auto"`` basis is scaled with the row count (it is
+    b-independent: shadow runs with their own noise) until the rows have halved since it, then
+    ``estimate()`` runs the shadow runs again (never when ``reestimate`` is False)."""
+    if spec is None or isinstance(spec, int):
+        return spec, basis
+    if isinstance(spec, float):
+        return int(spec * n_alive), basis
+    if basis is not None and (not reestimate or not reestimate_due(spec, n_alive, basis)):
+        return int(basis[1] * n_alive / basis[0]), basis
+    value = estimate()
+    return value, (n_alive, value)
+
+
+def groups_within_limits(
+    group_rows: list[list[int]], limits: list[tuple[int, str]]
+) -> tuple[int, str | None]:
+    """Leading groups whose running row count stays within every ``(allowed, name)`` limit
+    (checked in order). Returns (count, the name of the limit that stopped it, or None)."""
+    total = 0
+    for i, g in enumerate(group_rows):
+        total += len(g)
+        for allowed, reason in limits:
+            if g and total > allowed:
+                return i, reason
+    return len(group_rows), None
 
 
 @dataclass(frozen=True)
@@ -122,7 +208,7 @@ def _shadow_crossing(  # type: ignore[no-untyped-def]
 ) -> int:
     """Rows removable (in this run's batches) while the budget used stays <= limit: the exact
     ``r0 + ||grad L_0 - g_a||`` (plus its margin), or under ``"bound"`` the model's a-priori
-    ``r0 + ||beta||`` with ``beta`` the summed per-class increments (``Model._used_after``)."""
+    ``r0 + ||beta||`` with ``beta`` the summed per-class increments (``core.accountant.Accountant.used_after``)."""
     chunk = cap  # first the whole cap in one batch: the largest residual of any split
     coarse = True
     while True:
@@ -152,7 +238,9 @@ def _shadow_crossing(  # type: ignore[no-untyped-def]
 
 
 def _class_emptied(problem: Problem, alive: torch.Tensor, binary: bool) -> bool:
+    """Whether core.guard's rule refuses a state with ``alive`` rows."""
+    n = int(alive.sum())
     if not binary:
-        return not bool(alive.any())
+        return refusal(n, 1, binary) is not None
     y = problem.Y[alive, 0]
-    return not (bool((y > 0).any()) and bool((y < 0).any()))
+    return refusal(n, int(bool((y > 0).any())) + int(bool((y < 0).any())), binary) is not None

@@ -2,8 +2,8 @@
 
 The producer writes each request's ``queued`` status and appends it to the model's Redis Stream
 in one server-side script (status first, so a late ``queued`` can never overwrite ``applied``),
-then rings the doorbell: ``SET doorbell 1 NX PX 5000`` and, when that succeeds, sends
-``certremove.drain`` by name. It imports neither torch nor ``core`` nor ``worker``.
+then rings the doorbell (``producer.doorbell.ring``). It imports neither torch nor ``core`` nor
+``worker``.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import redis
 from celery import Celery
 
 from producer import schema
+from producer.doorbell import ring
 from producer.urls import redact_url, split_tls_query, tls_options
 
-DOORBELL_MS = 5000
 CHUNK = 1000
 
 # KEYS[1] stream, KEYS[1+k] status hash of request k; ARGV[1] requested_at, then
@@ -197,10 +197,10 @@ class Client:
 
     def ring(self) -> bool:
         """Ring the doorbell: send ``certremove.drain`` unless a drain already holds it."""
-        if not self.redis.set(schema.doorbell_key(self.model), 1, nx=True, px=DOORBELL_MS):
-            return False
-        self.celery.send_task(schema.TASK_DRAIN, queue=schema.queue_name(self.model))
-        return True
+        return ring(self.redis, self.model, self._send_task)
+
+    def _send_task(self, name: str, queue: str) -> None:
+        self.celery.send_task(name, queue=queue)
 
     def status(self, request_id: str) -> dict[str, Any]:
         """The status of one request (empty dict if unknown)."""

@@ -25,6 +25,9 @@ from producer import schema
 from worker.entries import Entry
 from worker.ledger import Answer, Ledger
 
+#: ``rows_for_ids(sample_ids) -> (rows, unknown ids)`` (``core.Model.rows_for_ids``)
+RowsForIds = Callable[[Any], tuple[list[int], list[Any]]]
+
 
 @dataclass
 class Group:
@@ -40,21 +43,117 @@ class Group:
 
 @dataclass
 class Plan:
-    """What to do with a batch."""
+    """What to do with a batch, and what became of it.
 
+    ``plan_batch`` fills it; the service then changes it only through its methods: groups core
+    refuses are rejected (:meth:`reject`, :meth:`reject_all`), groups a step removed are committed
+    (:meth:`commit`, :meth:`certify`), groups left for the next batch are deferred
+    (:meth:`defer`), and :meth:`limit` keeps the groups within what the DP extractor still covers.
+    """
+
+    #: requests to remove, in arrival order (one group per request)
     groups: list[Group] = field(default_factory=list)
+    #: answers given without a removal (repeats, rejections, already removed) ...
     answers: list[Answer] = field(default_factory=list)
+    #: ... and their entries
     answered: list[Entry] = field(default_factory=list)
+    #: entries acknowledged with no answer (a request id repeated within the batch)
     ack_only: list[bytes] = field(default_factory=list)
+    #: entries without a request id (dead-lettered)
     dead: list[Entry] = field(default_factory=list)
+    #: entries left for the next batch (an overlap, and everything after it)
     deferred: list[Entry] = field(default_factory=list)
     repeats: int = 0
+    #: ``applied`` answers of the groups a step or retrain removed ...
+    committed: list[Answer] = field(default_factory=list)
+    #: ... and their entries
+    committed_entries: list[Entry] = field(default_factory=list)
+
+    @property
+    def rows(self) -> list[int]:
+        """The rows of every group, in order."""
+        return [r for g in self.groups for r in g.rows]
+
+    @property
+    def sizes(self) -> list[int]:
+        """Rows per group (core's ``groups``)."""
+        return [len(g.rows) for g in self.groups]
+
+    @property
+    def acknowledged(self) -> list[bytes]:
+        """Entry ids the publish acknowledges (answered, committed, repeats within the batch)."""
+        return [e.entry_id for e in self.answered + self.committed_entries] + self.ack_only
+
+    @property
+    def served(self) -> int:
+        """Requests answered by this plan (repeats and rejections included)."""
+        return len(self.answered) + len(self.committed_entries)
+
+    def reject(self, group: Group, reason: str, now: float) -> None:
+        """Answer ``group`` rejected (core or the extractor's allowance refused it)."""
+        self.answers.append(rejected_group(group, reason, now))
+        self.answered.append(group.entry)
+
+    def reject_all(self, reason: str, now: float) -> None:
+        """Reject every group (core refused the call); no group is left to remove."""
+        for g in self.groups:
+            self.reject(g, reason, now)
+        self.groups = []
+
+    def defer(self, groups: list[Group]) -> None:
+        """Leave ``groups`` for the next batch, ahead of the entries deferred already."""
+        self.deferred = [g.entry for g in groups] + self.deferred
+
+    def commit(
+        self,
+        groups: list[Group],
+        method: str,
+        version: int,
+        now: float,
+        sample_ids: np.ndarray | None = None,
+    ) -> list[Answer]:
+        """Record ``groups`` as removed by ``method`` at ``version``; returns their answers."""
+        answers = applied_answers(groups, method, version, now, sample_ids)
+        self.committed += answers
+        self.committed_entries += [g.entry for g in groups]
+        return answers
+
+    def certify(self, now: float) -> None:
+        """The committed removals are persisted (certified) at ``now``."""
+        for a in self.committed:
+            a.applied_at = now
+
+    def limit(self, left: int, *, wait: bool, reason: str, now: float) -> list[Entry]:
+        """Keep, in arrival order, the groups that fit in ``left`` rows (what the DP extractor's
+        group privacy still covers). With ``wait`` the first group that does not fit and every
+        later one stay pending (returned, neither answered nor acknowledged); otherwise they are
+        rejected with ``reason``.
+
+        Rows are handed out again over the kept groups (each takes its ``needs`` not yet taken),
+        so a kept request never counts on rows of a dropped one."""
+        keep: list[Group] = []
+        waiting: list[Entry] = []
+        taken: set[int] = set()
+        for g in self.groups:
+            rows = [r for r in g.needs if r not in taken]
+            if waiting or len(rows) > left:
+                if wait:
+                    waiting.append(g.entry)
+                else:
+                    self.reject(g, reason, now)
+                continue
+            g.rows = rows
+            keep.append(g)
+            taken.update(rows)
+            left -= len(rows)
+        self.groups = keep
+        return waiting
 
 
 def plan_batch(
     entries: list[Entry],
     *,
-    rows_for_ids: Any,
+    rows_for_ids: RowsForIds,
     alive: np.ndarray,
     sample_ids: np.ndarray,
     ledger: Ledger,
@@ -172,7 +271,7 @@ def _plan_entry(
     return False
 
 
-def _rows_in_one_call(entries: list[Entry], rows_for_ids: Any) -> list[Any] | None:
+def _rows_in_one_call(entries: list[Entry], rows_for_ids: RowsForIds) -> list[Any] | None:
     """Map every entry's ids with one call; None (map them one by one) when some id is unknown,
     since only then the returned rows no longer line up with the ids asked for."""
     sizes = [len(e.sample_ids) if e.sample_ids is not None else 0 for e in entries]

@@ -24,6 +24,7 @@ from producer.urls import redact_url
 from worker.embedded_redis import start_redis
 from worker.launcher import free_port, metrics_text, start_worker, stop_worker, wait_ready
 from worker.settings import Settings
+from worker.training import train_model
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -40,8 +41,6 @@ def run_demo(
     *, requests: int = 300, max_removals: int = 100, state: Path | None = None, quiet: bool = False
 ) -> dict[str, Any]:
     """Run the demo; return the final report (also printed unless ``quiet``)."""
-    from worker.cli import train_model  # noqa: PLC0415
-
     console = Console(quiet=quiet)
     work = Path(tempfile.mkdtemp(prefix="certremove-demo-"))
     state = state or work / "state"

@@ -1,23 +1,19 @@
 """The owned doorbell (docs/design.md "Request life cycle", step 2 "Doorbell").
 
-Producers ring with ``SET doorbell 1 NX PX 5000`` and send ``certremove.drain`` only when that
-succeeds. A running drain holds the bell (so rings during it are no-ops), and on exit releases it
-and looks at the stream once more, ringing again if anything arrived: at most one drain message
-is in flight and no wake-up is lost.
+Producers and the worker ring with the one ``producer.doorbell.ring`` (``SET doorbell 1 NX PX
+DOORBELL_MS``, then ``certremove.drain`` only when that succeeds). A running drain holds the bell
+(so rings during it are no-ops), and on exit releases it and looks at the stream once more,
+ringing again if anything arrived: at most one drain message is in flight and no wake-up is lost.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import redis
 
 from producer import schema
+from producer.doorbell import SendTask, ring
 
-RING_MS = 5000
-
-SendTask = Callable[[str, str], None]
-"""``send_task(task_name, queue)``: sends a Celery task by name (injected by ``worker.tasks``)."""
+__all__ = ["Doorbell", "SendTask"]
 
 
 class Doorbell:
@@ -31,6 +27,7 @@ class Doorbell:
 
     def __init__(self, client: redis.Redis, model: str, send_task: SendTask) -> None:
         self.redis = client
+        self.model = model
         self.key = schema.doorbell_key(model)
         self.queue = schema.queue_name(model)
         self.send_task = send_task
@@ -45,10 +42,7 @@ class Doorbell:
 
     def ring(self) -> bool:
         """Send a drain unless the bell is already held; True when one was sent."""
-        if not self.redis.set(self.key, 1, nx=True, px=RING_MS):
-            return False
-        self.send_task(schema.TASK_DRAIN, self.queue)
-        return True
+        return ring(self.redis, self.model, self.send_task)
 
     def requeue(self, ms: int) -> None:
         """Keep holding the bell and send the next drain (the slice ended with work left)."""

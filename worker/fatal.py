@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
+import sys
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -27,6 +29,7 @@ from kombu.exceptions import OperationalError
 
 from producer.urls import redact_url
 from worker.errors import StateLockedError, StateMissingError
+from worker.faults import cause_chain
 from worker.settings import Settings, SettingsError
 
 log = logging.getLogger("certremove.worker")
@@ -98,7 +101,7 @@ def broker_name(settings: Settings) -> str:
 
 def is_auth_error(exc: BaseException) -> bool:
     """True when Redis refused the credentials (wrong or missing password, no permission)."""
-    for e in _chain(exc):
+    for e in cause_chain(exc):
         if isinstance(e, redis.AuthenticationError):
             return True
         if isinstance(e, redis.ResponseError | OperationalError | redis.ConnectionError):
@@ -173,15 +176,6 @@ def _state_errors() -> tuple[type[BaseException], ...]:
     return tuple(out)
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
-    out: list[BaseException] = []
-    cur: BaseException | None = exc
-    while cur is not None and cur not in out and len(out) < 10:
-        out.append(cur)
-        cur = cur.__cause__ or cur.__context__
-    return out
-
-
 def _one_line(exc: BaseException, limit: int = 1000) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     if not isinstance(exc, OSError | redis.RedisError | OperationalError | RuntimeError):
@@ -204,3 +198,12 @@ def exit_code(value: Any) -> int:
     if isinstance(value, int):
         return value
     return EXIT_FAILURE
+
+
+def exit_process(exc: BaseException) -> None:
+    """End the worker process at once (the supervisor restarts it on the persisted state)."""
+    log.critical("the service stopped (%s): exiting the worker process", exc)
+    for handler in logging.getLogger().handlers + log.handlers:
+        handler.flush()
+    sys.stderr.flush()
+    os._exit(1)

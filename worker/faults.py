@@ -41,7 +41,8 @@ class LeaseLostError(RuntimeError):
     """This worker no longer holds the model's lease: it must not persist or answer anything."""
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
+def cause_chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what caused it (``__cause__``/``__context__``), at most 10 deep."""
     out: list[BaseException] = []
     cur: BaseException | None = exc
     while cur is not None and cur not in out and len(out) < 10:
@@ -52,7 +53,7 @@ def _chain(exc: BaseException) -> list[BaseException]:
 
 def is_fenced(exc: BaseException) -> bool:
     """True when ``exc`` says this worker lost the model's lease (fatal for this process)."""
-    for e in _chain(exc):
+    for e in cause_chain(exc):
         if isinstance(e, LeaseLostError):
             return True
         if isinstance(e, redis.ResponseError) and "CERTREMOVE_FENCED" in str(e):
@@ -62,7 +63,7 @@ def is_fenced(exc: BaseException) -> bool:
 
 def is_infrastructure(exc: BaseException) -> bool:
     """True when ``exc`` (or what caused it) is a disk, memory or Redis failure: retry later."""
-    for e in _chain(exc):
+    for e in cause_chain(exc):
         if isinstance(e, OSError | MemoryError | redis.ConnectionError | redis.TimeoutError):
             return True
         if isinstance(e, RuntimeError) and (
@@ -81,7 +82,7 @@ def is_infrastructure(exc: BaseException) -> bool:
 
 def kind(exc: BaseException) -> str:
     """A label for metrics: ``redis``, ``disk`` or ``other``."""
-    for e in _chain(exc):
+    for e in cause_chain(exc):
         if isinstance(e, redis.RedisError):
             return "redis"
         if isinstance(e, OSError):

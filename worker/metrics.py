@@ -8,9 +8,17 @@ exported beyond the budget gauges listed here.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from producer import schema
+
+if TYPE_CHECKING:
+    from core.model import Model
+    from worker.status import Answer
 
 BATCH_BUCKETS = tuple(float(2**k) for k in range(0, 14))  # 1 .. 8192 rows
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -141,10 +149,10 @@ class ServiceMetrics:
         if accuracy is not None:
             self.test_accuracy.set(accuracy)
 
-    def observe_model(self, model: Any) -> None:
+    def observe_model(self, model: Model) -> None:
         """Refresh the model gauges from a ``core`` model: budget, version, rows, test accuracy
         on ``model.dataset``'s held-out split, and the DP extractor's remaining allowance."""
-        ds = getattr(model, "dataset", None)
+        ds = model.dataset
         accuracy = None
         if ds is not None and len(ds.y_test) > 0:
             accuracy = float(model.accuracy(ds.X_test, ds.y_test))
@@ -155,9 +163,80 @@ class ServiceMetrics:
             training_samples=model.n_alive,
             accuracy=accuracy,
         )
-        remaining = getattr(model, "extractor_removals_remaining", None)
+        remaining = model.extractor_removals_remaining
         if remaining is not None:
             self.extractor_removals_remaining.set(remaining)
+
+    # ------------------------------------------------------------ hooks of the service
+    def on_step(self, rows: int, seconds: float) -> None:
+        """A Newton step removed ``rows`` rows in ``seconds`` (persisted; a catch-up step may
+        remove none of the batch's)."""
+        self.newton_update_seconds.observe(seconds)
+        if rows:
+            self.batch_size.observe(rows)
+            self.removals.labels(method=schema.METHOD_NEWTON).inc(rows)
+
+    def on_answers(self, answers: Iterable[Answer], *, repeats: int = 0, dead: int = 0) -> None:
+        """Requests answered (their outcome; an ``applied`` one's enqueue-to-certified latency),
+        ``repeats`` request ids answered before and ``dead`` entries dead-lettered."""
+        if dead:
+            self.requests.labels(outcome="dead_letter").inc(dead)
+        outcomes: dict[str, int] = {}
+        observe = self.request_latency_seconds.observe
+        for a in answers:
+            if a.only_if_queued:
+                continue
+            outcomes[a.status] = outcomes.get(a.status, 0) + 1
+            if a.status == schema.STATUS_APPLIED and a.requested_at and a.applied_at:
+                observe(max(0.0, a.applied_at - a.requested_at))
+        for outcome, count in outcomes.items():
+            self.requests.labels(outcome=outcome).inc(count)
+        if repeats:
+            self.requests.labels(outcome="duplicate").inc(repeats)
+
+    def on_retrain(self, reason: str | None, seconds: float, rows: int = 0) -> None:
+        """A retrain (``reason``; None: it did not run) took ``seconds`` and removed ``rows``."""
+        if reason is not None:
+            self.retrains.labels(reason=reason).inc()
+            self.retrain_seconds.observe(seconds)
+        if rows:
+            self.removals.labels(method=schema.METHOD_RETRAIN).inc(rows)
+
+    def on_epoch_wait(self, seconds: float) -> None:
+        """Removals waited ``seconds`` at an epoch boundary for the background fit."""
+        self.retrain_wait_seconds.observe(seconds)
+
+    @contextmanager
+    def fitting(self) -> Iterator[None]:
+        """A retrain (background fit included) runs inside this block."""
+        self.retrain_in_progress.inc()
+        try:
+            yield
+        finally:
+            self.retrain_in_progress.dec()
+
+    def on_safety_retrains(self, fired: int) -> None:
+        """The budget safety net fired ``fired`` more times."""
+        if fired > 0:
+            self.safety_retrains.inc(fired)
+
+    def on_entry_failure(self) -> None:
+        """An entry failed on its own (served alone)."""
+        self.entry_failures.inc()
+
+    def on_infrastructure_error(self, kind: str, backoff: float) -> None:
+        """A drain failed on the disk, Redis or memory; the next try waits ``backoff`` s."""
+        self.infrastructure_errors.labels(kind=kind).inc()
+        self.infrastructure_backoff_seconds.set(backoff)
+
+    def on_healthy(self) -> None:
+        """Serving again after an infrastructure failure."""
+        self.infrastructure_backoff_seconds.set(0.0)
+
+    def on_trim(self, entries: int) -> None:
+        """``entries`` acknowledged entries were trimmed from the stream."""
+        if entries:
+            self.stream_trimmed.inc(entries)
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> int:
         """Serve the registry over HTTP in a daemon thread; return the bound port."""

@@ -13,7 +13,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from prometheus_client import CollectorRegistry
@@ -25,9 +25,14 @@ from worker.integrity import no_model_message, state_contents, verify_against_le
 from worker.lease import Lease
 from worker.ledger import LEDGER_NAME, Ledger, LedgerDamagedError
 from worker.metrics import ServiceMetrics
-from worker.service import PipelineRetrain, RemovalService
+from worker.retrain import PipelineRetrain
+from worker.service import RemovalService
 from worker.settings import Settings
 from worker.stream import RequestStream
+
+if TYPE_CHECKING:
+    from core.data import Dataset
+    from core.model import Model
 
 log = logging.getLogger("certremove.worker")
 
@@ -40,7 +45,7 @@ class Runtime:
     metrics_port: int
 
 
-def load_model(settings: Settings) -> Any:
+def load_model(settings: Settings) -> Model:
     """The current model of ``settings.state_dir``, verified (checksums and invariants, by
     ``core.load_model``) and checked against the removal ledger: every sample id the ledger says
     was removed must be removed in it.
@@ -74,7 +79,7 @@ def pipeline_retrainer(settings: Settings) -> PipelineRetrain | None:
         return None
     data_dir, device = settings.data_dir, settings.device
 
-    def run(model: Any, pending_rows: list[int]) -> tuple[Any, Any]:
+    def run(model: Model, pending_rows: list[int]) -> tuple[Dataset, Model]:
         from core.pipeline import retrain_pipeline  # noqa: PLC0415
 
         return retrain_pipeline(model, data_dir=data_dir, pending_rows=pending_rows, device=device)
@@ -91,6 +96,11 @@ def _pipeline_off_reason(settings: Settings) -> str:
 #: state directories this process holds the worker lock of (path -> open lock file)
 _HELD: dict[Path, Any] = {}
 LOCK_NAME = ".worker.lock"
+
+
+def holds_state_lock(state_dir: Path) -> bool:
+    """Whether this process holds the worker lock of ``state_dir`` (it is the worker)."""
+    return Path(state_dir).resolve() in _HELD
 
 
 def lock_state_dir(state_dir: Path) -> None:
@@ -191,7 +201,7 @@ def build_runtime(
     # The model, its data and the id index live as long as the process: keep them out of the
     # cyclic collector's generations (full collections were a visible share of each batch).
     gc.freeze()
-    dev = getattr(model, "device", "?")
+    dev = model.device
     log.info(
         "certremove worker: model %r version %s on %s, %d rows alive; metrics on %s:%d",
         settings.model,

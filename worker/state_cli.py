@@ -165,7 +165,7 @@ def _worker_lock(state: Path) -> Iterator[None]:
     from worker import runtime  # noqa: PLC0415
 
     path = state.resolve()
-    if path in runtime._HELD:  # this process is the worker (or locked it already)
+    if runtime.holds_state_lock(path):  # this process is the worker (or locked it already)
         yield
         return
     with open(path / LOCK_NAME, "a+") as fh:
@@ -253,7 +253,7 @@ def recover(
         else:
             model.version = newest + 1
         # continue after any snapshot number CURRENT ever named (its snapshot may be gone)
-        model._save_seq = max(model._save_seq, _current_seq_named(state))
+        model.save_seq = max(model.save_seq, _current_seq_named(state))
         # The journal's answers (persisted, maybe not yet in the ledger) were applied in the
         # snapshot recovered from, so in the new one too: the worker still records them. Every
         # snapshot there stays (the damaged ones are evidence; later saves prune them).

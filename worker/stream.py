@@ -1,9 +1,10 @@
 """The model's request stream as the worker sees it: a consumer group (docs/design.md "Drain").
 
-Reads new entries, replays this consumer's own pending list, claims idle entries of other
-consumers (``XPENDING ... IDLE`` per consumer, then ``XCLAIM``) and reports delivery counts.
-Acknowledgement and the dead-letter stream are :mod:`worker.ledger`'s, in one script with the
-status writes.
+:class:`RequestStream` reads new entries, replays this consumer's own pending list, claims idle
+entries of other consumers (``XPENDING ... IDLE`` per consumer, then ``XCLAIM``) and reports
+delivery counts. :class:`Intake` is what this consumer holds: entries read and not yet answered,
+kept in memory across time slices, and where to read its pending list from. Acknowledgement and
+the dead-letter stream are :mod:`worker.status`'s, in one script with the status writes.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 import redis
 
 from producer import schema
-from worker.entries import RawEntry
+from worker.entries import Entry, RawEntry, parse_entries
 
 
 class RequestStream:
@@ -177,6 +178,63 @@ class RequestStream:
             return self.pending_count() > 0 or self.has_undelivered()
         except redis.ResponseError:
             return False
+
+
+class Intake:
+    """The entries this consumer serves next: held ones first (read in an earlier time slice and
+    not answered), then its own pending list (read once per process, and again after a failure
+    or a retrain), then idle entries claimed from other consumers, then new ones.
+
+    Args:
+        stream: the request stream.
+        max_batch: most entries served in one step.
+    """
+
+    def __init__(self, stream: RequestStream, max_batch: int) -> None:
+        self.stream = stream
+        self.max_batch = max_batch
+        #: entries read and not answered, carried from one time slice to the next in memory
+        self._held: list[Entry] = []
+        #: where to read this consumer's pending list from (None: read, all held in memory)
+        self._cursor: bytes | str | None = "0"
+
+    def recover(self) -> list[Entry]:
+        """Held entries, this consumer's pending entries plus idle ones claimed from others
+        (never dead-lettered for how often Redis delivered them: restarts and retries re-read
+        the pending list, and that is no fault of the entry's)."""
+        held, self._held = self._held, []
+        room = self.max_batch - len(held)
+        raw: list[Any] = []
+        if self._cursor is not None and room > 0:
+            # read the pending list once per process (and after a failure or a retrain), not
+            # again at every time slice: entries read stay in memory across slices
+            raw = self.stream.read_own_pending(room, start=self._cursor)
+            # reads after an explicit id are exclusive: the next page starts after the last one
+            self._cursor = None if len(raw) < room else raw[-1][0]
+        if len(held) + len(raw) < self.max_batch:
+            raw += self.stream.autoclaim(self.max_batch - len(held) - len(raw))
+        if held and raw:  # a later page of the pending list holds entries read since
+            mine = {e.entry_id for e in held}
+            raw = [(eid, fields) for eid, fields in raw if eid not in mine]
+        return held + parse_entries(raw)
+
+    def fill(self, carry: list[Entry]) -> list[Entry]:
+        """``carry`` topped up with new entries, ``max_batch`` in all."""
+        room = self.max_batch - len(carry)
+        return carry + (parse_entries(self.stream.read_new(room)) if room > 0 else [])
+
+    def hold(self, entries: list[Entry]) -> None:
+        """Keep ``entries`` for the next time slice (not re-delivered)."""
+        self._held = entries
+
+    def forget(self) -> None:
+        """Entries held across time slices are left to the pending list: read it again next."""
+        self._held, self._cursor = [], "0"
+
+    def everything(self, cap: int) -> list[Entry]:
+        """Every entry this consumer holds, then waiting ones, ``cap`` in all (a retrain)."""
+        self.forget()
+        return parse_entries(self.stream.read_all_pending_then_new(cap, self.max_batch))
 
 
 def _s(value: bytes | str) -> str:

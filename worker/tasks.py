@@ -25,6 +25,7 @@ from producer import schema
 from producer.client import append_requests
 from worker import fatal
 from worker.runtime import Runtime, build_runtime
+from worker.service import RemovalService
 from worker.settings import Settings
 
 log = logging.getLogger("certremove.worker")
@@ -41,7 +42,7 @@ def register(app: Celery, settings: Settings) -> None:
     def send_task(name: str, queue: str) -> None:
         app.send_task(name, queue=queue)
 
-    def service() -> Any:
+    def service() -> RemovalService:
         if holder.runtime is None:  # a task that arrives before the bootstep (never in solo)
             holder.runtime = build_runtime(settings, send_task)
         return holder.runtime.service

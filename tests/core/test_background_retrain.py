@@ -191,7 +191,7 @@ def test_an_error_inside_the_catch_up_leaves_the_model_as_it_was(digits, monkeyp
     def boom(*a, **k):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr("core.model.newton_step", boom)
+    monkeypatch.setattr("core.epoch.newton_step", boom)
     with pytest.raises(RuntimeError):
         model.adopt_retrain(prepared, [40, 41])
     assert torch.equal(model.weights, W) and torch.equal(model.alive, alive)

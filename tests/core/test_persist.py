@@ -108,19 +108,19 @@ def test_a_save_that_fails_at_current_leaves_no_orphan_snapshot(
     trained.save(tmp_path, dataset=digits)
     trained.save(tmp_path)
     before = sorted(p.name for p in (tmp_path / "snapshots").iterdir())
-    real = persist._write_file
+    real = persist.write_file
 
     def full_at_current(path, data):
         if path.name == ".CURRENT.tmp":
             raise OSError(errno.ENOSPC, "No space left on device")
         real(path, data)
 
-    monkeypatch.setattr(persist, "_write_file", full_at_current)
+    monkeypatch.setattr(persist, "write_file", full_at_current)
     for _ in range(3):
         with pytest.raises(OSError):
             trained.save(tmp_path)
     assert sorted(p.name for p in (tmp_path / "snapshots").iterdir()) == before
-    monkeypatch.setattr(persist, "_write_file", real)
+    monkeypatch.setattr(persist, "write_file", real)
     # an orphan left by an older version (a number past CURRENT) is deleted, never kept
     orphan = tmp_path / "snapshots" / "000000009999"
     orphan.mkdir()

@@ -73,7 +73,7 @@ def test_a_basis_from_exact_shadow_runs_is_not_kept_under_bound(
     """States written before the shadow runs charged the model's accounting hold an "auto"
     basis measured on the exact residual: under "bound" it is dropped at load (the next retrain
     estimates again); the new states keep theirs."""
-    import core.persist as persist
+    import dataclasses
 
     model = core.train(
         digits.X_train, (digits.y_train >= 5).long(), ids=digits.ids_train, lam=1e-3,
@@ -83,12 +83,14 @@ def test_a_basis_from_exact_shadow_runs_is_not_kept_under_bound(
     assert basis is not None
     model.save(tmp_path / "new")
     assert core.load_model(tmp_path / "new", device="cpu")._auto_basis == basis
-    real = persist._state_dict
+    real = core.Model.to_state
 
-    def old_format(m, fingerprint):
-        return {k: v for k, v in real(m, fingerprint).items() if k != "auto_basis_accounting"}
+    def old_format(m):
+        state = real(m)
+        old = {k: v for k, v in state.state.items() if k != "auto_basis_accounting"}
+        return dataclasses.replace(state, state=old)
 
-    monkeypatch.setattr(persist, "_state_dict", old_format)
+    monkeypatch.setattr(core.Model, "to_state", old_format)
     model.save(tmp_path / "old")
     loaded = core.load_model(tmp_path / "old", device="cpu")
     assert loaded._auto_basis == (None if accounting == "bound" else basis)

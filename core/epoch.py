@@ -1,0 +1,184 @@
+"""A noise epoch: everything that one draw of ``b`` and the removals served on it determine, as
+ONE immutable value (:class:`NoiseEpoch`). A removal step makes a new epoch value; a rollback is a
+single assignment of the old one. :func:`fit_epoch` fits a new epoch (pure: it reads only the
+fixed problem and options); :func:`commit_prefix` serves a batch of removal groups on an epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from core.accountant import Accountant, anchored
+from core.newton import gradient_tolerance, newton_fit
+from core.noise import draw_noise, generator
+from core.problem import Hyper, Problem
+from core.removal import Step, newton_step
+from core.trigger import auto_max_removals, resolve_max_removals
+
+
+@dataclass(frozen=True)
+class NoiseEpoch:
+    """The state of one noise epoch (also a fitted epoch not yet in use: a prepared retrain).
+
+    Holds the noise ``b`` and ``g_a`` in memory only, like the model itself; never persisted or
+    exported."""
+
+    #: the model version the epoch was fitted for (a prepared epoch is adopted only by it)
+    version: int
+    W: torch.Tensor
+    alive: torch.Tensor
+    #: ``b`` (None for a model loaded from disk: ``b`` is never written)
+    noise: torch.Tensor | None
+    acct: Accountant
+    certified: bool
+    #: the resolved b-independent trigger of this epoch (None: no trigger)
+    max_removals: int | None
+    #: (rows, max_removals) of the last "auto" estimate, scaled at retrains
+    auto_basis: tuple[int, int] | None
+    removed_in_epoch: int = 0
+    #: rows removed since the DP extractor was trained (head retrains do not reset it)
+    extractor_removed: int = 0
+    #: margins at ``W``, cached between steps
+    Z: torch.Tensor | None = None
+
+    @property
+    def r0_anchor(self) -> float:
+        return self.acct.r0
+
+    def commit(self, step: Step, m: int) -> NoiseEpoch:
+        """The epoch after a removal ``step`` of ``m`` rows."""
+        return dataclasses.replace(
+            self,
+            W=step.W,
+            alive=step.alive,
+            Z=step.Z,
+            acct=self.acct.commit(step),
+            removed_in_epoch=self.removed_in_epoch + m,
+            extractor_removed=self.extractor_removed + m,
+        )
+
+
+def fit_epoch(
+    problem: Problem,
+    hyper: Hyper,
+    budget_total: float,
+    alive: torch.Tensor,
+    *,
+    binary: bool,
+    version: int,
+    seed: int | None,
+    W0: torch.Tensor | None,
+    basis: tuple[int, int] | None = None,
+    reestimate: bool = True,
+) -> NoiseEpoch:
+    """Fit a noise epoch on ``alive`` with fresh noise (``seed`` for tests only): the weights,
+    the accounting anchor and the resolved trigger (``basis``: the last "auto" estimate).
+    Pure: may run in another thread while removals go on. ``extractor_removed`` is 0 here; the
+    model carries its own over when it installs the epoch."""
+    p, h = problem, hyper
+    rng = generator(seed)
+    B = draw_noise((p.X.shape[1], p.Y.shape[1]), h.sigma, rng, p.X.device)
+    C = p.weights(alive)
+    n_reg = float(alive.sum())
+    fit = newton_fit(
+        p.X,
+        p.Y,
+        C,
+        p.lam,
+        n_reg,
+        B,
+        tol=gradient_tolerance(p.lam, n_reg, budget_total),
+        W0=W0,
+        hess_dtype=p.hess_dtype,
+    )
+    acct = anchored(h.accounting, p, fit.W, alive, r0=fit.r0)
+    max_removals, basis = resolve_max_removals(
+        h.max_removals,
+        int(alive.sum()),
+        basis,
+        lambda: estimate(p, h, budget_total, alive, fit.W, rng, binary, fit.factor),
+        reestimate=reestimate,
+    )
+    return NoiseEpoch(
+        version=version,
+        W=fit.W,
+        alive=alive,
+        noise=B,
+        acct=acct,
+        certified=seed is None and h.sigma > 0,
+        max_removals=max_removals,
+        auto_basis=basis,
+    )
+
+
+def estimate(
+    problem: Problem,
+    hyper: Hyper,
+    budget_total: float,
+    alive: torch.Tensor,
+    W: torch.Tensor,
+    rng: np.random.Generator,
+    binary: bool,
+    factor: torch.Tensor | None = None,
+) -> int:
+    """The shadow-run estimate of an ``"auto"`` ``max_removals`` (:mod:`core.trigger`)."""
+    return auto_max_removals(
+        problem,
+        alive,
+        W,
+        sigma=hyper.sigma,
+        budget=budget_total,
+        rng=rng,
+        binary=binary,
+        accounting=hyper.accounting,
+        factor=factor,
+    )
+
+
+def commit_prefix(
+    problem: Problem, epoch: NoiseEpoch, group_rows: list[list[int]], budget_total: float
+) -> tuple[int, NoiseEpoch, float, str | None]:
+    """Serve the removal groups ``group_rows`` (arrival order) on ``epoch`` in one Newton step:
+    the whole prefix, then halves (on request boundaries) while the step would take the budget
+    used past ``budget_total`` (the safety net, at most ``ceil(log2 m)`` tries).
+
+    Returns (groups committed, the epoch after them, the step's bound increment, the reason the
+    rest was left: ``"budget"``, ``"numerical"`` or None)."""
+    if not group_rows:
+        return 0, epoch, 0.0, None
+    m = sum(len(g) for g in group_rows)
+    tries = max(1, math.ceil(math.log2(m))) if m > 1 else 1
+    count = len(group_rows)
+    fired: str | None = None
+    for _ in range(tries):
+        rows = [r for g in group_rows[:count] for r in g]
+        if not rows:
+            return count, epoch, 0.0, fired if count < len(group_rows) else None
+        step = newton_step(
+            problem,
+            epoch.alive,
+            epoch.W,
+            torch.as_tensor(rows, dtype=torch.long, device=epoch.W.device),
+            epoch.acct.anchor_grad,
+            epoch.Z,
+        )
+        if step is None:
+            return 0, epoch, 0.0, "numerical"
+        if epoch.acct.fits(step, budget_total):
+            inc = float(torch.linalg.vector_norm(step.increments))
+            return (
+                count,
+                epoch.commit(step, len(rows)),
+                inc,
+                (fired if count < len(group_rows) else None),
+            )
+        fired = "budget"  # discarded try: no state, metric or log line changes
+        if count == 1:
+            break
+        count //= 2
+    return 0, epoch, 0.0, "budget"

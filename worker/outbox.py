@@ -1,0 +1,174 @@
+"""Answers on their way out, in order: the journal persisted with the model state, the ledger
+file, then the status hashes, dead-letter copies and ``XACK`` in one script; and the failure
+counts of entries that failed on their own (docs/design.md "Request life cycle").
+
+A crash between the persist and the ledger append is repaired at the next start
+(:meth:`Outbox.replay_journal`), so a replayed request is answered with its method and version.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import redis
+
+from producer import schema
+from worker import faults
+from worker.batch import Plan
+from worker.entries import Entry
+from worker.ledger import Ledger
+from worker.metrics import ServiceMetrics
+from worker.status import Answer, DeadLetter
+
+log = logging.getLogger("certremove.worker")
+
+
+class Outbox:
+    """The answers of one model's service.
+
+    Args:
+        ledger: the ledger (file and status script).
+        client: redis-py client (the failure counts).
+        metrics: observes the answers.
+    """
+
+    def __init__(self, ledger: Ledger, client: redis.Redis, metrics: ServiceMetrics) -> None:
+        self.ledger, self.redis, self.metrics = ledger, client, metrics
+        #: answers of persisted steps not yet in the ledger file (journaled with each persist)
+        self.unrecorded: list[Answer] = []
+        #: entry ids with a processing failure counted in Redis (cleared when acknowledged)
+        self._failed = {_b(k) for k in client.hkeys(ledger.failures_key)}
+
+    # ------------------------------------------------------------ journal
+    def journal(self, answers: list[Answer]) -> list[Answer]:
+        """Every answer a persist now journals: those not yet recorded, then ``answers``."""
+        return self.unrecorded + answers
+
+    def replay_journal(self, journal: dict[str, Any] | None) -> None:
+        """Record in the ledger the journaled answers of the persisted snapshot that the ledger
+        file lacks (the process stopped between the persist and the ledger append)."""
+        answers = [Answer.from_json(r) for r in (journal or {}).get("answers", [])]
+        missing = []
+        for a in answers:
+            prior = self.ledger.seen(a.request_id)
+            if prior is None or (prior.dead_letter and a.status == schema.STATUS_APPLIED):
+                missing.append(a)
+        if missing:
+            self.ledger.record(missing)
+            log.info("recorded %d journaled answers the ledger lacked", len(missing))
+        self.unrecorded = []
+
+    def settle(self) -> None:
+        """Answers persisted but not yet in the ledger file go to the ledger now."""
+        if self.unrecorded:
+            self.ledger.record(self.unrecorded)
+            self.unrecorded = []
+
+    # ------------------------------------------------------------ answers
+    def finish(self, plan: Plan) -> None:
+        """Ledger, statuses + XACK, dead letters and request metrics of a planned batch."""
+        answers = plan.answers + plan.committed
+        recorded = {id(a) for a in self.unrecorded}
+        self.ledger.record(self.unrecorded + [a for a in answers if id(a) not in recorded])
+        self.unrecorded = []
+        dead: list[DeadLetter] = [(e.entry_id, e.fields, e.error or "malformed") for e in plan.dead]
+        ack_ids = plan.acknowledged
+        self.ledger.publish(answers, ack_ids, dead)
+        self.clear_failures(ack_ids + [eid for eid, _, _ in dead])
+        self.metrics.on_answers(answers, repeats=plan.repeats, dead=len(plan.dead))
+
+    def dead_letter(self, entries: list[Entry], reason: str, now: float) -> None:
+        """Copy ``entries`` to the dead-letter stream with ``reason``, answer them rejected
+        (an answer the ledger holds already is repeated instead) and acknowledge them. When
+        the status cannot be written (the entry's own status key is the fault), the copy and
+        the acknowledgement go alone: the dead-letter stream holds the reason."""
+        answers: list[Answer] = []
+        for e in entries:
+            if not e.request_id:
+                continue
+            prior = self.ledger.seen(e.request_id)
+            if prior is not None and not prior.dead_letter:
+                prior.requested_at = e.requested_at
+                answers.append(prior)
+                continue
+            answers.append(
+                Answer(
+                    e.request_id,
+                    schema.STATUS_REJECTED,
+                    reason=reason,
+                    requested_at=e.requested_at,
+                    applied_at=now,
+                    dead_letter=True,
+                )
+            )
+        dead: list[DeadLetter] = [(e.entry_id, e.fields, reason) for e in entries]
+        self.ledger.record(answers)
+        try:
+            self.ledger.publish(answers, [], dead)
+        except Exception as exc:
+            if faults.is_infrastructure(exc) or faults.is_fenced(exc):
+                raise
+            log.warning("the dead letters' statuses cannot be written (%s): copying alone", exc)
+            self.ledger.publish([], [], dead)
+        self.clear_failures([e.entry_id for e in entries])
+        self.metrics.on_answers([], dead=len(entries))
+        for e in entries:
+            log.warning(
+                "dead-lettered entry %s (request %s): %s", _s(e.entry_id), e.request_id, reason
+            )
+
+    def redo_dead_letters(self, batch: list[Entry], now: float) -> list[Entry]:
+        """Copy and acknowledge the entries whose dead-lettering stopped after the ledger recorded
+        it (Redis failed before the copy): answered as a repeat, they would have no dead letter
+        to replay. Returns the rest of ``batch``."""
+        redo: list[tuple[Entry, str]] = []
+        for e in batch:
+            if e.entry_id not in self._failed or e.replay_of or not e.request_id:
+                continue
+            prior = self.ledger.seen(e.request_id)
+            if prior is not None and prior.dead_letter:
+                redo.append((e, prior.reason))
+        for e, reason in redo:
+            self.dead_letter([e], reason, now)
+        done = {e.entry_id for e, _ in redo}
+        return [e for e in batch if e.entry_id not in done] if done else batch
+
+    # ------------------------------------------------------------ failure counts
+    def entry_failed(self, entry: Entry, exc: BaseException, max_failures: int, now: float) -> bool:
+        """Count a failure ``entry`` caused on its own; dead-letter it at ``max_failures``
+        (True) or leave it pending (False)."""
+        count = int(self.redis.hincrby(self.ledger.failures_key, entry.entry_id, 1))
+        self._failed.add(entry.entry_id)
+        self.metrics.on_entry_failure()
+        error = f"{type(exc).__name__}: {exc}"[:300]
+        log.warning(
+            "entry %s (request %s) failed on its own, %d of %d: %s",
+            _s(entry.entry_id),
+            entry.request_id,
+            count,
+            max_failures,
+            error,
+        )
+        if count < max_failures:
+            return False
+        reason = f"dead-lettered: processing it failed {count} times ({error})"
+        self.dead_letter([entry], reason, now)
+        return True
+
+    def clear_failures(self, entry_ids: list[bytes]) -> None:
+        """Forget the failure counts of entries that are acknowledged now."""
+        if not self._failed:
+            return
+        done = self._failed.intersection(entry_ids)
+        if done:
+            self.redis.hdel(self.ledger.failures_key, *done)
+            self._failed -= done
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _b(value: bytes | str) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()

@@ -1,0 +1,295 @@
+"""Request statuses: the answer to a request and the one script that publishes answers.
+
+The status hashes, the dead-letter copies and the ``XACK`` of a batch go in one server-side
+script (statuses first: an entry is never acknowledged before its status is written). The script
+is fenced: it runs only while this worker holds the model's lease (``worker.lease``). It runs after
+the model state was persisted and the answers were appended to the ledger file
+(:mod:`worker.ledger`).
+
+Dead-letter copies hold the entry's own fields (request id, sample ids, enqueue time), its entry
+id, the reason, and the count of any other fields (never the fields themselves: an entry with
+thousands of fields must not make the copy fail).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from producer import schema
+
+#: fields of an entry kept in its dead-letter copy (the rest are counted)
+_KEPT_FIELDS = (
+    schema.FIELD_REQUEST_ID.encode(),
+    schema.FIELD_SAMPLE_IDS.encode(),
+    schema.FIELD_REQUESTED_AT.encode(),
+    schema.FIELD_REPLAY_OF.encode(),
+)
+#: longest value kept per field in a dead-letter copy (bytes)
+_DEAD_VALUE_MAX = 1 << 20
+
+# KEYS[1] stream, KEYS[2] dead-letter stream, KEYS[3] lease, KEYS[4] lease token counter, then
+# the status hashes: first the ARGV[5] "common" answers, which share the 8 values ARGV[6..13] (a
+# committed batch: same status, method, version and time), then the others. ARGV[1] group,
+# ARGV[2] lease token ('' = unfenced: tests and tools), ARGV[3] status TTL in seconds ('0' =
+# keep), ARGV[4] the lease's life in ms (to take it again when it lapsed during a Redis outage
+# and nobody took it since: the counter still ends at this token); after the common values, per other answer a mode ('w' write, 'q' write
+# only while the status is missing or queued) and its 8 values in _NAMES order ('' = leave the
+# field alone); then the count of dead letters and, per dead letter, its entry id and its field
+# count and fields (flat); then the entry ids to acknowledge. Statuses are written first, dead
+# letters copied next, acknowledgements last: an error stops the script before any entry is
+# acknowledged without its status and its dead-letter copy.
+_NAMES = schema.STATUS_FIELDS
+_PUBLISH_LUA = """
+if redis.replicate_commands then redis.replicate_commands() end
+if ARGV[2] ~= '' then
+  local owner = redis.call('GET', KEYS[3])
+  if owner ~= ARGV[2] then
+    if owner == false and redis.call('GET', KEYS[4]) == ARGV[2] then
+      redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[4])
+    else
+      return redis.error_reply('CERTREMOVE_FENCED this worker no longer holds the model lease')
+    end
+  end
+end
+local ttl = tonumber(ARGV[3])
+local names = {'status', 'method', 'model_version', 'unknown_ids', 'already_removed_ids',
+               'reason', 'requested_at', 'applied_at'}
+local function fields(base)
+  local args = {}
+  for j = 1, #names do
+    local v = ARGV[base + j]
+    if v ~= '' then args[#args + 1] = names[j]; args[#args + 1] = v end
+  end
+  return args
+end
+local function expire(key)
+  if ttl > 0 then redis.call('EXPIRE', key, ttl) end
+end
+local ncommon = tonumber(ARGV[5])
+local common = fields(5)
+for k = 5, ncommon + 4 do
+  redis.call('HSET', KEYS[k], unpack(common))
+  expire(KEYS[k])
+end
+local a = 14
+for k = ncommon + 5, #KEYS do
+  local write = true
+  if ARGV[a] == 'q' then
+    local cur = redis.call('HGET', KEYS[k], 'status')
+    write = (cur == false or cur == 'queued')
+  end
+  if write then
+    local args = fields(a)
+    if #args > 0 then redis.call('HSET', KEYS[k], unpack(args)) end
+    expire(KEYS[k])
+  end
+  a = a + 1 + #names
+end
+local ids = {}
+local function ack(id)
+  ids[#ids + 1] = id
+  if #ids >= 1000 then redis.call('XACK', KEYS[1], ARGV[1], unpack(ids)); ids = {} end
+end
+local ndead = tonumber(ARGV[a])
+a = a + 1
+local dead = {}
+for d = 1, ndead do
+  local id, nf = ARGV[a], tonumber(ARGV[a + 1])
+  local rec = {}
+  for j = a + 2, a + 1 + nf do rec[#rec + 1] = ARGV[j] end
+  redis.call('XADD', KEYS[2], '*', unpack(rec))
+  dead[#dead + 1] = id
+  a = a + 2 + nf
+end
+for _, id in ipairs(dead) do ack(id) end
+for i = a, #ARGV do ack(ARGV[i]) end
+if #ids > 0 then redis.call('XACK', KEYS[1], ARGV[1], unpack(ids)) end
+return 1
+"""
+
+#: ``(entry_id, fields, reason)`` of an entry for the dead-letter stream
+DeadLetter = tuple[bytes, dict[bytes, bytes], str]
+#: status, method, version, time, reason, dead-lettered
+AnswerKey = tuple[str, str, int | None, float | None, str, bool]
+
+
+@dataclass
+class Answer:
+    """The final answer to one request (what its status hash will say).
+
+    ``removed_ids`` (the sample ids this request removed) go to the ledger file only, never to
+    Redis. ``dead_letter`` marks the rejection of a dead-lettered entry: an operator may replay
+    it (``certremove deadletters replay``), and the replayed entry is served as new.
+    """
+
+    request_id: str
+    status: str
+    method: str = ""
+    model_version: int | None = None
+    unknown_ids: list[Any] = field(default_factory=list)
+    already_removed_ids: list[Any] = field(default_factory=list)
+    reason: str = ""
+    requested_at: float | None = None
+    applied_at: float | None = None
+    only_if_queued: bool = False
+    removed_ids: list[Any] = field(default_factory=list)
+    dead_letter: bool = False
+
+    def common_key(self) -> tuple[str, str, int | None, float | None] | None:
+        """Answers with equal keys share their status values (a plain committed request)."""
+        if self.only_if_queued or self.unknown_ids or self.already_removed_ids or self.reason:
+            return None
+        return (self.status, self.method, self.model_version, self.applied_at)
+
+    def values(self, *, with_requested_at: bool = True) -> list[str]:
+        """The 8 status values in script order ('' leaves a field alone); the producer already
+        wrote ``requested_at``, so shared values leave it alone."""
+        at = "" if self.requested_at is None or not with_requested_at else repr(self.requested_at)
+        return [
+            self.status,
+            self.method,
+            "" if self.model_version is None else str(self.model_version),
+            json.dumps(self.unknown_ids),
+            json.dumps(self.already_removed_ids),
+            self.reason,
+            at,
+            "" if self.applied_at is None else repr(self.applied_at),
+        ]
+
+    def key(self) -> AnswerKey:
+        return (
+            self.status,
+            self.method,
+            self.model_version,
+            self.applied_at,
+            self.reason,
+            self.dead_letter,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able copy (the journal persisted with the model state)."""
+        return {
+            "rid": self.request_id,
+            "s": self.status,
+            "m": self.method,
+            "v": self.model_version,
+            "u": self.unknown_ids,
+            "a": self.already_removed_ids,
+            "r": self.reason,
+            "q": self.requested_at,
+            "t": self.applied_at,
+            "x": self.removed_ids,
+        }
+
+    @classmethod
+    def from_json(cls, rec: dict[str, Any]) -> Answer:
+        return cls(
+            str(rec["rid"]),
+            str(rec["s"]),
+            str(rec.get("m") or ""),
+            rec.get("v"),
+            list(rec.get("u") or []),
+            list(rec.get("a") or []),
+            reason=str(rec.get("r") or ""),
+            requested_at=rec.get("q"),
+            applied_at=rec.get("t"),
+            removed_ids=list(rec.get("x") or []),
+        )
+
+
+class StatusPublisher:
+    """Publishes the answers of one model (status hashes, dead letters, ``XACK``) in one script.
+
+    Args:
+        client: redis-py client (``decode_responses=False``).
+        model: the model name.
+        status_ttl: seconds a final status hash lives in Redis (0: for good).
+        fence: returns the lease token the script must find (None: unfenced).
+        lease_ttl_ms: the lease's life, to take it again in the script when it lapsed while
+            Redis was away and nobody took it since.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        model: str,
+        *,
+        status_ttl: int = 0,
+        fence: Callable[[], Any] | None = None,
+        lease_ttl_ms: int = 30_000,
+    ) -> None:
+        self.model = model
+        self.stream = schema.stream_key(model)
+        self.group = schema.group_name(model)
+        self.dead_letter_key = schema.dead_letter_key(model)
+        self.lease_key = schema.lease_key(model)
+        self.lease_counter_key = schema.lease_counter_key(model)
+        self.status_ttl = int(status_ttl)
+        self.fence = fence
+        self.lease_ttl_ms = int(lease_ttl_ms)
+        self._script = client.register_script(_PUBLISH_LUA)
+
+    def publish(
+        self, answers: list[Answer], ack_ids: list[bytes], dead: list[DeadLetter] | None = None
+    ) -> None:
+        """Write the status hashes, copy ``dead`` entries (with their reason) to the dead-letter
+        stream and acknowledge them and ``ack_ids``: one script, in that order.
+
+        Raises:
+            redis.ResponseError: ``CERTREMOVE_FENCED ...`` when this worker lost the lease (see
+                ``worker.faults.is_fenced``), or whatever Redis refused (nothing was acknowledged then).
+        """
+        dead = dead or []
+        if not answers and not ack_ids and not dead:
+            return
+        common_key = next((a.common_key() for a in answers if a.common_key()), None)
+        common = [a for a in answers if common_key and a.common_key() == common_key]
+        others = [a for a in answers if not (common_key and a.common_key() == common_key)]
+        keys = [self.stream, self.dead_letter_key, self.lease_key, self.lease_counter_key] + [
+            schema.status_key(self.model, a.request_id) for a in common + others
+        ]
+        token = self.fence() if self.fence is not None else None
+        args: list[Any] = [
+            self.group,
+            "" if token is None else str(token),
+            str(self.status_ttl),
+            str(self.lease_ttl_ms),
+            len(common),
+        ]
+        args += common[0].values(with_requested_at=False) if common else [""] * len(_NAMES)
+        for a in others:
+            args.append("q" if a.only_if_queued else "w")
+            args += a.values()
+        args.append(len(dead))
+        for eid, fields, reason in dead:
+            record = dead_letter_record(eid, fields, reason)
+            args += [eid, 2 * len(record)]
+            for k, v in record.items():
+                args += [k, v]
+        args += ack_ids
+        self._script(keys=keys, args=args)
+
+
+def dead_letter_record(
+    entry_id: bytes, fields: dict[bytes, bytes] | None, reason: str
+) -> dict[bytes, bytes]:
+    """The dead-letter copy of an entry: its own fields (each cut at 1 MiB), the count of any
+    other fields, its entry id and the reason."""
+    fields = fields or {}
+    record: dict[bytes, bytes] = {}
+    for name in _KEPT_FIELDS:
+        value = fields.get(name)
+        if isinstance(value, bytes | str):
+            raw = value.encode() if isinstance(value, str) else value
+            record[name] = raw[:_DEAD_VALUE_MAX]
+    other = len(fields) - len(record)
+    if other > 0:
+        record[b"other_fields"] = str(other).encode()
+    record[b"entry_id"] = entry_id if isinstance(entry_id, bytes) else str(entry_id).encode()
+    record[b"reason"] = reason.encode("utf-8", errors="replace")[:2000]
+    return record
