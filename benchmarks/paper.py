@@ -58,22 +58,15 @@ class DataMissingError(RuntimeError):
 
 
 # ------------------------------------------------------------------ the removal loop
-def parse_max_removals(text: str) -> int | str | None:
-    """``--max-removals``: an int, ``auto`` (default) or ``none`` (the paper's rule)."""
-    low = text.strip().lower()
-    if low == "auto":
-        return "auto"
-    if low == "none":
-        return None
+def parse_max_removals(text: str) -> int | float | str | None:
+    """``--max-removals``: core's parser (``auto``, ``none`` for the paper's rule, a count or a
+    fraction), with its error as argparse's."""
+    from core.trigger import parse_max_removals as parse  # noqa: PLC0415
+
     try:
-        value = int(low)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected an int, 'auto' or 'none', got {text!r}"
-        ) from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"--max-removals must be >= 0, got {value}")
-    return value
+        return parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _sync(model: core.Model) -> None:
