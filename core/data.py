@@ -12,6 +12,7 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -331,15 +332,18 @@ def dataset_differences(
 
 
 def check_training_data(
-    ds: Dataset, fingerprint: str, X: torch.Tensor, y: torch.Tensor, ids: np.ndarray
+    ds: Dataset,
+    fingerprint: str,
+    training_data: Callable[[], tuple[torch.Tensor, torch.Tensor, np.ndarray]],
 ) -> None:
     """Refuse (:class:`InvalidInputError`) a dataset whose training part is not a model's own
-    rows ``X``, labels ``y`` and ``ids`` (fingerprint ``fingerprint``), in its row order: a
-    saved budget is anchored on the dataset file at the next load, so other data would be
-    served with a budget that bounds nothing. The fingerprints are the cheap test; the arrays
-    are compared only when they differ."""
+    rows ``X``, labels ``y`` and ``ids`` (``training_data()``; fingerprint ``fingerprint``), in
+    its row order: a saved budget is anchored on the dataset file at the next load, so other
+    data would be served with a budget that bounds nothing. The fingerprints are the cheap
+    test; the arrays are built and compared only when they differ."""
     if ds.fingerprint() == fingerprint:
         return
+    X, y, ids = training_data()
     differs = dataset_differences(X, y, ids, ds)
     if differs:
         raise InvalidInputError(

@@ -49,6 +49,7 @@ from core.features import (
     save_extractor,
     write_feature_dataset,
 )
+from core.problem import resolve_device
 
 __all__ = [
     "ARCH",
@@ -115,7 +116,7 @@ def train_extractor(
         raise InvalidInputError("need 0 < delta < 1, epochs >= 1, batch_size >= 1, clip > 0")
     if images.ndim != 4 or labels.shape != (images.shape[0],) or images.shape[0] < 2:
         raise InvalidInputError(f"bad shapes: images {tuple(images.shape)}, labels {labels.shape}")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device or None)
     # Deviation: no torchcsprng (Opacus secure_mode); the noise and Poisson-sampling generator is
     # seeded from the OS entropy source instead, as the head's noise is (docs/theory.md "Training").
     gen = torch.Generator().manual_seed(seed if seed is not None else secrets.randbits(63))

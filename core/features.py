@@ -17,6 +17,7 @@ from torch import nn
 
 from core.errors import InvalidInputError
 from core.extractor_net import ARCH, NORM_SCALE, ExtractorCNN, ExtractorConfig, TrainedExtractor
+from core.problem import resolve_device
 
 
 def save_extractor(path: str | Path, trained: TrainedExtractor) -> Path:
@@ -48,7 +49,7 @@ def load_extractor(
         raise InvalidInputError(
             f"cannot load the extractor from {path}: {type(exc).__name__}: {first}"
         ) from exc
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device or None)
     model.to(dev).eval()
     p = config.privacy
     return TrainedExtractor(model, config, p["epsilon"], p["delta"], p["noise_multiplier"])

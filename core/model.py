@@ -22,16 +22,12 @@ from core.epoch import NoiseEpoch, commit_prefix, estimate, fit_epoch
 from core.errors import InvalidInputError, StateError
 from core.guard import ONE_CLASS
 from core.noise import generator
-from core.problem import ACCOUNTINGS, Hyper
 from core.requests import RemovalResult, alive_groups, removal_result, validate_rows
 from core.state import ModelParts, ModelState, decode, encode
-from core.trigger import AUTO_REESTIMATE_BELOW, groups_within_limits, reestimate_due
+from core.trigger import groups_within_limits, reestimate_due
 from core.view import ModelView
 
 __all__ = [
-    "ACCOUNTINGS",
-    "AUTO_REESTIMATE_BELOW",
-    "Hyper",
     "Model",
     "ModelState",
     "PreparedRetrain",
@@ -128,14 +124,17 @@ class Model(ModelView):
             raise StateError("refusing to save a model with non-finite weights")
         if not (math.isfinite(self.budget_used) and math.isfinite(self.budget_total)):
             raise StateError("refusing to save a model with a non-finite budget")
+        ds = dataset or self.dataset
+        if ds is None:
+            X, y, _ = self.training_data()
+            ds = Dataset(X, y, self.ids, X[:0], y[:0], None, meta={"name": "in-memory"})
         # the dtypes the file stores, so that the fingerprint recorded is the one the load finds
-        X, y, ids = self.training_data()
-        own = Dataset(X, y, self.ids, X[:0], y[:0], None, meta={"name": "in-memory"})
-        ds = (dataset or self.dataset or own).stored_form()
-        check_training_data(ds, self.data_fingerprint, X, y, ids)
+        ds = ds.stored_form()
+        check_training_data(ds, self.data_fingerprint, self.training_data)
         root = Path(directory)
         data = persist.store_dataset(root, ds, replace_dataset=replace_dataset)
-        self.dataset = ds
+        if ds is not self.dataset:
+            self.dataset = ds  # (the setter drops what is cached on the dataset's meta)
         self.save_seq = persist.next_seq(root, self.save_seq)
         state = dataclasses.replace(self.to_state(), fingerprint=ds.fingerprint())
         persist.write_snapshot(root, state, data, journal=journal_bytes, keep=keep)

@@ -233,7 +233,7 @@ def write_snapshot(
         shutil.rmtree(final, ignore_errors=True)
         raise
     fsync_dir(root)
-    prune(root, keep, previous)
+    prune(root, keep, int(name), previous)
     return final
 
 

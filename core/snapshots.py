@@ -135,25 +135,35 @@ def damaged(root: Path, path: Path, what: str, hint: str | None = None) -> State
     return StateDamagedError(f"cannot load a model from {root}: {path} {what}; {hint}", str(path))
 
 
-def current_seq(root: Path) -> int | None:
-    """The number of the snapshot ``CURRENT`` names, or None."""
+def parse_current(raw: bytes) -> str | None:
+    """The snapshot name a ``CURRENT`` file's bytes hold, or None when malformed."""
     try:
-        match = CURRENT_RE.fullmatch((root / "CURRENT").read_text().strip())
-    except (OSError, ValueError):
+        match = CURRENT_RE.fullmatch(raw.decode("ascii").strip())
+    except UnicodeDecodeError:
         return None
-    return int(match.group(1)) if match else None
+    return match.group(1) if match else None
 
 
-def prune(root: Path, keep: int, previous: int | None = None) -> None:
+def current_seq(root: Path) -> int | None:
+    """The number of the snapshot ``CURRENT`` names (whether it exists or not), or None."""
+    try:
+        name = parse_current((root / "CURRENT").read_bytes())
+    except OSError:
+        return None
+    return int(name) if name is not None else None
+
+
+def prune(root: Path, keep: int, current: int | None, previous: int | None = None) -> None:
     """Delete all but the newest ``keep`` snapshots (and left-over temporary ones), then every
-    dataset file no kept snapshot uses (all stay when a kept snapshot's is unknown)."""
+    dataset file no kept snapshot uses (all stay when a kept snapshot's is unknown).
+    ``current``: the snapshot ``CURRENT`` names now; ``previous``: the one it named before."""
     snaps = root / "snapshots"
+    entries = list(snaps.iterdir())
     named = sorted(
-        (p for p in snaps.iterdir() if SNAP_NAME.fullmatch(p.name) and p.is_dir()),
+        (p for p in entries if SNAP_NAME.fullmatch(p.name) and p.is_dir()),
         key=lambda p: int(p.name),
         reverse=True,
     )
-    current = current_seq(root)
     if current is not None:
         # Snapshots numbered between the one CURRENT named before this save and the one it
         # names now (or after it) never became current: a process died between the rename and
@@ -165,8 +175,9 @@ def prune(root: Path, keep: int, previous: int | None = None) -> None:
         named = [p for p in named if p not in orphans]
     for old in named[keep:]:
         shutil.rmtree(old, ignore_errors=True)
-    for left in snaps.glob(".tmp-*"):
-        shutil.rmtree(left, ignore_errors=True)
+    for left in entries:
+        if left.name.startswith(".tmp-"):
+            shutil.rmtree(left, ignore_errors=True)
     used: set[str] = set()
     for snap in named[:keep]:
         data_name = dataset_name_of(snap)
@@ -235,15 +246,10 @@ def current_snapshot(directory: str | os.PathLike[str]) -> str:
         ) from None
     except OSError as exc:
         raise damaged(root, path, f"cannot be read ({exc})") from exc
-    try:
-        text = raw.decode("ascii").strip()
-    except UnicodeDecodeError:
-        text = None
-    match = CURRENT_RE.fullmatch(text) if text else None
-    if match is None:
+    name = parse_current(raw)
+    if name is None:
         shown = repr(raw[:40]) + ("..." if len(raw) > 40 else "")
         raise damaged(root, path, f"is damaged (holds {shown}, not snapshots/<seq>)")
-    name = match.group(1)
     if not (root / "snapshots" / name).is_dir():
         raise damaged(root, path, f"names snapshots/{name}, which does not exist")
     return name
@@ -332,8 +338,8 @@ def verify_snapshot_files(root: Path, snap: Path, manifest: dict[str, Any]) -> d
     blobs: dict[str, bytes] = {}
     for fname, entry in manifest["files"].items():
         data = read_bytes(root, snap / fname)
-        sha = hashlib.sha256(data).hexdigest()
-        check_entry(root, snap / fname, entry, sha, len(data), snap / MANIFEST_FILE)
+        got = file_entry(data)
+        check_entry(root, snap / fname, entry, got["sha256"], got["size"], snap / MANIFEST_FILE)
         blobs[fname] = data
     for extra in sorted(p.name for p in snap.iterdir()):
         if extra != MANIFEST_FILE and extra not in blobs:

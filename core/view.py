@@ -100,14 +100,6 @@ class ModelView:
         return self._epoch.alive
 
     @property
-    def _save_seq(self) -> int:  # the name worker/state_cli.py uses
-        return self.save_seq
-
-    @_save_seq.setter
-    def _save_seq(self, value: int) -> None:
-        self.save_seq = value
-
-    @property
     def weights(self) -> torch.Tensor:
         """float64 (d,) for a binary model, (d, K) one-vs-rest."""
         return self._W[:, 0] if self._coding.binary else self._W

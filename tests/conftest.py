@@ -36,9 +36,11 @@ Redis or Celery (docs/design.md "Code conventions and tests").
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -221,7 +223,24 @@ def make_state(
     return path
 
 
+def rewrite_manifest(snap: Path) -> None:
+    """What a careful tamperer does: make the manifest of snapshot ``snap`` match its files as
+    they are now (so that only a check beyond the checksums can tell)."""
+    manifest = json.loads((snap / "manifest.json").read_text())
+    for name in manifest["files"]:
+        data = (snap / name).read_bytes()
+        manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    (snap / "manifest.json").write_text(json.dumps(manifest))
+
+
 @pytest.fixture(scope="session")
 def small_state_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A trained small model (600 rows, max_removals 1000), trained once per session."""
     return make_state(tmp_path_factory.mktemp("template") / "state")
+
+
+@pytest.fixture
+def state(small_state_template: Path, tmp_path: Path) -> Path:
+    """The test's own state directory: a copy of :func:`small_state_template` at
+    ``tmp_path / "state"``."""
+    return Path(shutil.copytree(small_state_template, tmp_path / "state"))

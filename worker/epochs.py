@@ -34,7 +34,7 @@ RATE_WINDOW_S = 3.0
 #: 191-257 ms at 10, 226-315 ms at 0)
 BACKGROUND_NICE = 10
 #: start estimating an "auto" trigger ahead once the rows fall below this many times the point
-#: where a fit would re-estimate it (core.model.AUTO_REESTIMATE_BELOW of the last estimate's)
+#: where a fit would re-estimate it (core.trigger.AUTO_REESTIMATE_BELOW of the last estimate's)
 ESTIMATE_AHEAD = 1.5
 
 #: the shadow-run estimate of an "auto" trigger, ``(rows, value)`` (None unless "auto")

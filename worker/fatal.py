@@ -30,6 +30,7 @@ from kombu.exceptions import OperationalError
 from producer.urls import redact_url
 from worker.errors import StateLockedError, StateMissingError
 from worker.faults import cause_chain
+from worker.lease import LeaseHeldError, StateBehindError
 from worker.settings import Settings, SettingsError
 
 log = logging.getLogger("certremove.worker")
@@ -153,27 +154,9 @@ def classify(exc: BaseException, settings: Settings, when: str = "at start-up") 
 
 
 def _state_errors() -> tuple[type[BaseException], ...]:
-    out: list[type[BaseException]] = []
-    try:
-        from core.errors import StateError  # noqa: PLC0415 - core (torch) only once it failed
+    from core.errors import StateError  # noqa: PLC0415 - core (torch) only once it failed
 
-        out.append(StateError)
-    except ImportError:  # pragma: no cover - core is always installed with the worker
-        pass
-    try:
-        from worker import lease  # noqa: PLC0415
-
-        out += [
-            cls
-            for cls in (
-                getattr(lease, "LeaseHeldError", None),
-                getattr(lease, "StateBehindError", None),
-            )
-            if isinstance(cls, type)
-        ]
-    except ImportError:
-        pass
-    return tuple(out)
+    return (StateError, LeaseHeldError, StateBehindError)
 
 
 def _one_line(exc: BaseException, limit: int = 1000) -> str:

@@ -88,17 +88,6 @@ class LedgerCheck:
         return not self.alive_rows and not self.unknown_ids
 
 
-def removed_sample_ids(state_dir: Path) -> list[Any]:
-    """Every sample id the ledger files of ``state_dir`` say were removed.
-
-    Raises:
-        worker.ledger.LedgerDamagedError: a ledger file is damaged.
-    """
-    from worker.ledger import removed_sample_ids as read  # noqa: PLC0415
-
-    return read(Path(state_dir))
-
-
 def check_model(model: Any, sample_ids: list[Any]) -> LedgerCheck:
     """Which of ``sample_ids`` (removed, says the ledger) the model has not removed: rows still
     alive, or ids neither a row nor in ``model.excluded_ids``. One pass over the list."""
@@ -141,20 +130,24 @@ def violation_message(state_dir: Path, model: Any, check: LedgerCheck) -> str:
     return "; ".join(parts)
 
 
-def verify_against_ledger(model: Any, state_dir: Path) -> LedgerCheck:
-    """Raise unless every id the ledger says was removed is removed in ``model``.
+def verify_against_ledger(
+    model: Any, state_dir: Path, removed_ids: list[Any] | None = None
+) -> LedgerCheck:
+    """Raise unless every id the ledger says was removed (``removed_ids``, else read from the
+    ledger files of ``state_dir``) is removed in ``model``.
 
     Raises:
         StateDamagedError: rows alive the ledger says were removed, ids unknown to the model, or
             a ledger that cannot be read.
     """
-    from worker.ledger import LedgerDamagedError  # noqa: PLC0415
+    from worker.ledger import LedgerDamagedError, removed_sample_ids  # noqa: PLC0415
 
-    try:
-        ids = removed_sample_ids(state_dir)
-    except LedgerDamagedError as exc:
-        raise StateDamagedError(str(exc)) from exc
-    check = check_model(model, ids)
+    if removed_ids is None:
+        try:
+            removed_ids = removed_sample_ids(Path(state_dir))
+        except LedgerDamagedError as exc:
+            raise StateDamagedError(str(exc)) from exc
+    check = check_model(model, removed_ids)
     if not check.ok:
         raise StateDamagedError(violation_message(state_dir, model, check))
     return check

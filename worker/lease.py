@@ -39,37 +39,52 @@ log = logging.getLogger("certremove.worker")
 
 STATE_ID_FILE = "state-id"
 
-# KEYS[1] lease, KEYS[2] token counter; ARGV[1] token, ARGV[2] ttl ms. Renew while held; take it
-# again when it expired and nobody took it since (the counter still ends at this token).
-_RENEW_LUA = """
-local cur = redis.call('GET', KEYS[1])
-if cur == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
+#: the Lua reply of a script run by a worker that lost the lease (``worker.faults.is_fenced``)
+FENCED_LUA = (
+    "return redis.error_reply('CERTREMOVE_FENCED this worker no longer holds the model lease')"
+)
+
+
+def holds_lua(lease: int, counter: int, token: int, ttl: int) -> str:
+    """Lua defining ``holds()``: true while the lease ``KEYS[lease]`` holds the token
+    ``ARGV[token]``; a lease that lapsed (Redis was away) and nobody took since (the counter
+    ``KEYS[counter]`` still ends at this token) is taken again for ``ARGV[ttl]`` ms. The one
+    fencing rule of the renewal, the state record and the status script."""
+    return f"""
+local function holds()
+  local cur = redis.call('GET', KEYS[{lease}])
+  if cur == ARGV[{token}] then return true end
+  if cur == false and redis.call('GET', KEYS[{counter}]) == ARGV[{token}] then
+    redis.call('SET', KEYS[{lease}], ARGV[{token}], 'PX', ARGV[{ttl}])
+    return true
+  end
+  return false
 end
-if cur == false and redis.call('GET', KEYS[2]) == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-return 0
 """
 
+
+# KEYS[1] lease, KEYS[2] token counter; ARGV[1] token, ARGV[2] ttl ms.
+_RENEW_LUA = (
+    holds_lua(1, 2, 1, 2)
+    + """
+if not holds() then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+)
+
 # KEYS[1] lease, KEYS[2] state marker, KEYS[3] token counter; ARGV[1] token, ARGV[2] ttl ms, then
-# field/value pairs. Fenced like the status script (a lapsed lease nobody took is taken again).
-_MARK_LUA = """
-local cur = redis.call('GET', KEYS[1])
-if cur ~= ARGV[1] then
-  if cur == false and redis.call('GET', KEYS[3]) == ARGV[1] then
-    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  else
-    return redis.error_reply('CERTREMOVE_FENCED this worker no longer holds the model lease')
-  end
-end
-local args = {}
+# field/value pairs.
+_MARK_LUA = (
+    holds_lua(1, 3, 1, 2)
+    + f"""
+if not holds() then {FENCED_LUA} end
+local args = {{}}
 for i = 3, #ARGV do args[#args + 1] = ARGV[i] end
 redis.call('HSET', KEYS[2], unpack(args))
 return 1
 """
+)
 
 
 class LeaseHeldError(RuntimeError):
@@ -272,9 +287,10 @@ class Lease:
                 f"{self.state_dir}` if its newer snapshots are damaged"
             )
 
-    def mark_state(self) -> None:
-        """Record in Redis that this state directory's current snapshot is the model's latest
-        (fenced: only while the lease is held)."""
+    def mark_state(self, seq: int | None = None) -> None:
+        """Record in Redis that this state directory's current snapshot (number ``seq``, read
+        from ``CURRENT`` when not given) is the model's latest (fenced: only while the lease is
+        held)."""
         if self.token is None:
             return
         self._mark(
@@ -285,7 +301,7 @@ class Lease:
                 "state_id",
                 self.state_id,
                 "seq",
-                str(snapshot_seq(self.state_dir)),
+                str(snapshot_seq(self.state_dir) if seq is None else seq),
                 "consumer",
                 self.consumer,
                 "at",

@@ -144,23 +144,17 @@ class Ledger:
     ) -> None:
         self.redis = client
         self.model = model
-        self.stream = schema.stream_key(model)
-        self.group = schema.group_name(model)
-        self.dead_letter_key = schema.dead_letter_key(model)
-        self.lease_key = schema.lease_key(model)
         self.failures_key = schema.failures_key(model)
-        self.lease_counter_key = schema.lease_counter_key(model)
         self.path = path
-        self.status_ttl = int(status_ttl)
         self.rotate_bytes = int(rotate_bytes)
-        self.fence = fence
-        self.lease_ttl_ms = int(lease_ttl_ms)
         self.status = StatusPublisher(
             client, model, status_ttl=status_ttl, fence=fence, lease_ttl_ms=lease_ttl_ms
         )
         self._known: dict[str, AnswerKey] = {}
         #: unknown_ids / already_removed_ids of answered requests that had some
         self._lists: dict[str, tuple[list[Any], list[Any]]] = {}
+        #: every sample id the ledger says was removed (read once at start, then kept up)
+        self.removed_ids: list[Any] = []
         #: size of the live file up to its last whole line (None: not read yet)
         self._size: int | None = None
         if path is not None:
@@ -186,6 +180,7 @@ class Ledger:
                 rec.get("r", ""),
                 bool(rec.get("d")),
             )
+            self.removed_ids += rec.get("x") or []
             lists = rec.get("l") or {}
             for rid in rec["ids"]:
                 self._known[rid] = key
@@ -250,6 +245,7 @@ class Ledger:
             self._append("".join(lines))
         for key, group in groups.items():
             for a in group:
+                self.removed_ids += a.removed_ids
                 self._known[a.request_id] = key
                 if a.unknown_ids or a.already_removed_ids:
                     self._lists[a.request_id] = (list(a.unknown_ids), list(a.already_removed_ids))
@@ -322,5 +318,22 @@ class Ledger:
     ) -> None:
         """Write the status hashes, copy ``dead`` entries to the dead-letter stream and
         acknowledge them and ``ack_ids``, in one script (``worker.status.StatusPublisher``)."""
-        self.status.fence, self.status.status_ttl = self.fence, self.status_ttl
         self.status.publish(answers, ack_ids, dead)
+
+    @property
+    def fence(self) -> Any:
+        """Returns the lease token the status script must find (None: unfenced)."""
+        return self.status.fence
+
+    @fence.setter
+    def fence(self, value: Any) -> None:
+        self.status.fence = value
+
+    @property
+    def status_ttl(self) -> int:
+        """Seconds a final status hash lives in Redis (0: for good)."""
+        return self.status.status_ttl
+
+    @status_ttl.setter
+    def status_ttl(self, value: int) -> None:
+        self.status.status_ttl = int(value)

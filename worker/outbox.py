@@ -82,7 +82,12 @@ class Outbox:
         """Copy ``entries`` to the dead-letter stream with ``reason``, answer them rejected
         (an answer the ledger holds already is repeated instead) and acknowledge them. When
         the status cannot be written (the entry's own status key is the fault), the copy and
-        the acknowledgement go alone: the dead-letter stream holds the reason."""
+        the acknowledgement go alone: the dead-letter stream holds the reason.
+
+        The ledger records the rejection only after the copy: were it first, a Redis failure
+        before the copy would make the retry answer the entry as a repeat of its rejection,
+        with no dead letter to replay. (Nothing was removed, so a rejection the ledger lacks
+        after a crash costs nothing: the entry is simply served again.)"""
         answers: list[Answer] = []
         for e in entries:
             if not e.request_id:
@@ -103,7 +108,6 @@ class Outbox:
                 )
             )
         dead: list[DeadLetter] = [(e.entry_id, e.fields, reason) for e in entries]
-        self.ledger.record(answers)
         try:
             self.ledger.publish(answers, [], dead)
         except Exception as exc:
@@ -111,28 +115,13 @@ class Outbox:
                 raise
             log.warning("the dead letters' statuses cannot be written (%s): copying alone", exc)
             self.ledger.publish([], [], dead)
+        self.ledger.record(answers)
         self.clear_failures([e.entry_id for e in entries])
         self.metrics.on_answers([], dead=len(entries))
         for e in entries:
             log.warning(
                 "dead-lettered entry %s (request %s): %s", _s(e.entry_id), e.request_id, reason
             )
-
-    def redo_dead_letters(self, batch: list[Entry], now: float) -> list[Entry]:
-        """Copy and acknowledge the entries whose dead-lettering stopped after the ledger recorded
-        it (Redis failed before the copy): answered as a repeat, they would have no dead letter
-        to replay. Returns the rest of ``batch``."""
-        redo: list[tuple[Entry, str]] = []
-        for e in batch:
-            if e.entry_id not in self._failed or e.replay_of or not e.request_id:
-                continue
-            prior = self.ledger.seen(e.request_id)
-            if prior is not None and prior.dead_letter:
-                redo.append((e, prior.reason))
-        for e, reason in redo:
-            self.dead_letter([e], reason, now)
-        done = {e.entry_id for e, _ in redo}
-        return [e for e in batch if e.entry_id not in done] if done else batch
 
     # ------------------------------------------------------------ failure counts
     def entry_failed(self, entry: Entry, exc: BaseException, max_failures: int, now: float) -> bool:

@@ -45,10 +45,13 @@ class Runtime:
     metrics_port: int
 
 
-def load_model(settings: Settings) -> Model:
+def load_model(
+    settings: Settings, ledger: Ledger | None = None, *, check_ledger: bool = True
+) -> Model:
     """The current model of ``settings.state_dir``, verified (checksums and invariants, by
     ``core.load_model``) and checked against the removal ledger: every sample id the ledger says
-    was removed must be removed in it.
+    was removed must be removed in it (the ids ``ledger`` holds in memory, else read from the
+    ledger files).
 
     Raises:
         StateMissingError: no model there (run ``certremove train`` first, in a new directory).
@@ -69,7 +72,8 @@ def load_model(settings: Settings) -> Model:
         model = core.load_model(state_dir, device=settings.device)
     except core.errors.StateError as exc:
         raise StateDamagedError(str(exc)) from exc
-    verify_against_ledger(model, state_dir)
+    if check_ledger:
+        verify_against_ledger(model, state_dir, None if ledger is None else ledger.removed_ids)
     return model
 
 
@@ -143,7 +147,7 @@ def build_runtime(
         worker.lease.LeaseHeldError: another worker (any host) serves the model.
         worker.lease.StateBehindError: another state directory served the model last.
     """
-    model = load_model(settings)
+    model = load_model(settings, check_ledger=False)  # checked below, once the ledger is read
     lock_state_dir(settings.state_dir)
     client = redis.Redis.from_url(
         redis_py_url(settings.broker_url), health_check_interval=30, **settings.tls_options()
@@ -164,9 +168,14 @@ def build_runtime(
             fence=lease.fence_token,
             lease_ttl_ms=settings.lease_ttl_ms,
         )
+        # the ledger read once, for the service and for this check
+        verify_against_ledger(model, settings.state_dir, ledger.removed_ids)
     except LedgerDamagedError as exc:
         lease.release()
         raise StateMissingError(str(exc)) from exc
+    except StateMissingError:
+        lease.release()
+        raise
     metrics = ServiceMetrics(CollectorRegistry())
     port = 0
     if serve_metrics:
@@ -189,7 +198,7 @@ def build_runtime(
         max_batch=settings.max_batch,
         slice_seconds=settings.slice_seconds,
         max_failures=settings.max_failures,
-        reload=lambda: load_model(settings),
+        reload=lambda: load_model(settings, ledger),
         pipeline=pipeline_retrainer(settings),
         pipeline_off_reason=_pipeline_off_reason(settings),
         retrain_lead=settings.retrain_lead,

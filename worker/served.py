@@ -105,13 +105,12 @@ class ServedModel:
         save: dict[str, Any] = {}
         if dataset is not None:
             save = {"dataset": dataset, "replace_dataset": replace_dataset}
-        (model or self.model).save(
-            self.state_dir, journal=journal, keep=self.keep_snapshots, **save
-        )
+        saved = model or self.model
+        saved.save(self.state_dir, journal=journal, keep=self.keep_snapshots, **save)
         self.outbox.unrecorded = pending
         self.dirty = False
         if self.lease is not None:
-            self.lease.mark_state()
+            self.lease.mark_state(saved.save_seq)
 
     def plan(self, entries: list[Entry], *, fold: bool) -> Plan:
         """Plan ``entries`` against the model (``fold``: a retrain, overlaps folded)."""

@@ -338,11 +338,16 @@ class RemovalService:
 
     def _recover_from(self, exc: Exception) -> None:
         """After a step failed: reload the model if it ran ahead of the disk, then settle."""
+        self._reload_if_dirty(exc)
+        self._settle()
+
+    def _reload_if_dirty(self, exc: Exception) -> None:
+        """Reload the persisted model when the one in memory ran ahead of it; re-raise ``exc``
+        when that reload failed (the service has stopped)."""
         if self.served.dirty:
             self._resync()
             if self._stopped is not None:
                 raise exc
-        self._settle()
 
     def _resync(self) -> None:
         """After a failure mid-step the model in memory may be ahead of the persisted state:
@@ -385,10 +390,7 @@ class RemovalService:
             log.critical("%s: the service stops", self._stopped)
             self._on_fatal(exc)
             raise exc
-        if self.served.dirty:
-            self._resync()
-            if self._stopped is not None:
-                raise exc
+        self._reload_if_dirty(exc)
         if not faults.is_infrastructure(exc):
             raise exc
         kind = faults.kind(exc)

@@ -28,7 +28,8 @@ from typing import Annotated, Any
 
 import typer
 
-from worker.integrity import check_model, removed_sample_ids, violation_message
+from worker.integrity import check_model, violation_message
+from worker.ledger import removed_sample_ids
 
 app = typer.Typer(
     name="state",

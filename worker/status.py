@@ -21,6 +21,7 @@ from typing import Any
 import redis
 
 from producer import schema
+from worker.lease import FENCED_LUA, holds_lua
 
 #: fields of an entry kept in its dead-letter copy (the rest are counted)
 _KEPT_FIELDS = (
@@ -36,26 +37,21 @@ _DEAD_VALUE_MAX = 1 << 20
 # the status hashes: first the ARGV[5] "common" answers, which share the 8 values ARGV[6..13] (a
 # committed batch: same status, method, version and time), then the others. ARGV[1] group,
 # ARGV[2] lease token ('' = unfenced: tests and tools), ARGV[3] status TTL in seconds ('0' =
-# keep), ARGV[4] the lease's life in ms (to take it again when it lapsed during a Redis outage
-# and nobody took it since: the counter still ends at this token); after the common values, per other answer a mode ('w' write, 'q' write
-# only while the status is missing or queued) and its 8 values in _NAMES order ('' = leave the
-# field alone); then the count of dead letters and, per dead letter, its entry id and its field
-# count and fields (flat); then the entry ids to acknowledge. Statuses are written first, dead
-# letters copied next, acknowledgements last: an error stops the script before any entry is
-# acknowledged without its status and its dead-letter copy.
+# keep), ARGV[4] the lease's life in ms (``worker.lease.holds_lua``); after the common values,
+# per other answer a mode ('w' write, 'q' write only while the status is missing or queued) and
+# its 8 values in _NAMES order ('' = leave the field alone); then the count of dead letters and,
+# per dead letter, its entry id and its field count and fields (flat); then the entry ids to
+# acknowledge. Statuses are written first, dead letters copied next, acknowledgements last: an
+# error stops the script before any entry is acknowledged without its status and its dead-letter
+# copy.
 _NAMES = schema.STATUS_FIELDS
-_PUBLISH_LUA = """
-if redis.replicate_commands then redis.replicate_commands() end
-if ARGV[2] ~= '' then
-  local owner = redis.call('GET', KEYS[3])
-  if owner ~= ARGV[2] then
-    if owner == false and redis.call('GET', KEYS[4]) == ARGV[2] then
-      redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[4])
-    else
-      return redis.error_reply('CERTREMOVE_FENCED this worker no longer holds the model lease')
-    end
-  end
-end
+_PUBLISH_LUA = (
+    (
+        holds_lua(3, 4, 2, 4)
+        + "if redis.replicate_commands then redis.replicate_commands() end\n"
+        + f"if ARGV[2] ~= '' and not holds() then {FENCED_LUA} end\n"
+    )
+    + """
 local ttl = tonumber(ARGV[3])
 local names = {'status', 'method', 'model_version', 'unknown_ids', 'already_removed_ids',
                'reason', 'requested_at', 'applied_at'}
@@ -111,6 +107,7 @@ for i = a, #ARGV do ack(ARGV[i]) end
 if #ids > 0 then redis.call('XACK', KEYS[1], ARGV[1], unpack(ids)) end
 return 1
 """
+)
 
 #: ``(entry_id, fields, reason)`` of an entry for the dead-letter stream
 DeadLetter = tuple[bytes, dict[bytes, bytes], str]
@@ -242,7 +239,8 @@ class StatusPublisher:
 
         Raises:
             redis.ResponseError: ``CERTREMOVE_FENCED ...`` when this worker lost the lease (see
-                ``worker.faults.is_fenced``), or whatever Redis refused (nothing was acknowledged then).
+                ``worker.faults.is_fenced``), or whatever Redis refused (nothing was acknowledged
+                then).
         """
         dead = dead or []
         if not answers and not ack_ids and not dead:

@@ -71,7 +71,6 @@ class NewtonSteps:
         and the retrain now due (None: none)."""
         due: str | None = None
         served = self.served
-        batch = self.outbox.redo_dead_letters(batch, self.clock())
         plan = served.plan(batch, fold=False)
         if plan.groups:
             t0 = time.perf_counter()

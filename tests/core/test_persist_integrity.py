@@ -5,7 +5,6 @@ Real files throughout: a small state is saved, then one of its files is damaged 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -19,7 +18,7 @@ from safetensors.torch import load_file, save_file
 import core
 from core.errors import StateDamagedError
 from core.persist import current_snapshot, list_snapshots, read_journal
-from tests.conftest import make_state
+from tests.conftest import make_state, rewrite_manifest
 
 JOURNAL = {"batch": [1, 2, 3], "note": "crash recovery record"}
 
@@ -51,15 +50,6 @@ def target(state: Path, which: str) -> Path:
         (path,) = (state / "datasets").glob("*.npz")
         return path
     return snap_dir(state) / which
-
-
-def rewrite_manifest(snap: Path) -> None:
-    """What a careful tamperer does: make the manifest match the files as they are now."""
-    manifest = json.loads((snap / "manifest.json").read_text())
-    for name in manifest["files"]:
-        data = (snap / name).read_bytes()
-        manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-    (snap / "manifest.json").write_text(json.dumps(manifest))
 
 
 def truncate(path: Path) -> None:

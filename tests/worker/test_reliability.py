@@ -24,11 +24,6 @@ from worker.lease import Lease, LeaseHeldError, StateBehindError
 from worker.ledger import Answer, Ledger, read_records, removed_sample_ids
 
 
-@pytest.fixture
-def state(small_state_template: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(small_state_template, tmp_path / "state"))
-
-
 class Crash(BaseException):
     """Stands for the process dying: nothing in the service catches a BaseException."""
 

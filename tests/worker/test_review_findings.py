@@ -7,7 +7,6 @@ infrastructure fault, never lost for replay, and the ledger stays readable after
 from __future__ import annotations
 
 import errno
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -25,11 +24,6 @@ from tests.worker.test_pipeline_retrain import features, make_service  # noqa: F
 from tests.worker.test_service import build
 from worker import faults
 from worker.ledger import Answer, Ledger, read_records
-
-
-@pytest.fixture
-def state(small_state_template: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(small_state_template, tmp_path / "state"))
 
 
 def test_torch_running_out_of_memory_is_an_infrastructure_fault(
@@ -120,9 +114,8 @@ def test_a_dead_letter_interrupted_by_redis_is_still_copied(
     model_name: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # The ledger records "dead-lettered" first; when Redis drops before the copy and the XACK,
-    # the retry must still copy the entry, or the request is answered "dead-lettered" with no
-    # dead letter an operator could replay.
+    # When Redis drops before the copy and the XACK, the retry must still copy the entry, or the
+    # request is answered "dead-lettered" with no dead letter an operator could replay.
     client = Client(broker_url, model=model_name)
     rid = client.enqueue([8])
     remove = Model.remove

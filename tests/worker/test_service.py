@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
-import pytest
 import redis
 from prometheus_client import CollectorRegistry
 
@@ -54,11 +52,6 @@ def build(
         **{"slice_seconds": 30.0, **kw},
     )
     return service, sent, reg
-
-
-@pytest.fixture
-def state(small_state_template: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(small_state_template, tmp_path / "state"))
 
 
 def test_waiting_entries_fold_into_one_newton_step(

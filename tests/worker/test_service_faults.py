@@ -3,7 +3,6 @@ failed reload and dead letters (real core model, real Redis, no Celery)."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,11 +17,6 @@ from producer import Client, schema
 from tests.conftest import make_state
 from tests.worker.test_service import build
 from worker.errors import ServiceStoppedError
-
-
-@pytest.fixture
-def state(small_state_template: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(small_state_template, tmp_path / "state"))
 
 
 def alive(state: Path, sample_id: int) -> bool:

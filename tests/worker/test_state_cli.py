@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 import core
 from core.persist import current_snapshot
-from tests.conftest import make_state
+from tests.conftest import make_state, rewrite_manifest
 from worker.cli import app
 from worker.errors import StateDamagedError, StateMissingError
 from worker.integrity import current_problem
@@ -82,14 +82,6 @@ def digest(path: Path) -> dict[str, str]:
 
 def newest_snapshot(state: Path) -> Path:
     return max((state / "snapshots").iterdir(), key=lambda p: int(p.name))
-
-
-def rewrite_manifest(snap: Path) -> None:
-    manifest = json.loads((snap / "manifest.json").read_text())
-    for name in manifest["files"]:
-        data = (snap / name).read_bytes()
-        manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-    (snap / "manifest.json").write_text(json.dumps(manifest))
 
 
 def train_args(state: Path, *extra: str) -> list[str]:
