@@ -1,18 +1,22 @@
 """Benchmark of core: removal speed against the reference algorithm, and certified capacity of
 the three accountings, all measured in one run on the same data.
 
-    python benchmarks/removal.py [--json] [--device cuda] [--quick]
+    python benchmarks/removal.py [--json] [--output FILE] [--device cuda] [--quick] [--threads N]
 
 Part A (synthetic MNIST-shaped data, n = 11,982, d = 784, binary, lam = 1e-3, sigma = 10):
 seconds per removal of the reference algorithm (facebookresearch/certified-removal, re-implemented:
 for every single removal the Hessian of the remaining data, an explicit float32 inverse and 20 power
-iterations), ours at batch sizes 1, 10, 100, 1000 (amortised per removed row), and a full retrain
-(ours; and 100 L-BFGS steps as the reference trains).
+iterations), ours at batch sizes 1, 10, 100, 1000 (amortised per removed row; median over
+repeats) under both accountings (one model each; the solver is chosen per step, CG iterations
+shown), the direct solver alone at batch 1 and 100, training from scratch (ours; and 100 L-BFGS
+steps as the reference trains) and a warm retrain with fresh noise (with the cached factor, and
+with a Hessian per Newton iteration as before).
 
 Part B (digits, one-vs-rest, lam = 1e-2, sigma = 1, epsilon = 1, delta = 1e-4, random order,
 one request at a time, max_removals=None): certified removals before the budget under the
 reference's accounting (gamma = 1/4, 20-step power iteration, classes summed), ours "bound" and
-ours "exact"; test accuracy before and after.
+ours "exact"; the same noise draw again with the CG solver forced; test accuracy before and
+after.
 
 Part C (same setting, max_removals="auto"): the value it chose and how often the safety net fired
 over 20 independent noise draws with the removal order fixed.
@@ -21,6 +25,7 @@ over 20 independent noise draws with the removal order fixed.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import sys
@@ -33,6 +38,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import core  # noqa: E402
+from core.newton import gradient_tolerance, newton_fit  # noqa: E402
+from core.removal import SolveOptions  # noqa: E402
 
 REF_GAMMA = 0.25
 
@@ -51,8 +58,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def reference_removal_seconds(X, y_pm, w, lam, device, repeats=3) -> float:
-    """Time one removal of the reference algorithm (float32, as its code runs)."""
+def reference_removal_times(X, y_pm, w, lam, device, repeats=3) -> list[float]:
+    """Seconds of ``repeats`` single removals of the reference algorithm."""
     X32 = X.to(device, torch.float32)
     w32 = w.to(device, torch.float32)
     y32 = y_pm.to(device, torch.float32)
@@ -74,7 +81,7 @@ def reference_removal_seconds(X, y_pm, w, lam, device, repeats=3) -> float:
         sync(device)
         times.append(time.perf_counter() - t0)
         del w_new
-    return float(np.median(times))
+    return times
 
 
 def lbfgs_train_seconds(X, y_pm, lam, sigma, device) -> float:
@@ -102,26 +109,14 @@ def lbfgs_train_seconds(X, y_pm, lam, sigma, device) -> float:
     return time.perf_counter() - t0
 
 
-def part_a(device: torch.device, quick: bool) -> dict:
-    ds = core.load_dataset("synthetic:n=11982,d=784,classes=2,seed=0")
-    X, y = ds.X_train, ds.y_train
-    lam, sigma = 1e-3, 10.0
-    t0 = time.perf_counter()
-    model = core.train(X, y, lam=lam, sigma=sigma, device=device, max_removals=None)
-    sync(device)
-    ours_train = time.perf_counter() - t0
-    y_pm = torch.where(y == 1, 1.0, -1.0).double()
-    ref = reference_removal_seconds(
-        X.double(), y_pm, model.weights.cpu(), lam, device, repeats=2 if quick else 3
-    )
-    rng = np.random.default_rng(0)
-    order = rng.permutation(len(y)).tolist()
-    per_removal = {}
-    start = 0
-    for m in (1, 10, 100, 1000):
-        reps = 1 if (quick or m >= 100) else 2
+def _timed_removals(model, order: list[int], start: int, device, quick: bool):
+    """Seconds per removed row at batch sizes 1, 10, 100, 1000 (median over repeats), the CG
+    iterations of the last step at each size (0: the direct solver), and the next unused row."""
+    reps = {1: 5, 10: 3, 100: 2, 1000: 1} if quick else {1: 15, 10: 5, 100: 3, 1000: 1}
+    per_removal, iterations = {}, {}
+    for m, r in reps.items():
         times = []
-        for _ in range(reps):
+        for _ in range(r):
             rows = order[start : start + m]
             start += m
             sync(device)
@@ -131,18 +126,101 @@ def part_a(device: torch.device, quick: bool) -> dict:
             times.append(time.perf_counter() - t1)
             assert res.applied, res
         per_removal[m] = float(np.median(times)) / m
-    lbfgs = lbfgs_train_seconds(X.double(), y_pm, lam, sigma, device)
-    return {
-        "n": len(y),
-        "d": X.shape[1],
-        "reference_seconds_per_removal": ref,
-        "ours_seconds_per_removal": {str(k): v for k, v in per_removal.items()},
-        "speedup_batch100_vs_reference": ref / per_removal[100],
-        "ours_retrain_seconds": ours_train,
-        "reference_lbfgs100_train_seconds": lbfgs,
-        "budget_used_after": model.budget_used,
-        "budget_total": model.budget_total,
-    }
+        iterations[m] = model._epoch.solver.iterations if model._epoch.solver else None
+    return per_removal, iterations, start
+
+
+def part_a(device: torch.device, quick: bool) -> dict:
+    ds = core.load_dataset("synthetic:n=11982,d=784,classes=2,seed=0")
+    X, y = ds.X_train, ds.y_train
+    lam, sigma = 1e-3, 10.0
+    y_pm = torch.where(y == 1, 1.0, -1.0).double()
+    order = np.random.default_rng(0).permutation(len(y)).tolist()
+    out: dict = {"n": len(y), "d": X.shape[1], "accountings": {}}
+    models = {}
+    ref_times: list[float] = []
+    reps = 2 if quick else 3
+    for accounting in ("exact", "bound"):
+        t0 = time.perf_counter()
+        model = core.train(
+            X, y, lam=lam, sigma=sigma, device=device, max_removals=None, accounting=accounting
+        )
+        sync(device)
+        train_s = time.perf_counter() - t0
+        # the reference is timed before and after each of ours, so that both see the same load
+        ref_times += reference_removal_times(
+            X.double(), y_pm, model.weights.cpu(), lam, device, reps
+        )
+        model.remove(order[:1])  # warm-up (the column-major copy of X is made once)
+        per_removal, its, _ = _timed_removals(model, order, 1, device, quick)
+        models[accounting] = model
+        out["accountings"][accounting] = {
+            "ours_seconds_per_removal": {str(k): v for k, v in per_removal.items()},
+            "cg_iterations_last_step": {str(k): v for k, v in its.items()},
+            "train_seconds": train_s,
+            "budget_used_after": model.budget_used,
+            "exact_used_after": model.exact_used,
+            "bound_used_after": model.bound_used,
+        }
+    ref_times += reference_removal_times(
+        X.double(), y_pm, models["exact"].weights.cpu(), lam, device, reps
+    )
+    ref = float(np.median(ref_times))
+    out["reference_seconds_per_removal"] = ref
+    out["reference_seconds_all"] = ref_times
+    for a in out["accountings"].values():
+        a["speedup_vs_reference"] = {k: ref / v for k, v in a["ours_seconds_per_removal"].items()}
+    # the direct solver alone (the Hessian of the remaining rows each step), side by side
+    model = models["exact"]
+    model.solve_options = SolveOptions("direct")
+    direct = {}
+    start = 3000
+    for m in (1, 100):
+        times = []
+        for _ in range(2 if quick else 3):
+            t1 = time.perf_counter()
+            assert model.remove(order[start : start + m]).applied
+            times.append(time.perf_counter() - t1)
+            start += m
+        direct[str(m)] = float(np.median(times)) / m
+    model.solve_options = SolveOptions()
+    out["direct_solver_seconds_per_removal"] = direct
+    # retrains: warm (fresh noise, from the current weights) with the cached factor, as
+    # model.retrain runs it; the same fit with a Hessian and Cholesky factorisation every Newton
+    # iteration (cg_max_iter=0, the previous solver); the reference's 100 L-BFGS steps (cold)
+    p, alive = model._problem, model.alive
+    C, n_reg = p.weights(alive), float(alive.sum())
+    tol = gradient_tolerance(lam, n_reg, model.budget_total)
+    B = torch.randn(model._W.shape, dtype=torch.float64, device=device) * sigma
+    fits = {}
+    for name, kw in (
+        ("pcg", {"precond": model._epoch.solver.factor}),
+        ("cholesky", {"cg_max_iter": 0}),
+    ):
+        sync(device)
+        t1 = time.perf_counter()
+        fit = newton_fit(
+            p.X, p.Y, C, lam, n_reg, B, tol=tol, W0=model._W, hess_dtype=p.hess_dtype, **kw
+        )
+        sync(device)
+        fits[name] = (time.perf_counter() - t1, fit.iterations, fit.r0)
+    t1 = time.perf_counter()
+    model.retrain()
+    sync(device)
+    out["ours_retrain_seconds"] = time.perf_counter() - t1
+    out["warm_fit_pcg"] = dict(
+        zip(("seconds", "newton_iterations", "r0"), fits["pcg"], strict=True)
+    )
+    out["warm_fit_cholesky"] = dict(
+        zip(("seconds", "newton_iterations", "r0"), fits["cholesky"], strict=True)
+    )
+    out["gradient_tolerance"] = tol
+    out["ours_train_seconds"] = out["accountings"]["exact"]["train_seconds"]
+    out["reference_lbfgs100_train_seconds"] = lbfgs_train_seconds(
+        X.double(), y_pm, lam, sigma, device
+    )
+    out["budget_total"] = model.budget_total
+    return out
 
 
 def reference_increment(model, rows_removed_mask, s: torch.Tensor, gen) -> float:
@@ -156,15 +234,11 @@ def reference_increment(model, rows_removed_mask, s: torch.Tensor, gen) -> float
     )
 
 
-def part_b(device: torch.device, order_seed: int = 0) -> dict:
-    ds = core.load_dataset("digits")
-    setting = dict(lam=1e-2, sigma=1.0, epsilon=1.0, delta=1e-4)
-    model = core.train(ds.X_train, ds.y_train, **setting, device=device, max_removals=None)
-    acc_before = model.accuracy(ds.X_test, ds.y_test)
-    budget = model.budget_total
-    order = np.random.default_rng(order_seed).permutation(len(ds.y_train)).tolist()
-    gen = torch.Generator(device=device).manual_seed(0)
+def _chain(model, order, budget, gen) -> dict:
+    """Single removals in ``order`` until the model's safety net stops them: the counts of each
+    accounting (the reference's summed Cor. 1 only when ``gen`` is given)."""
     ref_sum, ref_count, bound_count, exact_count = 0.0, None, None, 0
+    iterative = 0
     for t, row in enumerate(order, start=1):
         W_old = model._W.clone()
         try:
@@ -174,21 +248,49 @@ def part_b(device: torch.device, order_seed: int = 0) -> dict:
         if not res.applied:
             break
         exact_count = t
-        if ref_count is None:
+        iterative += bool(model._epoch.solver and model._epoch.solver.iterations > 0)
+        if gen is not None and ref_count is None:
             ref_sum += reference_increment(model, None, model._W - W_old, gen)
             if ref_sum > budget:
                 ref_count = t - 1
         if bound_count is None and model.bound_used > budget:
             bound_count = t - 1
+    return {
+        "reference": ref_count if ref_count is not None else exact_count,
+        "bound": bound_count if bound_count is not None else exact_count,
+        "exact": exact_count,
+        "iterative_steps": iterative,
+    }
+
+
+def part_b(device: torch.device, order_seed: int = 0) -> dict:
+    ds = core.load_dataset("digits")
+    setting = dict(lam=1e-2, sigma=1.0, epsilon=1.0, delta=1e-4)
+    model = core.train(ds.X_train, ds.y_train, **setting, device=device, max_removals=None)
+    twin = copy.deepcopy(model)  # the same noise draw, for the CG solver side by side
+    twin.solve_options = SolveOptions("iterative")
+    acc_before = model.accuracy(ds.X_test, ds.y_test)
+    budget = model.budget_total
+    order = np.random.default_rng(order_seed).permutation(len(ds.y_train)).tolist()
+    gen = torch.Generator(device=device).manual_seed(0)
+    auto = _chain(model, order, budget, gen)
+    cg = _chain(twin, order, budget, None)
+    ref_count, bound_count, exact_count = auto["reference"], auto["bound"], auto["exact"]
     acc_after = model.accuracy(ds.X_test, ds.y_test)
     return {
         "n_train": len(ds.y_train),
         "budget": budget,
-        "reference_accounting_removals": ref_count if ref_count is not None else exact_count,
-        "bound_removals": bound_count if bound_count is not None else exact_count,
+        "reference_accounting_removals": ref_count,
+        "bound_removals": bound_count,
         "exact_removals": exact_count,
-        "bound_over_reference": (bound_count or exact_count) / max(ref_count or exact_count, 1),
-        "exact_over_reference": exact_count / max(ref_count or exact_count, 1),
+        "auto_solver_iterative_steps": auto["iterative_steps"],
+        "iterative_solver": {
+            "bound_removals": cg["bound"],
+            "exact_removals": cg["exact"],
+            "iterative_steps": cg["iterative_steps"],
+        },
+        "bound_over_reference": bound_count / max(ref_count, 1),
+        "exact_over_reference": exact_count / max(ref_count, 1),
         "accuracy_before": acc_before,
         "accuracy_after_exact_chain": acc_after,
     }
@@ -241,9 +343,12 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")
     parser.add_argument("--draws", type=int, default=20)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--output", help="also write the JSON object to this file")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     out = {
         "machine": platform.processor() or platform.machine(),
@@ -264,15 +369,30 @@ def main() -> int:
     s, c, a = out["speed"], out["capacity"], out["auto"]
     print(f"device {out['device']}, torch {out['torch']}, {out['torch_threads']} threads")
     print(f"\nA. removal speed, synthetic n={s['n']} d={s['d']} (seconds per removed row)")
+    ref = s["reference_seconds_per_removal"]
+    spread = s["reference_seconds_all"]
     print(
-        f"  reference (Hessian + inverse + 20 power its, per removal) {s['reference_seconds_per_removal']:.4f}"
+        f"  reference (Hessian + inverse + 20 power its, per removal) {ref:.4f}"
+        f"  (median of {len(spread)}: {min(spread):.3f}..{max(spread):.3f})"
     )
-    for k, v in s["ours_seconds_per_removal"].items():
-        print(
-            f"  ours, batch {k:>4}                                      {v:.5f}  ({s['reference_seconds_per_removal'] / v:6.1f}x faster)"
-        )
+    for acc, a_ in s["accountings"].items():
+        for k, v in a_["ours_seconds_per_removal"].items():
+            its = a_["cg_iterations_last_step"][k]
+            print(
+                f"  ours ({acc:5}), batch {k:>4}  {v:.5f}  ({ref / v:7.1f}x faster; CG iterations {its})"
+            )
+    for k, v in s["direct_solver_seconds_per_removal"].items():
+        print(f"  direct solver only, batch {k:>4} {v:.5f}  ({ref / v:7.1f}x faster)")
+    pcg, chol = s["warm_fit_pcg"], s["warm_fit_cholesky"]
     print(
-        f"  full retrain: ours (Newton-Cholesky) {s['ours_retrain_seconds']:.2f} s, reference (100 L-BFGS) {s['reference_lbfgs100_train_seconds']:.2f} s"
+        f"  training from scratch: ours {s['ours_train_seconds']:.2f} s; reference (100 L-BFGS) "
+        f"{s['reference_lbfgs100_train_seconds']:.2f} s"
+    )
+    print(
+        f"  warm retrain (fresh noise, to ||g|| <= {s['gradient_tolerance']:.1e}): model.retrain "
+        f"{s['ours_retrain_seconds']:.2f} s; fit with the cached factor {pcg['seconds']:.2f} s "
+        f"({pcg['newton_iterations']} Newton its) against a Hessian per iteration "
+        f"{chol['seconds']:.2f} s ({chol['newton_iterations']} its)"
     )
     print(
         f"\nB. certified removals on digits OvR before the budget ({c['budget']:.4f}), one at a time"
@@ -280,6 +400,12 @@ def main() -> int:
     print(f"  reference accounting {c['reference_accounting_removals']:>5}")
     print(f"  ours, bound          {c['bound_removals']:>5}  ({c['bound_over_reference']:.1f}x)")
     print(f"  ours, exact          {c['exact_removals']:>5}  ({c['exact_over_reference']:.1f}x)")
+    cg = c["iterative_solver"]
+    print(
+        f"  the same noise with the CG solver forced: bound {cg['bound_removals']}, exact "
+        f"{cg['exact_removals']} ({cg['iterative_steps']} CG steps; auto took CG in "
+        f"{c['auto_solver_iterative_steps']})"
+    )
     print(
         f"  test accuracy before {c['accuracy_before']:.4f}, after the exact chain {c['accuracy_after_exact_chain']:.4f}"
     )

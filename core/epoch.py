@@ -17,7 +17,7 @@ from core.accountant import Accountant, anchored
 from core.newton import gradient_tolerance, newton_fit
 from core.noise import draw_noise, generator
 from core.problem import Hyper, Problem
-from core.removal import Step, newton_step
+from core.removal import DEFAULT_SOLVE, SolveOptions, SolverCache, Step, newton_step
 from core.trigger import auto_max_removals, resolve_max_removals
 
 
@@ -45,6 +45,10 @@ class NoiseEpoch:
     extractor_removed: int = 0
     #: margins at ``W``, cached between steps
     Z: torch.Tensor | None = None
+    #: the removal solver's preconditioner (a Cholesky factor of a recent Hessian: of the fit,
+    #: then of the last direct step); a function of released weights and the data, in memory
+    #: only, never persisted (core.state writes named fields only)
+    solver: SolverCache | None = None
 
     @property
     def r0_anchor(self) -> float:
@@ -57,6 +61,7 @@ class NoiseEpoch:
             W=step.W,
             alive=step.alive,
             Z=step.Z,
+            solver=step.cache if step.cache is not None else self.solver,
             acct=self.acct.commit(step),
             removed_in_epoch=self.removed_in_epoch + m,
             extractor_removed=self.extractor_removed + m,
@@ -75,11 +80,14 @@ def fit_epoch(
     W0: torch.Tensor | None,
     basis: tuple[int, int] | None = None,
     reestimate: bool = True,
+    precond: torch.Tensor | None = None,
 ) -> NoiseEpoch:
     """Fit a noise epoch on ``alive`` with fresh noise (``seed`` for tests only): the weights,
     the accounting anchor and the resolved trigger (``basis``: the last "auto" estimate).
     Pure: may run in another thread while removals go on. ``extractor_removed`` is 0 here; the
-    model carries its own over when it installs the epoch."""
+    model carries its own over when it installs the epoch. ``precond``: a Cholesky factor of a
+    recent Hessian on (nearly) these rows (the current epoch's removal preconditioner), which
+    makes the warm-started Newton iterations O(n d) (:func:`core.newton.newton_fit`)."""
     p, h = problem, hyper
     rng = generator(seed)
     B = draw_noise((p.X.shape[1], p.Y.shape[1]), h.sigma, rng, p.X.device)
@@ -95,6 +103,7 @@ def fit_epoch(
         tol=gradient_tolerance(p.lam, n_reg, budget_total),
         W0=W0,
         hess_dtype=p.hess_dtype,
+        precond=precond,
     )
     acct = anchored(h.accounting, p, fit.W, alive, r0=fit.r0)
     max_removals, basis = resolve_max_removals(
@@ -113,6 +122,7 @@ def fit_epoch(
         certified=seed is None and h.sigma > 0,
         max_removals=max_removals,
         auto_basis=basis,
+        solver=SolverCache.of(fit.factor, fit.cg_iterations),
     )
 
 
@@ -141,14 +151,20 @@ def estimate(
 
 
 def commit_prefix(
-    problem: Problem, epoch: NoiseEpoch, group_rows: list[list[int]], budget_total: float
+    problem: Problem,
+    epoch: NoiseEpoch,
+    group_rows: list[list[int]],
+    budget_total: float,
+    options: SolveOptions = DEFAULT_SOLVE,
 ) -> tuple[int, NoiseEpoch, float, str | None]:
     """Serve the removal groups ``group_rows`` (arrival order) on ``epoch`` in one Newton step:
     the whole prefix, then halves (on request boundaries) while the step would take the budget
     used past ``budget_total`` (the safety net, at most ``ceil(log2 m)`` tries).
 
     Returns (groups committed, the epoch after them, the step's bound increment, the reason the
-    rest was left: ``"budget"``, ``"numerical"`` or None)."""
+    rest was left: ``"budget"``, ``"numerical"`` or None). ``options``: how the step solves
+    (:class:`core.removal.SolveOptions`; the epoch's cached factor preconditions the iterative
+    solver)."""
     if not group_rows:
         return 0, epoch, 0.0, None
     m = sum(len(g) for g in group_rows)
@@ -166,6 +182,8 @@ def commit_prefix(
             torch.as_tensor(rows, dtype=torch.long, device=epoch.W.device),
             epoch.acct.anchor_grad,
             epoch.Z,
+            cache=epoch.solver,
+            options=options,
         )
         if step is None:
             return 0, epoch, 0.0, "numerical"

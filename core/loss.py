@@ -161,8 +161,13 @@ def cholesky_factor(H: torch.Tensor, lam: float) -> torch.Tensor:
 
 
 def solve_factored(L: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """Solve with the factors of :func:`cholesky_factor`. Shapes: L (K, d, d), rhs (d, K)."""
-    sol = torch.cholesky_solve(rhs.T.unsqueeze(-1).to(L.dtype), L).squeeze(-1).T
+    """Solve with the factors of :func:`cholesky_factor`. Shapes: L (K, d, d), rhs (d, K).
+
+    Two triangular solves: the same arithmetic as ``torch.cholesky_solve``, which took 6-15 ms
+    instead of 0.2 ms for d = 784 with 2 threads on the loaded 2-vCPU VM."""
+    b = rhs.T.unsqueeze(-1).to(L.dtype)
+    y = torch.linalg.solve_triangular(L, b, upper=False)
+    sol = torch.linalg.solve_triangular(L.mT, y, upper=True).squeeze(-1).T
     return sol.to(rhs.dtype)
 
 

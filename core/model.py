@@ -22,6 +22,7 @@ from core.epoch import NoiseEpoch, commit_prefix, estimate, fit_epoch
 from core.errors import InvalidInputError, StateError
 from core.guard import ONE_CLASS
 from core.noise import generator
+from core.removal import DEFAULT_SOLVE, SolveOptions
 from core.requests import RemovalResult, alive_groups, removal_result, validate_rows
 from core.state import ModelParts, ModelState, decode, encode
 from core.trigger import groups_within_limits, reestimate_due
@@ -47,11 +48,18 @@ class RetrainSnapshot:
     version: int
     alive: torch.Tensor
     W: torch.Tensor
+    #: the removal preconditioner at the snapshot (a Cholesky factor of a recent Hessian, in
+    #: memory only): it makes the warm-started fit O(n d) per Newton iteration
+    factor: torch.Tensor | None = None
 
 
 class Model(ModelView):
     """State of a certified-removal model. Build it with :func:`core.train` or
     :func:`core.load_model` (or :meth:`from_state`)."""
+
+    #: how removal steps solve ``H' s = Delta`` (:class:`core.removal.SolveOptions`: direct or
+    #: preconditioned CG, chosen per step by cost by default); in memory only, never persisted
+    solve_options: SolveOptions = DEFAULT_SOLVE
 
     # ----------------------------------------------------------------- state and persistence
     def to_state(self) -> ModelState:
@@ -156,7 +164,7 @@ class Model(ModelView):
         group_rows, already = self._alive_groups(rows, groups)
         fit, reason = self._within_trigger(group_rows, self._epoch)
         committed, self._epoch, inc, step_reason = commit_prefix(
-            self._problem, self._epoch, group_rows[:fit], self.budget_total
+            self._problem, self._epoch, group_rows[:fit], self.budget_total, self.solve_options
         )
         if step_reason == "budget":
             self.safety_retrains += 1  # the safety net fired: an incident, counted in the state
@@ -218,7 +226,7 @@ class Model(ModelView):
                 f"excluding {newly} more rows exceeds the {left} the DP feature extractor still "
                 "covers: a full-pipeline retrain (extractor, features, head) is needed"
             )
-        epoch = self._fit(alive, seed=seed, W0=self._W)
+        epoch = self._fit(alive, seed=seed, W0=self._W, precond=self._precond(self._epoch))
         self._epoch = self._carried(epoch, self.extractor_removed + newly)
         self.version += 1
 
@@ -231,6 +239,7 @@ class Model(ModelView):
         version: int | None = None,
         basis: tuple[int, int] | None = None,
         reestimate: bool = True,
+        precond: torch.Tensor | None = None,
     ) -> NoiseEpoch:
         return fit_epoch(
             self._problem,
@@ -243,7 +252,13 @@ class Model(ModelView):
             W0=W0,
             basis=basis or self._auto_basis,
             reestimate=reestimate,
+            precond=precond,
         )
+
+    @staticmethod
+    def _precond(epoch: NoiseEpoch) -> torch.Tensor | None:
+        """The removal solver's cached factor of ``epoch`` (None without one)."""
+        return None if epoch.solver is None else epoch.solver.factor
 
     @staticmethod
     def _carried(epoch: NoiseEpoch, extractor_removed: int) -> NoiseEpoch:
@@ -263,7 +278,12 @@ class Model(ModelView):
     def retrain_snapshot(self) -> RetrainSnapshot:
         """The current alive rows and weights, for :meth:`prepare_retrain` in another thread."""
         epoch = self._epoch  # one read: a consistent pair even while remove() goes on
-        return RetrainSnapshot(version=self.version, alive=epoch.alive.clone(), W=epoch.W)
+        return RetrainSnapshot(
+            version=self.version,
+            alive=epoch.alive.clone(),
+            W=epoch.W,
+            factor=self._precond(epoch),
+        )
 
     def prepare_retrain(
         self,
@@ -290,6 +310,7 @@ class Model(ModelView):
             version=snap.version,
             basis=auto_basis,
             reestimate=reestimate,
+            precond=snap.factor,
         )
 
     def estimate_max_removals(
@@ -350,7 +371,7 @@ class Model(ModelView):
         groups_all = [caught, *group_rows]
         fit, reason = self._within_trigger(groups_all, start)
         committed, epoch, inc, step_reason = commit_prefix(
-            self._problem, start, groups_all[:fit], self.budget_total
+            self._problem, start, groups_all[:fit], self.budget_total, self.solve_options
         )
         if step_reason == "budget":
             self.safety_retrains += 1  # not an epoch field: kept when the old epoch stays

@@ -56,10 +56,35 @@ class Hyper:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` picks CUDA when available, else CPU."""
+    """``None`` picks CUDA when available, else CPU; otherwise ``cpu``, ``cuda`` or ``cuda:N``
+    (or such a ``torch.device``), checked up front.
+
+    Raises:
+        InvalidInputError: (a ``ValueError``) any other device name, or a CUDA device that this
+            machine does not have (no usable CUDA, or ``N`` out of range).
+    """
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    dev: torch.device | None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise InvalidInputError(f"device must be cpu, cuda or cuda:N, got {str(device)!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidInputError(
+                f"device {str(device)!r}: this machine has no usable CUDA device "
+                f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}); use cpu"
+            )
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise InvalidInputError(
+                f"device {str(device)!r}: this machine has {count} CUDA device(s) (cuda:0.."
+                f"cuda:{count - 1})"
+            )
+    return dev
 
 
 def make_problem(

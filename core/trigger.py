@@ -44,9 +44,9 @@ AUTO_REESTIMATE_BELOW = 0.5
 
 
 def parse_max_removals(text: str) -> MaxRemovals:
-    """Parse a ``--max-removals`` text: ``auto``, ``none``, an integer count >= 0 or a fraction
+    """Parse a ``--max-removals`` text: ``auto``, ``none``, an integer count >= 1 or a fraction
     in (0, 1) (case and surrounding blanks ignored). Raises ``ValueError`` (an
-    :class:`InvalidInputError`) on anything else."""
+    :class:`InvalidInputError`) on anything else, 0 and negative counts included."""
     low = text.strip().lower()
     if low in ("auto", "none"):
         return None if low == "none" else "auto"
@@ -58,20 +58,25 @@ def parse_max_removals(text: str) -> MaxRemovals:
             value = float(low)
         except ValueError:
             raise InvalidInputError(
-                f"max_removals: use auto, none, an integer or a fraction in (0, 1), got {text!r}"
+                f"max_removals: use auto, none, an integer >= 1 or a fraction in (0, 1), "
+                f"got {text!r}"
             ) from None
     return validate_spec(value)
 
 
 def validate_spec(spec: MaxRemovals) -> MaxRemovals:
-    """Check a ``max_removals`` option: int >= 0, a fraction in (0, 1), ``"auto"`` or None."""
+    """Check a ``max_removals`` option: int >= 1, a fraction in (0, 1), ``"auto"`` or None (0
+    would retrain before every removal: use None for no count trigger instead)."""
     if spec is None or spec == "auto":
         return spec
     if isinstance(spec, bool):
         raise InvalidInputError("max_removals must be an int, a fraction, 'auto' or None")
     if isinstance(spec, int):
-        if spec < 0:
-            raise InvalidInputError(f"max_removals must be >= 0, got {spec}")
+        if spec < 1:
+            raise InvalidInputError(
+                f"max_removals must be a count >= 1 (or a fraction in (0, 1), auto, or none for "
+                f"no count trigger), got {spec}"
+            )
         return spec
     if isinstance(spec, float):
         if not 0 < spec < 1:

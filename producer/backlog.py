@@ -77,7 +77,7 @@ def read_backlog(client: redis.Redis, model: str, now: float) -> Backlog:
     nxt = client.xrange(key, f"({last}", "+", count=1)
     lag = info.get("lag")
     if lag is None:  # Redis < 7 or an unknown lag (entries deleted): count what follows
-        undelivered = len(client.xrange(key, f"({last}", "+")) if nxt else 0
+        undelivered = len(client.xrange(key, f"({last}", "+") or []) if nxt else 0
     else:
         undelivered = int(lag)
     candidates: list[int] = []

@@ -33,7 +33,8 @@ STATUS_APPLIED = "applied"
 STATUS_REJECTED = "rejected"
 METHOD_NEWTON = "newton"
 METHOD_RETRAIN = "retrain"
-STATUS_FIELDS = (
+#: the fields of a request's answer (written in one script with the XACK, ``worker/status.py``)
+ANSWER_FIELDS = (
     "status",
     "method",
     "model_version",
@@ -43,9 +44,12 @@ STATUS_FIELDS = (
     "requested_at",
     "applied_at",
 )
+#: every status field: the answer's, then the release that first contained the removal (set
+#: once that release is out, ``worker/releases.py``)
+STATUS_FIELDS = (*ANSWER_FIELDS, "released_version", "released_at")
 _JSON_FIELDS = {"unknown_ids", "already_removed_ids"}
-_FLOAT_FIELDS = {"requested_at", "applied_at"}
-_INT_FIELDS = {"model_version"}
+_FLOAT_FIELDS = {"requested_at", "applied_at", "released_at"}
+_INT_FIELDS = {"model_version", "released_version"}
 
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -100,6 +104,23 @@ def doorbell_key(model: str) -> str:
 def status_key(model: str, request_id: str) -> str:
     """The status hash of one request."""
     return f"certremove:{model}:status:{request_id}"
+
+
+def info_key(model: str) -> str:
+    """The model's overview, written by its worker at every refresh (a hash; operator only:
+    ``producer/overview.py`` lists its fields)."""
+    return f"certremove:{model}:info"
+
+
+def releases_key(model: str) -> str:
+    """The releases of ``model`` (a stream: one entry per release, ``worker/releases.py``)."""
+    return f"certremove:{model}:releases"
+
+
+def release_request_key(model: str) -> str:
+    """Set by ``certremove release``: the worker releases its model at its next drain or
+    periodic check, then deletes it."""
+    return f"certremove:{model}:release:request"
 
 
 def group_name(model: str) -> str:

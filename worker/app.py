@@ -8,15 +8,22 @@ durable record (docs/design.md "Doorbell"), so the visibility timeout can stay m
 Settings come from ``CERTREMOVE_*`` variables, read once here: this module is the entry point.
 Give the service a Redis database of its own (kombu's ``unacked`` keys are shared by every Celery
 app on a database).
+
+Importing it is cheap (no ``core``, no torch: ``celery -A worker.app inspect ping`` answers in
+about a second); the worker process loads the model in its service bootstep (``worker.tasks``).
+Celery's logging goes through :func:`worker.logs.configure` (``CERTREMOVE_LOG_FORMAT``). Clients
+route tasks with ``producer.routing`` (the same names and queues, without this module).
 """
 
 from __future__ import annotations
 
-from celery import Celery
+from typing import Any
+
+from celery import Celery, signals
 from kombu import Queue
 
-from producer import schema
-from worker import tasks
+from producer import routing
+from worker import logs, tasks
 from worker.settings import Settings
 
 
@@ -24,8 +31,8 @@ def create_app(settings: Settings) -> Celery:
     """A configured Celery app serving ``settings.model``."""
     app = Celery("certremove", broker=settings.broker_url, set_as_current=False)
     queue, retrain_queue = (
-        schema.queue_name(settings.model),
-        schema.retrain_queue_name(settings.model),
+        routing.queue(settings.model),
+        routing.retrain_queue(settings.model),
     )
     transport = {
         "visibility_timeout": settings.visibility_timeout,
@@ -42,11 +49,7 @@ def create_app(settings: Settings) -> Celery:
         worker_concurrency=1,
         task_queues=[Queue(retrain_queue), Queue(queue)],
         task_default_queue=queue,
-        task_routes={
-            schema.TASK_DRAIN: {"queue": queue},
-            schema.TASK_REMOVE: {"queue": queue},
-            schema.TASK_RETRAIN: {"queue": retrain_queue},
-        },
+        task_routes=routing.task_routes(settings.model),
         broker_transport_options=transport,
         visibility_timeout=settings.visibility_timeout,
         broker_connection_retry_on_startup=True,
@@ -70,5 +73,18 @@ def create_app(settings: Settings) -> Celery:
     return app
 
 
+def install_logging(settings: Settings) -> None:
+    """Make Celery log through :func:`worker.logs.configure` in ``settings.log_format`` (its
+    ``setup_logging`` signal: with a receiver, Celery configures no logging of its own)."""
+
+    def setup(loglevel: Any = None, **_: Any) -> None:
+        logs.configure(loglevel or "INFO", settings.log_format, model=settings.model)
+        if settings.log_format == "json":
+            logs.celery_prints_as_json(settings.model)
+
+    signals.setup_logging.connect(setup, weak=False)
+
+
 settings = Settings.from_env()
 app = create_app(settings)
+install_logging(settings)

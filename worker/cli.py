@@ -2,25 +2,38 @@
 
 It trains models, runs the worker and the demo (so it needs ``core``, imported lazily so that
 ``enqueue``/``status``/``loadtest`` start fast), and mounts the producer's subcommands and, when
-present, ``certremove extractor``. Bad input exits non-zero with one clear line on stderr.
+present, ``certremove extractor``. Bad input exits non-zero with one clear line on stderr, never a
+traceback: :func:`main` turns usage errors into one line (exit 2) and any unexpected exception
+into one line (exit 1; ``CERTREMOVE_DEBUG=1`` shows the traceback).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from enum import StrEnum
+from importlib import metadata
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from producer import cli as producer_cli
 from producer import schema
 from producer.deadletters import app as deadletters_app
+from worker import health as worker_health
 from worker.owner_cli import app as owner_app
 from worker.state_cli import app as state_app
 from worker.training import train_model
+
+#: ``-h`` is ``--help`` on every command (subcommands inherit the root context's settings)
+HELP_OPTIONS = ["-h", "--help"]
 
 app = typer.Typer(
     name="certremove",
@@ -28,6 +41,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": HELP_OPTIONS},
 )
 err = Console(stderr=True, soft_wrap=True)
 
@@ -36,71 +50,259 @@ for _name in ("enqueue", "status", "loadtest"):
 app.add_typer(deadletters_app, name="deadletters")
 app.add_typer(owner_app, name="owner")
 app.add_typer(state_app, name="state")
+# releases and receipts (worker/release_cli.py, worker/receipt_cli.py)
+from worker import receipt_cli, release_cli  # noqa: E402
+
+app.command("release")(release_cli.release)
+app.add_typer(release_cli.releases_app, name="releases")
+app.add_typer(receipt_cli.receipt_app, name="receipt")
+app.add_typer(receipt_cli.keys_app, name="keys")
+app.command("health")(worker_health.health)
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
-    """Print ``error: message`` on stderr and return the exit to raise."""
-    err.print(f"[red]error:[/red] {message}", highlight=False)
+    """Print ``error: message`` on stderr (one line, markup escaped) and return the exit to
+    raise."""
+    err.print(f"[red]error:[/red] {escape(one_line(message))}", highlight=False)
     return typer.Exit(code)
 
 
+def one_line(message: str) -> str:
+    """``message`` with its line breaks folded into spaces."""
+    return " ".join(part.strip() for part in message.splitlines() if part.strip())
+
+
+def package_version() -> str:
+    """The installed ``certremove`` distribution's version (``unknown`` when not installed)."""
+    try:
+        return metadata.version("certremove")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"certremove {package_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    pass
+
+
 def parse_max_removals(text: str) -> int | float | str | None:
-    """``auto``, ``none``, an integer count or a fraction in (0, 1) (``core``'s parser, whose
-    ``ValueError`` becomes a bad ``--max-removals``)."""
+    """``auto``, ``none``, an integer count >= 1 or a fraction in (0, 1) (``core``'s parser,
+    whose ``ValueError`` becomes a bad ``--max-removals``)."""
     from core.trigger import parse_max_removals as parse  # noqa: PLC0415 - torch only here
 
     try:
         return parse(text)
     except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--max-removals") from exc
+        raise typer.BadParameter(str(exc), param_hint="'--max-removals'") from exc
+
+
+def parse_binary_classes(text: str | None) -> tuple[int, int] | None:
+    """``"3,8"`` -> ``(3, 8)``: two different non-negative labels (a bad ``--binary-classes``
+    otherwise)."""
+    if text is None:
+        return None
+    parts = text.split(",")
+    try:
+        first, second = (int(p) for p in parts)
+    except ValueError:
+        first = second = -1
+    if len(parts) != 2 or first == second or min(first, second) < 0:
+        raise typer.BadParameter(
+            f"two different labels like 3,8, got {text!r}", param_hint="'--binary-classes'"
+        )
+    return first, second
+
+
+class Accounting(StrEnum):
+    """``core.problem.ACCOUNTINGS``."""
+
+    exact = "exact"
+    bound = "bound"
+
+
+class Calibration(StrEnum):
+    """``core.budget.CALIBRATIONS``."""
+
+    classical = "classical"
+    analytic = "analytic"
+
+
+@contextmanager
+def stages(enabled: bool) -> Iterator[Callable[[str], None]]:
+    """A ``progress(stage)`` callback: on a terminal (``enabled``) a spinner on stderr names the
+    running stage and each finished one is listed with its time; otherwise it does nothing."""
+    if not enabled:
+        yield lambda _text: None
+        return
+    current: list[tuple[str, float]] = []
+
+    def done() -> None:
+        if current:
+            text, since = current.pop()
+            elapsed = time.monotonic() - since
+            err.print(f"[green]done[/green] {escape(text)} ({elapsed:.1f} s)", highlight=False)
+
+    with err.status("starting") as status:
+
+        def progress(text: str) -> None:
+            done()
+            current.append((text, time.monotonic()))
+            status.update(escape(text) + " ...")
+
+        yield progress
+        done()
 
 
 @app.command()
 def train(
-    dataset: Annotated[str, typer.Option(help="digits, mnist, svhn, synthetic:..., or a .npz")],
-    state: Annotated[Path, typer.Option(help="State directory to write.")],
-    lam: float = 1e-3,
-    sigma: float = 10.0,
-    epsilon: float = 1.0,
-    delta: float = 1e-4,
-    seed: Annotated[
-        int | None, typer.Option(help="Tests only: marks the model uncertified.")
+    dataset: Annotated[
+        str,
+        typer.Option(
+            help="digits (embedded), mnist or svhn (with --data-dir or --download), "
+            "synthetic:n=..,d=..,classes=..,seed=.., or a .npz dataset file."
+        ),
+    ],
+    state: Annotated[Path, typer.Option(help="State directory to write (a new one).")],
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="mnist: the folder holding MNIST/raw/ (the four IDX files); svhn: the folder "
+            "of the *_32x32.mat files. With --download and no --data-dir: ./data"
+        ),
     ] = None,
-    accounting: str = "exact",
-    max_removals: Annotated[str, typer.Option(help="auto, none, a count or a fraction")] = "auto",
-    device: Annotated[str | None, typer.Option(envvar="CERTREMOVE_DEVICE")] = None,
+    download: Annotated[
+        bool, typer.Option(help="Fetch missing mnist/svhn files (needs internet access).")
+    ] = False,
+    binary_classes: Annotated[
+        str | None,
+        typer.Option(help="Keep two classes, e.g. 3,8 (the paper's MNIST 3 vs 8)."),
+    ] = None,
+    lam: Annotated[
+        float,
+        typer.Option(
+            help="L2 regularisation (objective: sum of losses + lam*n/2 ||w||^2). The default "
+            "suits MNIST-size data (60,000 rows); small data needs more (digits: 1e-2)."
+        ),
+    ] = 1e-3,
+    sigma: Annotated[
+        float,
+        typer.Option(
+            help="Standard deviation of the loss-perturbation noise b: a larger removal budget "
+            "but a noisier model. The default suits MNIST-size data; small data needs less "
+            "(digits: 1)."
+        ),
+    ] = 10.0,
+    epsilon: Annotated[
+        float,
+        typer.Option(help="The certificate's epsilon (> 0; above 1 needs --calibration analytic)."),
+    ] = 1.0,
+    delta: Annotated[float, typer.Option(help="The certificate's delta, in (0, 1).")] = 1e-4,
+    calibration: Annotated[
+        Calibration,
+        typer.Option(
+            help="Budget from the noise: classical (sigma*epsilon/sqrt(2 ln(1.5/delta)), "
+            "epsilon <= 1) or analytic (the analytic Gaussian mechanism, any epsilon)."
+        ),
+    ] = Calibration.classical,
+    accounting: Annotated[
+        Accounting,
+        typer.Option(
+            help="How removals are charged to the budget: exact (the anchored exact gradient "
+            "residual, more removals per noise draw) or bound (the paper's a-priori bound)."
+        ),
+    ] = Accounting.exact,
+    max_removals: Annotated[
+        str,
+        typer.Option(
+            help="Rows removed per noise epoch before a retrain: auto (estimated by shadow "
+            "runs), none (no count trigger), a count >= 1, or a fraction of the rows in (0, 1)."
+        ),
+    ] = "auto",
+    seed: Annotated[
+        int | None, typer.Option(help="Tests only: public noise, marks the model uncertified.")
+    ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            envvar="CERTREMOVE_DEVICE", help="cpu, cuda or cuda:N (default: cuda when available)."
+        ),
+    ] = None,
     extractor_eps_extra: Annotated[
         float | None, typer.Option(help="DP extractor: extra epsilon allowed (default: --epsilon)")
     ] = None,
     extractor_delta_extra: Annotated[
         float | None, typer.Option(help="DP extractor: extra delta allowed (default: --delta)")
     ] = None,
-    overwrite: bool = False,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            help="Replace the model in an existing state directory (rows it removed come back)."
+        ),
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object (no progress display).")
+    ] = False,
 ) -> None:
-    """Train a removal-enabled model and write its state directory."""
+    """Train a removal-enabled model and write its state directory.
+
+    The defaults (--lam 1e-3 --sigma 10) are tuned for MNIST-size data (60,000 rows); on small
+    data such as digits use --lam 1e-2 --sigma 1 (the demo's settings). A warning says when the
+    noise dominates the weights.
+    """
+    from worker.training import noise_warning  # noqa: PLC0415
+
+    spec = parse_max_removals(max_removals)
+    classes = parse_binary_classes(binary_classes)
+    if data_dir is None and download:
+        data_dir = Path("data")
     try:
-        summary = train_model(
-            dataset,
-            state,
-            overwrite=overwrite,
-            lam=lam,
-            sigma=sigma,
-            epsilon=epsilon,
-            delta=delta,
-            seed=seed,
-            accounting=accounting,
-            device=device,
-            max_removals=parse_max_removals(max_removals),
-            extractor_limit=(extractor_eps_extra, extractor_delta_extra),
-        )
+        with stages(not as_json and err.is_terminal) as progress:
+            summary = train_model(
+                dataset,
+                state,
+                overwrite=overwrite,
+                data_dir=data_dir,
+                download=download,
+                binary_classes=classes,
+                progress=progress,
+                lam=lam,
+                sigma=sigma,
+                epsilon=epsilon,
+                delta=delta,
+                calibration=calibration.value,
+                seed=seed,
+                accounting=accounting.value,
+                device=device,
+                max_removals=spec,
+                extractor_limit=(extractor_eps_extra, extractor_delta_extra),
+            )
     except (ValueError, OSError) as exc:
-        raise fail(str(exc)) from exc
+        raise fail(str(exc).replace('calibration="analytic"', "--calibration analytic")) from exc
+    except RuntimeError as exc:  # core's ConvergenceError / NumericalError
+        raise fail(str(exc), 1) from exc
+    if (warning := noise_warning(summary)) is not None:
+        err.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
     if as_json:
         print(json.dumps(summary))
         return
     for key, value in summary.items():
         print(f"{key}: {value}")
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 @app.command()
@@ -110,15 +312,30 @@ def worker(
     broker_url: Annotated[str | None, typer.Option(envvar="CERTREMOVE_BROKER_URL")] = None,
     metrics_port: Annotated[int | None, typer.Option(envvar="CERTREMOVE_METRICS_PORT")] = None,
     device: Annotated[str | None, typer.Option(envvar="CERTREMOVE_DEVICE")] = None,
-    loglevel: str = "INFO",
+    loglevel: Annotated[
+        str, typer.Option(help="DEBUG, INFO, WARNING, ERROR or CRITICAL.")
+    ] = "INFO",
+    log_format: Annotated[
+        str,
+        typer.Option(envvar="CERTREMOVE_LOG_FORMAT", help="text, or json (one object per line)."),
+    ] = "text",
 ) -> None:
-    """Run the Celery worker (solo pool) that owns the model, in the foreground."""
+    """Run the Celery worker (solo pool) that owns the model, in the foreground.
+
+    Start-up fails with one line and a non-zero status (worker.fatal): a bad option or setting
+    (2), a state directory problem (3), the metrics port in use or Redis unreachable for
+    CERTREMOVE_BROKER_CONNECT_TIMEOUT seconds (4)."""
+    if loglevel.strip().upper() not in LOG_LEVELS:  # before anything starts
+        raise fail(f"--loglevel must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {loglevel!r}")
+    if log_format.strip().lower() not in ("text", "json"):
+        raise fail(f"--log-format must be text or json, got {log_format!r}")
     overrides = {
         "CERTREMOVE_STATE_DIR": str(state) if state else None,
         "CERTREMOVE_MODEL": model,
         "CERTREMOVE_BROKER_URL": broker_url,
         "CERTREMOVE_METRICS_PORT": None if metrics_port is None else str(metrics_port),
         "CERTREMOVE_DEVICE": device,
+        "CERTREMOVE_LOG_FORMAT": log_format.strip().lower(),
     }
     os.environ.update({k: v for k, v in overrides.items() if v is not None})
     from worker.settings import Settings, SettingsError  # noqa: PLC0415
@@ -127,9 +344,13 @@ def worker(
         settings = Settings.from_env()
     except SettingsError as exc:
         raise fail(str(exc)) from exc
-    from worker import fatal  # noqa: PLC0415
+    from worker import fatal, logs  # noqa: PLC0415
     from worker.integrity import current_problem  # noqa: PLC0415
 
+    fatal.report_at_exit()  # the one error line is printed here, when the worker ends
+    logs.configure(loglevel, settings.log_format, model=settings.model)
+    if (busy := _metrics_port_problem(settings)) is not None:
+        raise fail(*busy)
     if (problem := current_problem(settings.state_dir)) is not None:
         raise fail(problem, fatal.EXIT_STATE)
     from worker.errors import StateLockedError  # noqa: PLC0415
@@ -139,25 +360,57 @@ def worker(
         lock_state_dir(settings.state_dir)
     except StateLockedError as exc:
         raise fail(str(exc), fatal.EXIT_STATE) from exc
-    code = run_celery_worker(settings.model, loglevel)
+    from worker.tasks import wait_for_broker  # noqa: PLC0415
+
+    try:
+        wait_for_broker(settings)
+    except fatal.WorkerFatal as exc:
+        raise fail(exc.message, fatal.exit_code(exc.code)) from None
+    code = run_celery_worker(settings.model, loglevel, json_logs=settings.log_format == "json")
     if (error := fatal.last()) is not None:
         raise fail(error.message, fatal.exit_code(error.code))
     if code:
         raise fail(f"the worker stopped with status {code} (see the log above)", code)
 
 
-def run_celery_worker(model: str, loglevel: str) -> int:
+def _metrics_port_problem(settings: Any) -> tuple[str, int] | None:
+    """``(message, exit status)`` when the metrics endpoint cannot bind its address and port
+    (checked before the model loads; the worker binds it for good once the model is loaded)."""
+    import socket  # noqa: PLC0415
+
+    from worker import fatal  # noqa: PLC0415
+
+    if settings.metrics_port == 0:
+        return None
+    try:
+        infos = socket.getaddrinfo(
+            settings.metrics_addr, settings.metrics_port, type=socket.SOCK_STREAM
+        )
+        family, _, _, _, address = infos[0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            # As the HTTP server binds: a port left in TIME_WAIT is free, one listened on is not.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        code, message = fatal.classify(exc, settings)
+        return message, code
+    return None
+
+
+def run_celery_worker(model: str, loglevel: str, *, json_logs: bool = False) -> int:
     """Run the solo-pool Celery worker in this process until it stops; return its exit status.
 
     Not ``celery_app.worker_main``: it drops the worker's exit code (a failed start would exit 0).
     A fatal error of the worker's own steps is recorded by ``worker.fatal``, printed by the caller.
+    ``json_logs``: no start-up banner (every line a JSON object; Celery's logging and its few
+    prints go through ``worker.logs``, hooked by ``worker.app``).
     """
-    from celery.utils.log import LOG_LEVELS  # noqa: PLC0415
+    from celery.utils.log import LOG_LEVELS as CELERY_LEVELS  # noqa: PLC0415
     from celery.utils.nodenames import default_nodename, host_format  # noqa: PLC0415
 
     from worker import fatal  # noqa: PLC0415
 
-    level = LOG_LEVELS.get(loglevel.upper())
+    level = CELERY_LEVELS.get(loglevel.upper())
     if not isinstance(level, int):
         raise fail(f"--loglevel must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {loglevel!r}")
     fatal.report_at_exit()
@@ -170,6 +423,7 @@ def run_celery_worker(model: str, loglevel: str) -> int:
         loglevel=level,
         without_mingle=True,
         without_gossip=True,
+        quiet=json_logs,
     )
     celery_worker.start()
     return fatal.exit_code(celery_worker.exitcode)
@@ -177,12 +431,14 @@ def run_celery_worker(model: str, loglevel: str) -> int:
 
 @app.command()
 def demo(
-    requests: Annotated[int, typer.Option(help="Deletion requests to send.")] = 300,
-    max_removals: Annotated[int, typer.Option(help="Per-epoch removals before a retrain.")] = 100,
+    requests: Annotated[int, typer.Option(min=1, help="Deletion requests to send.")] = 300,
+    max_removals: Annotated[
+        int, typer.Option(min=1, help="Per-epoch removals before a retrain.")
+    ] = 100,
     state: Annotated[
         Path | None, typer.Option(help="State directory (default: temporary).")
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON report.")] = False,
 ) -> None:
     """Train on digits, start a worker (and an embedded Redis if none is configured), send
     deletions with a progress bar and print a final report."""
@@ -196,6 +452,55 @@ def demo(
         print(json.dumps(report))
 
 
+@app.command()
+def report(
+    state: Annotated[
+        Path, typer.Option(envvar="CERTREMOVE_STATE_DIR", help="The worker's state directory.")
+    ],
+    out: Annotated[Path, typer.Option(help="The image to write (.png, .svg or .pdf).")] = Path(
+        "report.png"
+    ),
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Draw the model's history (STATE/history.jsonl): budget used and limit, epoch removals
+    and max_removals over time, retrains by reason, test accuracy per version. Operator only:
+    the budget figures depend on the secret noise. Exit 1 when there is no history yet."""
+    from worker.report import ReportError, write_report  # noqa: PLC0415 - matplotlib only here
+
+    try:
+        drawn = write_report(state, out)
+    except ReportError as exc:
+        raise fail(str(exc), exc.code) from exc
+    if as_json:
+        print(json.dumps(drawn))
+        return
+    retrains = sum(drawn["retrains"].values())
+    print(
+        f"wrote {out}: model {drawn['model']}, {drawn['lines']} history lines, "
+        f"{drawn['rows_removed']} rows removed, {retrains} retrains"
+    )
+
+
+@app.command(
+    "audit",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def audit(ctx: typer.Context) -> None:
+    """Audit the removals offline: the released model against retrains, membership tests, the
+    residual against the budget (`certremove audit --help`). INTERNAL ONLY: never publish it."""
+    from worker.audit_cli import app as audit_app  # noqa: PLC0415 - torch only when it runs
+
+    code = audit_app(
+        args=list(ctx.args),
+        prog_name="certremove audit",
+        standalone_mode=False,  # errors reach main(): one line each
+        help_option_names=HELP_OPTIONS,
+    )
+    if isinstance(code, int) and code:
+        raise typer.Exit(code)
+
+
 @app.command(
     "extractor",
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
@@ -207,12 +512,47 @@ def extractor(ctx: typer.Context) -> None:
         from worker.extractor_cli import app as extractor_app  # noqa: PLC0415
     except ImportError as exc:
         raise fail(f"the extractor commands are not available: {exc}") from exc
-    extractor_app(args=list(ctx.args), prog_name="certremove extractor")
+    code = extractor_app(
+        args=list(ctx.args),
+        prog_name="certremove extractor",
+        standalone_mode=False,  # errors reach main(): one line each
+        help_option_names=HELP_OPTIONS,
+    )
+    if isinstance(code, int) and code:
+        raise typer.Exit(code)
 
 
-def main() -> None:
-    """Console-script entry point."""
-    app(prog_name="certremove")
+def main(args: list[str] | None = None) -> None:
+    """Console-script entry point: exits with the command's status; any failure is one line
+    on stderr: a usage error exits 2, an unexpected exception 1 (``CERTREMOVE_DEBUG=1``
+    re-raises it, with its traceback)."""
+    try:
+        code = app(args=args, prog_name="certremove", standalone_mode=False)
+    except typer.Abort:
+        err.print("[red]error:[/red] aborted", highlight=False)
+        sys.exit(1)
+    except typer.TyperException as exc:  # click's ClickException and UsageError
+        code = int(getattr(exc, "exit_code", 1))
+        if type(exc).__name__ != "NoArgsIsHelpError":  # that one printed the help already
+            err.print(f"[red]error:[/red] {escape(one_line(exc.format_message()))}{_hint(exc)}")
+        sys.exit(code)
+    except Exception as exc:
+        if os.environ.get("CERTREMOVE_DEBUG"):
+            raise
+        what = "Redis" if type(exc).__module__.split(".")[0] in ("redis", "kombu") else "unexpected"
+        err.print(
+            f"[red]error:[/red] {what} failure: {type(exc).__name__}: "
+            f"{escape(one_line(str(exc)))} (CERTREMOVE_DEBUG=1 shows the traceback)",
+            highlight=False,
+        )
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _hint(exc: Exception) -> str:
+    """`` (see 'certremove train -h')`` for a usage error that knows its command."""
+    ctx = getattr(exc, "ctx", None)
+    return f" (see '{escape(ctx.command_path)} -h')" if ctx is not None else ""
 
 
 if __name__ == "__main__":

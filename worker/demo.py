@@ -84,7 +84,7 @@ def run_demo(
             ),
             "model_version": int(m.get("certremove_model_version", 0)),
             "budget_used": m.get("certremove_budget_used"),
-            "budget_total": m.get("certremove_budget_total"),
+            "budget_total": m.get("certremove_budget_limit"),
             "accuracy_before": summary["test_accuracy"],
             "accuracy_after": m.get("certremove_test_accuracy"),
             "metrics_url": f"http://127.0.0.1:{port}/metrics",

@@ -180,13 +180,17 @@ class NextEpoch:
                     basis = estimate.result()
                 except Exception:  # noqa: BLE001 - the fit estimates it itself then
                     log.exception("estimating max_removals ahead failed")
-            prepared = _background(
-                str(model.device),
-                model.prepare_retrain,
-                snapshot,
-                auto_basis=basis,
-                reestimate=reestimate,
-            )
+            try:
+                prepared = _background(
+                    str(model.device),
+                    model.prepare_retrain,
+                    snapshot,
+                    auto_basis=basis,
+                    reestimate=reestimate,
+                )
+            except BaseException:
+                self.metrics.on_retrain_failure()
+                raise
             return prepared, time.perf_counter() - t0
 
     def take(self, model: Model) -> tuple[PreparedRetrain, float, float] | None:

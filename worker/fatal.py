@@ -154,7 +154,9 @@ def classify(exc: BaseException, settings: Settings, when: str = "at start-up") 
 
 
 def _state_errors() -> tuple[type[BaseException], ...]:
-    from core.errors import StateError  # noqa: PLC0415 - core (torch) only once it failed
+    if "core.errors" not in sys.modules:  # no core error can exist: do not load torch for it
+        return (LeaseHeldError, StateBehindError)
+    from core.errors import StateError  # noqa: PLC0415
 
     return (StateError, LeaseHeldError, StateBehindError)
 

@@ -9,7 +9,8 @@ expired in Redis. A line holds the answer (status, method, version, time, reason
 ids, the ``unknown_ids`` and ``already_removed_ids`` of requests that had some, and the sample ids
 the batch removed (the state directory holds every sample id already, so this adds nothing an
 operator of it cannot see; it lets the worker check at start that a model never serves a removed
-row again).
+row again), with ``xn`` (how many of them each request removed, in ``ids`` order) on a line of
+several requests, for their receipts.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +158,11 @@ class Ledger:
         self.removed_ids: list[Any] = []
         #: size of the live file up to its last whole line (None: not read yet)
         self._size: int | None = None
+        #: records (lines) in the ledger files, segments included: a record's position is its
+        #: index (segments are kept for good, so positions never change; ``worker.releases``)
+        self.count = 0
+        #: called with the answers of each :meth:`record` once they are on disk
+        self.listeners: list[Callable[[list[Answer]], None]] = []
         if path is not None:
             self._load(path)
             self._size = path.stat().st_size if path.exists() else 0
@@ -180,6 +186,7 @@ class Ledger:
                 rec.get("r", ""),
                 bool(rec.get("d")),
             )
+            self.count += 1
             self.removed_ids += rec.get("x") or []
             lists = rec.get("l") or {}
             for rid in rec["ids"]:
@@ -241,8 +248,12 @@ class Ledger:
                 removed = [i for a in group for i in a.removed_ids]
                 if removed:
                     rec["x"] = removed
+                    if len(group) > 1:
+                        # how many of ``x`` each request removed, in ``ids`` order (receipts)
+                        rec["xn"] = [len(a.removed_ids) for a in group]
                 lines.append(json.dumps(rec) + "\n")
             self._append("".join(lines))
+        self.count += len(groups)
         for key, group in groups.items():
             for a in group:
                 self.removed_ids += a.removed_ids
@@ -251,6 +262,9 @@ class Ledger:
                     self._lists[a.request_id] = (list(a.unknown_ids), list(a.already_removed_ids))
                 else:
                     self._lists.pop(a.request_id, None)
+        recorded = [a for group in groups.values() for a in group]
+        for listener in self.listeners:
+            listener(recorded)
 
     def _append(self, text: str) -> None:
         """Append whole lines or nothing: a write that fails part-way (a disk filling up) is cut

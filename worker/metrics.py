@@ -4,26 +4,59 @@ The endpoint that serves them is an **operator** endpoint: the budget gauges and
 latency timings depend on the secret noise draw (docs/design.md "Secrets and limits"), so it binds
 to loopback by default and must never be published. No per-step residual or noise figure is
 exported beyond the budget gauges listed here.
+
+Besides the counters and gauges the service's hooks update, the registry carries
+
+- ``certremove_build_info`` (version, torch, device, model) and the ``process_*`` metrics;
+- ``certremove_heartbeat_timestamp_seconds``: set by :meth:`ServiceMetrics.beat`, which the worker
+  calls from its event loop every few seconds and after each task, and from a thread while a
+  blocking retrain runs (``worker.tasks``), so it stops moving when the worker is wedged or gone
+  (``certremove health`` reads it);
+- the backlog gauges (``certremove_backlog_*``, ``certremove_dead_letters``), read from Redis at
+  scrape time by :class:`BacklogCollector` (``producer.backlog.read_backlog``); when Redis does
+  not answer, the scrape goes on without them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+    start_http_server,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from producer import schema
+from producer.backlog import read_backlog
 
 if TYPE_CHECKING:
+    import redis
+
     from core.model import Model
     from worker.status import Answer
+
+log = logging.getLogger("certremove.worker")
 
 BATCH_BUCKETS = tuple(float(2**k) for k in range(0, 14))  # 1 .. 8192 rows
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 RETRAIN_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
+#: every ``reason`` a retrain is counted under (core's ``retrain_reason`` values; ``extractor`` is a
+#: full-pipeline retrain), pre-initialised so that each series exists from the start
+RETRAIN_REASONS = ("max_removals", "budget", "numerical", "extractor")
 
 
 class ServiceMetrics:
@@ -31,19 +64,28 @@ class ServiceMetrics:
 
     Args:
         registry: where to register; tests pass a fresh ``CollectorRegistry``.
+        process: also register the ``process_*`` metrics (``ProcessCollector``).
+        clock: wall-clock time (the heartbeat and the last retrain).
     """
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        process: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.registry = registry
+        self.clock = clock
         kw: dict[str, Any] = {"registry": registry}
-        self.budget_total = Gauge(
-            "certremove_budget_total", "Gradient-residual budget of this noise epoch", **kw
+        self.budget_limit = Gauge(
+            "certremove_budget_limit", "Gradient-residual budget of this noise epoch", **kw
         )
         self.budget_used = Gauge(
             "certremove_budget_used", "Budget used (upper bound on the residual norm)", **kw
         )
         self.budget_used_ratio = Gauge(
-            "certremove_budget_used_ratio", "budget_used / budget_total", **kw
+            "certremove_budget_used_ratio", "budget_used / budget_limit", **kw
         )
         self.removals = Counter(
             "certremove_removals", "Training rows removed, by method", ["method"], **kw
@@ -94,10 +136,58 @@ class ServiceMetrics:
         self.training_samples = Gauge(
             "certremove_training_samples", "Training rows still in the model", **kw
         )
-        self.extractor_removals_remaining = Gauge(
-            "certremove_extractor_removals_remaining",
-            "Removals the DP feature extractor still allows (only with a DP extractor)",
+        #: registered on the first model with a DP feature extractor (absent without one)
+        self.extractor_removals_remaining: Gauge | None = None
+        self.epoch_removals = Gauge(
+            "certremove_epoch_removals", "Training rows removed in the current noise epoch", **kw
+        )
+        self.epoch_max_removals = Gauge(
+            "certremove_epoch_max_removals",
+            "The noise epoch's resolved max_removals (+Inf without a count trigger)",
             **kw,
+        )
+        self.epoch_removals_ratio = Gauge(
+            "certremove_epoch_removals_ratio",
+            "epoch_removals / epoch_max_removals (0 without a count trigger)",
+            **kw,
+        )
+        self.retrain_failures = Counter(
+            "certremove_retrain_failures",
+            "Retrains and background fits that failed",
+            **kw,
+        )
+        self.last_retrain_timestamp = Gauge(
+            "certremove_last_retrain_timestamp_seconds",
+            "Wall time of the last completed retrain (0: none since the worker started)",
+            **kw,
+        )
+        self.heartbeat_timestamp = Gauge(
+            "certremove_heartbeat_timestamp_seconds",
+            "Wall time the worker last proved it is serving (its event loop or a task ran)",
+            **kw,
+        )
+        self.releases = Counter(
+            "certremove_releases", "Releases of the model written to the release directory", **kw
+        )
+        self.release_failures = Counter(
+            "certremove_release_failures",
+            "Releases or their announcements (stream, statuses, receipts) that failed; each is "
+            "tried again after the next batch or periodic check",
+            **kw,
+        )
+        self.last_release_timestamp = Gauge(
+            "certremove_last_release_timestamp_seconds",
+            "Wall time of the last release (0: none since the worker started)",
+            **kw,
+        )
+        self.unreleased_requests = Gauge(
+            "certremove_unreleased_requests",
+            "Applied requests whose removal is in no release yet (the served model still has "
+            "their rows)",
+            **kw,
+        )
+        self.build_info = Info(
+            "certremove_build", "certremove version, torch version, device and model", **kw
         )
         self.infrastructure_errors = Counter(
             "certremove_infrastructure_errors",
@@ -128,8 +218,10 @@ class ServiceMetrics:
             self.removals.labels(method=method)
         for outcome in ("applied", "rejected", "duplicate", "dead_letter"):
             self.requests.labels(outcome=outcome)
-        for reason in ("max_removals", "budget", "numerical"):
+        for reason in RETRAIN_REASONS:
             self.retrains.labels(reason=reason)
+        if process:
+            ProcessCollector(registry=registry)
 
     def set_model_state(
         self,
@@ -140,8 +232,9 @@ class ServiceMetrics:
         training_samples: int,
         accuracy: float | None = None,
     ) -> None:
-        """Refresh the gauges that describe the current model."""
-        self.budget_total.set(budget_total)
+        """Refresh the gauges that describe the current model (``budget_total`` is core's name of
+        the epoch's budget, exported as ``certremove_budget_limit``)."""
+        self.budget_limit.set(budget_total)
         self.budget_used.set(budget_used)
         self.budget_used_ratio.set(budget_used / budget_total if budget_total > 0 else 0.0)
         self.model_version.set(version)
@@ -149,12 +242,13 @@ class ServiceMetrics:
         if accuracy is not None:
             self.test_accuracy.set(accuracy)
 
-    def observe_model(self, model: Model) -> None:
-        """Refresh the model gauges from a ``core`` model: budget, version, rows, test accuracy
-        on ``model.dataset``'s held-out split, and the DP extractor's remaining allowance."""
+    def observe_model(self, model: Model, *, accuracy: float | None = None) -> None:
+        """Refresh the model gauges from a ``core`` model: budget, version, rows, the noise
+        epoch's removals against its ``max_removals``, test accuracy (``accuracy``, else measured
+        on ``model.dataset``'s held-out split), and the DP extractor's remaining allowance (only
+        with one)."""
         ds = model.dataset
-        accuracy = None
-        if ds is not None and len(ds.y_test) > 0:
+        if accuracy is None and ds is not None and len(ds.y_test) > 0:
             accuracy = float(model.accuracy(ds.X_test, ds.y_test))
         self.set_model_state(
             budget_total=model.budget_total,
@@ -163,9 +257,66 @@ class ServiceMetrics:
             training_samples=model.n_alive,
             accuracy=accuracy,
         )
+        self.set_epoch(int(model.removed_in_epoch), model.max_removals)
         remaining = model.extractor_removals_remaining
         if remaining is not None:
-            self.extractor_removals_remaining.set(remaining)
+            self.set_extractor_remaining(int(remaining))
+
+    def set_epoch(self, removed: int, max_removals: int | None) -> None:
+        """The noise epoch's removals so far and its resolved ``max_removals`` (None: no count
+        trigger, exported as +Inf with a ratio of 0)."""
+        self.epoch_removals.set(removed)
+        if max_removals is None:
+            self.epoch_max_removals.set(math.inf)
+            self.epoch_removals_ratio.set(0.0)
+        else:
+            self.epoch_max_removals.set(max_removals)
+            self.epoch_removals_ratio.set(removed / max_removals if max_removals > 0 else 0.0)
+
+    def set_extractor_remaining(self, remaining: int) -> None:
+        """Rows the DP feature extractor still covers; registers the gauge on first use, so a
+        model without a DP extractor never exports it."""
+        if self.extractor_removals_remaining is None:
+            self.extractor_removals_remaining = Gauge(
+                "certremove_extractor_removals_remaining",
+                "Removals the DP feature extractor still allows (only with a DP extractor)",
+                registry=self.registry,
+            )
+        self.extractor_removals_remaining.set(remaining)
+
+    def set_build_info(self, *, version: str, torch: str, device: str, model: str) -> None:
+        """``certremove_build_info{version,torch,device,model} 1``."""
+        self.build_info.info({"version": version, "torch": torch, "device": device, "model": model})
+
+    def beat(self) -> None:
+        """The worker proved it is serving now (``certremove_heartbeat_timestamp_seconds``)."""
+        self.heartbeat_timestamp.set(self.clock())
+
+    @contextmanager
+    def beating(self, interval: float) -> Iterator[None]:
+        """Beat every ``interval`` seconds from a thread while the block runs: a blocking retrain
+        holds the event loop for its whole length (minutes on a large model) and is serving
+        meanwhile; a health check must not have it restarted half-way."""
+        stop = threading.Event()
+
+        def run() -> None:
+            while not stop.wait(interval):
+                self.beat()
+
+        thread = threading.Thread(target=run, name="certremove-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            self.beat()
+
+    def watch_backlog(self, client: redis.Redis, model: str) -> BacklogCollector:
+        """Export ``model``'s backlog, read with ``client`` at each scrape (see
+        :class:`BacklogCollector`)."""
+        collector = BacklogCollector(client, model, self.clock)
+        self.registry.register(collector)
+        return collector
 
     # ------------------------------------------------------------ hooks of the service
     def on_step(self, rows: int, seconds: float) -> None:
@@ -199,8 +350,26 @@ class ServiceMetrics:
         if reason is not None:
             self.retrains.labels(reason=reason).inc()
             self.retrain_seconds.observe(seconds)
+            self.last_retrain_timestamp.set(self.clock())
         if rows:
             self.removals.labels(method=schema.METHOD_RETRAIN).inc(rows)
+
+    def on_retrain_failure(self) -> None:
+        """A retrain or a background fit failed."""
+        self.retrain_failures.inc()
+
+    def on_release(self, released_at: float) -> None:
+        """A release was written."""
+        self.releases.inc()
+        self.last_release_timestamp.set(released_at)
+
+    def on_release_failure(self) -> None:
+        """A release or its announcement failed (tried again later)."""
+        self.release_failures.inc()
+
+    def set_unreleased(self, requests: int) -> None:
+        """``requests`` applied requests wait for a release that contains their removal."""
+        self.unreleased_requests.set(requests)
 
     def on_epoch_wait(self, seconds: float) -> None:
         """Removals waited ``seconds`` at an epoch boundary for the background fit."""
@@ -242,3 +411,59 @@ class ServiceMetrics:
         """Serve the registry over HTTP in a daemon thread; return the bound port."""
         server, _thread = start_http_server(port, addr=addr, registry=self.registry)
         return int(server.server_port)
+
+
+#: (metric name, help, ``Backlog`` attribute) of the backlog gauges
+_BACKLOG = (
+    ("certremove_backlog_stream_length", "Entries in the request stream", "stream_length"),
+    (
+        "certremove_backlog_undelivered",
+        "Requests in the stream no worker has read yet",
+        "undelivered",
+    ),
+    (
+        "certremove_backlog_pending",
+        "Requests delivered to a worker and not yet acknowledged",
+        "pending",
+    ),
+    (
+        "certremove_backlog_oldest_age_seconds",
+        "Seconds since the oldest waiting request was enqueued (0 when none waits)",
+        "oldest_age_seconds",
+    ),
+    ("certremove_dead_letters", "Entries in the dead-letter stream", "dead_letters"),
+)
+
+
+class BacklogCollector(Collector):
+    """The backlog gauges of one model, read from Redis at each scrape with
+    ``producer.backlog.read_backlog`` (a few O(1)/O(log n) commands).
+
+    Args:
+        client: a redis-py client of its own, with short socket timeouts (a scrape must not hang
+            on Redis).
+        model: the model name.
+        clock: wall-clock time (the oldest request's age).
+
+    When Redis does not answer, the scrape goes on without these samples (logged at DEBUG).
+    """
+
+    def __init__(
+        self, client: redis.Redis, model: str, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.client, self.model, self.clock = client, model, clock
+
+    def describe(self) -> Iterable[Metric]:
+        """The families, without samples (so registering never talks to Redis)."""
+        return [GaugeMetricFamily(name, doc) for name, doc, _ in _BACKLOG]
+
+    def collect(self) -> Iterable[Metric]:
+        try:
+            backlog = read_backlog(self.client, self.model, self.clock())
+        except Exception as exc:  # noqa: BLE001 - never fail the scrape for the backlog
+            log.debug("backlog metrics left out of this scrape: %s: %s", type(exc).__name__, exc)
+            return []
+        return [
+            GaugeMetricFamily(name, doc, value=float(getattr(backlog, attr)))
+            for name, doc, attr in _BACKLOG
+        ]

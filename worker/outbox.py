@@ -77,6 +77,9 @@ class Outbox:
         self.ledger.publish(answers, ack_ids, dead)
         self.clear_failures(ack_ids + [eid for eid, _, _ in dead])
         self.metrics.on_answers(answers, repeats=plan.repeats, dead=len(plan.dead))
+        log_rejections(answers)
+        for entry_id, _fields, reason in dead:
+            log_dead_letter(_s(entry_id), None, reason)
 
     def dead_letter(self, entries: list[Entry], reason: str, now: float) -> None:
         """Copy ``entries`` to the dead-letter stream with ``reason``, answer them rejected
@@ -119,9 +122,7 @@ class Outbox:
         self.clear_failures([e.entry_id for e in entries])
         self.metrics.on_answers([], dead=len(entries))
         for e in entries:
-            log.warning(
-                "dead-lettered entry %s (request %s): %s", _s(e.entry_id), e.request_id, reason
-            )
+            log_dead_letter(_s(e.entry_id), e.request_id, reason)
 
     # ------------------------------------------------------------ failure counts
     def entry_failed(self, entry: Entry, exc: BaseException, max_failures: int, now: float) -> bool:
@@ -153,6 +154,33 @@ class Outbox:
         if done:
             self.redis.hdel(self.ledger.failures_key, *done)
             self._failed -= done
+
+
+def log_rejections(answers: list[Answer]) -> None:
+    """One line per request answered ``rejected`` now (repeats of earlier answers are not):
+    its request id and reason, never its sample ids."""
+    for a in answers:
+        if a.status == schema.STATUS_REJECTED and not a.only_if_queued and not a.dead_letter:
+            reason = " ".join(a.reason.split())[:300]
+            log.info(
+                "rejected request %s: %s",
+                a.request_id,
+                reason,
+                extra={"request_id": a.request_id, "reason": reason},
+            )
+
+
+def log_dead_letter(entry_id: str, request_id: str | None, reason: str) -> None:
+    """One warning line per dead-lettered entry: entry id, request id and reason, never its
+    sample ids."""
+    reason = " ".join(reason.split())[:300]
+    log.warning(
+        "dead-lettered entry %s (request %s): %s",
+        entry_id,
+        request_id or "none",
+        reason,
+        extra={"request_id": request_id, "reason": reason, "entry_id": entry_id},
+    )
 
 
 def _s(value: bytes | str) -> str:

@@ -111,9 +111,11 @@ class Retrainer:
                 served.model.retrain(exclude=exclude)
         except ValueError as exc:  # core refused the exclusions: answer them
             if faults.is_infrastructure(exc):  # e.g. the source images could not be read
+                served.metrics.on_retrain_failure()
                 raise
             refusal = str(exc)
             if full:  # e.g. the source images are gone: stop trying, reject from now on
+                served.metrics.on_retrain_failure()
                 refusal = f"{EXTRACTOR_SPENT}: the full-pipeline retrain failed: {exc}"
                 self.pipeline, self.extractor_spent = None, refusal
                 retrained = False
@@ -122,12 +124,15 @@ class Retrainer:
             exclude = []
             if not full:
                 served.model.retrain(exclude=[])  # the retrain that was due, still fresh noise
+        except Exception:
+            served.metrics.on_retrain_failure()
+            raise
         seconds = time.perf_counter() - t0
         if not full:  # a pipeline retrain persisted its new dataset and model already
             committed = plan.commit(
                 plan.groups, schema.METHOD_RETRAIN, served.model.version, served.clock(), served.ids
             )
-            served.persist(committed)
+            served.persist(committed, retrain_reason=reason)
         served.dirty = False
         return RetrainOutcome(plan, retrained, len(exclude), seconds, waiting)
 
@@ -143,5 +148,11 @@ class Retrainer:
         answers = plan.commit(
             plan.groups, schema.METHOD_RETRAIN, model.version, served.clock(), ids
         )
-        served.persist(answers, model=model, dataset=dataset, replace_dataset=True)
+        served.persist(
+            answers,
+            model=model,
+            dataset=dataset,
+            replace_dataset=True,
+            retrain_reason="extractor",
+        )
         served.adopt(model)

@@ -2,13 +2,16 @@
 
 Called once when the Celery worker starts (``worker.tasks.ServiceStep``): loads the model from the
 state directory (on CUDA when available, unless ``CERTREMOVE_DEVICE`` says otherwise), connects
-to Redis, starts the operator metrics endpoint and wires the collaborators together.
+to Redis, starts the operator metrics endpoint (with the build info, the ``process_*`` metrics and
+the backlog read from Redis at each scrape, ``worker.metrics``) and wires the collaborators
+together.
 """
 
 from __future__ import annotations
 
 import fcntl
 import gc
+import importlib.metadata
 import logging
 import os
 from dataclasses import dataclass
@@ -26,8 +29,8 @@ from worker.lease import Lease
 from worker.ledger import LEDGER_NAME, Ledger, LedgerDamagedError
 from worker.metrics import ServiceMetrics
 from worker.retrain import PipelineRetrain
-from worker.service import RemovalService
-from worker.settings import Settings
+from worker.service import ReleaseOptions, RemovalService
+from worker.settings import Settings, SettingsError
 from worker.stream import RequestStream
 
 if TYPE_CHECKING:
@@ -97,6 +100,69 @@ def _pipeline_off_reason(settings: Settings) -> str:
     return "no source data for a full-pipeline retrain is configured (CERTREMOVE_DATA_DIR)"
 
 
+def release_options(settings: Settings) -> ReleaseOptions:
+    """Where and when to release, and the receipt signer (``CERTREMOVE_RECEIPT_KEY``; unset:
+    no receipts, one warning line).
+
+    Raises:
+        SettingsError: the receipt key cannot be read or is not an Ed25519 private key.
+    """
+    from worker.receipts import ReceiptKeyError, ReceiptSigner  # noqa: PLC0415
+    from worker.releases import ReleasePolicy  # noqa: PLC0415
+
+    signer = None
+    if settings.receipt_key is None:
+        log.warning(
+            "CERTREMOVE_RECEIPT_KEY is not set: no removal receipts are signed "
+            "('certremove keys init --out DIR' makes a key pair)"
+        )
+    else:
+        try:
+            signer = ReceiptSigner(settings.receipt_key)
+        except ReceiptKeyError as exc:
+            raise SettingsError(f"CERTREMOVE_RECEIPT_KEY: {exc}") from exc
+    return ReleaseOptions(
+        release_dir=settings.releases_dir,
+        policy=ReleasePolicy.parse(settings.release_policy),
+        signer=signer,
+    )
+
+
+#: socket timeouts (seconds) of the client that reads the backlog at scrape time
+BACKLOG_TIMEOUT_S = 1.0
+
+
+def package_version() -> str:
+    """The installed ``certremove`` version (``unknown`` when run from a bare checkout)."""
+    try:
+        return importlib.metadata.version("certremove")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def build_metrics(settings: Settings, model: Model) -> ServiceMetrics:
+    """The worker's metrics on a registry of their own: the service's, ``process_*``, the build
+    info, and the backlog read at scrape time by a Redis client of their own (short timeouts: a
+    scrape never hangs on Redis)."""
+    import torch  # noqa: PLC0415 - loaded already with the model
+
+    metrics = ServiceMetrics(CollectorRegistry(), process=True)
+    metrics.set_build_info(
+        version=package_version(),
+        torch=str(torch.__version__),
+        device=str(model.device),
+        model=settings.model,
+    )
+    backlog_client = redis.Redis.from_url(
+        redis_py_url(settings.broker_url),
+        socket_timeout=BACKLOG_TIMEOUT_S,
+        socket_connect_timeout=BACKLOG_TIMEOUT_S,
+        **settings.tls_options(),
+    )
+    metrics.watch_backlog(backlog_client, settings.model)
+    return metrics
+
+
 #: state directories this process holds the worker lock of (path -> open lock file)
 _HELD: dict[Path, Any] = {}
 LOCK_NAME = ".worker.lock"
@@ -147,6 +213,7 @@ def build_runtime(
         worker.lease.LeaseHeldError: another worker (any host) serves the model.
         worker.lease.StateBehindError: another state directory served the model last.
     """
+    releases = release_options(settings)  # a bad receipt key is a configuration error
     model = load_model(settings, check_ledger=False)  # checked below, once the ledger is read
     lock_state_dir(settings.state_dir)
     client = redis.Redis.from_url(
@@ -176,7 +243,7 @@ def build_runtime(
     except StateMissingError:
         lease.release()
         raise
-    metrics = ServiceMetrics(CollectorRegistry())
+    metrics = build_metrics(settings, model)
     port = 0
     if serve_metrics:
         try:
@@ -206,10 +273,12 @@ def build_runtime(
         stream_retention=settings.stream_retention,
         max_backoff=settings.max_backoff,
         keep_snapshots=settings.keep_snapshots,
+        releases=releases,
     )
     # The model, its data and the id index live as long as the process: keep them out of the
     # cyclic collector's generations (full collections were a visible share of each batch).
     gc.freeze()
+    metrics.beat()  # serving from now on: the event loop beats next (worker.tasks)
     dev = model.device
     log.info(
         "certremove worker: model %r version %s on %s, %d rows alive; metrics on %s:%d",

@@ -4,10 +4,18 @@ Plans batches against it (:func:`worker.batch.plan_batch` with its rows, ids, gu
 earlier full-pipeline retrains excluded), persists it with the journal of every answer not yet in
 the ledger file (after checking the lease: a worker that lost it writes nothing), and tracks
 whether the model in memory is ahead of the persisted state (``dirty``).
+
+It also tells operators what it serves: a line in the state directory's history file per start,
+persisted step and retrain (:mod:`worker.history`), and the overview hash
+``certremove:{model}:info`` at every refresh (:mod:`worker.info`). Both are operator-only (the
+budget figures depend on the secret noise) and neither ever fails a step: their write errors are
+logged and ignored. The test accuracy they show is measured when the version changes and then at
+most every ``worker.history.ACCURACY_EVERY_S`` seconds (one prediction over the test split).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +25,8 @@ import numpy as np
 
 from worker.batch import Plan, plan_batch
 from worker.entries import Entry
+from worker.history import ACCURACY_EVERY_S, History, history_path, history_record
+from worker.info import InfoPublisher, model_info
 from worker.ledger import Ledger
 from worker.metrics import ServiceMetrics
 from worker.outbox import Outbox
@@ -26,6 +36,8 @@ if TYPE_CHECKING:
     from core.data import Dataset
     from core.model import Model
     from worker.lease import Lease
+
+log = logging.getLogger("certremove.worker")
 
 
 class ServedModel:
@@ -59,7 +71,17 @@ class ServedModel:
         self.clock = clock
         #: the model in memory is ahead of the persisted state (a step ran, not yet persisted)
         self.dirty = False
+        self.history = History(history_path(self.state_dir))
+        self.info = InfoPublisher(ledger.redis, ledger.model)
+        last = self.history.last_retrain or {}
+        #: wall time and reason of the last retrain (from the history across restarts)
+        self.last_retrain_at: float | None = last.get("t")
+        self.last_retrain_reason: str | None = last.get("reason")
+        #: (version, rows alive, monotonic time measured, test accuracy) of the last measurement
+        self._accuracy: tuple[int, int, float, float | None] | None = None
         self.adopt(model)
+        self._recorded = (int(model.version), int(model.n_alive))
+        self._record(model, "start")
 
     def adopt(self, model: Model) -> None:
         """Serve ``model`` (its ids; the ids earlier full-pipeline retrains excluded from its data
@@ -69,8 +91,66 @@ class ServedModel:
         self._safety_seen = int(model.safety_retrains)
 
     def refresh_metrics(self) -> None:
-        """Publish the model's budget, version, size, test accuracy and extractor allowance."""
-        self.metrics.observe_model(self.model)
+        """Publish the model's budget, version, size, test accuracy and extractor allowance (the
+        metrics, and the overview hash in Redis)."""
+        accuracy = self.accuracy()  # cached per version (a measurement costs about half a step)
+        self.metrics.observe_model(self.model, accuracy=accuracy)
+        try:
+            fields = model_info(
+                self.model,
+                accuracy=accuracy,
+                last_retrain_at=self.last_retrain_at,
+                last_retrain_reason=self.last_retrain_reason,
+                consumer=None if self.lease is None else self.lease.consumer,
+                now=self.clock(),
+            )
+        except Exception as exc:  # noqa: BLE001 - the overview never fails a drain
+            log.warning("cannot describe the model for its overview hash: %s", exc)
+            return
+        self.info.publish(fields)
+
+    def accuracy(self, model: Model | None = None) -> float | None:
+        """Test accuracy of ``model`` (default: the served one) on its dataset's test split
+        (None without one): measured again when the version changes, else at most every
+        ``ACCURACY_EVERY_S`` seconds (the last measurement in between)."""
+        model = self.model if model is None else model
+        ds = model.dataset
+        if ds is None or len(ds.y_test) == 0:
+            return None
+        now = time.monotonic()
+        version, alive = int(model.version), int(model.n_alive)
+        last = self._accuracy
+        if last is not None and last[0] == version:
+            if last[1] == alive or now - last[2] < ACCURACY_EVERY_S:
+                return last[3]
+        value = float(model.accuracy(ds.X_test, ds.y_test))
+        self._accuracy = (version, alive, now, value)
+        return value
+
+    def _record(self, model: Model, event: str, reason: str | None = None) -> None:
+        """Append the history line of ``event`` (never raises: the history is for operators)."""
+        try:
+            version, alive = int(model.version), int(model.n_alive)
+            if event != "start" and (reason is not None or version != self._recorded[0]):
+                event = "retrain"
+            rows = 0 if event == "start" else max(0, self._recorded[1] - alive)
+            self._recorded = (version, alive)
+            now = self.clock()
+            if event == "retrain":
+                self.last_retrain_at, self.last_retrain_reason = now, reason
+            record = history_record(
+                model,
+                event=event,
+                model_name=self.ledger.model,
+                rows=rows,
+                now=now,
+                accuracy=self.accuracy(model),
+                reason=reason,
+            )
+        except Exception as exc:  # noqa: BLE001 - the history never fails a step
+            log.warning("cannot describe the model for its history: %s", exc)
+            return
+        self.history.append(record)
 
     def count_safety(self) -> None:
         """Count the budget safety net's firings since the last look."""
@@ -91,9 +171,12 @@ class ServedModel:
         *,
         dataset: Dataset | None = None,
         replace_dataset: bool = False,
+        retrain_reason: str | None = None,
     ) -> None:
         """Persist the model (or ``model``, which takes over the state directory) with the
-        journal of every answer not yet in the ledger file. Checks the lease first."""
+        journal of every answer not yet in the ledger file. Checks the lease first. Then a
+        history line: ``retrain`` (with ``retrain_reason``) when the version changed or a reason
+        is given, else ``step``."""
         if self.lease is not None:
             self.lease.check()
         pending = self.outbox.journal(list(answers or []))
@@ -111,6 +194,7 @@ class ServedModel:
         self.dirty = False
         if self.lease is not None:
             self.lease.mark_state(saved.save_seq)
+        self._record(saved, "step", retrain_reason)
 
     def plan(self, entries: list[Entry], *, fold: bool) -> Plan:
         """Plan ``entries`` against the model (``fold``: a retrain, overlaps folded)."""

@@ -7,7 +7,9 @@ how tasks are sent. One instance owns the model, through collaborators that each
 planning, persisting), ``worker.steps.NewtonSteps`` (a Newton step, the handover to the next
 epoch), ``worker.epochs.NextEpoch`` (the next epoch, fitted in the background),
 ``worker.retrain.Retrainer`` (blocking retrains), ``worker.outbox.Outbox`` (journal, ledger,
-statuses + XACK, dead letters, failure counts) and ``worker.metrics`` (hooks).
+statuses + XACK, dead letters, failure counts), ``worker.metrics`` (hooks) and
+``worker.releases.Releaser`` (releases of the persisted model after each batch and retrain whose
+answers are out, as the release policy says; never fails a drain).
 
 Drain (one bounded time slice): hold the doorbell; recover this consumer's pending entries and
 claim idle ones of dead consumers; then serve up to ``max_batch`` waiting entries per Newton step
@@ -27,6 +29,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,6 +43,7 @@ from worker.fatal import exit_process
 from worker.ledger import Ledger
 from worker.metrics import ServiceMetrics
 from worker.outbox import Outbox
+from worker.releases import ReleasePolicy, Releaser
 from worker.retrain import PipelineRetrain, Retrainer
 from worker.served import ServedModel
 from worker.steps import DrainReport, NewtonSteps
@@ -48,8 +52,9 @@ from worker.stream import Intake, RequestStream
 if TYPE_CHECKING:
     from core.model import Model
     from worker.lease import Lease
+    from worker.receipts import ReceiptSigner
 
-__all__ = ["DrainReport", "PipelineRetrain", "RemovalService", "exit_process"]
+__all__ = ["DrainReport", "PipelineRetrain", "ReleaseOptions", "RemovalService", "exit_process"]
 
 log = logging.getLogger("certremove.worker")
 
@@ -59,6 +64,15 @@ RETRAIN_RESEND_S = 60.0
 TRIM_EVERY_S = 10.0
 #: first wait after an infrastructure failure; doubled per failure up to ``max_backoff``
 FIRST_BACKOFF_S = 0.5
+
+
+@dataclass(frozen=True)
+class ReleaseOptions:
+    """Where and when the service releases its model (``worker.releases``)."""
+
+    release_dir: Path
+    policy: ReleasePolicy
+    signer: ReceiptSigner | None = None
 
 
 class RemovalService:
@@ -85,6 +99,8 @@ class RemovalService:
         max_backoff: longest wait between retries after an infrastructure failure.
         keep_snapshots: snapshots kept in the state directory.
         sleep: how to wait between retries (tests).
+        releases: release the model (``worker.releases``) after batches as the policy says;
+            None: no releases.
     """
 
     def __init__(
@@ -111,6 +127,7 @@ class RemovalService:
         max_backoff: float = 30.0,
         keep_snapshots: int = 3,
         sleep: Callable[[float], None] = time.sleep,
+        releases: ReleaseOptions | None = None,
     ) -> None:
         self.epochs = NextEpoch(retrain_lead, metrics)
         self.stream, self.ledger, self.metrics, self.doorbell = stream, ledger, metrics, doorbell
@@ -145,9 +162,27 @@ class RemovalService:
         self._journal_due = False
         self.retrain_due: str | None = None  # the reason, while a retrain is due
         self._retrain_sent_at: float | None = None
+        self.releaser: Releaser | None = None
+        if releases is not None:
+            # before the journal's replay: its answers reach the releaser through the ledger
+            self.releaser = Releaser(
+                model_name=ledger.model,
+                state_dir=self.state_dir,
+                release_dir=releases.release_dir,
+                policy=releases.policy,
+                client=stream.redis,
+                ledger=ledger,
+                signer=releases.signer,
+                fence=lambda: None if ledger.fence is None else ledger.fence(),
+                lease_ttl_ms=ledger.status.lease_ttl_ms,
+                state_id="" if lease is None else lease.state_id,
+                clock=clock,
+                metrics=metrics,
+            )
         self.stream.ensure_group()
         self._replay_journal()
         self.served.refresh_metrics()
+        self._release()  # the trained model, once, when no release exists for it
 
     # ------------------------------------------------------------------ state
     @property
@@ -180,6 +215,23 @@ class RemovalService:
 
         self.outbox.replay_journal(core.read_journal(self.state_dir))
 
+    def _release(self, *, poll: bool = False) -> None:
+        """Release the persisted model as the policy says (``poll``: also a manual request or
+        an interval run out); only where the model in memory is the persisted one and all its
+        answers are in the ledger. Never raises."""
+        if self.releaser is None or self.served.dirty or self.outbox.unrecorded:
+            return
+        if poll:
+            self.releaser.poll(self.model)
+        else:
+            self.releaser.settle(self.model)
+
+    def release_tick(self) -> None:
+        """The periodic check's part: a manual release request, an interval run out, a release
+        to retry (``worker.tasks``). Never raises."""
+        if self._stopped is None:
+            self._release(poll=True)
+
     def _request_retrain(self) -> None:
         """Send ``certremove.retrain`` once per due retrain (again if it seems lost)."""
         now = time.monotonic()
@@ -198,6 +250,7 @@ class RemovalService:
             hold_ms = int(self.slice_seconds * 1000) + 5000
             return self._on_failure(exc, lambda: self.doorbell.requeue(hold_ms))
         self._healthy()
+        self._release(poll=True)
         return report
 
     def retrain(self) -> DrainReport:
@@ -226,6 +279,7 @@ class RemovalService:
         carry = self.intake.recover()
         while batch := self.intake.fill(carry):
             carry = self._serve(batch, report)
+            self._release()
             if self.retrain_due:
                 report.retrain_requested = True
                 self.intake.forget()  # the retrain reads the pending list
@@ -314,6 +368,7 @@ class RemovalService:
             self.served.refresh_metrics()
             out.plan.certify(self.clock())
             self.outbox.finish(out.plan)
+            self._release()
             report.retrained, report.rows_removed = out.retrained, out.rows_removed
             report.requests = out.plan.served
             log.info(

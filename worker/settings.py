@@ -15,6 +15,7 @@ from typing import Any
 
 from producer import schema
 from producer.urls import check_cert_reqs, redact_url, split_tls_query, tls_options
+from worker.release_policy import ReleasePolicy
 
 
 class SettingsError(ValueError):
@@ -50,6 +51,9 @@ class Settings:
             ``certremove state recover`` falls back to).
         consumer: stable consumer name in the group (default ``{model}@{hostname}``).
         visibility_timeout: kombu visibility timeout for Celery messages (wake-ups only).
+        broker_connect_timeout: seconds the worker tries to reach Redis at start (exponential
+            backoff, 0.5 s doubling up to 5 s) before it exits with status 4.
+        log_format: ``text`` or ``json`` (one JSON object per line, ``worker.logs``).
         broker_max_retries: retries (2, 4, 6 ... s apart, at most 30 s) to reach Redis at start
             and after losing it, before the worker exits with status 4.
         torch_threads: CPU threads for torch; 0 picks one less than the CPUs (at least 1), so
@@ -62,6 +66,10 @@ class Settings:
             starts fitting in a background thread (0 turns it off: retrains then block).
         redis_ssl_ca_certs: CA file that signed the Redis server's certificate, for a
             ``rediss://`` broker URL (default: the system CA store).
+        release_dir: where the model's releases go (``<release_dir>/<model>/...``; default
+            ``<state_dir>/releases``: point it at a volume of its own, ``worker.releases``).
+        release_policy: ``epoch`` (default), ``every``, ``interval:<seconds>`` or ``manual``.
+        receipt_key: the Ed25519 private key that signs removal receipts (None: no receipts).
         redis_ssl_cert_reqs: ``required`` (default), ``optional`` or ``none``: whether a
             ``rediss://`` server's certificate must verify. Passed to redis-py and to Celery
             alike, since kombu alone would not verify it.
@@ -87,12 +95,17 @@ class Settings:
     consumer: str = ""
     visibility_timeout: int = 600
     broker_max_retries: int = 10
+    broker_connect_timeout: float = 30.0
+    log_format: str = "text"
     torch_threads: int = 0
     data_dir: Path | None = None
     pipeline_retrain: bool = True
     retrain_lead: float = 0.2
     redis_ssl_ca_certs: Path | None = None
     redis_ssl_cert_reqs: str = "required"
+    release_dir: Path | None = None
+    release_policy: str = "epoch"
+    receipt_key: Path | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -121,11 +134,21 @@ class Settings:
             raise SettingsError("CERTREMOVE_KEEP_SNAPSHOTS must be at least 1")
         if self.broker_max_retries < 1:
             raise SettingsError("CERTREMOVE_BROKER_MAX_RETRIES must be at least 1")
+        if not self.broker_connect_timeout > 0:
+            raise SettingsError("CERTREMOVE_BROKER_CONNECT_TIMEOUT must be > 0 seconds")
+        if self.log_format not in ("text", "json"):
+            raise SettingsError(
+                f"CERTREMOVE_LOG_FORMAT must be text or json, got {self.log_format!r}"
+            )
         if not 0 < self.drain_interval <= 30:
             # 10-30 s by design (docs/design.md "Doorbell"); shorter is fine (tests).
             raise SettingsError("CERTREMOVE_DRAIN_INTERVAL must be in (0, 30] seconds")
         if not 0 <= self.retrain_lead < 1:
             raise SettingsError("CERTREMOVE_RETRAIN_LEAD must lie in [0, 1)")
+        try:
+            ReleasePolicy.parse(self.release_policy)
+        except ValueError as exc:
+            raise SettingsError(f"CERTREMOVE_RELEASE_POLICY: {exc}") from exc
         try:
             object.__setattr__(
                 self, "redis_ssl_cert_reqs", check_cert_reqs(self.redis_ssl_cert_reqs)
@@ -165,12 +188,17 @@ class Settings:
             ("consumer", "CONSUMER", str),
             ("visibility_timeout", "VISIBILITY_TIMEOUT", int),
             ("broker_max_retries", "BROKER_MAX_RETRIES", int),
+            ("broker_connect_timeout", "BROKER_CONNECT_TIMEOUT", float),
+            ("log_format", "LOG_FORMAT", str),
             ("torch_threads", "TORCH_THREADS", int),
             ("data_dir", "DATA_DIR", Path),
             ("pipeline_retrain", "PIPELINE_RETRAIN", _flag),
             ("retrain_lead", "RETRAIN_LEAD", float),
             ("redis_ssl_ca_certs", "REDIS_SSL_CA_CERTS", Path),
             ("redis_ssl_cert_reqs", "REDIS_SSL_CERT_REQS", str),
+            ("release_dir", "RELEASE_DIR", Path),
+            ("release_policy", "RELEASE_POLICY", str),
+            ("receipt_key", "RECEIPT_KEY", Path),
         ]
         for name, var, kind in spec:
             raw = env.get(f"CERTREMOVE_{var}")
@@ -194,6 +222,11 @@ class Settings:
     def with_overrides(self, **overrides: Any) -> Settings:
         """A copy with some fields replaced (None values are ignored)."""
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    @property
+    def releases_dir(self) -> Path:
+        """Where releases go: ``release_dir``, else ``<state_dir>/releases``."""
+        return self.release_dir if self.release_dir is not None else self.state_dir / "releases"
 
     def tls_options(self) -> dict[str, Any]:
         """redis-py / ``broker_use_ssl`` options for a ``rediss://`` broker URL, else ``{}``."""
@@ -226,6 +259,8 @@ class Settings:
             "CERTREMOVE_CONSUMER": self.consumer,
             "CERTREMOVE_VISIBILITY_TIMEOUT": str(self.visibility_timeout),
             "CERTREMOVE_BROKER_MAX_RETRIES": str(self.broker_max_retries),
+            "CERTREMOVE_BROKER_CONNECT_TIMEOUT": str(self.broker_connect_timeout),
+            "CERTREMOVE_LOG_FORMAT": self.log_format,
             "CERTREMOVE_TORCH_THREADS": str(self.torch_threads),
             "CERTREMOVE_RETRAIN_LEAD": str(self.retrain_lead),
             "CERTREMOVE_REDIS_SSL_CERT_REQS": self.redis_ssl_cert_reqs,
@@ -237,6 +272,11 @@ class Settings:
         if self.redis_ssl_ca_certs is not None:
             out["CERTREMOVE_REDIS_SSL_CA_CERTS"] = str(self.redis_ssl_ca_certs)
         out["CERTREMOVE_PIPELINE_RETRAIN"] = "1" if self.pipeline_retrain else "0"
+        out["CERTREMOVE_RELEASE_POLICY"] = self.release_policy
+        if self.release_dir is not None:
+            out["CERTREMOVE_RELEASE_DIR"] = str(self.release_dir)
+        if self.receipt_key is not None:
+            out["CERTREMOVE_RECEIPT_KEY"] = str(self.receipt_key)
         return out
 
 

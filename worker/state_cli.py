@@ -213,10 +213,10 @@ def recover(
         infos = list_snapshots(state)
         chosen = next((i for i in infos if i.valid), None)
         if chosen is None:
-            lines = [f"  {i.name}: {i.problem}" for i in infos] or ["  (no snapshots at all)"]
+            lines = [f"{i.name}: {i.problem}" for i in infos] or ["no snapshots at all"]
             raise _fail(
-                f"no valid snapshot in {state}: nothing to recover from; restore the state "
-                "directory from a backup\n" + "\n".join(lines)
+                f"no valid snapshot in {state} ({'; '.join(lines)}): nothing to recover from; "
+                "restore the state directory from a backup"
             )
         try:
             removed = removed_sample_ids(state)

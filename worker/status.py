@@ -44,7 +44,7 @@ _DEAD_VALUE_MAX = 1 << 20
 # acknowledge. Statuses are written first, dead letters copied next, acknowledgements last: an
 # error stops the script before any entry is acknowledged without its status and its dead-letter
 # copy.
-_NAMES = schema.STATUS_FIELDS
+_NAMES = schema.ANSWER_FIELDS
 _PUBLISH_LUA = (
     (
         holds_lua(3, 4, 2, 4)

@@ -168,7 +168,7 @@ class NewtonSteps:
             self.clock(),
             served.ids,
         )
-        served.persist(ridden)
+        served.persist(ridden, retrain_reason=reason)
         self.epochs.fit_seconds = fit_seconds
         self.metrics.on_retrain(reason, fit_seconds)
         self.metrics.on_step(len(res.removed), step_seconds)

@@ -3,11 +3,19 @@
 - ``certremove.drain`` (queue ``certremove.{model}``): one time slice of the stream.
 - ``certremove.retrain`` (queue ``certremove.{model}.retrain``, consumed first): retrain.
 - ``certremove.remove`` (queue ``certremove.{model}``): append one request to the stream, for
-  Celery clients that only know ``send_task``.
+  Celery clients that only know ``send_task``; without a ``request_id`` the Celery task id is the
+  request id (the sender reads the status under it: there is no result backend).
 
 The service is built once per worker process by :class:`ServiceStep` (solo pool: one process owns
 the model), which also sends a drain when the worker starts and, every ``drain_interval`` seconds,
 rings the doorbell while entries are pending, so a drain killed mid-flight never stalls the model.
+It sets the heartbeat (``certremove_heartbeat_timestamp_seconds``) every :data:`HEARTBEAT_S`
+seconds from the worker's event loop and after each drain, and from a thread while a blocking
+retrain runs (it holds the loop for its whole length), so the heartbeat stops when the loop is
+wedged or the process is gone (``certremove health``).
+
+Nothing here imports ``core`` or torch at module level (``celery -A worker.app inspect ping``
+starts fast): the model and the service are loaded by :class:`ServiceStep` in the worker process.
 """
 
 from __future__ import annotations
@@ -16,19 +24,28 @@ import json
 import logging
 import math
 import time
-import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-from celery import Celery, bootsteps
+import redis
+from celery import Celery, Task, bootsteps
 
 from producer import schema
-from producer.client import append_requests
+from producer.client import append_requests, redis_py_url
 from worker import fatal
-from worker.runtime import Runtime, build_runtime
-from worker.service import RemovalService
 from worker.settings import Settings
 
+if TYPE_CHECKING:
+    from worker.runtime import Runtime
+    from worker.service import RemovalService
+
 log = logging.getLogger("certremove.worker")
+
+#: seconds between two heartbeats of the worker's event loop
+HEARTBEAT_S = 2.0
+#: first wait between two tries to reach Redis at start; doubled per try up to the cap
+BROKER_FIRST_BACKOFF_S = 0.5
+BROKER_MAX_BACKOFF_S = 5.0
 
 
 class _Holder:
@@ -44,21 +61,31 @@ def register(app: Celery, settings: Settings) -> None:
 
     def service() -> RemovalService:
         if holder.runtime is None:  # a task that arrives before the bootstep (never in solo)
+            from worker.runtime import build_runtime  # noqa: PLC0415 - loads core and torch
+
             holder.runtime = build_runtime(settings, send_task)
         return holder.runtime.service
 
-    @app.task(name=schema.TASK_DRAIN, ignore_result=True)
+    def beat() -> None:
+        if holder.runtime is not None:
+            holder.runtime.service.metrics.beat()
+
+    @app.task(name=schema.TASK_DRAIN, ignore_result=True, shared=False)
     def drain() -> dict[str, Any]:
         report = service().drain()
+        beat()
         return report.__dict__
 
-    @app.task(name=schema.TASK_RETRAIN, ignore_result=True)
+    @app.task(name=schema.TASK_RETRAIN, ignore_result=True, shared=False)
     def retrain() -> dict[str, Any]:
-        report = service().retrain()
+        svc = service()
+        with svc.metrics.beating(HEARTBEAT_S):  # a blocking retrain holds the event loop
+            report = svc.retrain()
         return report.__dict__
 
-    @app.task(name=schema.TASK_REMOVE, ignore_result=True)
+    @app.task(name=schema.TASK_REMOVE, ignore_result=True, bind=True, shared=False)
     def remove(
+        task: Task,
         request_id: str | None = None,
         sample_ids: Any = None,
         requested_at: float | None = None,
@@ -75,7 +102,9 @@ def register(app: Celery, settings: Settings) -> None:
             )
             return ""
         svc = service()
-        rid = str(request_id) if request_id else uuid.uuid4().hex
+        # Without a request id the task id is the request id: the sender knows it
+        # (``send_task(...).id``) and reads the status under it.
+        rid = str(request_id) if request_id else str(task.request.id)
         try:
             at = float(requested_at) if requested_at is not None else time.time()
         except (TypeError, ValueError, OverflowError):
@@ -94,10 +123,13 @@ def register(app: Celery, settings: Settings) -> None:
         def __init__(self, worker: Any, **kwargs: Any) -> None:
             super().__init__(worker, **kwargs)
             self.tref: Any = None
+            self.beat_ref: Any = None
 
         def start(self, worker: Any) -> None:
             try:
-                wait_for_broker(app, settings)
+                wait_for_broker(settings)
+                from worker.runtime import build_runtime  # noqa: PLC0415 - core and torch
+
                 holder.runtime = build_runtime(settings, send_task)
                 holder.runtime.service.doorbell.requeue(5000)  # drain on worker ready
             except Exception as exc:
@@ -105,45 +137,83 @@ def register(app: Celery, settings: Settings) -> None:
                 # non-zero by class with one line instead (worker.fatal).
                 raise fatal.from_exception(exc, settings) from exc
             self.tref = worker.timer.call_repeatedly(settings.drain_interval, self.tick)
+            # Fired by the worker's event loop (the main thread), between tasks: the heartbeat
+            # stops when the loop is wedged, unlike a thread of its own.
+            self.beat_ref = worker.timer.call_repeatedly(HEARTBEAT_S, beat)
 
         def tick(self) -> None:
             svc = holder.runtime.service if holder.runtime else None
             try:
                 if svc is not None and svc.stream.has_work():
                     svc.doorbell.ring()
-            except Exception:  # noqa: BLE001 - a failed check must not kill the timer
-                log.exception("periodic drain check failed")
+                if svc is not None:
+                    svc.release_tick()  # a manual request, an interval run out, a retry
+            except Exception as exc:  # noqa: BLE001 - a failed check must not kill the timer
+                log.warning(
+                    "periodic drain check failed (%s: %s); the next one is in %g s",
+                    type(exc).__name__,
+                    " ".join(str(exc).split())[:200],
+                    settings.drain_interval,
+                )
+                log.debug("periodic drain check failed", exc_info=exc)
 
         def stop(self, worker: Any) -> None:
-            if self.tref is not None:
-                self.tref.cancel()
+            for ref in (self.tref, self.beat_ref):
+                if ref is not None:
+                    ref.cancel()
 
     app.steps["worker"].add(ServiceStep)
 
 
-def wait_for_broker(app: Celery, settings: Settings) -> None:
-    """Wait until Redis answers, with kombu's own retry (2, 4, 6 ... s apart, at most
-    ``settings.broker_max_retries`` retries), before the model is loaded.
+def wait_for_broker(
+    settings: Settings,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> None:
+    """Wait until Redis answers ``PING``, before the model is loaded: tries with exponential
+    backoff (0.5 s doubling up to 5 s) for ``settings.broker_connect_timeout`` seconds in all,
+    a warning line per failed try.
 
     Raises:
-        WorkerFatal: Redis refused the credentials (at once: retrying cannot help).
-        OperationalError: Redis did not answer within the retries.
+        WorkerFatal: Redis refused the credentials (status 2, at once: retrying cannot help), or
+            did not answer in time (status 4, one line naming the broker and what to do).
     """
+    timeout = settings.broker_connect_timeout
     broker = fatal.broker_name(settings)
-    tries = [0]
-
-    def on_error(exc: BaseException, interval: float) -> None:
-        if fatal.is_auth_error(exc):
-            raise fatal.from_exception(exc, settings) from exc
-        tries[0] += 1
-        log.warning(
-            "cannot reach Redis at %s (%s): retry %d of %d in %.0f s",
-            broker,
-            " ".join(str(exc).split())[:200],
-            tries[0],
-            settings.broker_max_retries,
-            interval,
-        )
-
-    with app.connection_for_read() as conn:
-        conn.ensure_connection(errback=on_error, max_retries=settings.broker_max_retries)
+    deadline = clock() + timeout
+    delay = BROKER_FIRST_BACKOFF_S
+    tries = 0
+    client = redis.Redis.from_url(
+        redis_py_url(settings.broker_url),
+        socket_connect_timeout=min(5.0, timeout),
+        socket_timeout=min(5.0, timeout),
+        **settings.tls_options(),
+    )
+    try:
+        while True:
+            try:
+                client.ping()
+                return
+            except (redis.RedisError, OSError) as exc:
+                if fatal.is_auth_error(exc):
+                    raise fatal.from_exception(exc, settings) from exc
+                tries += 1
+                left = deadline - clock()
+                if left <= 0:
+                    when = f"at start-up (tried {tries} times in {timeout:g} s)"
+                    raise fatal.from_exception(exc, settings, when) from exc
+                wait = min(delay, left)
+                log.warning(
+                    "cannot reach Redis at %s (%s): try %d failed, next in %.1f s (giving up "
+                    "after %g s, CERTREMOVE_BROKER_CONNECT_TIMEOUT)",
+                    broker,
+                    " ".join(str(exc).split())[:200],
+                    tries,
+                    wait,
+                    timeout,
+                )
+                sleep(wait)
+                delay = min(BROKER_MAX_BACKOFF_S, 2 * delay)
+    finally:
+        client.close()

@@ -19,7 +19,7 @@ from core.trigger import (
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [("auto", "auto"), (" AUTO ", "auto"), ("none", None), ("None", None), ("0", 0),
+    [("auto", "auto"), (" AUTO ", "auto"), ("none", None), ("None", None), ("1", 1),
      ("250", 250), (" 12 ", 12), ("0.25", 0.25), ("5e-1", 0.5)],
 )  # fmt: skip
 def test_parse_max_removals(text, value):
@@ -27,7 +27,9 @@ def test_parse_max_removals(text, value):
     assert type(parse_max_removals(text)) is type(value)
 
 
-@pytest.mark.parametrize("text", ["", "-1", "1.0", "0.0", "2.5", "nan", "inf", "all", "1e99"])
+@pytest.mark.parametrize(
+    "text", ["", "0", " 0 ", "-0", "-1", "1.0", "0.0", "2.5", "nan", "inf", "all", "1e99"]
+)
 def test_parse_max_removals_refuses(text):
     with pytest.raises(ValueError):
         parse_max_removals(text)

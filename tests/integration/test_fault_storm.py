@@ -408,7 +408,11 @@ def test_disk_full_then_freed_then_read_only(
         st = wait_final(client, full_rids, 60, worker=w)
         full_recovery = time.monotonic() - t_full - 15.0
         assert {s["status"] for s in st.values()} == {"applied"}, w.log_tail()
-        assert metric(w.metrics(), "certremove_infrastructure_backoff_seconds") == 0
+        # the gauge drops to 0 when the drain that published these statuses ends
+        until = time.monotonic() + 10
+        while metric(w.metrics(), "certremove_infrastructure_backoff_seconds") != 0:
+            assert time.monotonic() < until, w.log_tail()
+            time.sleep(0.1)
 
         # read-only: `mount -o remount,ro` of the file system is refused while the worker holds
         # its lock file open for writing (EBUSY); a read-only bind mount over the state

@@ -216,11 +216,11 @@ def test_unreachable_broker_exits_4_after_the_bounded_retries(
     state: Path, tmp_path: Path, model_name: str
 ) -> None:
     url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
-    settings = make_settings(state, url, model_name, broker_max_retries=1)
+    settings = make_settings(state, url, model_name, broker_connect_timeout=1.0)
     code, text, took = run_to_exit(settings, tmp_path / "worker.log")
     assert code == 4, text[-3000:]
     assert "cannot reach Redis" in _one_error_line(text)
-    assert "retry 1 of 1" in text and took < 45
+    assert "try 1 failed" in text and took < 45
 
 
 @pytest.fixture

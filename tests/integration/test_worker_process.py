@@ -121,7 +121,7 @@ def test_500_requests_bad_input_celery_client_and_metrics(
     assert m[("certremove_requests_total", (("outcome", "duplicate"),))] == 1
     assert m[("certremove_removals_total", (("method", "newton"),))] == 505
     assert m[("certremove_training_samples", ())] == 2000 - 505
-    assert 0 <= m[("certremove_budget_used", ())] <= m[("certremove_budget_total", ())]
+    assert 0 <= m[("certremove_budget_used", ())] <= m[("certremove_budget_limit", ())]
     assert m[("certremove_request_latency_seconds_count", ())] == 504
     assert 0 < m[("certremove_test_accuracy", ())] <= 1
     assert worker.proc.poll() is None
@@ -175,7 +175,7 @@ def test_background_retrains_take_over_with_a_catch_up_step(
     assert m[("certremove_removals_total", (("method", "retrain"),))] == 0
     assert m[("certremove_retrain_wait_seconds_count", ())] >= 5
     assert m[("certremove_model_version", ())] == max(versions)
-    assert 0 <= m[("certremove_budget_used", ())] <= m[("certremove_budget_total", ())]
+    assert 0 <= m[("certremove_budget_used", ())] <= m[("certremove_budget_limit", ())]
     loaded = core.load_model(state, device="cpu")
     assert loaded.version == max(versions) and loaded.removed_in_epoch <= loaded.max_removals
 

@@ -1,14 +1,19 @@
 from __future__ import annotations
 
+import math
+import time
 import urllib.request
 
-from prometheus_client import CollectorRegistry
+import redis
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from producer import Client, schema
+from worker.launcher import free_port
 from worker.metrics import ServiceMetrics
 
 DESIGN_NAMES = {
-    "certremove_budget_total",
+    "certremove_budget_limit",
     "certremove_budget_used",
     "certremove_budget_used_ratio",
     "certremove_removals",
@@ -23,7 +28,6 @@ DESIGN_NAMES = {
     "certremove_test_accuracy",
     "certremove_model_version",
     "certremove_training_samples",
-    "certremove_extractor_removals_remaining",
 }
 #: metrics added since the first design (docs/design.md "Metrics", README "Metrics")
 EXTRA_NAMES = {
@@ -32,6 +36,17 @@ EXTRA_NAMES = {
     "certremove_infrastructure_backoff_seconds",
     "certremove_entry_failures",
     "certremove_stream_trimmed_entries",
+    "certremove_epoch_removals",
+    "certremove_epoch_max_removals",
+    "certremove_epoch_removals_ratio",
+    "certremove_retrain_failures",
+    "certremove_last_retrain_timestamp_seconds",
+    "certremove_heartbeat_timestamp_seconds",
+    "certremove_build",
+    "certremove_releases",
+    "certremove_release_failures",
+    "certremove_last_release_timestamp_seconds",
+    "certremove_unreleased_requests",
 }
 
 
@@ -78,3 +93,100 @@ def test_served_over_http() -> None:
         text = resp.read().decode()
     values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
     assert values["certremove_model_version"] == 7
+
+
+def test_every_retrain_reason_is_pre_initialised() -> None:
+    reg = CollectorRegistry()
+    ServiceMetrics(reg)
+    for reason in ("max_removals", "budget", "numerical", "extractor"):
+        assert reg.get_sample_value("certremove_retrains_total", {"reason": reason}) == 0
+
+
+def test_extractor_gauge_only_with_an_extractor() -> None:
+    reg = CollectorRegistry()
+    m = ServiceMetrics(reg)
+    assert "certremove_extractor_removals_remaining" not in generate_latest(reg).decode()
+    m.set_extractor_remaining(7)
+    m.set_extractor_remaining(6)
+    assert reg.get_sample_value("certremove_extractor_removals_remaining") == 6
+
+
+def test_epoch_gauges_with_and_without_a_count_trigger() -> None:
+    reg = CollectorRegistry()
+    m = ServiceMetrics(reg)
+    m.set_epoch(25, 100)
+    assert reg.get_sample_value("certremove_epoch_removals") == 25
+    assert reg.get_sample_value("certremove_epoch_max_removals") == 100
+    assert reg.get_sample_value("certremove_epoch_removals_ratio") == 0.25
+    m.set_epoch(3, None)
+    assert reg.get_sample_value("certremove_epoch_max_removals") == math.inf
+    assert reg.get_sample_value("certremove_epoch_removals_ratio") == 0.0
+    assert "certremove_epoch_max_removals +Inf" in generate_latest(reg).decode()
+
+
+def test_retrain_failures_last_retrain_heartbeat_and_build_info() -> None:
+    reg = CollectorRegistry()
+    now = [1000.0]
+    m = ServiceMetrics(reg, clock=lambda: now[0])
+    assert reg.get_sample_value("certremove_last_retrain_timestamp_seconds") == 0
+    assert reg.get_sample_value("certremove_heartbeat_timestamp_seconds") == 0
+    m.on_retrain(None, 0.0)  # did not run
+    assert reg.get_sample_value("certremove_last_retrain_timestamp_seconds") == 0
+    m.on_retrain("max_removals", 1.5)
+    assert reg.get_sample_value("certremove_last_retrain_timestamp_seconds") == 1000.0
+    m.on_retrain_failure()
+    assert reg.get_sample_value("certremove_retrain_failures_total") == 1
+    now[0] = 1002.0
+    m.beat()
+    assert reg.get_sample_value("certremove_heartbeat_timestamp_seconds") == 1002.0
+    m.set_build_info(version="1.2", torch="2.0", device="cpu", model="digits")
+    labels = {"version": "1.2", "torch": "2.0", "device": "cpu", "model": "digits"}
+    assert reg.get_sample_value("certremove_build_info", labels) == 1
+
+
+def test_process_metrics_when_asked() -> None:
+    reg = CollectorRegistry()
+    ServiceMetrics(reg, process=True)
+    assert reg.get_sample_value("process_start_time_seconds") is not None
+
+
+def test_backlog_is_read_at_scrape_time(
+    rclient: redis.Redis, broker_url: str, model_name: str
+) -> None:
+    reg = CollectorRegistry()
+    m = ServiceMetrics(reg, clock=time.time)
+    m.watch_backlog(rclient, model_name)
+    assert reg.get_sample_value("certremove_backlog_stream_length") == 0
+    Client(broker_url, model=model_name).enqueue_many([[1], [2], [3]])
+    rclient.xadd(schema.dead_letter_key(model_name), {"request_id": "x", "reason": "r"})
+    assert reg.get_sample_value("certremove_backlog_stream_length") == 3
+    assert reg.get_sample_value("certremove_backlog_undelivered") == 3
+    assert reg.get_sample_value("certremove_backlog_pending") == 0
+    assert reg.get_sample_value("certremove_dead_letters") == 1
+    age = reg.get_sample_value("certremove_backlog_oldest_age_seconds")
+    assert age is not None and 0 <= age < 60
+
+
+def test_a_redis_error_at_scrape_time_leaves_the_backlog_out() -> None:
+    reg = CollectorRegistry()
+    m = ServiceMetrics(reg)
+    m.model_version.set(3)
+    nowhere = redis.Redis(port=free_port(), socket_connect_timeout=0.5, socket_timeout=0.5)
+    m.watch_backlog(nowhere, "m")
+    text = generate_latest(reg).decode()  # the scrape goes on
+    assert "certremove_model_version 3.0" in text
+    assert "certremove_backlog" not in text and "certremove_dead_letters" not in text
+
+
+def test_beating_while_a_blocking_retrain_runs() -> None:
+    reg = CollectorRegistry()
+    m = ServiceMetrics(reg)
+    with m.beating(0.05):
+        time.sleep(0.2)
+        first = reg.get_sample_value("certremove_heartbeat_timestamp_seconds")
+        assert first is not None and first > 0
+        time.sleep(0.2)
+        assert reg.get_sample_value("certremove_heartbeat_timestamp_seconds") > first
+    last = reg.get_sample_value("certremove_heartbeat_timestamp_seconds")
+    time.sleep(0.2)  # the thread stopped with the block
+    assert reg.get_sample_value("certremove_heartbeat_timestamp_seconds") == last

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -249,7 +250,7 @@ def test_extractor_removals_remaining_and_limit(
 def test_no_extractor_no_gauge_value(state: Path, rclient: redis.Redis, model_name: str) -> None:
     service, _, reg = build(state, rclient, model_name)
     assert service.extractor_removals_remaining() is None
-    assert reg.get_sample_value("certremove_extractor_removals_remaining") == 0
+    assert reg.get_sample_value("certremove_extractor_removals_remaining") is None  # not exported
 
 
 def test_a_deleted_stream_is_recreated(
@@ -328,12 +329,12 @@ def test_entries_waiting_across_time_slices_are_not_counted_as_deliveries(
     service, _, _ = build(
         state, rclient, model_name, retrain_lead=0.5, slice_seconds=1e-6, max_failures=1
     )
-    drains = 0
+    drains, deadline = 0, time.monotonic() + 120  # a loaded machine: background fits are slow
     while service.stream.pending_count() or service.stream.has_undelivered():
         report = service.drain()
         assert report.requeued or report.steps == 0 or not service.stream.pending_count()
         drains += 1
-        assert drains < 100
+        assert time.monotonic() < deadline, f"still waiting after {drains} drains"
     assert drains >= 5  # one step per slice: the last requests waited through many slices
     st = client.statuses(rids)
     assert [s["status"] for s in st.values()] == ["applied"] * 60
