@@ -23,14 +23,15 @@ COPY worker ./worker
 COPY producer ./producer
 RUN pip install --no-deps . && rm -rf build *.egg-info
 
-# 3. An unprivileged user owning the state directory. A new named volume mounted at /state
-#    starts as a copy of this directory, so it belongs to that user. (A volume created by an
-#    image that ran as root needs `chown -R 10001:10001` once.)
+# 3. An unprivileged user owning the state and release directories. A new named volume mounted
+#    at /state or /releases starts as a copy of this directory, so it belongs to that user (a
+#    mount point the image lacks would be created owned by root, and the worker could not write
+#    it). (A volume created by an image that ran as root needs `chown -R 10001:10001` once.)
 RUN groupadd --system --gid 10001 certremove \
     && useradd --system --uid 10001 --gid 10001 --home-dir /home/certremove --create-home \
        --shell /usr/sbin/nologin certremove \
-    && mkdir -p /state \
-    && chown certremove:certremove /state
+    && mkdir -p /state /releases \
+    && chown certremove:certremove /state /releases
 ENV CERTREMOVE_STATE_DIR=/state \
     HOME=/home/certremove
 USER 10001:10001

@@ -60,13 +60,13 @@ def read_backlog(client: redis.Redis, model: str, now: float) -> Backlog:
     group = schema.group_name(model)
     length = int(client.xlen(key))
     dead = int(client.xlen(schema.dead_letter_key(model)))
-    info: dict[str, Any] | None = None
-    if length:
-        try:
-            groups = client.xinfo_groups(key)
-        except redis.ResponseError:  # no stream (or not a stream): nothing was ever delivered
-            groups = []
-        info = next((g for g in groups if _text(g["name"]) == group), None)
+    # The group is read even for an empty stream: trimming (XTRIM) can delete entries that were
+    # delivered and not acknowledged yet; they stay pending (the worker claims and answers them).
+    try:
+        groups = client.xinfo_groups(key)
+    except redis.ResponseError:  # no stream (or not a stream): nothing was ever delivered
+        groups = []
+    info = next((g for g in groups if _text(g["name"]) == group), None)
     if info is None:  # no worker created the group yet: every entry is undelivered
         first = client.xrange(key, "-", "+", count=1) if length else []
         oldest = _id_ms(first[0][0]) if first else None

@@ -5,8 +5,10 @@ release containing a request's removal is out. It names the model, the request i
 and model version, the guarantee (epsilon, delta), the method and the times, and commits to the
 sample ids the request removed without naming them: ``sample_ids_sha256`` is
 ``sha256(salt || canonical_ids(ids))`` with a random per-receipt ``salt``. Whoever knows the ids
-(the data subject, the client team) can check them with :func:`matches_sample_ids`; nobody can
-read them off the receipt.
+(the data subject, the client team) can check them with :func:`matches_sample_ids`. The salt is in
+the receipt, so the digest hides the ids only as well as they are hard to guess: ids from a small
+or known set (row numbers, short integers) are found by trying them all (a 6-digit id in well
+under a second). Hand a receipt to its requester only, as you would the ids.
 
 Canonical forms (what the signature and the digest cover):
 

@@ -309,13 +309,16 @@ class ReleaseClient:
         blocks on the stream; otherwise it polls ``LATEST``."""
         deadline = None if timeout is None else time.monotonic() + timeout
         if self.current is None:
-            try:
-                yield self.latest()
-            except LookupError:
-                pass
             if self.redis is not None:
+                # the stream's end before the first release: none announced meanwhile is missed
                 last = self.redis.xrevrange(schema.releases_key(self.model), count=1)
                 self._last_entry = _s(last[0][0]) if last else "0-0"
+            try:
+                first = self.latest()
+            except LookupError:
+                pass
+            else:
+                yield first
         while deadline is None or time.monotonic() < deadline:
             wait = 1.0 if deadline is None else max(0.0, deadline - time.monotonic())
             if self.redis is not None:

@@ -60,8 +60,11 @@ def check_model_name(model: str) -> str:
     Raises:
         ValueError: the name is empty, too long or has other characters.
     """
-    if not isinstance(model, str) or not _MODEL_NAME.match(model):
-        raise ValueError(f"invalid model name {model!r}: use 1-64 letters, digits, '_', '.' or '-'")
+    if not isinstance(model, str) or not _MODEL_NAME.match(model) or not model.strip("."):
+        raise ValueError(
+            f"invalid model name {model!r}: use 1-64 letters, digits, '_', '.' or '-' (not only "
+            "dots: the name is a directory of the release directory)"
+        )
     return model
 
 

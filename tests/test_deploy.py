@@ -349,6 +349,24 @@ def test_dockerfile_non_root_healthcheck_and_layers() -> None:
             assert not _ignored(source, patterns), f"{source} is copied but .dockerignore drops it"
 
 
+def test_every_named_volume_of_the_image_is_a_directory_the_user_owns() -> None:
+    """A new named volume takes the owner of the image's directory it is mounted on; where the
+    image has none, Docker creates the mount point owned by root and the unprivileged worker
+    cannot write it (a release volume at /releases would fail every release)."""
+    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
+    run = " ".join(ln for ln in text.splitlines() if ln.startswith("RUN"))
+    made = {t for m in re.finditer(r"mkdir -p ((?:/\S+\s*)+)", run) for t in m.group(1).split()}
+    chowned = {
+        t for m in re.finditer(r"chown (?:-R )?\S+ ((?:/\S+\s*)+)", run) for t in m.group(1).split()
+    }
+    spec = compose()
+    for name, svc in spec["services"].items():
+        if svc.get("image", "").startswith("certremove:"):
+            for source, target in mounts(svc):
+                if source in spec["volumes"]:
+                    assert target in made and target in chowned, (name, target)
+
+
 def test_dockerignore_keeps_the_context_small() -> None:
     patterns = _dockerignore()
     for path in (".venv", ".git", "state", "data", "benchmarks", "tests", ".pytest_cache",

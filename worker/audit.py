@@ -63,6 +63,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from producer import schema
+
 if TYPE_CHECKING:
     import torch
 
@@ -312,6 +314,11 @@ def release_dirs(
         AuditError: no releases, or several models and none named (2).
     """
     root = Path(release_dir) if release_dir is not None else Path(state_dir) / RELEASES
+    if model is not None:
+        try:
+            schema.check_model_name(model)
+        except ValueError as exc:
+            raise AuditError(str(exc)) from None
     models = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     if model is None:
         if len(models) != 1:

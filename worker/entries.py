@@ -66,9 +66,14 @@ def validate_sample_ids(value: Any, limit: int = schema.MAX_IDS_PER_REQUEST) -> 
         return "empty request: sample_ids is an empty list"
     if len(value) > limit:
         return f"oversized request: {len(value)} sample ids (at most {limit} per request)"
-    for item in value:
+    for pos, item in enumerate(value):
         if isinstance(item, bool) or not isinstance(item, int | str):
-            return f"malformed entry: sample ids must be integers or strings, got {item!r}"
+            # named by type and position, never quoted: a mistyped id (17.0, [17], {"id": 17})
+            # is still a sample id, and this reason is logged (worker.outbox.log_rejections)
+            return (
+                "malformed entry: sample ids must be integers or strings, got a "
+                f"{type(item).__name__} at position {pos}"
+            )
     return None
 
 

@@ -36,6 +36,9 @@ BACKGROUND_NICE = 10
 #: start estimating an "auto" trigger ahead once the rows fall below this many times the point
 #: where a fit would re-estimate it (core.trigger.AUTO_REESTIMATE_BELOW of the last estimate's)
 ESTIMATE_AHEAD = 1.5
+#: seconds between heartbeats while a drain waits for the background fit (worker.tasks beats
+#: every 2 s from the event loop, which the wait holds)
+WAIT_BEAT_S = 2.0
 
 #: the shadow-run estimate of an "auto" trigger, ``(rows, value)`` (None unless "auto")
 Basis = tuple[int, int] | None
@@ -204,7 +207,10 @@ class NextEpoch:
             return None
         t0 = time.perf_counter()
         try:
-            prepared, fit_seconds = future.result()
+            # the wait holds the event loop (minutes when the fit started late): it is serving,
+            # so the heartbeat goes on meanwhile (certremove health), as for a blocking retrain
+            with self.metrics.beating(WAIT_BEAT_S):
+                prepared, fit_seconds = future.result()
         except Exception:  # noqa: BLE001 - the synchronous retrain takes over
             log.exception("the background retrain failed; retraining in the foreground")
             return None

@@ -75,6 +75,22 @@ def _finite(value: Any) -> float | None:
     return out if math.isfinite(out) else None
 
 
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def well_formed(rec: Any) -> bool:
+    """Whether ``rec`` is an event line the readers can use: a dict with a known ``event``, a
+    finite number ``t`` and integer ``version`` and ``rows`` where present (a line of valid JSON
+    with other types, from a hand edit or a damaged block, is skipped like a torn one)."""
+    if not isinstance(rec, dict) or rec.get("event") not in EVENTS:
+        return False
+    t = rec.get("t")
+    if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t):
+        return False
+    return all(rec.get(k) is None or _int(rec.get(k)) for k in ("version", "rows"))
+
+
 def history_record(
     model: Model,
     *,
@@ -142,7 +158,7 @@ def parse_lines(data: bytes) -> HistoryRead:
             out.skipped += 1
         elif rec.get("event") == SUMMARY:
             out.summary = rec
-        elif rec.get("event") in EVENTS:
+        elif well_formed(rec):
             out.records.append(rec)
         else:
             out.skipped += 1
@@ -206,7 +222,7 @@ class History:
                 rec = json.loads(line)
             except ValueError:
                 continue
-            if not isinstance(rec, dict) or rec.get("event") not in EVENTS:
+            if not well_formed(rec):
                 continue
             if self.last is None:
                 self.last = rec

@@ -10,7 +10,8 @@ Besides the counters and gauges the service's hooks update, the registry carries
 - ``certremove_build_info`` (version, torch, device, model) and the ``process_*`` metrics;
 - ``certremove_heartbeat_timestamp_seconds``: set by :meth:`ServiceMetrics.beat`, which the worker
   calls from its event loop every few seconds and after each task, and from a thread while a
-  blocking retrain runs (``worker.tasks``), so it stops moving when the worker is wedged or gone
+  blocking retrain runs (``worker.tasks``) or a drain waits at an epoch boundary for the
+  background fit (``worker.epochs``), so it stops moving when the worker is wedged or gone
   (``certremove health`` reads it);
 - the backlog gauges (``certremove_backlog_*``, ``certremove_dead_letters``), read from Redis at
   scrape time by :class:`BacklogCollector` (``producer.backlog.read_backlog``); when Redis does

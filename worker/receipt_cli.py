@@ -95,7 +95,7 @@ def verify(
     )
 
     try:
-        text = sys.stdin.read() if str(file) == "-" else file.read_text()
+        data = sys.stdin.buffer.read() if str(file) == "-" else file.read_bytes()
         pem = public_key.read_bytes()
     except OSError as exc:
         raise _fail(f"cannot read: {exc}") from None
@@ -104,8 +104,8 @@ def verify(
     except InvalidReceipt as exc:
         raise _fail(f"{public_key}: {exc}") from None
     try:
-        receipt = json.loads(text)
-    except ValueError as exc:
+        receipt = json.loads(data.decode("utf-8"))
+    except ValueError as exc:  # UnicodeDecodeError included
         raise _fail(f"invalid: {file} is not JSON ({exc})", 1) from None
     try:
         verify_receipt(receipt, pem)

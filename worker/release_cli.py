@@ -80,13 +80,17 @@ def list_cmd(
             if "error" in m:
                 print(f"{m['release']:>6}  error: {m['error']}")
                 continue
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(m["created_at"])))
-            mark = " (latest)" if m.get("release") == latest else ""
-            print(
-                f"{m['release']:>6}  version {m['model_version']}  epoch {m['noise_epoch']}  "
-                f"eps {m['epsilon']:g} delta {m['delta']:g}  {when}  "
-                f"sha256 {str(m['content_sha256'])[:16]}{mark}"
-            )
+            try:
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(m["created_at"])))
+                mark = " (latest)" if m.get("release") == latest else ""
+                line = (
+                    f"{m['release']:>6}  version {m['model_version']}  epoch {m['noise_epoch']}  "
+                    f"eps {float(m['epsilon']):g} delta {float(m['delta']):g}  {when}  "
+                    f"sha256 {str(m['content_sha256'])[:16]}{mark}"
+                )
+            except (KeyError, TypeError, ValueError, OverflowError, OSError) as exc:
+                line = f"{m.get('release')!s:>6}  error: {m.get('path')}: bad manifest ({exc!r})"
+            print(line)
     if not releases:
         if not as_json:
             typer.echo(f"no release of model {model!r} in {root}", err=True)

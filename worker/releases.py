@@ -31,7 +31,8 @@ release in ``STATE_DIR/releases.jsonl`` keeps that range of ledger positions (se
 for good, so positions never change), and an ``announced`` line once the release's stream entry,
 the ``released_version``/``released_at`` fields of the statuses (only where the status hash still
 exists: an expired status is never written again) and the receipts (``worker/receipts.py``) are
-done. After a restart the releases not yet announced are announced again from the ledger.
+done. After a restart the releases not yet announced are announced again from the ledger (no
+second stream entry when the first went out: the stream's last entries are looked at first).
 
 A release that fails (disk, Redis) loses nothing and blocks no removal: it is logged, counted
 (:attr:`Releaser.failures`) and tried again after the next batch (or the periodic check).
@@ -78,8 +79,14 @@ RECORD_NAME = "releases.jsonl"
 MANIFEST_FORMAT = 1
 #: entries kept on the releases stream (approximately)
 STREAM_MAXLEN = 10_000
+#: stream entries looked at for a release's entry before announcing it (after a restart)
+ANNOUNCE_LOOKBACK = 100
 #: status keys per script call
 STATUS_CHUNK = 1000
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 # ---------------------------------------------------------------------------------- files
@@ -512,7 +519,7 @@ class Releaser:
         made = None
         try:
             if self._check_dir:
-                self._adopt_unrecorded()
+                self._adopt_unrecorded(model)
             if self._due(model, requested):
                 made = self._release(model)
         except Exception as exc:  # noqa: BLE001 - a release never fails a drain
@@ -592,14 +599,17 @@ class Releaser:
             taken.append(latest)
         return max(taken, default=0) + 1
 
-    def _adopt_unrecorded(self) -> None:
+    def _adopt_unrecorded(self, model: Model) -> None:
         """Record the releases on disk that the record lacks (the record's append failed, or a
         crash came between the rename and it): they are public, so under ``epoch`` their noise
-        epoch counts as released. They are taken to cover no ledger record (the next release
-        covers those requests)."""
+        epoch counts as released. The newest of them covers the unreleased requests when it is
+        the persisted state of ``model`` (every applied request in the ledger is in that
+        snapshot); any other is taken to cover no ledger record (a later release covers
+        them)."""
         last = self.records.last
         recorded = int(last["release"]) if last else 0
-        for number in release_numbers(self.release_dir, self.model_name):
+        numbers = release_numbers(self.release_dir, self.model_name)
+        for number in numbers:
             if number <= recorded:
                 continue
             path = release_path(self.release_dir, self.model_name, number)
@@ -621,11 +631,29 @@ class Releaser:
                 log.warning("release %s has no readable manifest (%s): ignored", path, exc)
                 continue
             to = int(self.records.last["ledger_to"]) if self.records.last else 0
-            rec.update({"ledger_from": to, "ledger_to": to, "path": str(path)})
+            current = (
+                number == numbers[-1]
+                and rec["snapshot"] == int(model.save_seq)
+                and rec["model_version"] == int(model.version)
+                and epoch == self.epoch_id(model)
+            )
+            covered = self._tail if current else []
+            rec.update(
+                {
+                    "ledger_from": to,
+                    "ledger_to": int(self.ledger.count) if current else to,
+                    "path": str(path),
+                }
+            )
             self.records.append(rec)
-            self._pending.append((rec, []))
-            log.warning("recorded release %d found on disk without a record", number)
-        numbers = release_numbers(self.release_dir, self.model_name)
+            if current:
+                self._tail = []
+            self._pending.append((rec, covered))
+            log.warning(
+                "recorded release %d found on disk without a record (%d requests covered)",
+                number,
+                len(covered),
+            )
         latest = read_latest(self.release_dir, self.model_name)
         if numbers and (latest is None or latest < numbers[-1]):
             write_latest(self.release_dir, self.model_name, numbers[-1])
@@ -698,6 +726,8 @@ class Releaser:
 
     def _announce_one(self, rec: dict[str, Any], covered: list[Covered]) -> None:
         number = int(rec["release"])
+        if number not in self._streamed and self._on_stream(number, str(rec["content_sha256"])):
+            self._streamed.add(number)  # a restart (or a lost reply) after its entry went out
         if number not in self._streamed:
             self.redis.xadd(
                 schema.releases_key(self.model_name),
@@ -734,6 +764,17 @@ class Releaser:
             )
         self._issue_receipts(rec, covered)
         self.records.append({"announced": number})
+
+    def _on_stream(self, number: int, content_sha256: str) -> bool:
+        """Whether the releases stream has the entry of release ``number`` (these weights)
+        already, among its last entries (releases are announced in order)."""
+        key = schema.releases_key(self.model_name)
+        entries: Any = self.redis.xrevrange(key, count=ANNOUNCE_LOOKBACK)
+        for _eid, fields in entries or []:
+            got = {_text(k): _text(v) for k, v in (fields or {}).items()}
+            if got.get("release") == str(number) and got.get("content_sha256") == content_sha256:
+                return True
+        return False
 
     def _issue_receipts(self, rec: dict[str, Any], covered: list[Covered]) -> None:
         if self.signer is None or self.receipts is None:

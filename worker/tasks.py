@@ -103,8 +103,9 @@ def register(app: Celery, settings: Settings) -> None:
             return ""
         svc = service()
         # Without a request id the task id is the request id: the sender knows it
-        # (``send_task(...).id``) and reads the status under it.
-        rid = str(request_id) if request_id else str(task.request.id)
+        # (``send_task(...).id``) and reads the status under it. A falsy one given (0) is kept.
+        given = request_id is not None and str(request_id) != ""
+        rid = str(request_id) if given else str(task.request.id)
         try:
             at = float(requested_at) if requested_at is not None else time.time()
         except (TypeError, ValueError, OverflowError):

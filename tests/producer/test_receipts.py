@@ -150,6 +150,12 @@ def test_cli_exit_codes_and_one_line_errors(tmp_path: Path) -> None:
     assert "signature" in assert_one_line_error(
         run_cli(["receipt", "verify", str(f), "--public-key", str(pub)]), 1
     )
+    for damaged in (b"\xff\xfe{", json.dumps(r).encode()[:40], b""):  # not UTF-8, cut, empty
+        f.write_bytes(damaged)
+        line = assert_one_line_error(
+            run_cli(["receipt", "verify", str(f), "--public-key", str(pub)]), 1
+        )
+        assert line.startswith("error: invalid:") and "is not JSON" in line, line
     key = str(keys / "receipt-signing.key")
     assert_one_line_error(run_cli(["receipt", "verify", str(f), "--public-key", key]), 2)
     assert_one_line_error(run_cli(["receipt", "verify", "/nope", "--public-key", str(pub)]), 2)
@@ -157,3 +163,24 @@ def test_cli_exit_codes_and_one_line_errors(tmp_path: Path) -> None:
     assert_one_line_error(run_cli(["receipt", "show", "r1", "--state", "/nope"]), 2)
     assert_one_line_error(run_cli(["releases", "list", "--dir", str(tmp_path)]), 1)
     assert_one_line_error(run_cli(["release", "--model", "m"]), 2)  # no broker
+
+
+def test_releases_list_shows_a_bad_manifest_and_goes_on(tmp_path: Path) -> None:
+    """A manifest that parses but lacks fields (or has wrong types) is a line of its own: the
+    other releases are still listed."""
+    from tests.test_cli_oneline import run_cli
+
+    W = np.ones(3)
+    manifest = {"model": "m", "release": 1, "model_version": 1, "classes": [0, 1]}
+    manifest.update(feature_dim=3, weights={"shape": [3]}, noise_epoch="e", epsilon=1.0)
+    manifest.update(delta=1e-5, created_at=1.0)
+    write_release(tmp_path / "rel", "m", 1, W, manifest)
+    for number, body in ((2, {"release": 2}), (3, {**manifest, "release": 3, "epsilon": "x"})):
+        folder = tmp_path / "rel" / "m" / f"{number:08d}"
+        folder.mkdir()
+        (folder / "manifest.json").write_text(json.dumps(body))
+    out = run_cli(["releases", "list", "--dir", str(tmp_path / "rel"), "--model", "m"])
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 3 and "version 1" in lines[0], out.stdout
+    assert all("bad manifest" in line for line in lines[1:]), out.stdout

@@ -208,6 +208,7 @@ def test_a_release_is_audited_and_a_tampered_one_refused(
         ("missing out folder", 2, "does not exist"),
         ("bad sample", 2, "--sample must be >= 1"),
         ("no such release", 2, "releases"),
+        ("model name of dots", 2, "invalid model name"),
     ],
 )
 def test_bad_input_exits_with_one_line(
@@ -228,6 +229,9 @@ def test_bad_input_exits_with_one_line(
         args += ["--sample", "0"]
     elif case == "no such release":
         args += ["--release", "3"]
+    elif case == "model name of dots":  # never the release directory's parent
+        (state / "releases").mkdir(exist_ok=True)
+        args += ["--release", "1", "--model", ".."]
     res = runner.invoke(app, args)
     assert res.exit_code == code, res.output
     assert words in res.output and "Traceback" not in res.output

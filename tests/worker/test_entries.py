@@ -61,3 +61,13 @@ def test_parse_entry_never_raises() -> None:
     e = parse_entry(b"1-0", {b"request_id": b"r", b"sample_ids": 5})  # type: ignore[dict-item]
     assert e.request_id == "r" and e.sample_ids is None
     assert e.error is not None and e.error.startswith("malformed entry")
+
+
+@pytest.mark.parametrize("bad", [{"id": 987654}, 987654.0, [987654], None])
+def test_a_bad_sample_id_is_named_by_type_and_position_never_quoted(bad: object) -> None:
+    # The reason is logged (worker.outbox.log_rejections) and logs never carry sample ids: a
+    # mistyped id ({"id": 987654}, 987654.0, [987654]) is still one, so it is not echoed.
+    e = parse_entry(b"1-0", _entry(request_id="r", sample_ids=[5, bad]))
+    assert e.error is not None and "integers or strings" in e.error
+    assert "987654" not in e.error and "position 1" in e.error
+    assert type(bad).__name__ in e.error

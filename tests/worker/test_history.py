@@ -215,3 +215,29 @@ def test_an_unreachable_redis_never_fails_the_overview_write(
     service.served.info = InfoPublisher(gone, model_name)
     report = service.drain()
     assert report.steps == 1 and client.status(rid)["status"] == "applied"
+
+
+def test_a_line_with_wrong_types_is_skipped_by_reads_compaction_and_report(
+    tmp_path: Path, state: Path
+) -> None:
+    # Valid JSON, wrong types (a hand edit, a damaged disk block): skipped like a torn line, so
+    # `certremove report` draws the rest, compaction keeps working and the worker's start does
+    # not take a text as the last retrain's time.
+    from worker.report import write_report
+
+    model = core.load_model(state, device="cpu")
+    path = tmp_path / HISTORY_NAME
+    history = History(path, max_lines=20)
+    good = history_record(model, event="step", model_name="m", rows=1, now=100.0)
+    assert history.append(good)
+    with open(path, "ab") as f:
+        f.write(b'{"t": "x", "event": "retrain", "version": "a", "reason": "budget"}\n')
+        f.write(b'{"t": 101, "event": "step", "version": 1, "rows": true}\n')
+    read = read_history(path)
+    assert len(read.records) == 1 and read.skipped == 2
+    assert History(path).last_retrain is None
+    summary = write_report(tmp_path, tmp_path / "report.png")
+    assert summary["lines"] == 1 and (tmp_path / "report.png").stat().st_size > 0
+    for i in range(40):  # past max_lines: compaction runs and bounds the file
+        assert history.append({**good, "t": 102.0 + i})
+    assert len(path.read_text().splitlines()) <= 21

@@ -1,9 +1,12 @@
 from __future__ import annotations
 
 import math
+import threading
 import time
 import urllib.request
+from concurrent.futures import Future
 
+import pytest
 import redis
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -190,3 +193,62 @@ def test_beating_while_a_blocking_retrain_runs() -> None:
     last = reg.get_sample_value("certremove_heartbeat_timestamp_seconds")
     time.sleep(0.2)  # the thread stopped with the block
     assert reg.get_sample_value("certremove_heartbeat_timestamp_seconds") == last
+
+
+def test_pending_entries_of_a_trimmed_stream_are_still_pending(
+    rclient: redis.Redis, broker_url: str, model_name: str
+) -> None:
+    # XTRIM MAXLEN 0 (or trimming past delivered entries) leaves an empty stream whose group
+    # still holds delivered, unacknowledged entries: the worker will claim and answer them, so
+    # they are pending work, not an empty backlog.
+    key, group = schema.stream_key(model_name), schema.group_name(model_name)
+    Client(broker_url, model=model_name).enqueue_many([[1], [2]])
+    rclient.xgroup_create(key, group, id="0")
+    rclient.xreadgroup(group, "w", {key: ">"}, count=2)
+    rclient.xtrim(key, maxlen=0)
+    reg = CollectorRegistry()
+    ServiceMetrics(reg).watch_backlog(rclient, model_name)
+    assert reg.get_sample_value("certremove_backlog_stream_length") == 0
+    assert reg.get_sample_value("certremove_backlog_pending") == 2
+    assert reg.get_sample_value("certremove_backlog_undelivered") == 0
+    age = reg.get_sample_value("certremove_backlog_oldest_age_seconds")
+    assert age is not None and 0 <= age < 60
+
+
+def test_an_empty_stream_with_a_group_has_no_backlog(rclient: redis.Redis, model_name: str) -> None:
+    key, group = schema.stream_key(model_name), schema.group_name(model_name)
+    rclient.xgroup_create(key, group, id="$", mkstream=True)
+    reg = CollectorRegistry()
+    ServiceMetrics(reg).watch_backlog(rclient, model_name)
+    for name in ("stream_length", "undelivered", "pending", "oldest_age_seconds"):
+        assert reg.get_sample_value(f"certremove_backlog_{name}") == 0, name
+
+
+def test_waiting_at_an_epoch_boundary_for_the_background_fit_keeps_beating(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A drain that waits for the next epoch's background fit holds the event loop (minutes when
+    # the fit started late): like a blocking retrain it is serving, so `certremove health` must
+    # not call it wedged (an orchestrator would restart it and lose the fit).
+    from worker import epochs
+
+    monkeypatch.setattr(epochs, "WAIT_BEAT_S", 0.05, raising=False)
+    reg = CollectorRegistry()
+    m = ServiceMetrics(reg)
+    m.beat()
+    runner = epochs.NextEpoch(0.5, m)
+    fut: Future[tuple[object, float]] = Future()
+    model = object()
+    runner._next = (fut, model)  # type: ignore[assignment]
+    beats: list[float] = []
+
+    def fit_ends_later() -> None:
+        for _ in range(2):
+            time.sleep(0.3)
+            beats.append(reg.get_sample_value("certremove_heartbeat_timestamp_seconds") or 0.0)
+        fut.set_result(("prepared", 1.0))
+
+    threading.Thread(target=fit_ends_later, daemon=True).start()
+    taken = runner.take(model)  # type: ignore[arg-type]
+    assert taken is not None and taken[0] == "prepared"
+    assert beats[1] > beats[0]

@@ -343,3 +343,149 @@ def test_a_release_without_its_record_still_counts_for_its_epoch(
     assert read_latest(rel, model_name) == 2
     assert client.status(rid)["released_version"] == 2
     assert client.status(more[0])["released_version"] == 2
+
+
+def test_a_crash_before_the_announced_line_announces_nothing_twice(
+    template: Path,
+    tmp_path: Path,
+    rclient: redis.Redis,
+    model_name: str,
+    broker_url: str,
+    keys: tuple[Path, Path],
+) -> None:
+    """A crash after a release's stream entry, statuses and receipts but before its
+    ``announced`` line: the restart finishes the announcement without a second stream entry,
+    status change or receipt."""
+    priv, _pub = keys
+    state = Path(shutil.copytree(template, tmp_path / "state"))
+    rel = tmp_path / "releases"
+    service = build(state, rclient, model_name, "every", rel, key=priv)
+    client = Client(broker_url, model=model_name)
+    rid = client.enqueue([5])
+    service.drain()
+    service.close()
+    status = client.status(rid)
+    assert status["released_version"] == 2
+    record = state / "releases.jsonl"
+    lines = record.read_text().splitlines()
+    assert json.loads(lines[-1]) == {"announced": 2}
+    record.write_text("\n".join(lines[:-1]) + "\n")  # the crash came before that line
+    build(state, rclient, model_name, "every", rel, key=priv)
+    entries = rclient.xrange(schema.releases_key(model_name))
+    assert [int(f[b"release"]) for _, f in entries] == [1, 2]  # not announced twice
+    assert [r["request_id"] for r in read_receipts(state)] == [rid]
+    assert client.status(rid)["released_at"] == status["released_at"]
+    assert json.loads(record.read_text().splitlines()[-1]) == {"announced": 2}
+
+
+@pytest.mark.parametrize("name", [".", "..", "..."])
+def test_a_model_name_of_dots_never_names_a_release_path(tmp_path: Path, name: str) -> None:
+    """``..`` would put a model's releases (and its LATEST) in the release directory's
+    parent, ``.`` in the release directory itself."""
+    from worker.releases import model_release_dir  # noqa: PLC0415
+
+    with pytest.raises(ValueError):
+        schema.check_model_name(name)
+    with pytest.raises(ValueError):
+        model_release_dir(tmp_path, name)
+    with pytest.raises(ValueError):
+        ReleaseClient(tmp_path, name)
+    assert schema.check_model_name("a.b..c") == "a.b..c"
+
+
+def test_a_release_whose_record_failed_still_covers_its_requests(
+    template: Path,
+    tmp_path: Path,
+    rclient: redis.Redis,
+    model_name: str,
+    broker_url: str,
+    keys: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The record of a release could not be written (full disk, or a crash after the rename):
+    the release found on disk is the persisted state, so it is the first release that excludes
+    the requests applied since the previous one: their statuses and receipts name it."""
+    from worker.releases import ReleaseRecords  # noqa: PLC0415
+
+    priv, pub = keys
+    state = Path(shutil.copytree(template, tmp_path / "state"))
+    rel = tmp_path / "releases"
+    service = build(state, rclient, model_name, "every", rel, key=priv)
+    client = Client(broker_url, model=model_name)
+    real_append = ReleaseRecords.append
+
+    def failing(self: ReleaseRecords, rec: dict[str, Any]) -> None:
+        if "announced" not in rec:
+            raise OSError(28, "No space left on device")
+        real_append(self, rec)
+
+    monkeypatch.setattr(ReleaseRecords, "append", failing)
+    rid = client.enqueue([6])
+    service.drain()  # release 2 is written, its record is not
+    assert [m["release"] for m in list_releases(rel, model_name)] == [1, 2]
+    assert "released_version" not in client.status(rid)
+    service.close()
+    monkeypatch.setattr(ReleaseRecords, "append", real_append)
+    build(state, rclient, model_name, "every", rel, key=priv)  # a restart adopts release 2
+    assert [m["release"] for m in list_releases(rel, model_name)] == [1, 2]  # not released again
+    assert client.status(rid)["released_version"] == 2
+    (receipt,) = read_receipts(state)
+    verify_receipt(receipt, pub.read_bytes())
+    assert receipt["request_id"] == rid and receipt["release"] == 2
+
+
+def test_following_the_stream_misses_no_release_announced_during_the_first(
+    tmp_path: Path, rclient: redis.Redis, model_name: str
+) -> None:
+    """A release announced while the follower's caller still holds the first one it was given
+    (loading it, swapping it in) is the next one the follower yields."""
+    from worker.releases import release_path, write_release  # noqa: PLC0415
+
+    rel = tmp_path / "releases"
+    manifest = {"model": model_name, "model_version": 1, "classes": [0, 1], "feature_dim": 3}
+    manifest["weights"] = {"shape": [3]}
+
+    def announce(number: int) -> None:
+        write_release(
+            rel, model_name, number, np.full(3, float(number)), {**manifest, "release": number}
+        )
+        path = str(release_path(rel, model_name, number))
+        rclient.xadd(schema.releases_key(model_name), {"release": str(number), "path": path})
+
+    announce(1)
+    follower = ReleaseClient(rclient, model_name).follow(timeout=2.0)
+    assert next(follower).number == 1
+    announce(2)  # while the caller works with release 1
+    assert [r.number for r in follower] == [2]
+
+
+def test_epoch_releases_background_epochs_once_each(
+    template: Path, tmp_path: Path, rclient: redis.Redis, model_name: str, broker_url: str
+) -> None:
+    """Noise epochs fitted in the background (``retrain_lead``) and adopted between batches are
+    released once each, like retrains; a restart releases none of them again."""
+    import time  # noqa: PLC0415
+
+    state = Path(shutil.copytree(template, tmp_path / "state"))
+    rel = tmp_path / "releases"
+    service = build(state, rclient, model_name, "epoch", rel, retrain_lead=0.5)
+    client = Client(broker_url, model=model_name)
+    rids = []
+    for i in range(45):
+        rids.append(client.enqueue([i]))
+        service.drain()
+        if service.retrain_due:
+            service.retrain()
+        time.sleep(0.05)  # lets a background fit finish now and then
+    serve_all(service)
+    manifests = list_releases(rel, model_name)
+    versions = [m["model_version"] for m in manifests]
+    assert len(versions) >= 3 and len(set(versions)) == len(versions), versions
+    assert len({m["noise_epoch"] for m in manifests}) == len(manifests)
+    service.close()
+    build(state, rclient, model_name, "epoch", rel, retrain_lead=0.5)
+    assert [m["model_version"] for m in list_releases(rel, model_name)] == versions
+    by_number = {m["release"]: m for m in manifests}
+    for s in client.statuses(rids).values():
+        if s.get("released_version") is not None:
+            assert by_number[s["released_version"]]["model_version"] >= s["model_version"]
