@@ -4,11 +4,12 @@ A receipt is a JSON object the worker signs (Ed25519, ``worker/receipts.py``) on
 release containing a request's removal is out. It names the model, the request id, the release
 and model version, the guarantee (epsilon, delta), the method and the times, and commits to the
 sample ids the request removed without naming them: ``sample_ids_sha256`` is
-``sha256(salt || canonical_ids(ids))`` with a random per-receipt ``salt``. Whoever knows the ids
-(the data subject, the client team) can check them with :func:`matches_sample_ids`. The salt is in
-the receipt, so the digest hides the ids only as well as they are hard to guess: ids from a small
-or known set (row numbers, short integers) are found by trying them all (a 6-digit id in well
-under a second). Hand a receipt to its requester only, as you would the ids.
+``sha256(salt || canonical_ids(ids))`` with a random 128-bit per-receipt ``salt``. The salt is
+**not** part of the signed receipt: the worker keeps it beside the receipt in its state directory
+(``receipts.jsonl``) and the operator hands it to the requester only (``certremove receipt show
+--with-salt``). Whoever holds the receipt alone cannot test guesses of the ids (even ids from a
+small set such as row numbers); whoever holds the ids and the salt (the data subject, the client
+team, an auditor they give both to) checks them with :func:`matches_sample_ids`.
 
 Canonical forms (what the signature and the digest cover):
 
@@ -17,7 +18,7 @@ Canonical forms (what the signature and the digest cover):
 - ``canonical_ids(ids)``: each id normalised as the model keys it (an integer, or a string of
   1-18 ASCII digits with an optional minus sign, becomes an int; any other string stays a string), sorted with ints first
   (numerically) then strings, as ``canonical_json`` of that list;
-- the signature covers ``canonical_json`` of every field except ``signature`` itself;
+- the signature covers ``canonical_json`` of every field except ``signature`` and ``salt``;
 - ``key_id`` is the first 16 hex digits of sha256 of the raw 32-byte Ed25519 public key.
 
 Only ``cryptography`` (imported when a receipt is verified), never torch, ``core`` or ``worker``.
@@ -42,14 +43,17 @@ __all__ = [
     "sample_ids_digest",
     "signed_payload",
     "verify_receipt",
+    "without_salt",
 ]
+
+#: the opening of ``sample_ids_sha256``: stored beside a receipt, never signed (``without_salt``)
+SALT_FIELD = "salt"
 
 #: every field of a receipt (``signature`` covers all the others)
 RECEIPT_FIELDS = (
     "model",
     "request_id",
     "sample_ids_sha256",
-    "salt",
     "release",
     "model_version",
     "epsilon",
@@ -101,8 +105,14 @@ def sample_ids_digest(salt_hex: str, ids: Iterable[Any]) -> str:
 
 
 def signed_payload(receipt: dict[str, Any]) -> bytes:
-    """What the signature covers: the canonical JSON of every field but ``signature``."""
-    return canonical_json({k: v for k, v in receipt.items() if k != "signature"})
+    """What the signature covers: the canonical JSON of every field but ``signature`` and
+    ``salt``."""
+    return canonical_json({k: v for k, v in receipt.items() if k not in ("signature", SALT_FIELD)})
+
+
+def without_salt(receipt: dict[str, Any]) -> dict[str, Any]:
+    """The receipt as it may be shown to anyone: without the digest's ``salt``."""
+    return {k: v for k, v in receipt.items() if k != SALT_FIELD}
 
 
 def key_id(public_key_pem: bytes | str) -> str:
@@ -156,13 +166,9 @@ def verify_receipt(receipt: dict[str, Any], public_key_pem: bytes | str) -> None
     missing = [f for f in RECEIPT_FIELDS if f not in receipt]
     if missing:
         raise InvalidReceipt(f"missing field(s): {', '.join(missing)}")
-    for name in ("model", "request_id", "sample_ids_sha256", "salt", "key_id", "signature"):
+    for name in ("model", "request_id", "sample_ids_sha256", "key_id", "signature"):
         if not isinstance(receipt[name], str):
             raise InvalidReceipt(f"field {name!r} must be a string")
-    try:
-        bytes.fromhex(receipt["salt"])
-    except ValueError as exc:
-        raise InvalidReceipt("field 'salt' is not hex") from exc
     key = _load_public(public_key_pem)
     if receipt["key_id"] != key_id_of_raw(_raw_public(key)):
         raise InvalidReceipt(
@@ -179,11 +185,28 @@ def verify_receipt(receipt: dict[str, Any], public_key_pem: bytes | str) -> None
         raise InvalidReceipt("the signature does not match the receipt's fields") from None
 
 
-def matches_sample_ids(receipt: dict[str, Any], ids: Iterable[Any]) -> bool:
+def matches_sample_ids(
+    receipt: dict[str, Any], ids: Iterable[Any], salt: str | None = None
+) -> bool:
     """Whether ``ids`` are exactly the sample ids the receipt's request removed (in any order;
-    ``42`` and ``"42"`` are the same id, as for the model). Checks the digest only: verify the
-    signature with :func:`verify_receipt`."""
+    ``42`` and ``"42"`` are the same id, as for the model), given the receipt's ``salt`` (the
+    argument, else a ``salt`` field stored beside the receipt). Checks the digest only: verify
+    the signature with :func:`verify_receipt`.
+
+    Raises:
+        InvalidReceipt: no salt was given and the receipt carries none, or it is not hex.
+    """
+    opening = salt if salt is not None else receipt.get(SALT_FIELD)
+    if not isinstance(opening, str) or not opening:
+        raise InvalidReceipt(
+            "checking sample ids needs the receipt's salt (kept by the operator beside the "
+            "receipt: `certremove receipt show REQUEST_ID --with-salt`)"
+        )
     try:
-        return bool(sample_ids_digest(str(receipt["salt"]), ids) == receipt["sample_ids_sha256"])
+        bytes.fromhex(opening)
+    except ValueError as exc:
+        raise InvalidReceipt("the salt is not hex") from exc
+    try:
+        return bool(sample_ids_digest(opening, ids) == receipt["sample_ids_sha256"])
     except (KeyError, TypeError, ValueError):
         return False

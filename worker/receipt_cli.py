@@ -65,14 +65,24 @@ def show(
     request_id: Annotated[str, typer.Argument(help="The request id.")],
     state: StateOpt = None,
     model: ModelOpt = None,
+    with_salt: Annotated[
+        bool,
+        typer.Option(
+            "--with-salt",
+            help="Include the salt of the sample-id digest: only for the request's own sender "
+            "(with it, whoever knows or guesses the ids can test them against the receipt).",
+        ),
+    ] = False,
 ) -> None:
     """The receipt of a request (one JSON line; exit 1 when it has none yet)."""
+    from producer.receipts import without_salt  # noqa: PLC0415
     from worker.receipts import find_receipts  # noqa: PLC0415
 
     found = find_receipts(_state(state), request_id, model)
     if not found:
         raise _fail(f"no receipt for request {request_id!r} (not yet released, or no key)", 1)
-    print(json.dumps(found[-1], sort_keys=True))
+    receipt = found[-1] if with_salt else without_salt(found[-1])
+    print(json.dumps(receipt, sort_keys=True))
 
 
 @receipt_app.command("verify")
@@ -82,6 +92,10 @@ def verify(
     sample_ids: Annotated[
         list[str] | None,
         typer.Option("--sample-ids", help="Check these are the ids the request removed."),
+    ] = None,
+    salt: Annotated[
+        str | None,
+        typer.Option("--salt", help="The receipt's salt (from its sender), to check --sample-ids."),
     ] = None,
 ) -> None:
     """Check a receipt's signature (and, with --sample-ids, the ids): exit 0 valid, 1 not."""
@@ -113,7 +127,11 @@ def verify(
         raise _fail(f"invalid: {exc}", 1) from None
     if sample_ids:
         ids = [i for chunk in sample_ids for i in chunk.replace(",", " ").split()]
-        if not matches_sample_ids(receipt, ids):
+        try:
+            matched = matches_sample_ids(receipt, ids, salt)
+        except InvalidReceipt as exc:
+            raise _fail(str(exc)) from None
+        if not matched:
             raise _fail("invalid: the sample ids are not the ones this request removed", 1)
     print(
         f"valid: request {receipt['request_id']} of model {receipt['model']}, release "
@@ -127,12 +145,17 @@ def export(
     out: Annotated[Path, typer.Option("--out", help="Where to write the receipts (JSON lines).")],
     state: StateOpt = None,
     model: ModelOpt = None,
+    with_salts: Annotated[
+        bool,
+        typer.Option("--with-salts", help="Include each receipt's salt (see receipt show)."),
+    ] = False,
 ) -> None:
-    """Copy every receipt of the state directory to a JSON-lines file."""
+    """Copy every receipt of the state directory to a JSON-lines file (without their salts
+    unless --with-salts)."""
     from worker.receipts import export_receipts  # noqa: PLC0415
 
     try:
-        count = export_receipts(_state(state), out, model)
+        count = export_receipts(_state(state), out, model, with_salts=with_salts)
     except OSError as exc:
         raise _fail(str(exc), 1) from None
     print(json.dumps({"exported": count, "out": str(out)}))

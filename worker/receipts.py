@@ -19,7 +19,14 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from producer.receipts import canonical_json, key_id_of_raw, sample_ids_digest, signed_payload
+from producer.receipts import (
+    SALT_FIELD,
+    canonical_json,
+    key_id_of_raw,
+    sample_ids_digest,
+    signed_payload,
+    without_salt,
+)
 
 log = logging.getLogger("certremove.worker")
 
@@ -125,13 +132,13 @@ class ReceiptSigner:
         applied_at: float | None,
         released_at: float,
     ) -> dict[str, Any]:
-        """A signed receipt (the ids only as a salted digest)."""
+        """A signed receipt (the ids only as a salted digest), with its ``salt`` beside the
+        signed fields (kept in the state directory; shown only with ``--with-salt``)."""
         salt = secrets.token_hex(16)
         fields: dict[str, Any] = {
             "model": model,
             "request_id": str(request_id),
             "sample_ids_sha256": sample_ids_digest(salt, removed_ids),
-            "salt": salt,
             "release": int(release),
             "model_version": model_version,
             "epsilon": float(epsilon),
@@ -143,6 +150,7 @@ class ReceiptSigner:
             "key_id": self.key_id,
         }
         fields["signature"] = self.sign_bytes(signed_payload(fields))
+        fields[SALT_FIELD] = salt
         return fields
 
 
@@ -225,14 +233,17 @@ def find_receipts(
     ]
 
 
-def export_receipts(state_dir: Path, out: Path, model: str | None = None) -> int:
-    """Copy every receipt (of ``model`` when given) to ``out`` as JSON lines; returns how many."""
+def export_receipts(
+    state_dir: Path, out: Path, model: str | None = None, *, with_salts: bool = False
+) -> int:
+    """Copy every receipt (of ``model`` when given) to ``out`` as JSON lines, without their
+    salts unless ``with_salts``; returns how many."""
     count = 0
     tmp = Path(out).with_name(f".{Path(out).name}.tmp")
     with open(tmp, "wb") as f:
         for r in read_receipts(state_dir):
             if model is None or r.get("model") == model:
-                f.write(canonical_json(r) + b"\n")
+                f.write(canonical_json(r if with_salts else without_salt(r)) + b"\n")
                 count += 1
     os.replace(tmp, out)
     return count

@@ -19,7 +19,7 @@ import redis
 
 import core
 from producer import Client, schema
-from producer.receipts import InvalidReceipt, matches_sample_ids, verify_receipt
+from producer.receipts import InvalidReceipt, matches_sample_ids, verify_receipt, without_salt
 from producer.release_client import ReleaseClient, ReleaseIntegrityError
 from tests.integration.conftest import StartWorker
 from worker.launcher import REPO_ROOT
@@ -126,7 +126,7 @@ def test_epoch_policy_statuses_receipts_client_and_restart(
     assert matches_sample_ids(r0, [ids[rids.index(rid0)]])
     assert r0["release"] == st[rid0]["released_version"]
     for name, value in r0.items():
-        if name == "signature":
+        if name in ("signature", "salt"):  # the salt is kept beside the signed fields
             continue
         bad = {**r0, name: (value + 1) if isinstance(value, int | float) else f"{value}0"}
         with pytest.raises(InvalidReceipt):
@@ -139,7 +139,9 @@ def test_epoch_policy_statuses_receipts_client_and_restart(
     bad = cli("receipt", "verify", str(receipt_file), "--public-key", str(pub))
     assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
     shown = cli("receipt", "show", rid0, "--state", str(state))
-    assert shown.returncode == 0 and json.loads(shown.stdout) == r0
+    assert shown.returncode == 0 and json.loads(shown.stdout) == without_salt(r0)
+    salted = cli("receipt", "show", rid0, "--state", str(state), "--with-salt")
+    assert salted.returncode == 0 and json.loads(salted.stdout) == r0
 
     # a restart keeps every receipt, issues no second one, and does not release epoch again
     count = len(list(read_receipts(state)))

@@ -15,6 +15,7 @@ from producer.receipts import (
     key_id,
     matches_sample_ids,
     verify_receipt,
+    without_salt,
 )
 from producer.release_client import ReleaseClient, ReleaseIntegrityError
 from worker.receipts import ReceiptSigner, ReceiptStore, export_receipts, init_keys, read_receipts
@@ -51,13 +52,23 @@ def test_sign_verify_and_keys(tmp_path: Path) -> None:
     verify_receipt(r, pub.read_bytes())
     verify_receipt(json.loads(json.dumps(r)), pub.read_text())  # a JSON round trip verifies
     assert matches_sample_ids(r, ["7", 42]) and not matches_sample_ids(r, [7])
-    assert set(r) == set(RECEIPT_FIELDS)  # no field for the ids themselves
+    assert set(r) == {*RECEIPT_FIELDS, "salt"}  # no field for the ids themselves
+    # shown to anyone, the receipt has no salt: it verifies, but nobody can test guessed ids
+    shown = without_salt(r)
+    assert set(shown) == set(RECEIPT_FIELDS)
+    verify_receipt(shown, pub.read_bytes())
+    with pytest.raises(InvalidReceipt, match="salt"):
+        matches_sample_ids(shown, [42, 7])
+    assert matches_sample_ids(shown, [42, 7], r["salt"])
+    assert not matches_sample_ids(shown, [42, 7], "00" * 16)
+    verify_receipt({**r, "salt": "ff" * 16}, pub.read_bytes())  # the salt is not signed...
+    assert not matches_sample_ids({**r, "salt": "ff" * 16}, [42, 7])  # ...but it must fit
     assert all(v not in (42, 7, "42", "7") for v in r.values())
     _, other = init_keys(tmp_path / "k2")
     with pytest.raises(InvalidReceipt, match="not with this public key"):
         verify_receipt(r, other.read_bytes())
     with pytest.raises(InvalidReceipt, match="missing"):
-        verify_receipt({k: v for k, v in r.items() if k != "salt"}, pub.read_bytes())
+        verify_receipt({k: v for k, v in r.items() if k != "release"}, pub.read_bytes())
     forged = {**r, "key_id": key_id(other.read_bytes())}
     with pytest.raises(InvalidReceipt):
         verify_receipt(forged, other.read_bytes())
@@ -71,6 +82,10 @@ def test_sign_verify_and_keys(tmp_path: Path) -> None:
     store2.append([{**r, "request_id": "r2"}])
     assert [x["request_id"] for x in read_receipts(tmp_path)] == ["r1", "r2"]
     assert export_receipts(tmp_path, tmp_path / "out.jsonl") == 2
+    exported = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert all("salt" not in x for x in exported)  # an export names no salt by default
+    assert export_receipts(tmp_path, tmp_path / "s.jsonl", with_salts=True) == 2
+    assert all("salt" in json.loads(x) for x in (tmp_path / "s.jsonl").read_text().splitlines())
 
 
 def test_release_files_and_client_checks(tmp_path: Path) -> None:
@@ -146,6 +161,14 @@ def test_cli_exit_codes_and_one_line_errors(tmp_path: Path) -> None:
     assert ok.returncode == 0 and ok.stdout.startswith("valid"), ok.stderr
     bad_ids = run_cli(["receipt", "verify", str(f), "--public-key", str(pub), "--sample-ids", "2"])
     assert "sample ids" in assert_one_line_error(bad_ids, 1)
+    f.write_text(json.dumps(without_salt(r)))  # a receipt as anyone may hold it
+    assert run_cli(["receipt", "verify", str(f), "--public-key", str(pub)]).returncode == 0
+    no_salt = run_cli(["receipt", "verify", str(f), "--public-key", str(pub), "--sample-ids", "1"])
+    assert "salt" in assert_one_line_error(no_salt, 2)
+    salted = ["--sample-ids", "1", "--salt", r["salt"]]
+    ok = run_cli(["receipt", "verify", str(f), "--public-key", str(pub), *salted])
+    assert ok.returncode == 0 and "sample ids match" in ok.stdout, ok.stderr
+    f.write_text(json.dumps(r))
     f.write_text(json.dumps({**r, "epsilon": 0.5}))
     assert "signature" in assert_one_line_error(
         run_cli(["receipt", "verify", str(f), "--public-key", str(pub)]), 1
