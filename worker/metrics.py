@@ -310,6 +310,7 @@ class ServiceMetrics:
             yield
         finally:
             stop.set()
+            thread.join()  # no beat of the thread after the block
             self.beat()
 
     def watch_backlog(self, client: redis.Redis, model: str) -> BacklogCollector:
