@@ -50,6 +50,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from worker.ledger import write_whole
+
 if TYPE_CHECKING:
     from core.model import Model
 
@@ -67,7 +69,8 @@ EVENTS = ("start", "step", "retrain")
 SUMMARY = "summary"
 
 
-def _finite(value: Any) -> float | None:
+def finite(value: Any) -> float | None:
+    """``value`` as a finite float, else None."""
     try:
         out = float(value)
     except (TypeError, ValueError):
@@ -112,14 +115,14 @@ def history_record(
         "training_rows": int(model.n_alive),
         "removed_in_epoch": int(model.removed_in_epoch),
         "max_removals": None if model.max_removals is None else int(model.max_removals),
-        "budget_used": _finite(model.budget_used),
-        "budget_limit": _finite(model.budget_total),
+        "budget_used": finite(model.budget_used),
+        "budget_limit": finite(model.budget_total),
         "accounting": str(model.hyper.accounting),
-        "epsilon": _finite(epsilon),
-        "delta": _finite(delta),
+        "epsilon": finite(epsilon),
+        "delta": finite(delta),
         "certified": bool(model.certified),
     }
-    if accuracy is not None and _finite(accuracy) is not None:
+    if accuracy is not None and finite(accuracy) is not None:
         rec["accuracy"] = round(float(accuracy), 6)
     if event == "retrain":
         rec["reason"] = reason
@@ -272,17 +275,10 @@ class History:
                 os.lseek(fd, end - 1, os.SEEK_SET)
                 if os.read(fd, 1) != b"\n":  # not known to end on a whole line: do not join it
                     data = b"\n" + data
-            os.lseek(fd, end, os.SEEK_SET)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
+                write_whole(fd, data, end, fsync=False)
             except BaseException:
-                try:
-                    os.ftruncate(fd, end)
-                except OSError:
-                    pass  # cut before the next append (self._size stays at end)
-                self._size = end
+                self._size = end  # cut before the next append if the cut failed too
                 raise
             self._size = end + len(data)
             self._lines += 1

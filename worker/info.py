@@ -11,26 +11,18 @@ logged (once per failure streak) and ignored, and the next refresh writes every 
 from __future__ import annotations
 
 import logging
-import math
 from typing import TYPE_CHECKING, Any
 
 import redis
 
 from producer import schema
 from producer.overview import encode_info
+from worker.history import finite
 
 if TYPE_CHECKING:
     from core.model import Model
 
 log = logging.getLogger("certremove.worker")
-
-
-def _finite(value: Any) -> float | None:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return out if math.isfinite(out) else None
 
 
 def model_info(
@@ -47,17 +39,17 @@ def model_info(
     return {
         "version": int(model.version),
         "accounting": str(model.hyper.accounting),
-        "budget_used": _finite(model.budget_used),
-        "budget_limit": _finite(model.budget_total),
+        "budget_used": finite(model.budget_used),
+        "budget_limit": finite(model.budget_total),
         "removed_in_epoch": int(model.removed_in_epoch),
         "max_removals": None if model.max_removals is None else int(model.max_removals),
         "training_samples": int(model.n_alive),
-        "test_accuracy": _finite(accuracy),
-        "epsilon": _finite(epsilon),
-        "delta": _finite(delta),
+        "test_accuracy": finite(accuracy),
+        "epsilon": finite(epsilon),
+        "delta": finite(delta),
         "certified": bool(model.certified),
         "device": str(model.device),
-        "last_retrain_at": _finite(last_retrain_at),
+        "last_retrain_at": finite(last_retrain_at),
         "last_retrain_reason": last_retrain_reason or None,
         "updated_at": float(now),
         "consumer": consumer,

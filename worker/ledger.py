@@ -45,6 +45,27 @@ LEDGER_NAME = "ledger.jsonl"
 ROTATE_BYTES = 64 * 2**20
 
 
+def write_whole(fd: int, data: bytes, end: int, *, fsync: bool = True) -> None:
+    """Write ``data`` at offset ``end`` of ``fd`` (and fsync it): whole or nothing. A write that
+    fails part-way (a disk filling up) is cut back to ``end`` and re-raised; when the cut fails
+    too, the caller cuts past its last known whole line before its next append."""
+    os.lseek(fd, end, os.SEEK_SET)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        if fsync:
+            os.fsync(fd)
+    except BaseException:
+        try:
+            os.ftruncate(fd, end)
+            if fsync:
+                os.fsync(fd)
+        except OSError:
+            pass
+        raise
+
+
 class LedgerDamagedError(RuntimeError):
     """A ledger file has a damaged line that is not the torn last line of a crash."""
 
@@ -278,19 +299,10 @@ class Ledger:
             if self._size is not None and end > self._size:
                 os.ftruncate(fd, self._size)
                 end = self._size
-            os.lseek(fd, end, os.SEEK_SET)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
+                write_whole(fd, data, end)
             except BaseException:
-                try:
-                    os.ftruncate(fd, end)
-                    os.fsync(fd)
-                except OSError:
-                    pass  # cut before the next append (self._size stays at end)
-                self._size = end
+                self._size = end  # cut before the next append if the cut failed too
                 raise
             self._size = end + len(data)
         finally:

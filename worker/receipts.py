@@ -27,6 +27,7 @@ from producer.receipts import (
     signed_payload,
     without_salt,
 )
+from worker.ledger import write_whole
 
 log = logging.getLogger("certremove.worker")
 
@@ -203,17 +204,9 @@ class ReceiptStore:
                     whole = f.read()
                 end = whole.rfind(b"\n") + 1
                 os.ftruncate(fd, end)
-            os.lseek(fd, end, os.SEEK_SET)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
+                write_whole(fd, data, end)
             except BaseException:
-                try:
-                    os.ftruncate(fd, end)
-                except OSError:
-                    pass
                 self._size = end
                 raise
             self._size = end + len(data)
