@@ -13,7 +13,6 @@ import copy
 import json
 import os
 import pickle
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -177,20 +176,6 @@ def _one_error_line(text: str) -> str:
     assert len(errors) == 1, text[-3000:]
     assert "Traceback" not in text and "Unrecoverable error" not in text, text[-3000:]
     return errors[0]
-
-
-def test_metrics_port_in_use_exits_4_naming_the_port(
-    state: Path, tmp_path: Path, broker_url: str, model_name: str
-) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        settings = make_settings(state, broker_url, model_name, metrics_port=port)
-        code, text, _ = run_to_exit(settings, tmp_path / "worker.log")
-    assert code == 4, text[-3000:]
-    line = _one_error_line(text)
-    assert f"127.0.0.1:{port}" in line and "already in use" in line
 
 
 def test_no_model_exits_3(tmp_path: Path, broker_url: str, model_name: str) -> None:
