@@ -40,7 +40,7 @@ EXPOSE 9820
 # The worker is healthy when its metrics endpoint answers and its heartbeat is fresh
 # (`certremove health`). The one-shot commands (train, loadtest) disable it in compose.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
-    CMD certremove health --url "http://127.0.0.1:${CERTREMOVE_METRICS_PORT:-9820}/metrics"
+    CMD certremove health
 
 ENTRYPOINT ["certremove"]
 CMD ["worker"]

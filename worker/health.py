@@ -87,8 +87,8 @@ def health(
     ] = DEFAULT_MAX_AGE,
 ) -> None:
     """Exit 0 when the worker's metrics answer and its heartbeat is fresh, else 1 with one line."""
-    if not max_age > 0:
-        print("error: --max-age must be > 0 seconds", file=sys.stderr)
+    if not 0 < max_age < float("inf"):  # also refuses nan and inf (a stale beat would pass)
+        print("error: --max-age must be a finite number of seconds > 0", file=sys.stderr)
         raise typer.Exit(2)
     ok, line = check(url or default_url(), max_age)
     if ok:
