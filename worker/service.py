@@ -21,7 +21,7 @@ A batch that fails for a reason that is not the infrastructure's is served by ha
 entry at fault, which is counted and dead-lettered at ``max_failures``. After a failure mid-batch
 the persisted model is reloaded (unacknowledged entries replay against it); when that reload
 fails too the service stops for good and ``on_fatal`` ends the process (default), so nothing is
-ever answered from a model that is ahead of the disk.
+ever answered from a model that is ahead of the disk (``worker.failures``).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from worker import faults
 from worker.doorbell import Doorbell, SendTask
 from worker.entries import Entry
 from worker.epochs import NextEpoch
-from worker.errors import ServiceStoppedError
+from worker.failures import FailureHandling
 from worker.fatal import exit_process
 from worker.ledger import Ledger
 from worker.metrics import ServiceMetrics
@@ -62,8 +62,6 @@ RETRAIN_FOLD_CAP = 50_000
 RETRAIN_RESEND_S = 60.0
 #: seconds between two trims of the request stream (retention)
 TRIM_EVERY_S = 10.0
-#: first wait after an infrastructure failure; doubled per failure up to ``max_backoff``
-FIRST_BACKOFF_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -75,7 +73,7 @@ class ReleaseOptions:
     signer: ReceiptSigner | None = None
 
 
-class RemovalService:
+class RemovalService(FailureHandling):
     """Owns one model and serves its request stream.
 
     Args:
@@ -390,85 +388,3 @@ class RemovalService:
         """Count a failure ``entry`` caused on its own; dead-letter it at ``max_failures``."""
         if not self.outbox.entry_failed(entry, exc, self.max_failures, self.clock()):
             self.intake.forget()  # it stays pending: read it again with the pending list
-
-    def _recover_from(self, exc: Exception) -> None:
-        """After a step failed: reload the model if it ran ahead of the disk, then settle."""
-        self._reload_if_dirty(exc)
-        self._settle()
-
-    def _reload_if_dirty(self, exc: Exception) -> None:
-        """Reload the persisted model when the one in memory ran ahead of it; re-raise ``exc``
-        when that reload failed (the service has stopped)."""
-        if self.served.dirty:
-            self._resync()
-            if self._stopped is not None:
-                raise exc
-
-    def _resync(self) -> None:
-        """After a failure mid-step the model in memory may be ahead of the persisted state:
-        reload the persisted one (entries not acknowledged are replayed against it). When the
-        reload fails, stop serving for good and call ``on_fatal`` (default: exit the process)."""
-        if self._reload is None:
-            return
-        log.warning("reloading the persisted model after a failure")
-        try:
-            model = self._reload()
-        except Exception as exc:  # noqa: BLE001 - whatever it is, this model must not serve
-            self._stopped = f"reloading the persisted model after a failure failed: {exc}"
-            log.critical("%s: the service stops", self._stopped)
-            self._on_fatal(exc)
-            return
-        self._adopt(model)
-        self.retrain_due, self._retrain_sent_at = None, None
-        self.served.dirty, self.outbox.unrecorded, self._journal_due = False, [], True
-
-    def _check_serving(self) -> None:
-        if self._stopped is not None:
-            raise ServiceStoppedError(self._stopped)
-
-    def _settle(self) -> None:
-        """Finish what a failure left before serving: the journal of a reloaded snapshot and
-        answers persisted but not yet in the ledger file go to the ledger first (so a replayed
-        request is answered with its method and version, not as already removed)."""
-        if self._journal_due:
-            self._replay_journal()
-            self._journal_due = False
-        self.outbox.settle()
-
-    def _on_failure(self, exc: Exception, retry: Callable[[], None]) -> DrainReport:
-        """A drain or retrain failed: stop for good when the lease is lost; reload the model
-        when it ran ahead of the disk; wait (backoff) and ``retry`` after a disk, Redis or
-        memory failure, rejecting nothing; re-raise anything else."""
-        self.intake.forget()
-        if faults.is_fenced(exc):
-            self._stopped = f"this worker lost the lease of model {self.ledger.model!r}: {exc}"
-            log.critical("%s: the service stops", self._stopped)
-            self._on_fatal(exc)
-            raise exc
-        self._reload_if_dirty(exc)
-        if not faults.is_infrastructure(exc):
-            raise exc
-        kind = faults.kind(exc)
-        self._backoff = min(self.max_backoff, max(FIRST_BACKOFF_S, 2 * self._backoff))
-        self.metrics.on_infrastructure_error(kind, self._backoff)
-        log.warning(
-            "%s failure (%s: %s); nothing is rejected for it: retrying in %.1f s",
-            kind,
-            type(exc).__name__,
-            str(exc)[:300],
-            self._backoff,
-        )
-        self._sleep(self._backoff)
-        try:
-            retry()
-        except Exception as again:  # noqa: BLE001 - the periodic check sends the next drain
-            log.warning("cannot queue the retry now (%s): the periodic check will", again)
-        return DrainReport(
-            requeued=True, infrastructure_error=str(exc)[:300], backoff=self._backoff
-        )
-
-    def _healthy(self) -> None:
-        if self._backoff:
-            log.info("serving again after an infrastructure failure")
-            self._backoff = 0.0
-            self.metrics.on_healthy()

@@ -1,0 +1,171 @@
+"""The announcement of a release (``worker/releases.py``): its entry on the stream
+``certremove:{model}:releases``, the ``released_version``/``released_at`` fields of the status
+hashes that still exist, the receipts (``worker/receipts.py``), then an ``announced`` line in the
+release record."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from producer import schema
+from worker.lease import FENCED_LUA, holds_lua
+from worker.receipts import ReceiptSigner, ReceiptStore
+from worker.release_records import Covered, ReleaseRecords
+
+log = logging.getLogger("certremove.worker")
+
+#: entries kept on the releases stream (approximately)
+STREAM_MAXLEN = 10_000
+#: stream entries looked at for a release's entry before announcing it (after a restart)
+ANNOUNCE_LOOKBACK = 100
+#: status keys per script call
+STATUS_CHUNK = 1000
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# Set released_version/released_at on the status hashes that still exist and have none yet.
+# KEYS[1] lease, KEYS[2] lease token counter, then the status keys; ARGV[1] token ('' unfenced),
+# ARGV[2] the lease's life in ms, ARGV[3] release, ARGV[4] released_at.
+_RELEASED_LUA = (
+    holds_lua(1, 2, 1, 2)
+    + f"if ARGV[1] ~= '' and not holds() then {FENCED_LUA} end\n"
+    + """
+local n = 0
+for k = 3, #KEYS do
+  if redis.call('EXISTS', KEYS[k]) == 1 and redis.call('HEXISTS', KEYS[k], 'released_version') == 0 then
+    redis.call('HSET', KEYS[k], 'released_version', ARGV[3], 'released_at', ARGV[4])
+    n = n + 1
+  end
+end
+return n
+"""
+)
+
+
+class Announcer:
+    """Announces releases: the stream entry (once), the statuses, the receipts, the record.
+
+    Args:
+        model_name: the model.
+        client: redis-py client (stream, statuses).
+        records: the release record (gets the ``announced`` lines).
+        signer, receipts: sign and keep the receipts (None: no receipts).
+        fence, lease_ttl_ms: the lease token the status script must find (None: unfenced).
+    """
+
+    def __init__(
+        self,
+        *,
+        model_name: str,
+        client: redis.Redis,
+        records: ReleaseRecords,
+        signer: ReceiptSigner | None,
+        receipts: ReceiptStore | None,
+        fence: Callable[[], Any] | None,
+        lease_ttl_ms: int,
+    ) -> None:
+        self.model_name, self.redis, self.records = model_name, client, records
+        self.signer, self.receipts = signer, receipts
+        self.fence, self.lease_ttl_ms = fence, int(lease_ttl_ms)
+        self._script = client.register_script(_RELEASED_LUA)
+        self._streamed: set[int] = set()
+
+    def announce(self, rec: dict[str, Any], covered: list[Covered]) -> None:
+        number = int(rec["release"])
+        if number not in self._streamed and self._on_stream(number, str(rec["content_sha256"])):
+            self._streamed.add(number)  # a restart (or a lost reply) after its entry went out
+        if number not in self._streamed:
+            self.redis.xadd(
+                schema.releases_key(self.model_name),
+                {
+                    "release": str(number),
+                    "model_version": str(rec["model_version"]),
+                    "noise_epoch": str(rec["noise_epoch"]),
+                    "path": str(rec["path"]),
+                    "content_sha256": str(rec["content_sha256"]),
+                    "created_at": repr(float(rec["created_at"])),
+                },
+                maxlen=STREAM_MAXLEN,
+                approximate=True,
+            )
+            self._streamed.add(number)
+        token = self.fence() if self.fence is not None else None
+        fixed = [
+            schema.lease_key(self.model_name),
+            schema.lease_counter_key(self.model_name),
+        ]
+        for i in range(0, len(covered), STATUS_CHUNK):
+            keys = [
+                schema.status_key(self.model_name, c.request_id)
+                for c in covered[i : i + STATUS_CHUNK]
+            ]
+            self._script(
+                keys=fixed + keys,
+                args=[
+                    "" if token is None else str(token),
+                    str(self.lease_ttl_ms),
+                    str(number),
+                    repr(float(rec["created_at"])),
+                ],
+            )
+        self._issue_receipts(rec, covered)
+        self.records.append({"announced": number})
+
+    def _on_stream(self, number: int, content_sha256: str) -> bool:
+        """Whether the releases stream has the entry of release ``number`` (these weights)
+        already, among its last entries (releases are announced in order)."""
+        key = schema.releases_key(self.model_name)
+        entries: Any = self.redis.xrevrange(key, count=ANNOUNCE_LOOKBACK)
+        for _eid, fields in entries or []:
+            got = {_text(k): _text(v) for k, v in (fields or {}).items()}
+            if got.get("release") == str(number) and got.get("content_sha256") == content_sha256:
+                return True
+        return False
+
+    def _issue_receipts(self, rec: dict[str, Any], covered: list[Covered]) -> None:
+        if self.signer is None or self.receipts is None:
+            return
+        todo = [c for c in covered if c.request_id not in self.receipts.issued]
+        unknown = [c for c in todo if c.removed_ids is None]
+        if unknown:
+            log.warning(
+                "no receipt for %d requests of release %s: their ledger lines predate the "
+                "per-request split of removed ids",
+                len(unknown),
+                rec["release"],
+            )
+        todo = [c for c in todo if c.removed_ids is not None]
+        missing_at = [c for c in todo if c.requested_at is None]
+        if missing_at:  # read back from the status hashes that still exist (after a restart)
+            pipe = self.redis.pipeline(transaction=False)
+            for c in missing_at:
+                pipe.hget(schema.status_key(self.model_name, c.request_id), "requested_at")
+            for c, raw in zip(missing_at, pipe.execute(), strict=True):
+                try:
+                    c.requested_at = float(raw) if raw else None
+                except ValueError:
+                    c.requested_at = None
+        receipts = [
+            self.signer.receipt(
+                model=self.model_name,
+                request_id=c.request_id,
+                removed_ids=c.removed_ids or [],
+                release=int(rec["release"]),
+                model_version=c.model_version,
+                epsilon=float(rec["epsilon"]),
+                delta=float(rec["delta"]),
+                method=c.method,
+                requested_at=c.requested_at,
+                applied_at=c.applied_at,
+                released_at=float(rec["created_at"]),
+            )
+            for c in todo
+        ]
+        self.receipts.append(receipts)
