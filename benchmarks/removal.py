@@ -151,7 +151,7 @@ def part_a(device: torch.device, quick: bool) -> dict:
         ref_times += reference_removal_times(
             X.double(), y_pm, model.weights.cpu(), lam, device, reps
         )
-        model.remove(order[:1])  # warm-up (the column-major copy of X is made once)
+        model.remove(order[:1])  # warm-up (first-call allocations, as a running service has)
         per_removal, its, _ = _timed_removals(model, order, 1, device, quick)
         models[accounting] = model
         out["accountings"][accounting] = {

@@ -47,9 +47,9 @@ def remainder_bound(
     Shapes: XS (n, K) the products ``x_i . s_k``; C (n, K) row weights (0 for removed rows; the
     subsampling weights enter squared in the spectral form); row_norms (n,). Returns (K,).
     """
-    sq = XS * XS
-    spectral = x_norm2 * torch.sqrt((C * C * sq * sq).sum(0))
-    rowwise = (C * sq * row_norms[:, None]).sum(0)
+    weighted = C * (XS * XS)  # C (x_i.s_k)^2; C^2 (x_i.s_k)^4 is its square
+    spectral = x_norm2 * torch.sqrt((weighted * weighted).sum(0))
+    rowwise = row_norms @ weighted
     return (GAMMA / 2) * torch.minimum(spectral, rowwise)
 
 
@@ -66,3 +66,23 @@ def rounding_margin(
     gradient: it makes a computed residual norm a rigorous upper bound (docs/theory.md, "Float32
     Hessians, float64 certificates")."""
     return (n + d) * UNIT_ROUNDOFF * (abs_grad_terms + lam * n_reg * w_norm + anchor_norm)
+
+
+def product_error(d: int) -> float:
+    """``gamma_d``: the computed float64 product ``fl(x . v)`` of two d-vectors differs from the
+    exact one by at most ``gamma_d |x| . |v| <= gamma_d ||x|| ||v||`` (``d u / (1 - d u)``, taken
+    as ``1.01 d u``: valid while ``d u < 0.0099``, that is for any ``d`` below ``8e13``)."""
+    return 1.01 * d * UNIT_ROUNDOFF
+
+
+def margins_rounding(d: int, weighted_sq_norms: torch.Tensor, V: torch.Tensor) -> float:
+    """Rounding of the products ``z_ik = x_i . v_k`` carried into a gradient-like sum
+    ``sum_i C_ik f(z_ik) x_i`` through an ``f`` with Lipschitz constant at most 1/4 (``l'`` of the
+    logistic loss, and ``l''`` with its smaller constant ``1/(6 sqrt 3)``):
+    ``sum_k (gamma_d / 4) ||v_k|| sum_i C_ik ||x_i||^2``. The summation margin
+    (:func:`rounding_margin`) covers the sum's own rounding, not its terms' inputs.
+
+    ``weighted_sq_norms`` (K,): ``sum_i C_ik ||x_i||^2`` (or another weight per row, e.g. times
+    ``|x_i . s_k|`` for the curvature's rounding); V (d, K)."""
+    norms = torch.linalg.vector_norm(V, dim=0)
+    return product_error(d) / 4 * float((weighted_sq_norms * norms).sum())

@@ -104,6 +104,7 @@ def fit_epoch(
         W0=W0,
         hess_dtype=p.hess_dtype,
         precond=precond,
+        X32=p.X32,
     )
     acct = anchored(h.accounting, p, fit.W, alive, r0=fit.r0)
     max_removals, basis = resolve_max_removals(

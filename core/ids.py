@@ -42,12 +42,23 @@ class IdIndex:
     def rows_for_ids(self, sample_ids: Sequence[Any]) -> tuple[list[int], list[Any]]:
         """(rows, unknown ids), both in input order."""
         if self._index is None:
-            self._index = {self.key(v): i for i, v in enumerate(self.ids.tolist())}
+            values = self.ids.tolist()
+            # an integer id is its own key (tolist gives Python ints), any other id its str
+            keys = values if self.integer else map(str, values)
+            self._index = dict(zip(keys, range(len(values)), strict=False))
+        index = self._index
+        # an id that is its own key (an int among integer ids, a str among others) skips
+        # normalising: the common case, and a visible share of a large batch's planning
+        plain = int if self.integer else str
+        integer = self.integer
         rows: list[int] = []
         unknown: list[Any] = []
         for raw in sample_ids:
-            row = self._index.get(self.key(raw))
-            (unknown if row is None else rows).append(raw if row is None else row)
+            row = index.get(raw if type(raw) is plain else sample_id_key(integer, raw))
+            if row is None:
+                unknown.append(raw)
+            else:
+                rows.append(row)
         return rows, unknown
 
     def keys(self, values: Iterable[Any]) -> frozenset[Any]:

@@ -202,6 +202,23 @@ class Model(ModelView):
             limits.append((epoch.max_removals - epoch.removed_in_epoch, "max_removals"))
         return groups_within_limits(group_rows, limits)
 
+    def warm_up(self) -> None:
+        """Compute two removal steps on the current epoch and throw them away (the model and its
+        accounting are unchanged): a worker pays the lazy set-up of a process's first steps
+        before it serves. An epoch without a solver factor (loaded from disk) keeps the steps':
+        a preconditioner, a function of the weights and the data only."""
+        rows = torch.nonzero(self._alive).flatten()[:2].tolist()
+        if self.n_alive < 3 or len(rows) < 2:
+            return
+        epoch = self._epoch
+        for row in rows:  # without a factor: direct, then iterative with the direct's factor
+            _, stepped, _, _ = commit_prefix(
+                self._problem, epoch, [[row]], self.budget_total, self.solve_options
+            )
+            epoch = dataclasses.replace(epoch, solver=stepped.solver)
+        if self._epoch.solver is None and epoch.solver is not None:
+            self._epoch = dataclasses.replace(self._epoch, solver=epoch.solver)
+
     # ----------------------------------------------------------------- retrain
     def retrain(self, exclude: Sequence[int] = (), *, seed: int | None = None) -> None:
         """Retrain from scratch on the remaining rows minus ``exclude``, with fresh noise.

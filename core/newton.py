@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
-import weakref
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -44,15 +44,23 @@ class FitResult:
     cg_iterations: int = 0
 
 
-#: cost of one multiply-add of the float32 weighted Gram matrix (a GEMM, compute bound) relative
-#: to one of a float64 matrix-vector product over X (memory bound), per device type; CPU:
-#: 11,982 x 784 Gram 0.20 s against 4.5 ms per product on the 2-vCPU VM (1/16 rounded)
-GRAM_COST = {"cpu": 1 / 16, "cuda": 1 / 64}
+#: cost of one multiply-add of the float32 weighted Gram matrix (from the problem's float32 X)
+#: relative to one of a float64 matrix-vector product over X, per device type; CPU (2-vCPU VM):
+#: 5.5 products at n = 100,000, d = 64, 37 at 11,982 x 784 (1/12 fits the close, narrow case)
+GRAM_COST = {"cpu": 1 / 12, "cuda": 1 / 64}
+#: cost of a float32 product of the removal step's CG relative to a float64 one: half the bytes
+#: on the CPU (0.75 against 1.5 ms at 11,982 x 784); none assumed on CUDA (launch bound)
+F32_PRODUCT_COST = {"cpu": 0.5, "cuda": 1.0}
 
 
 def gram_cost(device: torch.device) -> float:
     """:data:`GRAM_COST` of ``device``'s type (the CPU's for an unknown type)."""
     return GRAM_COST.get(device.type, GRAM_COST["cpu"])
+
+
+def f32_product_cost(device: torch.device) -> float:
+    """:data:`F32_PRODUCT_COST` of ``device``'s type (the CPU's for an unknown type)."""
+    return F32_PRODUCT_COST.get(device.type, F32_PRODUCT_COST["cpu"])
 
 
 def gradient_tolerance(lam: float, n_reg: float, budget: float) -> float:
@@ -76,6 +84,7 @@ def newton_fit(
     hess_dtype: torch.dtype | None = None,
     precond: torch.Tensor | None = None,
     cg_max_iter: int = 20,
+    X32: torch.Tensor | None = None,
 ) -> FitResult:
     """Minimise ``L_b`` by damped Newton steps until ``||grad L_b||_F <= tol``.
 
@@ -94,6 +103,9 @@ def newton_fit(
     factors again (so the factor returned is a recent one). ``cg_max_iter=0``: a Hessian every
     iteration. Only the direction depends on the solve: the iterate, its gradient and ``r0`` are
     what they are.
+
+    ``X32``: X rounded to float32 (the problem's copy), read by the float32 Hessians instead of
+    converting X at every factorisation.
 
     Shapes: X (n, d) float64, Y and C (n, K), B (d, K), W0 (d, K), precond (K, d, d).
 
@@ -138,7 +150,8 @@ def newton_fit(
             fresh = fresh and its <= refresh
         if D is None:
             try:
-                L = cholesky_factor(hessians(X, C, Z, lam, n_reg, dtype=hess_dtype), lam)
+                H = hessians(X, C, Z, lam, n_reg, dtype=hess_dtype, X32=X32)
+                L = cholesky_factor(H, lam)
             except NumericalError:
                 if hess_dtype in (None, torch.float64):
                     raise
@@ -213,69 +226,115 @@ def _line_search(
     return W1, Z1, f1
 
 
-def _thin(X: torch.Tensor, V: torch.Tensor, transpose: bool) -> torch.Tensor:
-    """``X @ V`` (or ``X^T @ V``) for a thin ``V``: on the CPU one matrix-vector product per
-    column for up to 2 columns, on a column-major copy of X (:func:`column_major`), else one
-    product (``xt_dot`` for ``X^T``). On the 2-vCPU VM (MNIST shape) MKL's GEMM with 2 columns
-    took 2-5x the time of two products, and a product on the column-major copy 1.5x less than
-    on X."""
-    if V.shape[1] <= 2 and X.device.type == "cpu":
-        XT = column_major(X)
-        if XT is None:
-            A = X.T if transpose else X
-        else:
-            A = XT if transpose else XT.T
+#: the widest product for which one matrix-vector product per column is considered (CPU)
+THIN_COLUMNS = 4
+
+#: (dtype, n, d, columns, transposed) -> the layout of :func:`thin_product` measured fastest by
+#: :func:`_calibrate` (CPU only)
+_LAYOUT: dict[tuple[torch.dtype, int, int, int, bool], str] = {}
+_LAYOUT_LOCK = threading.Lock()
+
+
+def thin_product(X: torch.Tensor, V: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """``X @ V`` (or ``X^T @ V``) for a thin ``V``, reading row-major X once where it pays.
+
+    With 2 to :data:`THIN_COLUMNS` columns on the CPU, the fastest layout is measured once per
+    shape and dtype (:func:`_calibrate`): one GEMM (``X @ V``, ``(V^T X)^T``), ``"rows"`` (``X @
+    V`` as ``(V^T X^T)^T``), for ``X^T`` the blocked GEMM of :func:`core.loss.xt_dot` and
+    ``"split"`` (:func:`_split_xt`), or a matrix-vector product per column. On the Intel 2-vCPU
+    VM (2 threads, float64, 11,982 x 784) 2 columns took 2.3 ms as a GEMM, 1.45 as ``"rows"``
+    (one matrix-vector product: 1.45), and ``X^T`` 2.7 ms as a GEMM, 1.6 as ``"split"``; on an
+    AMD VM the GEMMs took 2-5x two products. The rounding margins cover any summation order.
+    Otherwise (one column, wider ``V``, CUDA) one product."""
+    cols = V.shape[1]
+    if X.device.type != "cpu" or not 2 <= cols <= THIN_COLUMNS:
+        return _product(X, V, transpose, "blocked" if transpose else "gemm")
+    key = (X.dtype, X.shape[0], X.shape[1], cols, transpose)
+    layout = _LAYOUT.get(key)
+    if layout is None:
+        layout = _calibrate(X, V, transpose, key)
+    return _product(X, V, transpose, layout)
+
+
+def _product(X: torch.Tensor, V: torch.Tensor, transpose: bool, layout: str) -> torch.Tensor:
+    """``X @ V`` or ``X^T @ V`` in ``layout`` (:func:`thin_product`)."""
+    if layout == "columns":
+        A = X.T if transpose else X
         return torch.stack([torch.mv(A, V[:, j]) for j in range(V.shape[1])], dim=1)
-    return xt_dot(X, V) if transpose else X @ V
+    if not transpose:
+        return (V.T.contiguous() @ X.T).T if layout == "rows" else X @ V
+    if layout == "split":
+        return _split_xt(X, V)
+    return xt_dot(X, V) if layout == "blocked" else (V.T @ X).T
 
 
-#: id(X) -> (a weak reference to X, X^T contiguous); one entry per live data matrix
-_COLUMN_MAJOR: dict[int, tuple[weakref.ref[torch.Tensor], torch.Tensor]] = {}
-_COLUMN_MAJOR_LOCK = threading.RLock()  # re-entrant: a callback may run inside
+def _split_xt(X: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """``X^T M`` as a batched product over equal row chunks (one per thread, at least 2), summed:
+    each thread reads its own rows (a thin GEMM splits X's columns between the threads)."""
+    n, d = X.shape
+    chunks = max(2, torch.get_num_threads())
+    rows = n // chunks
+    if rows == 0:
+        return (M.T @ X).T
+    Mt = M.T.contiguous()  # (k, n)
+    k, cut = Mt.shape[0], chunks * rows
+    parts = torch.bmm(
+        Mt[:, :cut].reshape(k, chunks, rows).transpose(0, 1), X[:cut].reshape(chunks, rows, d)
+    )
+    out = parts.sum(0)
+    if cut < n:
+        out = out + Mt[:, cut:] @ X[cut:]
+    return out.T
 
 
-#: the largest data matrix (bytes) :func:`column_major` copies (the copy doubles X's memory)
-COLUMN_MAJOR_MAX_BYTES = 1 << 30
+def _calibrate(
+    X: torch.Tensor,
+    V: torch.Tensor,
+    transpose: bool,
+    key: tuple[torch.dtype, int, int, int, bool],
+    repeats: int = 5,
+) -> str:
+    """Time the layouts on ``X`` (interleaved, the best of ``repeats`` each, so that a burst of
+    load on a shared machine hits all of them) and remember the fastest for ``key``."""
+    layouts = ("gemm", "blocked", "split", "columns") if transpose else ("gemm", "rows", "columns")
+    best = dict.fromkeys(layouts, math.inf)
+    for _ in range(repeats):
+        for layout in layouts:
+            start = time.perf_counter()
+            _product(X, V, transpose, layout)
+            best[layout] = min(best[layout], time.perf_counter() - start)
+    with _LAYOUT_LOCK:
+        return _LAYOUT.setdefault(key, min(layouts, key=best.__getitem__))
 
 
-def column_major(X: torch.Tensor) -> torch.Tensor | None:
-    """``X^T`` as a contiguous (d, n) copy, made once per data matrix and dropped with it (the
-    same numbers as X: products on it are float64 products over the same data); None for a
-    matrix above :data:`COLUMN_MAJOR_MAX_BYTES`."""
-    if X.numel() * X.element_size() > COLUMN_MAJOR_MAX_BYTES:
-        return None
-    key = id(X)
-    with _COLUMN_MAJOR_LOCK:
-        hit = _COLUMN_MAJOR.get(key)
-        if hit is not None and hit[0]() is X:
-            return hit[1]
-        XT = X.T.contiguous()
-        _COLUMN_MAJOR[key] = (weakref.ref(X, functools.partial(_forget, key)), XT)
-        return XT
-
-
-def _forget(key: int, _ref: weakref.ref[torch.Tensor]) -> None:
-    """Drop the copy of a data matrix that is gone (a weak reference's callback)."""
-    with _COLUMN_MAJOR_LOCK:
-        hit = _COLUMN_MAJOR.get(key)
-        if hit is not None and hit[0] is _ref:
-            del _COLUMN_MAJOR[key]
+def calibrate_products(X: torch.Tensor, columns: tuple[int, ...]) -> None:
+    """Measure the layouts of :func:`thin_product` on ``X`` for these column counts ahead of
+    the first request (both directions; a few products per count)."""
+    for cols in columns:
+        if X.device.type == "cpu" and 2 <= cols <= THIN_COLUMNS:
+            V = torch.ones((X.shape[1], cols), dtype=X.dtype)
+            M = torch.ones((X.shape[0], cols), dtype=X.dtype)
+            thin_product(X, V, transpose=False)
+            thin_product(X, M, transpose=True)
 
 
 def x_times(X: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     """``X @ V`` (n, K) for a thin ``V`` (d, K)."""
-    return _thin(X, V, transpose=False)
+    return thin_product(X, V, transpose=False)
 
 
 def xt_times(X: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     """``X^T @ M`` (d, K) for a thin ``M`` (n, K)."""
-    return _thin(X, M, transpose=True)
+    return thin_product(X, M, transpose=True)
 
 
 def hvp(X: torch.Tensor, curvature: torch.Tensor, V: torch.Tensor, ridge: float) -> torch.Tensor:
-    """``H' V`` per class without forming ``H'``: ``X^T (C l''(Z) (X V)) + lam n' V`` (float64,
-    two passes over X)."""
-    return xt_times(X, curvature * x_times(X, V)) + ridge * V
+    """``H' V`` per class without forming ``H'``: ``X^T (C l''(Z) (X V)) + lam n' V`` (two
+    passes over X). With X float32 (the problem's copy) and ``curvature`` float32 the products
+    are float32, half the bytes of float64, and the result is float64 (``V``'s dtype): CG's
+    vectors and recurrences stay float64, only its operator is rounded (about 1e-7 relative)."""
+    XV = x_times(X, V.to(X.dtype))
+    return xt_times(X, curvature * XV).to(V.dtype) + ridge * V
 
 
 def pcg(

@@ -4,12 +4,13 @@ training rows. Nothing here changes after training."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from core.bounds import spectral_norm_upper
 from core.errors import InvalidInputError
+from core.newton import calibrate_products
 
 ACCOUNTINGS = ("exact", "bound")
 #: ``int | float | str | None``: an int, a fraction of the rows, ``"auto"`` or None
@@ -22,6 +23,11 @@ class Problem:
 
     Shapes: X (n, d) float64; Y (n, K) in {-1, +1}; omega (n, K) in {0, 1}; row_norms (n,).
     ``x_norm2`` is an upper bound on the full training matrix's spectral norm.
+
+    ``X32``: X rounded to float32, made with the problem (also by ``dataclasses.replace``, so
+    it always matches X; half of X's memory). It feeds only what the float64 certificate
+    re-checks: the float32 Hessians of the direct solve and the Hessian-vector products of the
+    removal step's CG (core.removal). Never a gradient, a margin or a certificate.
     """
 
     X: torch.Tensor
@@ -31,6 +37,10 @@ class Problem:
     x_norm2: float
     lam: float
     hess_dtype: torch.dtype
+    X32: torch.Tensor = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "X32", self.X.to(torch.float32).contiguous())
 
     def weights(self, alive: torch.Tensor) -> torch.Tensor:
         """Row weights ``C = alive * omega`` (n, K) in X's dtype."""
@@ -90,9 +100,12 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 def make_problem(
     X: torch.Tensor, Y: torch.Tensor, omega: torch.Tensor, lam: float, dev: torch.device
 ) -> Problem:
-    """Move the data to ``dev`` in float64 and compute the constants the bounds need."""
+    """Move the data to ``dev`` in float64 and compute the constants the bounds need; measure
+    the layouts of the thin products the removal step makes (:func:`core.newton.thin_product`:
+    its float32 CG products and float64 certificate) so that no request pays for it."""
     X64 = X.to(dev, torch.float64)
-    return Problem(
+    k = Y.shape[1] if Y.ndim == 2 else 1
+    problem = Problem(
         X=X64,
         Y=Y.to(dev, torch.float64),
         omega=omega.to(dev, torch.float64),
@@ -104,6 +117,9 @@ def make_problem(
         # for every difference (benchmarks/README.md)
         hess_dtype=torch.float32,
     )
+    calibrate_products(problem.X32, (k,))
+    calibrate_products(problem.X, (k, 2 * k))
+    return problem
 
 
 def validate_rows_data(X: torch.Tensor, y: torch.Tensor) -> None:

@@ -6,20 +6,22 @@ It is computed out of place; the caller commits or discards it.
 Two solvers for ``H' s = Delta`` (docs/theory.md "Removal"), chosen per step by their estimated
 cost (:func:`choose_solver`):
 
-- **direct**: one weighted Gram matrix per class (O(n d^2), float32), one Cholesky factorisation
-  and solve, one float64 refinement step. Its factor is kept (:class:`SolverCache`, in memory
-  only) as the preconditioner of the next steps.
+- **direct**: one weighted Gram matrix per class (O(n d^2), float32, from the problem's float32
+  copy of X), one Cholesky factorisation and solve, one float64 refinement step. Its factor is
+  kept (:class:`SolverCache`, in memory only) as the preconditioner of the next steps.
 - **iterative**: preconditioned conjugate gradients with Hessian-vector products
-  ``X^T (C l''(Z) (X v)) + lam n' v`` (two passes over X, O(n d) per class, float64), the cached
-  factor of an earlier Hessian as the preconditioner. A few iterations per step while the factor
-  stays close to the current Hessian; the next step refactors (direct) when they grow past
-  ``refactor_iterations``, and a step whose CG does not reach its tolerance is redone with the
-  direct solver.
+  ``X^T (C l''(Z) (X v)) + lam n' v`` in float32 on the problem's float32 copy of X (two passes,
+  half the bytes of float64, O(n d) per class; CG's vectors and recurrences are float64), the
+  cached factor of an earlier Hessian as the preconditioner. A few iterations per step while the
+  factor stays close to the current Hessian; the next step refactors (direct) when they grow
+  past ``refactor_iterations``, and a step whose CG does not reach its tolerance, or whose
+  certified residual is far above it, is redone with the direct solver.
 
-Either way the certificate is the same and trusts neither solver: two passes over X in float64
-(``X [W_new, s]`` and ``X^T [...]``) at the weights as stored give ``grad L_0(W_new; D')`` (the
-exact accounting) and ``H' s - Delta`` for the step actually applied, which the bound accounting
-charges.
+Either way the certificate is the same and trusts neither solver: two passes over the float64 X
+(``X [W_new, s]`` and ``X^T [...]``, each one product of ``2K`` columns in the layout measured
+fastest, :func:`core.newton.thin_product`) at the weights as stored give ``grad L_0(W_new; D')``
+(the exact accounting) and ``H' s - Delta`` for the step actually applied, which the bound
+accounting charges. The float32 copy of X never enters it.
 """
 
 from __future__ import annotations
@@ -30,13 +32,17 @@ from dataclasses import dataclass
 
 import torch
 
-from core.bounds import remainder_bound, rounding_margin
+from core.bounds import margins_rounding, product_error, remainder_bound, rounding_margin
 from core.errors import NumericalError
 from core.loss import cholesky_factor, frobenius, margins, solve_factored, weighted_gram
-from core.newton import gram_cost, hvp, pcg, x_times, xt_times
+from core.newton import f32_product_cost, gram_cost, hvp, pcg, x_times, xt_times
 from core.problem import Problem
 
 SOLVERS = ("auto", "direct", "iterative")
+#: curvatures ``C l''(z)`` below this are 0 in CG's float32 operator: ``l''(z) ~ e^-|z|`` would be
+#: a float32 subnormal from ``|z| > 87`` (slow arithmetic on x86); such rows weigh nothing next
+#: to the ridge, and the float64 certificate charges whatever the operator leaves out
+CURVATURE_FLOOR = 1e-20
 
 
 @dataclass(frozen=True)
@@ -45,18 +51,22 @@ class SolveOptions:
 
     ``solver``: ``"auto"`` (the cheaper by :func:`choose_solver`), ``"direct"`` or
     ``"iterative"`` (CG whenever a factor is cached). ``cg_tol``: CG stops when
-    ``||H' s - Delta_k|| <= cg_tol ||Delta_k||`` for every class k (on its recurrence residual; the
-    certificate measures the true one). With the default 1e-9 a single removal on the MNIST shape
-    took 3 iterations and left ``||H's - Delta|| = 4.6e-12``, 200x below the rounding margin
-    every step charges (1e-9) and 1e-6 of its bound increment; 1e-10 took 4 iterations for
-    1.4e-14 (the direct solve's), 1e-6 2 iterations for 1.3e-8. ``cg_max_iter``: CG's iteration limit. A step that needed
-    more than ``refactor_iterations`` makes the next step refactor. ``fallback``: redo a step whose
-    CG did not converge with the direct solver (False keeps the unconverged iterate; its solve
-    residual is charged like any other, for tests).
+    ``||H' s - Delta_k|| <= cg_tol ||Delta_k||`` for every class k on its recurrence residual,
+    whose operator is applied in float32 (it is about 1e-7 relative off the float64 Hessian, so
+    the true residual stalls near 1e-8 to 1e-7 of ``||Delta||``; the certificate measures the
+    true one). The default 1e-6 is reached reliably: a single removal on the MNIST shape took 2
+    iterations and left ``||H's - Delta|| = 3e-9``, 0.1 % of its bound increment (2.7e-6), and
+    moved the exact figure by 0.04 %; on digits 8e-8 against 1.6e-3. Tolerances of 1e-9 and below
+    are not reached with float32 products: such steps fall back to the direct solve.
+    ``cg_max_iter``: CG's iteration limit. A step that needed more than ``refactor_iterations``
+    makes the next step refactor. ``fallback``: redo with the direct solver a step whose CG did
+    not converge or whose certified residual exceeds ``max(100 cg_tol, 1e-9) ||Delta_k||``
+    (False keeps the unconverged iterate; its solve residual is charged like any other, for
+    tests).
     """
 
     solver: str = "auto"
-    cg_tol: float = 1e-9
+    cg_tol: float = 1e-6
     cg_max_iter: int = 25
     refactor_iterations: int = 5
     fallback: bool = True
@@ -120,19 +130,25 @@ def choose_solver(
     """``"direct"`` or ``"iterative"`` for a step removing ``m`` rows.
 
     Direct without a cached factor, when the cache asks for a refactor, or when asked. Under
-    ``"auto"`` the estimated costs, in units of ``n d K`` float64 multiply-adds: the direct path
-    ``GRAM_COST d + 2`` (:data:`core.newton.GRAM_COST`) (the Gram matrix and the refinement product), the iterative one
-    ``2 (its + log10 m)`` with ``its`` the last step's CG iterations (at least 3): a larger batch
-    moves the Hessian further from the factor. The certificate costs the same either way.
+    ``"auto"`` the estimated costs beyond the certificate (which both pay), in float64 passes
+    over X (``n d K`` multiply-adds): the direct path ``GRAM_COST d + 2`` (the float32 Gram
+    matrix, :data:`core.newton.GRAM_COST`, and the float64 refinement's two passes); the
+    iterative one ``2 F32_PRODUCT_COST (its + log10(m) / 2)``, two float32 passes
+    (:data:`core.newton.F32_PRODUCT_COST`) per CG iteration, with ``its`` the last step's CG
+    iterations (at least 2): a larger batch moves the Hessian further from the factor (measured
+    on the 2-vCPU VM with ``cg_tol`` 1e-6: 2 iterations at a batch of 1 and 100, 3 at 1,000 on
+    the MNIST shape, where CG took 10-14 ms a step against 63 direct; 2 at 300 and 3 at 8,192 on
+    n = 100,000, d = 64, where it took 9.6 and 12.7 ms against 15.6 and 14.9 ms direct).
     """
     if options.solver == "direct" or cache is None or cache.refactor:
         return "direct"
     if options.solver == "iterative":
         return "iterative"
-    d = problem.X.shape[1]
-    expected = max(cache.iterations, 3) + math.log10(max(m, 1))
-    direct = gram_cost(problem.X.device) * d + 2.0
-    return "iterative" if 2.0 * expected < direct else "direct"
+    device, d = problem.X.device, problem.X.shape[1]
+    expected = max(cache.iterations, 2) + 0.5 * math.log10(max(m, 1))
+    iterative = 2.0 * f32_product_cost(device) * expected
+    direct = gram_cost(device) * d + 2.0
+    return "iterative" if iterative < direct else "direct"
 
 
 def newton_step(
@@ -150,7 +166,8 @@ def newton_step(
 
     Delta = sum_R C_j l'(z_j) y_j x_j + lam m w;  H' = Hessian of the remaining rows at W;
     solve H' s = Delta (direct: Cholesky in float32, then one float64 refinement step; or
-    iterative: CG preconditioned by ``cache``'s factor, :func:`choose_solver`);
+    iterative: CG with float32 products preconditioned by ``cache``'s factor,
+    :func:`choose_solver`);
     certify in float64 at the weights as stored: s := W_new - W, H's recomputed from the data.
     ``Z`` are the margins ``Y * (X W)`` if the caller has them.
     """
@@ -166,17 +183,25 @@ def newton_step(
     curvature = C * (torch.sigmoid(Z) * sig_neg)  # C_i l''(z_i) on the remaining rows
     delta_grad = X[rows].T @ (problem.omega[rows] * -sig_neg[rows] * Y[rows]) + (lam * m) * W
     ridge = lam * n_after
+    # over the removed rows: sum C ||x||^2 (the rounding of their margins behind Delta) and
+    # sum C |l'| ||x|| (the summation margin of Delta's own sum)
+    removed_norms = problem.row_norms[rows]
+    removed_sq = removed_norms.square() @ problem.omega[rows]
+    removed_abs = float(removed_norms @ (problem.omega[rows] * sig_neg[rows]).sum(1))
 
     def certify(S: torch.Tensor, method: str, its: int, new_cache: SolverCache) -> Step | None:
         return _certify(
             problem, W, S, C, curvature, delta_grad, n_after, anchor_grad, alive_after,
-            method=method, iterations=its, cache=new_cache,
+            method=method, iterations=its, cache=new_cache, removed_sq=removed_sq,
+            removed_abs=removed_abs,
         )  # fmt: skip
 
     if choose_solver(problem, m, cache, options) == "iterative":
         assert cache is not None
+        # float32 products on the problem's float32 copy of X, float64 vectors (core.newton.hvp)
+        curvature32 = torch.where(curvature >= CURVATURE_FLOOR, curvature, 0.0).to(torch.float32)
         S, its, converged = pcg(
-            lambda V: hvp(X, curvature, V, ridge),
+            lambda V: hvp(problem.X32, curvature32, V, ridge),
             cache.factor,
             delta_grad,
             options.cg_tol,
@@ -212,6 +237,8 @@ def _certify(
     method: str,
     iterations: int,
     cache: SolverCache | None,
+    removed_sq: torch.Tensor,
+    removed_abs: float,
 ) -> Step | None:
     """The float64 certificate of the step ``S`` (any solver): None if ``W + S`` is not finite."""
     X, Y, lam = problem.X, problem.Y, problem.lam
@@ -225,13 +252,19 @@ def _certify(
     P = x_times(X, torch.cat((W_new, S), dim=1))
     Z_new, XS = Y * P[:, :k], P[:, k:]
     d1_new = -torch.sigmoid(-Z_new)
-    Q = xt_times(X, torch.cat((C * d1_new * Y, curvature * XS), dim=1))
+    # the 2K columns of X^T's argument, C l'(z_new) y and C l''(z) X s, stacked as contiguous
+    # rows (2K, n): a copy of whole rows, not an interleaving one
+    terms = torch.cat(((C * d1_new * Y).T, (curvature * XS).T))
+    Q = xt_times(X, terms.T)
     grad_new = Q[:, :k] + (lam * n_after) * W_new  # grad L_0(W_new; D')
     solve_residual = Q[:, k:] + (lam * n_after) * S - delta_grad  # H's - Delta at W
+    # sum_i |term_ik| ||x_i|| per column, for the summation margins (C, l'' >= 0 and |y| = 1, so
+    # |C l' y| = C |l'| and |C l'' x.s| = C l'' |x.s|)
+    abs_terms = terms.abs() @ problem.row_norms
     margin = rounding_margin(
         X.shape[0],
         X.shape[1],
-        float((C * d1_new.abs() * problem.row_norms[:, None]).sum()),
+        float(abs_terms[:k].sum()),
         lam,
         n_after,
         frobenius(W_new),
@@ -241,16 +274,33 @@ def _certify(
     hs_margin = rounding_margin(
         X.shape[0],
         X.shape[1],
-        float((curvature * XS.abs() * problem.row_norms[:, None]).sum()),
+        float(abs_terms[k:].sum()) + removed_abs,
         lam,
         n_after,
         frobenius(S),
         frobenius(delta_grad),
     )
+    # Rounding of the products x.w and x.s that feed those sums (docs/theory.md "Float32
+    # Hessians, float64 certificates"): the margins at W_new (the gradient), X s (H's), the old
+    # margins Z behind l'' (H) and l' of the removed rows (Delta, over the rows alive before).
+    d = X.shape[1]
+    sq = problem.row_norms.square()
+    alive_sq = sq @ C  # (K,) sum_i C_ik ||x_i||^2 over the remaining rows
+    before_sq = alive_sq + removed_sq
+    margin += margins_rounding(d, alive_sq, W_new)
+    hs_margin += (
+        margins_rounding(d, alive_sq, S)
+        + margins_rounding(d, before_sq, W)
+        + margins_rounding(d, (sq[:, None] * C * XS.abs()).sum(0), W)
+    )
+    # |x.s| computed: the remainder bound takes an upper bound of the exact one
+    XS_upper = XS.abs() + product_error(d) * problem.row_norms[:, None] * torch.linalg.vector_norm(
+        S, dim=0
+    )
     residual_norms = torch.linalg.vector_norm(solve_residual, dim=0)
     increments = (
         residual_norms
-        + remainder_bound(XS, C, problem.row_norms, problem.x_norm2)
+        + remainder_bound(XS_upper, C, problem.row_norms, problem.x_norm2)
         + margin
         + hs_margin
     )
@@ -287,7 +337,8 @@ def _solve(
     ridge = lam * n_after
     for dtype in dict.fromkeys((problem.hess_dtype, torch.float64)):
         try:
-            L = cholesky_factor(weighted_gram(X, curvature, ridge, dtype=dtype), lam)
+            H = weighted_gram(X, curvature, ridge, dtype=dtype, X32=problem.X32)
+            L = cholesky_factor(H, lam)
             S = solve_factored(L, rhs)
             if dtype != torch.float64:
                 # Iterative refinement: the float64 residual of the float32 solve, solved again

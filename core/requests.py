@@ -39,9 +39,9 @@ def validate_rows(
     arr = np.asarray(list(rows) if not isinstance(rows, torch.Tensor) else rows.cpu().numpy())
     if arr.size and (arr.ndim != 1 or arr.dtype.kind not in "iu"):
         raise InvalidInputError(f"rows must be a flat sequence of integers, got dtype {arr.dtype}")
-    row_list = [int(r) for r in arr.tolist()]
-    bad = [r for r in row_list if not 0 <= r < n_rows]
-    if bad:
+    row_list: list[int] = arr.tolist() if arr.size else []  # Python ints (an integer array)
+    if row_list and (int(arr.min()) < 0 or int(arr.max()) >= n_rows):  # one pass, in numpy
+        bad = [r for r in row_list if not 0 <= r < n_rows]
         raise InvalidInputError(f"rows out of range [0, {n_rows}): {bad[:10]}")
     if not allow_repeats and len(set(row_list)) != len(row_list):
         seen: set[int] = set()
@@ -72,6 +72,11 @@ def alive_groups(
     group_rows: list[list[int]] = []
     already: list[int] = []
     start = 0
+    if all(flags):  # the common batch: every row alive, so each group is its slice
+        for size in sizes:
+            group_rows.append(row_list[start : start + size])
+            start += size
+        return group_rows, already
     for size in sizes:
         pairs = list(zip(row_list[start : start + size], flags[start : start + size], strict=True))
         group_rows.append([r for r, a in pairs if a])

@@ -110,7 +110,12 @@ class ModelView:
 
     @property
     def n_alive(self) -> int:
-        return int(self._alive.sum())
+        alive = self._alive
+        if alive.device.type == "cpu":
+            # numpy's count is single-threaded: torch's reduction wakes its thread pool, which
+            # on a busy host costs milliseconds, and the worker reads this several times a batch
+            return int(np.count_nonzero(alive.numpy()))
+        return int(alive.sum())
 
     @property
     def n_rows(self) -> int:

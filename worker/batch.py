@@ -29,7 +29,7 @@ from worker.ledger import Answer, Ledger
 RowsForIds = Callable[[Any], tuple[list[int], list[Any]]]
 
 
-@dataclass
+@dataclass(slots=True)
 class Group:
     """One request's contribution to a removal."""
 
@@ -177,6 +177,8 @@ def plan_batch(
         known = None
     claimed: set[int] = set()
     seen: set[str] = set()
+    # a guard that can refuse nothing (``RemovalGuard.safe``) need not be asked
+    ask_guard = guard is not None and not getattr(guard, "safe", False)
     for i, e in enumerate(entries):
         rid = e.request_id
         if rid is None:
@@ -200,8 +202,22 @@ def plan_batch(
             plan.answered.append(e)
             continue
         try:
+            mapped = known[i] if known is not None else rows_for_ids(e.sample_ids)
+            rows = mapped[0]
+            if len(rows) == 1 and not mapped[1] and rows[0] not in claimed and alive[rows[0]]:
+                # the common request: one known id, its row alive and not claimed yet (what
+                # _plan_entry decides for it, without its general bookkeeping)
+                row = rows[0]
+                reason = guard.refuse([row]) if ask_guard and guard is not None else None
+                if reason is None:
+                    claimed.add(row)
+                    plan.groups.append(Group(e, [row], [], [], [row]))
+                else:
+                    plan.answers.append(_rejected(e, reason, now))
+                    plan.answered.append(e)
+                continue
             stop = _plan_entry(
-                plan, e, known[i] if known is not None else rows_for_ids(e.sample_ids),
+                plan, e, mapped,
                 alive=alive, sample_ids=sample_ids, guard=guard, now=now,
                 fold_overlaps=fold_overlaps, is_excluded=is_excluded, claimed=claimed,
             )  # fmt: skip
@@ -315,6 +331,7 @@ def applied_answers(
 ) -> list[Answer]:
     """The ``applied`` answers of committed groups (with the sample ids each removed, for the
     ledger file, when ``sample_ids`` maps rows to ids)."""
+    removed = _ids_of_rows(groups, sample_ids)
     return [
         Answer(
             str(g.entry.request_id),
@@ -325,7 +342,24 @@ def applied_answers(
             g.already_removed_ids,
             requested_at=g.entry.requested_at,
             applied_at=now,
-            removed_ids=[] if sample_ids is None else [_py(sample_ids[r]) for r in g.rows],
+            removed_ids=ids,
         )
-        for g in groups
+        for g, ids in zip(groups, removed, strict=True)
     ]
+
+
+def _ids_of_rows(groups: list[Group], sample_ids: np.ndarray | None) -> list[list[Any]]:
+    """The sample ids (Python values) of each group's rows; empty lists without ``sample_ids``.
+    One numpy gather for the batch instead of one lookup per row."""
+    if sample_ids is None:
+        return [[] for _ in groups]
+    flat = [r for g in groups for r in g.rows]
+    picked = sample_ids[np.asarray(flat, dtype=np.intp)] if flat else sample_ids[:0]
+    values = [_py(v) for v in picked] if picked.dtype == object else picked.tolist()
+    out: list[list[Any]] = []
+    start = 0
+    for g in groups:
+        end = start + len(g.rows)
+        out.append(values[start:end])
+        start = end
+    return out

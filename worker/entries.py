@@ -25,7 +25,7 @@ _REPLAY = schema.FIELD_REPLAY_OF.encode()
 _ONE_INT = re.compile(rb"\[(-?[0-9]{1,18})\]")  # the common single-id request, without json
 
 
-@dataclass
+@dataclass(slots=True)
 class Entry:
     """One stream entry, parsed.
 
@@ -81,32 +81,59 @@ def parse_entry(entry_id: bytes, fields: Fields) -> Entry:
     """Parse one raw stream entry; never raises: an entry that makes parsing fail in any way
     is returned malformed with the error (so it is answered or dead-lettered, never retried)."""
     try:
-        entry = _parse(entry_id, fields)
-        entry.replay_of = _text(fields.get(_REPLAY)) or None
-        return entry
+        return _parse(entry_id, fields)
     except Exception as exc:  # noqa: BLE001 - one bad entry must never stop the model
+        return _malformed(entry_id, fields, exc)
+
+
+def _malformed(entry_id: bytes, fields: Fields, exc: Exception) -> Entry:
+    """The malformed entry of one whose parsing raised ``exc``."""
+    try:
+        rid = _text(fields.get(_RID))
+    except Exception:  # noqa: BLE001
+        rid = None
+    reason = f"malformed entry: {type(exc).__name__}: {exc}"[:500]
+    return Entry(entry_id, rid or None, None, None, reason, fields)
+
+
+def _requested_at(value: bytes | None) -> float | None:
+    """The enqueue time of an entry: a finite float, else None (absent, unreadable, nan/inf)."""
+    if not value:
+        return None
+    if type(value) is bytes:
         try:
-            rid = _text(fields.get(_RID))
-        except Exception:  # noqa: BLE001
-            rid = None
-        reason = f"malformed entry: {type(exc).__name__}: {exc}"[:500]
-        return Entry(entry_id, rid or None, None, None, reason, fields)
+            number = float(value)  # ASCII: no decode needed (the producer writes repr(time))
+        except ValueError:
+            pass  # not ASCII, or not a number: read as text below (same result as before)
+        else:
+            return number if math.isfinite(number) else None
+    text = _text(value)
+    if not text:
+        return None
+    try:
+        at = float(text)
+    except ValueError:
+        return None
+    return at if math.isfinite(at) else None  # nan/inf: no usable enqueue time
 
 
 def _parse(entry_id: bytes, fields: Fields) -> Entry:
-    rid = _text(fields.get(_RID))
-    requested_at: float | None = None
-    at_text = _text(fields.get(_AT))
-    if at_text:
-        try:
-            requested_at = float(at_text)
-        except ValueError:
-            requested_at = None
-        if requested_at is not None and not math.isfinite(requested_at):
-            requested_at = None  # nan/inf: no usable enqueue time
+    get = fields.get
+    rid = _text(get(_RID))
+    requested_at = _requested_at(get(_AT))
     if not rid:
-        return Entry(entry_id, None, None, requested_at, "malformed entry: no request_id", fields)
-    raw = fields.get(_IDS)
+        entry = Entry(entry_id, None, None, requested_at, "malformed entry: no request_id", fields)
+    else:
+        entry = _parse_ids(entry_id, rid, get(_IDS), requested_at, fields)
+    replay = get(_REPLAY)
+    if replay is not None:
+        entry.replay_of = _text(replay) or None
+    return entry
+
+
+def _parse_ids(
+    entry_id: bytes, rid: str, raw: bytes | None, requested_at: float | None, fields: Fields
+) -> Entry:
     one = _ONE_INT.fullmatch(raw) if raw is not None else None
     if one is not None:
         return Entry(entry_id, rid, [int(one.group(1))], requested_at, None, fields)
@@ -131,4 +158,12 @@ def _parse(entry_id: bytes, fields: Fields) -> Entry:
 def parse_entries(raw: list[RawEntry]) -> list[Entry]:
     """Parse a list of ``(entry_id, fields)`` pairs; entries deleted from the stream (None
     fields, as XAUTOCLAIM/XREADGROUP report them) are returned as malformed."""
-    return [parse_entry(eid, fields or {}) for eid, fields in raw]
+    out: list[Entry] = []
+    append = out.append
+    for eid, fields in raw:
+        fields = fields or {}
+        try:
+            append(_parse(eid, fields))
+        except Exception as exc:  # noqa: BLE001 - one bad entry must never stop the model
+            append(_malformed(eid, fields, exc))
+    return out

@@ -11,6 +11,7 @@ in a second thread, so a fit never waits for them.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -33,9 +34,17 @@ RATE_WINDOW_S = 3.0
 #: nice value of the background threads on the CPU (steady p99 over 4 interleaved pairs of runs:
 #: 191-257 ms at 10, 226-315 ms at 0)
 BACKGROUND_NICE = 10
+#: nice value of the shadow-run estimates ahead: below the fits (a fit that runs beside an estimate
+#: gets about three times its share of a contended core; a fit never waits for an estimate, so an
+#: estimate may well be slow)
+ESTIMATE_NICE = 15
 #: start estimating an "auto" trigger ahead once the rows fall below this many times the point
 #: where a fit would re-estimate it (core.trigger.AUTO_REESTIMATE_BELOW of the last estimate's)
 ESTIMATE_AHEAD = 1.5
+#: the lead covers the slowest of the last this many fits (a fit beside a shadow-run estimate or
+#: other load took 0.4-1.3 s where one alone takes 0.13 s: the last one alone under-led, and the
+#: drain waited for the next at the count)
+FIT_HISTORY = 3
 #: seconds between heartbeats while a drain waits for the background fit (worker.tasks beats
 #: every 2 s from the event loop, which the wait holds)
 WAIT_BEAT_S = 2.0
@@ -49,22 +58,22 @@ class BackgroundRunner:
     it). A daemon: the process never waits for a fit at exit (its result is never persisted)."""
 
     def __init__(self, name: str = "certremove-retrain") -> None:
-        self._jobs: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]]
+        self._jobs: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any]]]
         self._jobs = queue.SimpleQueue()
         threading.Thread(target=self._run, name=name, daemon=True).start()
 
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future[Any]:
         future: Future[Any] = Future()
-        self._jobs.put((future, fn, args))
+        self._jobs.put((future, functools.partial(fn, *args, **kwargs)))
         return future
 
     def _run(self) -> None:
         while True:
-            future, fn, args = self._jobs.get()
+            future, job = self._jobs.get()
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                future.set_result(fn(*args))
+                future.set_result(job())
             except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for it
                 future.set_exception(exc)
 
@@ -87,8 +96,8 @@ class NextEpoch:
         self._estimator: BackgroundRunner | None = None
         #: the next noise epoch, fitting in the background: (future, model it was started for)
         self._next: tuple[Future[tuple[PreparedRetrain, float]], Model] | None = None
-        #: seconds of the last background fit that was adopted
-        self.fit_seconds: float | None = None
+        #: seconds of the last FIT_HISTORY background fits that were adopted
+        self._fit_times: deque[float] = deque(maxlen=FIT_HISTORY)
         #: an "auto" max_removals estimated ahead of the next fit, in the background
         self._estimate: Future[Basis] | None = None
         self._marks: deque[tuple[float, int]] = deque()  # (time, rows removed so far)
@@ -99,6 +108,10 @@ class NextEpoch:
             if job is not None:
                 job.cancel()
         self._next = self._estimate = None
+
+    def fitting_for(self, model: Model) -> bool:
+        """Whether the next epoch of ``model`` is being fitted (or fitted, not yet taken)."""
+        return self._next is not None and self._next[1] is model
 
     def mark_removed(self, rows: int) -> None:
         """A step removed ``rows`` rows now (the recent removal rate)."""
@@ -115,16 +128,26 @@ class NextEpoch:
             return 0.0
         return (marks[-1][1] - marks[0][1]) / (marks[-1][0] - marks[0][0])
 
+    @property
+    def fit_seconds(self) -> float | None:
+        """Seconds of the last background fit that was adopted (None: none yet)."""
+        return self._fit_times[-1] if self._fit_times else None
+
+    def fitted(self, seconds: float) -> None:
+        """A background fit of ``seconds`` was adopted (the leads of the next fits)."""
+        self._fit_times.append(seconds)
+
     def lead_rows(self, limit: int) -> int:
         """Rows before the count at which the next epoch starts fitting: ``retrain_lead`` of the
-        epoch, or more when the last fit took longer than that many rows arrive in (twice the
-        rows removed meanwhile at the recent rate; shadow runs never delay a fit, see
-        :meth:`maybe_prepare`), at most half the epoch. Past fit times and the load decide this,
-        never the noise of the epoch being fitted (drawn after the snapshot), and the epoch in
-        use still ends at its count."""
+        epoch, or more when a recent fit (the slowest of the last :data:`FIT_HISTORY`) took
+        longer than that many rows arrive in (twice the rows removed meanwhile at the recent
+        rate; shadow runs never delay a fit, see :meth:`maybe_prepare`), at most half the epoch.
+        Past fit times and the load decide this, never the noise of the epoch being fitted
+        (drawn after the snapshot), and the epoch in use still ends at its count."""
         lead = math.ceil(self.retrain_lead * limit)
-        if self.fit_seconds is not None:
-            lead = max(lead, math.ceil(2 * self.removal_rate() * self.fit_seconds))
+        if self._fit_times:
+            slowest = max(self._fit_times)
+            lead = max(lead, math.ceil(2 * self.removal_rate() * slowest))
         return min(lead, limit // 2)
 
     def maybe_prepare(self, model: Model) -> None:
@@ -145,7 +168,12 @@ class NextEpoch:
             if self._estimator is None:
                 self._estimator = BackgroundRunner("certremove-estimate")
             self._estimate = self._estimator.submit(
-                _background, str(model.device), _estimate_ahead, model, model.retrain_snapshot()
+                _background,
+                str(model.device),
+                _estimate_ahead,
+                model,
+                model.retrain_snapshot(),
+                nice=ESTIMATE_NICE,
             )
         if model.removed_in_epoch < limit - self.lead_rows(limit):
             return
@@ -230,12 +258,18 @@ def _estimate_ahead(model: Model, snapshot: RetrainSnapshot) -> Basis:
     return basis
 
 
-def _background(device: str, job: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Runs ``job`` in the background thread at a lower CPU priority on the CPU, so the Newton
-    steps of the current epoch keep theirs."""
+def _background(
+    device: str,
+    job: Callable[..., Any],
+    *args: Any,
+    nice: int = BACKGROUND_NICE,
+    **kwargs: Any,
+) -> Any:
+    """Runs ``job`` in the background thread at a lower CPU priority (``nice``) on the CPU, so
+    the Newton steps of the current epoch keep theirs."""
     if device == "cpu":
         try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
         except (OSError, AttributeError):  # not Linux, or not allowed: same priority
             pass
     return job(*args, **kwargs)

@@ -32,6 +32,17 @@ _TRANSIENT_REPLIES = (
 #: the same replies from a command inside a script, as Redis 6 reports them ("Error running script
 #: (call to f_...): @user_script:1: @user_script: 1: -OOM command not allowed ...")
 _IN_SCRIPT = re.compile(r"@USER_SCRIPT: ?\d+: -?(?:" + "|".join(_TRANSIENT_REPLIES) + r")\b")
+#: redis-py's classes for those replies: it strips the reply's first word from the message (Redis
+#: 7 inside a script: OutOfMemoryError "command not allowed when used memory > 'maxmemory'.
+#: script: ..., on @user_script:31."), so the class is what says it
+_TRANSIENT_CLASSES = tuple(
+    cls
+    for cls in (
+        getattr(redis.exceptions, name, None)
+        for name in ("OutOfMemoryError", "ReadOnlyError", "NoPermissionError", "TryAgainError")
+    )
+    if isinstance(cls, type)
+)
 #: what torch says when an allocation fails: a RuntimeError (CPU), or torch.OutOfMemoryError (a
 #: RuntimeError too), never MemoryError
 _OUT_OF_MEMORY = ("OUT OF MEMORY", "CAN'T ALLOCATE MEMORY")
@@ -70,6 +81,8 @@ def is_infrastructure(exc: BaseException) -> bool:
             type(e).__name__ == "OutOfMemoryError"
             or any(s in str(e).upper() for s in _OUT_OF_MEMORY)
         ):
+            return True
+        if isinstance(e, _TRANSIENT_CLASSES):
             return True
         if isinstance(e, redis.ResponseError):
             text = str(e).lstrip("-").upper()

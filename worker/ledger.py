@@ -25,7 +25,15 @@ from typing import Any
 import redis
 
 from producer import schema
-from worker.status import Answer, AnswerKey, DeadLetter, StatusPublisher, dead_letter_record
+from worker.status import (
+    Answer,
+    AnswerKey,
+    DeadLetter,
+    StatusPublisher,
+    answer_records,
+    dead_letter_record,
+    group_answers,
+)
 
 __all__ = [
     "LEDGER_NAME",
@@ -243,46 +251,33 @@ class Ledger:
     def record(self, answers: Iterable[Answer]) -> None:
         """Append the answers to the ledger file (fsynced), then remember them: an answer is
         known only once it is on disk."""
-        groups: dict[AnswerKey, list[Answer]] = {}
-        for a in answers:
-            if a.only_if_queued:
-                continue
-            groups.setdefault(a.key(), []).append(a)
+        groups = group_answers(a for a in answers if not a.only_if_queued)
         if not groups:
             return
         if self.path is not None:
-            lines = []
-            for (s, m, v, t, r, d), group in groups.items():
-                rec: dict[str, Any] = {"s": s, "m": m, "v": v, "t": t}
-                if r:
-                    rec["r"] = r
-                if d:
-                    rec["d"] = 1
-                rec["ids"] = [a.request_id for a in group]
-                lists = {
-                    a.request_id: [a.unknown_ids, a.already_removed_ids]
-                    for a in group
-                    if a.unknown_ids or a.already_removed_ids
-                }
-                if lists:
-                    rec["l"] = lists
-                removed = [i for a in group for i in a.removed_ids]
-                if removed:
-                    rec["x"] = removed
-                    if len(group) > 1:
-                        # how many of ``x`` each request removed, in ``ids`` order (receipts)
-                        rec["xn"] = [len(a.removed_ids) for a in group]
-                lines.append(json.dumps(rec) + "\n")
+            lines = [json.dumps(rec) + "\n" for rec in answer_records(groups)]
             self._append("".join(lines))
         self.count += len(groups)
+        known, lists = self._known, self._lists
         for key, group in groups.items():
-            for a in group:
-                self.removed_ids += a.removed_ids
-                self._known[a.request_id] = key
-                if a.unknown_ids or a.already_removed_ids:
-                    self._lists[a.request_id] = (list(a.unknown_ids), list(a.already_removed_ids))
-                else:
-                    self._lists.pop(a.request_id, None)
+            rids = [a.request_id for a in group]
+            known.update(dict.fromkeys(rids, key))
+            self.removed_ids.extend([i for a in group for i in a.removed_ids])
+            distinct = set(rids)
+            if len(distinct) < len(rids):  # a request id twice: in order, as given
+                for a in group:
+                    if a.unknown_ids or a.already_removed_ids:
+                        lists[a.request_id] = (list(a.unknown_ids), list(a.already_removed_ids))
+                    else:
+                        lists.pop(a.request_id, None)
+                continue
+            listed = [a for a in group if a.unknown_ids or a.already_removed_ids]
+            # a request recorded again without lists forgets its earlier ones: found with one
+            # set operation, not a look-up per request
+            for rid in (lists.keys() & distinct).difference(a.request_id for a in listed):
+                del lists[rid]
+            for a in listed:
+                lists[a.request_id] = (list(a.unknown_ids), list(a.already_removed_ids))
         recorded = [a for group in groups.values() for a in group]
         for listener in self.listeners:
             listener(recorded)

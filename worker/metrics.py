@@ -40,6 +40,7 @@ from prometheus_client import (
 
 from producer import schema
 from worker.backlog_gauges import BacklogCollector
+from worker.observe import observe_many
 
 if TYPE_CHECKING:
     import redis
@@ -333,13 +334,15 @@ class ServiceMetrics:
         if dead:
             self.requests.labels(outcome="dead_letter").inc(dead)
         outcomes: dict[str, int] = {}
-        observe = self.request_latency_seconds.observe
+        latencies: list[float] = []
+        applied = schema.STATUS_APPLIED
         for a in answers:
             if a.only_if_queued:
                 continue
             outcomes[a.status] = outcomes.get(a.status, 0) + 1
-            if a.status == schema.STATUS_APPLIED and a.requested_at and a.applied_at:
-                observe(max(0.0, a.applied_at - a.requested_at))
+            if a.status == applied and a.requested_at and a.applied_at:
+                latencies.append(max(0.0, a.applied_at - a.requested_at))
+        observe_many(self.request_latency_seconds, latencies)
         for outcome, count in outcomes.items():
             self.requests.labels(outcome=outcome).inc(count)
         if repeats:

@@ -19,7 +19,7 @@ from worker.batch import Plan
 from worker.entries import Entry
 from worker.ledger import Ledger
 from worker.metrics import ServiceMetrics
-from worker.status import Answer, DeadLetter
+from worker.status import Answer, DeadLetter, answers_from_record
 
 log = logging.getLogger("certremove.worker")
 
@@ -47,8 +47,13 @@ class Outbox:
 
     def replay_journal(self, journal: dict[str, Any] | None) -> None:
         """Record in the ledger the journaled answers of the persisted snapshot that the ledger
-        file lacks (the process stopped between the persist and the ledger append)."""
-        answers = [Answer.from_json(r) for r in (journal or {}).get("answers", [])]
+        file lacks (the process stopped between the persist and the ledger append). A journal
+        holds ``records`` (grouped like ledger lines, :func:`worker.status.answer_records`) or,
+        written by earlier versions, ``answers`` (an object per answer); both are read."""
+        journal = journal or {}
+        answers = [Answer.from_json(r) for r in journal.get("answers", [])]
+        for rec in journal.get("records", []):
+            answers += answers_from_record(rec)
         missing = []
         for a in answers:
             prior = self.ledger.seen(a.request_id)

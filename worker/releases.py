@@ -36,6 +36,11 @@ second stream entry when the first went out: the stream's last entries are looke
 
 A release that fails (disk, Redis) loses nothing and blocks no removal: it is logged, counted
 (:attr:`Releaser.failures`) and tried again after the next batch (or the periodic check).
+
+**Announcing in parts** (``worker/release_announce.py``): while batches are served, each call
+announces a part of the pending releases in proportion to the requests applied since the last
+one, so that a release covering tens of thousands of requests (an epoch change under load) is no
+latency spike; an idle periodic check announces everything left.
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ from producer import schema
 from producer.release_client import MANIFEST_NAME
 from worker.ledger import Ledger
 from worker.receipts import ReceiptSigner, ReceiptStore
-from worker.release_announce import Announcer
+from worker.release_announce import AnnounceQueue, Announcer
 from worker.release_files import (
     build_manifest,
     list_releases,
@@ -148,7 +153,7 @@ class Releaser:
         #: applied requests recorded in the ledger since the last release
         self._tail: list[Covered] = []
         #: releases made whose announcement (stream, statuses, receipts) is not done
-        self._pending: list[tuple[dict[str, Any], list[Covered]]] = []
+        self.queue = AnnounceQueue(self.announcer)
         #: look for releases on disk that the record lacks (at start, after a failed release)
         self._check_dir = True
         self._load_coverage()
@@ -170,7 +175,7 @@ class Releaser:
         todo = [r for r in self.records.releases if int(r["release"]) not in self.records.announced]
         start = min([int(r["ledger_from"]) for r in todo] + [last_to])
         if start >= self.ledger.count:
-            self._pending = [(r, []) for r in todo]
+            self.queue.pending = [(r, []) for r in todo]
             return
         by_release: dict[int, list[Covered]] = {int(r["release"]): [] for r in todo}
         for pos, rec in ledger_records_from(self.state_dir, start):
@@ -181,19 +186,26 @@ class Releaser:
             for r in todo:
                 if int(r["ledger_from"]) <= pos < int(r["ledger_to"]):
                     by_release[int(r["release"])] += covered
-        self._pending = [(r, by_release[int(r["release"])]) for r in todo]
+        self.queue.pending = [(r, by_release[int(r["release"])]) for r in todo]
 
     def _on_record(self, answers: list[Answer]) -> None:
         """Ledger listener: remember the applied answers (never raises)."""
         for a in answers:
             if a.status == schema.STATUS_APPLIED and not a.only_if_queued:
                 self._tail.append(Covered.from_answer(a))
+                self.queue.applied += 1
 
     # ------------------------------------------------------------ entry points
     def settle(self, model: Model, *, requested: bool = False) -> int | None:
         """Release ``model`` (the persisted one: call only where the model in memory is the
         persisted state and its answers are in the ledger) when the policy says so, and
-        announce what is pending. Never raises; returns the release made (None: none)."""
+        announce a part of what is pending (the service calls this after each batch, see the
+        module docstring). Never raises; returns the release made (None: none)."""
+        self.queue.batch_served()
+        return self._settle(model, requested=requested, whole=False)
+
+    def _settle(self, model: Model, *, requested: bool, whole: bool) -> int | None:
+        """:meth:`settle`; ``whole``: announce everything pending, not one part."""
         made = None
         try:
             if self._check_dir:
@@ -212,7 +224,7 @@ class Releaser:
                 " ".join(str(exc).split())[:300],
                 self.failures,
             )
-        self._announce()
+        self._announce(whole)
         if self.metrics is not None:
             self.metrics.set_unreleased(len(self._tail))
         return made
@@ -224,7 +236,8 @@ class Releaser:
 
     def poll(self, model: Model) -> int | None:
         """The periodic check (and the end of a drain): a manual request (``certremove
-        release``), an interval that has run out, a release or announcement to retry."""
+        release``), an interval that has run out, a release or announcement to retry. Within
+        ``BUSY_S`` of a batch it announces one part, like a batch; idle, everything left."""
         requested = False
         try:
             key = schema.release_request_key(self.model_name)
@@ -234,7 +247,7 @@ class Releaser:
                 log.info("release requested (certremove release)")
         except redis.RedisError as exc:
             log.warning("cannot read the release request flag: %s", exc)
-        return self.settle(model, requested=requested)
+        return self._settle(model, requested=requested, whole=not self.queue.busy())
 
     # ------------------------------------------------------------ policy
     def epoch_id(self, model: Model) -> str:
@@ -326,7 +339,7 @@ class Releaser:
             self.records.append(rec)
             if current:
                 self._tail = []
-            self._pending.append((rec, covered))
+            self.queue.pending.append((rec, covered))
             log.warning(
                 "recorded release %d found on disk without a record (%d requests covered)",
                 number,
@@ -372,7 +385,7 @@ class Releaser:
         if self.metrics is not None:
             self.metrics.on_release(now)
         covered, self._tail = self._tail, []
-        self._pending.append((rec, covered))
+        self.queue.pending.append((rec, covered))
         log.info(
             "released model %r version %d as release %d (%d requests newly covered, policy %s)",
             self.model_name,
@@ -384,20 +397,18 @@ class Releaser:
         return number
 
     # ------------------------------------------------------------ announce
-    def _announce(self) -> None:
-        while self._pending:
-            rec, covered = self._pending[0]
-            try:
-                self.announcer.announce(rec, covered)
-            except Exception as exc:  # noqa: BLE001 - tried again later
-                self._failed()
-                log.warning(
-                    "announcing release %s failed (%s: %s; %d failures so far): tried again "
-                    "after the next batch",
-                    rec.get("release"),
-                    type(exc).__name__,
-                    " ".join(str(exc).split())[:300],
-                    self.failures,
-                )
-                return
-            self._pending.pop(0)
+    def _announce(self, whole: bool = True) -> None:
+        """Announce the pending releases: all (``whole``), else a part (the module docstring).
+        A failure is logged and counted; the part is done again at the next call."""
+        try:
+            self.queue.run(whole=whole)
+        except Exception as exc:  # noqa: BLE001 - tried again later
+            self._failed()
+            log.warning(
+                "announcing release %s failed (%s: %s; %d failures so far): tried again "
+                "after the next batch",
+                self.queue.pending[0][0].get("release") if self.queue.pending else "?",
+                type(exc).__name__,
+                " ".join(str(exc).split())[:300],
+                self.failures,
+            )

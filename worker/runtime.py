@@ -4,7 +4,9 @@ Called once when the Celery worker starts (``worker.tasks.ServiceStep``): loads 
 state directory (on CUDA when available, unless ``CERTREMOVE_DEVICE`` says otherwise), connects
 to Redis, starts the operator metrics endpoint (with the build info, the ``process_*`` metrics and
 the backlog read from Redis at each scrape, ``worker.metrics``) and wires the collaborators
-together.
+together. Before it serves (before its metrics endpoint answers), the model computes two removal
+steps and throws them away (:func:`warm_up`): the first steps of a process paid for lazy set-up,
+a latency spike of up to several hundred ms for the first requests.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import gc
 import importlib.metadata
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -78,6 +81,19 @@ def load_model(
     if check_ledger:
         verify_against_ledger(model, state_dir, None if ledger is None else ledger.removed_ids)
     return model
+
+
+def warm_up(model: Model) -> None:
+    """Removal steps computed and thrown away (``core.Model.warm_up``: the model is
+    unchanged). A failure is logged and start-up goes on: the first batch then pays the set-up,
+    and meets the error itself if it is real."""
+    t0 = time.perf_counter()
+    try:
+        model.warm_up()
+    except Exception as exc:  # noqa: BLE001 - an optimisation: never fails the start
+        log.warning("warm-up step failed (%s: %s)", type(exc).__name__, str(exc)[:200])
+        return
+    log.info("warm-up step: %.2f s", time.perf_counter() - t0)
 
 
 def pipeline_retrainer(settings: Settings) -> PipelineRetrain | None:
@@ -243,15 +259,18 @@ def build_runtime(
     except StateMissingError:
         lease.release()
         raise
-    metrics = build_metrics(settings, model)
-    port = 0
-    if serve_metrics:
-        try:
-            port = metrics.serve(settings.metrics_port, settings.metrics_addr)
-        except OSError:
-            lease.release()
-            raise
+    # the lease is renewed from here on: the warm-up (two Newton steps, a Hessian on a large
+    # model) must not let it lapse while another worker waits for it
     lease.start()
+    try:
+        warm_up(model)  # before the metrics endpoint answers: launchers wait for it
+        metrics = build_metrics(settings, model)
+        port = 0
+        if serve_metrics:
+            port = metrics.serve(settings.metrics_port, settings.metrics_addr)
+    except BaseException:
+        lease.release()
+        raise
     service = RemovalService(
         model=model,
         state_dir=settings.state_dir,

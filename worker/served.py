@@ -30,7 +30,7 @@ from worker.info import InfoPublisher, model_info
 from worker.ledger import Ledger
 from worker.metrics import ServiceMetrics
 from worker.outbox import Outbox
-from worker.status import Answer
+from worker.status import Answer, answer_records, group_answers
 
 if TYPE_CHECKING:
     from core.data import Dataset
@@ -181,7 +181,9 @@ class ServedModel:
             self.lease.check()
         pending = self.outbox.journal(list(answers or []))
         journal = {
-            "answers": [a.to_json() for a in pending],
+            # grouped like ledger lines (with each request's enqueue time): one record per
+            # batch instead of an object per answer (``Outbox.replay_journal`` reads both)
+            "records": answer_records(group_answers(pending), requested_at=True),
             "lease_token": None if self.lease is None else self.lease.token,
             "state_id": None if self.lease is None else self.lease.state_id,
         }

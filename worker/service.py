@@ -13,9 +13,11 @@ answers are out, as the release policy says; never fails a drain).
 
 Drain (one bounded time slice): hold the doorbell; recover this consumer's pending entries and
 claim idle ones of dead consumers; then serve up to ``max_batch`` waiting entries per Newton step
-until the stream is empty or the slice ends (then re-queue). On exit release the bell and look
-once more. When no prepared epoch can take over at an epoch's end, ``certremove.retrain`` goes to
-the retrain queue (consumed first) and folds every pending request into a retrain from scratch.
+(the next batch read ahead meanwhile, ``worker.stream.Intake.read_ahead``; Python's cyclic
+collector held off for the slice, ``worker.collector``) until the stream is empty or the slice
+ends (then re-queue). On exit release the bell and look once more. When no prepared epoch can
+take over at an epoch's end, ``certremove.retrain`` goes to the retrain queue (consumed first)
+and folds every pending request into a retrain from scratch.
 
 A batch that fails for a reason that is not the infrastructure's is served by halves down to the
 entry at fault, which is counted and dead-lettered at ``max_failures``. After a failure mid-batch
@@ -35,6 +37,7 @@ from typing import TYPE_CHECKING
 
 from producer import schema
 from worker import faults
+from worker.collector import collector_paused
 from worker.doorbell import Doorbell, SendTask
 from worker.entries import Entry
 from worker.epochs import NextEpoch
@@ -242,8 +245,9 @@ class RemovalService(FailureHandling):
         """Serve the stream for one time slice."""
         self._check_serving()
         try:
-            self._settle()
-            report = self._drain()
+            with collector_paused():
+                self._settle()
+                report = self._drain()
         except Exception as exc:  # noqa: BLE001 - sorted out by _on_failure
             hold_ms = int(self.slice_seconds * 1000) + 5000
             return self._on_failure(exc, lambda: self.doorbell.requeue(hold_ms))
@@ -276,6 +280,7 @@ class RemovalService(FailureHandling):
             return report
         carry = self.intake.recover()
         while batch := self.intake.fill(carry):
+            self.intake.read_ahead()  # the next batch's read overlaps this one's step
             carry = self._serve(batch, report)
             self._release()
             if self.retrain_due:
@@ -387,4 +392,4 @@ class RemovalService(FailureHandling):
     def _entry_failed(self, entry: Entry, exc: BaseException) -> None:
         """Count a failure ``entry`` caused on its own; dead-letter it at ``max_failures``."""
         if not self.outbox.entry_failed(entry, exc, self.max_failures, self.clock()):
-            self.intake.forget()  # it stays pending: read it again with the pending list
+            self.intake.reread_pending()  # it stays pending: read it again with the pending list

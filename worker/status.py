@@ -14,7 +14,7 @@ thousands of fields must not make the copy fail).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -169,19 +169,27 @@ class Answer:
         )
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-able copy (the journal persisted with the model state)."""
-        return {
-            "rid": self.request_id,
-            "s": self.status,
-            "m": self.method,
-            "v": self.model_version,
-            "u": self.unknown_ids,
-            "a": self.already_removed_ids,
-            "r": self.reason,
-            "q": self.requested_at,
-            "t": self.applied_at,
-            "x": self.removed_ids,
-        }
+        """A JSON-able copy (the journal persisted with the model state). A field at its
+        default (None, an empty string or list) is left out: :meth:`from_json` reads it back
+        the same, and a batch's journal is encoded at every persist."""
+        rec: dict[str, Any] = {"rid": self.request_id, "s": self.status}
+        if self.method:
+            rec["m"] = self.method
+        if self.model_version is not None:
+            rec["v"] = self.model_version
+        if self.unknown_ids:
+            rec["u"] = self.unknown_ids
+        if self.already_removed_ids:
+            rec["a"] = self.already_removed_ids
+        if self.reason:
+            rec["r"] = self.reason
+        if self.requested_at is not None:
+            rec["q"] = self.requested_at
+        if self.applied_at is not None:
+            rec["t"] = self.applied_at
+        if self.removed_ids:
+            rec["x"] = self.removed_ids
+        return rec
 
     @classmethod
     def from_json(cls, rec: dict[str, Any]) -> Answer:
@@ -197,6 +205,97 @@ class Answer:
             applied_at=rec.get("t"),
             removed_ids=list(rec.get("x") or []),
         )
+
+
+def group_answers(answers: Iterable[Answer]) -> dict[AnswerKey, list[Answer]]:
+    """The answers by :meth:`Answer.key`, in order of first appearance (a ledger record each)."""
+    groups: dict[AnswerKey, list[Answer]] = {}
+    for a in answers:
+        key = a.key()
+        group = groups.get(key)
+        if group is None:
+            groups[key] = [a]
+        else:
+            group.append(a)
+    return groups
+
+
+def answer_records(
+    groups: dict[AnswerKey, list[Answer]], *, requested_at: bool = False
+) -> list[dict[str, Any]]:
+    """The groups of :func:`group_answers` as ledger records (the shape of a ledger line,
+    docs/design.md "State directory"): ``s``, ``m``, ``v``, ``t``, ``r`` (when any), ``d: 1`` (a
+    dead-letter rejection), ``ids``, ``l`` (``{request_id: [unknown_ids, already_removed_ids]}``
+    of requests that had some), ``x`` (the sample ids removed) and ``xn`` (how many of ``x`` each
+    request removed, on a record of several requests). ``requested_at`` adds ``q``, each
+    request's enqueue time (the journal's records)."""
+    records: list[dict[str, Any]] = []
+    for (s, m, v, t, r, d), group in groups.items():
+        rec: dict[str, Any] = {"s": s, "m": m, "v": v, "t": t}
+        if r:
+            rec["r"] = r
+        if d:
+            rec["d"] = 1
+        rec["ids"] = [a.request_id for a in group]
+        lists = {
+            a.request_id: [a.unknown_ids, a.already_removed_ids]
+            for a in group
+            if a.unknown_ids or a.already_removed_ids
+        }
+        if lists:
+            rec["l"] = lists
+        removed = [i for a in group for i in a.removed_ids]
+        if removed:
+            rec["x"] = removed
+            if len(group) > 1:
+                # how many of ``x`` each request removed, in ``ids`` order (receipts)
+                rec["xn"] = [len(a.removed_ids) for a in group]
+        if requested_at:
+            rec["q"] = [a.requested_at for a in group]
+        records.append(rec)
+    return records
+
+
+def answers_from_record(rec: dict[str, Any]) -> list[Answer]:
+    """The answers of one record written by :func:`answer_records` (a journal's, where the
+    split of ``x`` is always known). Raises ``ValueError`` on a record it cannot split."""
+    ids = [str(i) for i in rec["ids"]]
+    removed = list(rec.get("x") or [])
+    counts = rec.get("xn")
+    if len(ids) == 1:
+        split = [removed]
+    elif not removed:
+        split = [[] for _ in ids]
+    elif isinstance(counts, list) and len(counts) == len(ids) and sum(counts) == len(removed):
+        split, at = [], 0
+        for n in counts:
+            split.append(removed[at : at + int(n)])
+            at += int(n)
+    else:
+        raise ValueError("a record of several requests without the split of its removed ids")
+    lists = rec.get("l") or {}
+    times = rec.get("q")
+    if not isinstance(times, list) or len(times) != len(ids):
+        times = [None] * len(ids)
+    out = []
+    for rid, part, at_q in zip(ids, split, times, strict=True):
+        unknown, already = lists.get(rid) or ([], [])
+        out.append(
+            Answer(
+                rid,
+                str(rec["s"]),
+                str(rec.get("m") or ""),
+                rec.get("v"),
+                list(unknown),
+                list(already),
+                reason=str(rec.get("r") or ""),
+                requested_at=at_q,
+                applied_at=rec.get("t"),
+                removed_ids=part,
+                dead_letter=bool(rec.get("d")),
+            )
+        )
+    return out
 
 
 class StatusPublisher:
@@ -245,12 +344,18 @@ class StatusPublisher:
         dead = dead or []
         if not answers and not ack_ids and not dead:
             return
-        common_key = next((a.common_key() for a in answers if a.common_key()), None)
-        common = [a for a in answers if common_key and a.common_key() == common_key]
-        others = [a for a in answers if not (common_key and a.common_key() == common_key)]
-        keys = [self.stream, self.dead_letter_key, self.lease_key, self.lease_counter_key] + [
-            schema.status_key(self.model, a.request_id) for a in common + others
-        ]
+        common_key = None
+        common: list[Answer] = []
+        others: list[Answer] = []
+        for a in answers:  # the first answer with a common key sets the one shared
+            shared = a.common_key()
+            if shared is not None and common_key is None:
+                common_key = shared
+            (common if shared is not None and shared == common_key else others).append(a)
+        prefix = schema.status_key(self.model, "")
+        keys = [self.stream, self.dead_letter_key, self.lease_key, self.lease_counter_key]
+        keys += [prefix + a.request_id for a in common]
+        keys += [prefix + a.request_id for a in others]
         token = self.fence() if self.fence is not None else None
         args: list[Any] = [
             self.group,

@@ -6,6 +6,13 @@ publishes them (:mod:`worker.outbox`). When core says the current epoch is done,
 the epoch fitted in the background (:class:`worker.epochs.NextEpoch`) and adopts it with one
 catch-up step that also carries the rest of the batch; when none can take over, it says which
 retrain is due and leaves it to the service.
+
+One Newton step per batch: when a batch takes the epoch to its ``max_removals`` while the next
+epoch is being fitted for it, the epoch's last step serves the batch's head and the rest is
+deferred to the next batch, which the catch-up step carries (two Newton steps in one batch were a
+latency spike of about one step at every epoch change). The epoch still ends exactly at its
+count, and whether the rest waits depends on counts only (the rows the step removed, a fit
+started at a count, :meth:`NextEpoch.maybe_prepare`), never on ``b``.
 """
 
 from __future__ import annotations
@@ -110,23 +117,35 @@ class NewtonSteps:
             elif res.needs_retrain:
                 reason = res.retrain_reason or "max_removals"
                 served.count_safety()
-                adopted = None if reason == "extractor" else self._adopt_next(reason, rest, plan)
-                if adopted is None:
-                    due = reason
+                if (
+                    reason == "max_removals"
+                    and res.removed
+                    and self.epochs.fitting_for(served.model)
+                ):
+                    # This batch ran the epoch's last Newton step: the rest rides in the next
+                    # batch's catch-up step (see the module docstring).
+                    plan.defer(rest)
                 else:
+                    adopted = (
+                        None if reason == "extractor" else self._adopt_next(reason, rest, plan)
+                    )
                     # The rest of the batch rode in the catch-up step, as far as it fitted; the
                     # groups left go round again on the new epoch.
-                    report.adopted += 1
-                    report.rows_removed += adopted[0]
-                    report.steps += 1
-                    if adopted[1] in ("budget", "numerical"):
-                        # The new epoch's safety net fired (a b-dependent outcome): no more
-                        # tries on it; a retrain folds the rest. (Past its count, the groups left
-                        # go round again and meet the next background fit as usual.)
-                        due = adopted[1]
+                    due = reason if adopted is None else self._adopted(adopted, report)
         self.outbox.finish(plan)
         report.requests += plan.served
         return plan.deferred, due
+
+    @staticmethod
+    def _adopted(adopted: tuple[int, str], report: DrainReport) -> str | None:
+        """Count an adopted epoch's catch-up step into ``report``; returns the retrain now due.
+        When the new epoch's safety net fired (a b-dependent outcome) there are no more tries
+        on it: a retrain folds the rest. (Past its count, the groups left go round again and
+        meet the next background fit as usual.)"""
+        report.adopted += 1
+        report.rows_removed += adopted[0]
+        report.steps += 1
+        return adopted[1] if adopted[1] in ("budget", "numerical") else None
 
     def _removed(self, rows: int) -> None:
         """A step removed ``rows``: the removal rate, and maybe the next epoch's fit."""
@@ -169,7 +188,8 @@ class NewtonSteps:
             served.ids,
         )
         served.persist(ridden, retrain_reason=reason)
-        self.epochs.fit_seconds = fit_seconds
+        plan.certify(self.clock())  # the riders are certified once persisted, too
+        self.epochs.fitted(fit_seconds)
         self.metrics.on_retrain(reason, fit_seconds)
         self.metrics.on_step(len(res.removed), step_seconds)
         if res.removed:

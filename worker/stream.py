@@ -3,12 +3,17 @@
 :class:`RequestStream` reads new entries, replays this consumer's own pending list, claims idle
 entries of other consumers (``XPENDING ... IDLE`` per consumer, then ``XCLAIM``) and reports
 delivery counts. :class:`Intake` is what this consumer holds: entries read and not yet answered,
-kept in memory across time slices, and where to read its pending list from. Acknowledgement and
-the dead-letter stream are :mod:`worker.status`'s, in one script with the status writes.
+kept in memory across time slices, and where to read its pending list from; it reads the next
+batch's new entries ahead, in a thread, while a batch is served (:meth:`Intake.read_ahead`).
+Acknowledgement and the dead-letter stream are :mod:`worker.status`'s, in one script with the
+status writes.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
+import weakref
 from typing import Any
 
 import redis
@@ -197,12 +202,19 @@ class Intake:
         self._held: list[Entry] = []
         #: where to read this consumer's pending list from (None: read, all held in memory)
         self._cursor: bytes | str | None = "0"
+        #: new entries read ahead (while a batch was served), served after the batch's carry
+        self._ahead: list[Entry] = []
+        #: the read ahead in flight, if any, and the thread that reads ahead
+        self._reading: _ReadAhead | None = None
+        self._reader = _Reader(stream)
+        weakref.finalize(self, self._reader.close)
 
     def recover(self) -> list[Entry]:
         """Held entries, this consumer's pending entries plus idle ones claimed from others
         (never dead-lettered for how often Redis delivered them: restarts and retries re-read
         the pending list, and that is no fault of the entry's)."""
-        held, self._held = self._held, []
+        self._collect()  # a read ahead an interrupted time slice left behind
+        held, self._held, self._ahead = self._held + self._ahead, [], []
         room = self.max_batch - len(held)
         raw: list[Any] = []
         if self._cursor is not None and room > 0:
@@ -219,22 +231,111 @@ class Intake:
         return held + parse_entries(raw)
 
     def fill(self, carry: list[Entry]) -> list[Entry]:
-        """``carry`` topped up with new entries, ``max_batch`` in all."""
-        room = self.max_batch - len(carry)
-        return carry + (parse_entries(self.stream.read_new(room)) if room > 0 else [])
+        """``carry`` topped up with new entries (those read ahead first), ``max_batch`` in all;
+        entries read ahead past that wait for the next batch, in stream order."""
+        self._collect()
+        batch = carry + self._ahead
+        self._ahead = batch[self.max_batch :] if len(batch) > self.max_batch else []
+        batch = batch[: self.max_batch]
+        room = self.max_batch - len(batch)
+        return batch + (parse_entries(self.stream.read_new(room)) if room > 0 else [])
+
+    def read_ahead(self) -> None:
+        """Start reading (and parsing) up to ``max_batch`` new entries in a thread, while the
+        caller serves a batch: the read's round trip and parsing overlap the Newton step, the
+        persist's fsyncs and the status script. :meth:`fill` takes them. Entries read ahead are
+        delivered like any other: pending for this consumer until acknowledged, so when they
+        are dropped (:meth:`forget`) the pending list brings them back."""
+        if self._reading is None and len(self._ahead) < self.max_batch:
+            self._reading = self._reader.submit(self.max_batch - len(self._ahead))
+
+    def _collect(self) -> None:
+        """Wait for the read ahead in flight and keep what it read (its error is raised here,
+        like the read's own would be)."""
+        reading, self._reading = self._reading, None
+        if reading is not None:
+            self._ahead += reading.result()
 
     def hold(self, entries: list[Entry]) -> None:
-        """Keep ``entries`` for the next time slice (not re-delivered)."""
-        self._held = entries
+        """Keep ``entries``, and any read ahead, for the next time slice (not re-delivered)."""
+        self._collect()
+        self._held, self._ahead = entries + self._ahead, []
+
+    def reread_pending(self) -> None:
+        """Read the pending list again at the next time slice (an entry left pending on
+        purpose); what is held or read ahead stays (that read skips what it holds)."""
+        self._cursor = "0"
 
     def forget(self) -> None:
-        """Entries held across time slices are left to the pending list: read it again next."""
-        self._held, self._cursor = [], "0"
+        """Entries held across time slices or read ahead are left to the pending list: read it
+        again next."""
+        reading, self._reading = self._reading, None
+        if reading is not None:
+            reading.wait()  # its entries are pending: the pending list has them
+        self._held, self._ahead, self._cursor = [], [], "0"
 
     def everything(self, cap: int) -> list[Entry]:
         """Every entry this consumer holds, then waiting ones, ``cap`` in all (a retrain)."""
         self.forget()
         return parse_entries(self.stream.read_all_pending_then_new(cap, self.max_batch))
+
+
+class _ReadAhead:
+    """One read of new entries, done on the reader thread (``Intake.read_ahead``)."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.entries: list[Entry] = []
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+    def wait(self) -> None:
+        self.done.wait()
+
+    def result(self) -> list[Entry]:
+        """The entries read, or the read's error raised."""
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.entries
+
+
+class _Reader:
+    """The read-ahead thread of one :class:`Intake`: a daemon thread started on first use (not
+    one per batch: starting a thread waits for it to be scheduled), stopped when the intake is
+    garbage-collected."""
+
+    def __init__(self, stream: RequestStream) -> None:
+        self._stream = stream
+        self._jobs: queue.SimpleQueue[_ReadAhead | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, count: int) -> _ReadAhead:
+        job = _ReadAhead(count)
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(
+                target=_read_jobs,
+                args=(self._stream, self._jobs),
+                name="certremove-read-ahead",
+                daemon=True,
+            )
+            self._thread.start()
+        self._jobs.put(job)
+        return job
+
+    def close(self) -> None:
+        self._jobs.put(None)
+
+
+def _read_jobs(stream: RequestStream, jobs: queue.SimpleQueue[_ReadAhead | None]) -> None:
+    """The reader thread: serve read-ahead jobs until told to stop (None)."""
+    while (job := jobs.get()) is not None:
+        try:
+            job.entries = parse_entries(stream.read_new(job.count))
+        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
+            job.error = exc
+        finally:
+            job.done.set()
 
 
 def _s(value: bytes | str) -> str:

@@ -45,10 +45,15 @@ def _oracle_r0(problem, W, alive, r0):
     Z = margins(problem.X, problem.Y, W)
     g = gradient(problem.X, problem.Y, C, W, LAM, n_reg)
     abs_terms = float((C * torch.sigmoid(-Z) * problem.row_norms[:, None]).sum())
+    d = problem.X.shape[1]
+    # the rounding of the margins x.w behind l' (docs/theory.md): (1.01 d u / 4) sum_k ||w_k||
+    # sum_i C_ik ||x_i||^2, written out here
+    sq = (C * (problem.X**2).sum(1, keepdim=True)).sum(0)
+    products = 1.01 * d * 2.0**-53 / 4 * float((sq * W.norm(dim=0)).sum())
     return g, r0 + rounding_margin(
-        problem.X.shape[0], problem.X.shape[1], abs_terms, LAM, n_reg,
+        problem.X.shape[0], d, abs_terms, LAM, n_reg,
         float(torch.linalg.vector_norm(W)), float(torch.linalg.vector_norm(g)),
-    )  # fmt: skip
+    ) + products  # fmt: skip
 
 
 def _steps(problem, W, alive, anchor_grad, batches):

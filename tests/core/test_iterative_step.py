@@ -68,15 +68,24 @@ def test_iterative_step_equals_the_direct_solve(name, m):
     assert direct.method == "direct" and direct.iterations == 0
     s_it, s_dir = it.W - e.W, direct.W - e.W
     assert float((s_it - s_dir).norm()) <= 1e-6 * float(s_dir.norm())
-    # the solve residual each path leaves, certified in float64, is far below the increment
-    assert float(it.solve_residual.max()) <= 1e-6 * float(it.increments.max())
+    # the solve residual CG leaves (its products are float32), certified in float64, is within
+    # the acceptance check's 100 cg_tol ||Delta|| and far below the increment it is charged in
+    delta_norms = torch.linalg.vector_norm(_delta(p, e, rows), dim=0)
+    assert bool((it.solve_residual <= 100 * ITERATIVE.cg_tol * delta_norms).all())
+    assert float(it.solve_residual.max()) <= 2e-4 * float(it.increments.max())
+    assert float(direct.solve_residual.max()) <= 1e-9 * float(direct.increments.max())
     # the exact accounting's figure moves by H (s_it - s_dir): as little
-    assert abs(it.anchor_distance - direct.anchor_distance) <= 1e-5 * direct.anchor_distance
-    # tighter CG, closer to the direct solve
-    for tol, close in ((1e-10, 1e-9), (1e-13, 1e-11)):
-        tight = newton_step(*args, cache=e.solver, options=SolveOptions("iterative", cg_tol=tol))
-        assert tight is not None and tight.method == "iterative"
-        assert float((tight.W - direct.W).norm()) <= close * float(s_dir.norm())
+    assert abs(it.anchor_distance - direct.anchor_distance) <= 1e-4 * direct.anchor_distance
+    # a tolerance float32 products cannot reach: CG fails and the step is the direct one
+    tight = newton_step(*args, cache=e.solver, options=SolveOptions("iterative", cg_tol=1e-12))
+    assert tight is not None and tight.method == "direct" and torch.equal(tight.W, direct.W)
+
+
+def _delta(p, e, rows: torch.Tensor) -> torch.Tensor:
+    """``Delta`` of removing ``rows`` at the epoch's weights, from scratch in float64."""
+    Z = p.Y * (p.X @ e.W)
+    lprime = -torch.sigmoid(-Z[rows])
+    return p.X[rows].T @ (p.omega[rows] * lprime * p.Y[rows]) + p.lam * rows.numel() * e.W
 
 
 @pytest.mark.parametrize("accounting", ["exact", "bound"])
@@ -99,15 +108,19 @@ def test_many_single_removals_on_the_iterative_path_stay_certified(name, account
     assert iterative_steps >= 110  # the iterative path did the work (refactors are direct)
 
 
-def test_auto_chooses_cg_for_wide_single_removals_and_direct_for_narrow_data():
-    wide, _ = _trained("binary")
-    narrow, _ = _trained("digits")
-    for model, want in ((wide, "iterative"), (narrow, "direct")):
-        assert choose_solver(model._problem, 1, model._epoch.solver) == want
-    assert choose_solver(wide._problem, 1, None) == "direct"  # no factor yet
-    refactor = dataclasses.replace(wide._epoch.solver, refactor=True)
-    assert choose_solver(wide._problem, 1, refactor) == "direct"
-    # the estimated CG cost grows with the batch and the last iteration count
+def test_auto_chooses_cg_while_it_is_cheaper_than_the_gram_matrix():
+    wide, _ = _trained("binary")  # d = 200
+    narrow, _ = _trained("digits")  # d = 64
+    for model in (wide, narrow):
+        assert choose_solver(model._problem, 1, model._epoch.solver) == "iterative"
+        assert choose_solver(model._problem, 1, None) == "direct"  # no factor yet
+        refactor = dataclasses.replace(model._epoch.solver, refactor=True)
+        assert choose_solver(model._problem, 1, refactor) == "direct"
+    # the estimated CG cost grows with the last iteration count (and the batch): 8 iterations
+    # of two float32 products cost more than a 64-wide Gram matrix, less than a 200-wide one
+    for model, want in ((narrow, "direct"), (wide, "iterative")):
+        busy = dataclasses.replace(model._epoch.solver, iterations=8)
+        assert choose_solver(model._problem, 1, busy) == want
     busy = dataclasses.replace(wide._epoch.solver, iterations=40)
     assert choose_solver(wide._problem, 1, busy) == "direct"
     wide.remove([3])
@@ -182,12 +195,13 @@ def test_the_factor_is_never_persisted_and_a_reload_is_identical(tmp_path):
     reloaded = core.load_model(tmp_path)
     assert torch.equal(reloaded.weights, model.weights)
     assert torch.equal(reloaded.alive, model.alive)
-    # the next removal: direct after the load, CG in memory; the same step to rounding
+    # the next removal: direct after the load, CG in memory; the same step to CG's tolerance
+    # (1e-6 on float32 products)
     model.remove([4])
     reloaded.remove([4])
     assert reloaded._epoch.solver.iterations == 0 and model._epoch.solver.iterations > 0
     scale = float((model.weights - loaded.weights).norm())
-    assert float((model.weights - reloaded.weights).norm()) <= 1e-8 * scale
+    assert float((model.weights - reloaded.weights).norm()) <= 1e-6 * scale
 
 
 def test_a_warm_retrain_uses_the_cached_factor_and_keeps_the_tolerance():
@@ -243,15 +257,3 @@ def test_solver_cache_of_none_and_options_are_validated():
         SolveOptions("cholesky")
     with pytest.raises(ValueError):
         SolveOptions(cg_max_iter=0)
-
-
-def test_products_without_the_column_major_copy_give_the_same_step(monkeypatch):
-    model, _ = _trained("binary")
-    e, p = model._epoch, model._problem
-    args = (p, e.alive, e.W, torch.tensor([5]), e.acct.anchor_grad)
-    with_copy = newton_step(*args, cache=e.solver, options=ITERATIVE)
-    monkeypatch.setattr("core.newton.COLUMN_MAJOR_MAX_BYTES", 0)  # a matrix too big to copy
-    without = newton_step(*args, cache=e.solver, options=ITERATIVE)
-    assert with_copy is not None and without is not None
-    assert without.iterations == with_copy.iterations
-    assert float((without.W - with_copy.W).norm()) <= 1e-12 * float((with_copy.W - e.W).norm())

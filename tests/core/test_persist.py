@@ -110,10 +110,10 @@ def test_a_save_that_fails_at_current_leaves_no_orphan_snapshot(
     before = sorted(p.name for p in (tmp_path / "snapshots").iterdir())
     real = persist.write_file
 
-    def full_at_current(path, data):
+    def full_at_current(path, data, **kw):
         if path.name == ".CURRENT.tmp":
             raise OSError(errno.ENOSPC, "No space left on device")
-        real(path, data)
+        real(path, data, **kw)
 
     monkeypatch.setattr(persist, "write_file", full_at_current)
     for _ in range(3):

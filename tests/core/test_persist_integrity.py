@@ -284,3 +284,30 @@ def test_a_save_never_blesses_a_dataset_file_damaged_since_it_was_verified(state
     with pytest.raises(StateDamagedError, match="does not match its checksum") as info:
         core.load_model(state, device="cpu")
     assert target(state, "dataset").name in str(info.value)
+
+
+def test_fsync_together_syncs_every_path_and_raises_after_all_are_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    import core.snapshots as snapshots
+
+    files = [tmp_path / f"f{i}" for i in range(5)]
+    for f in files:
+        f.write_bytes(b"x")
+    synced: list[str] = []
+    real = os.fsync
+
+    def record(fd: int) -> None:
+        real(fd)
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+
+    monkeypatch.setattr(snapshots.os, "fsync", record)
+    snapshots.fsync_together(files, [tmp_path])
+    assert sorted(synced) == sorted(str(p) for p in [*files, tmp_path])
+    synced.clear()
+    with pytest.raises(FileNotFoundError):
+        snapshots.fsync_together([*files, tmp_path / "gone"])
+    assert sorted(synced) == sorted(str(p) for p in files)  # the others were still synced
+    snapshots.fsync_together([files[0]])  # one alone: no thread needed

@@ -64,7 +64,9 @@ def test_the_service_writes_a_line_per_start_and_step_and_the_info_hash(
     assert last["model"] == model_name and last["version"] == persisted.version == 1
     assert last["training_rows"] == persisted.n_alive == 600 - 50
     assert last["removed_in_epoch"] == 50 and last["max_removals"] == 1000
-    assert last["budget_used"] == pytest.approx(persisted.budget_used, rel=1e-9)
+    # a load re-anchors: it adds the anchor's rounding margins (about 1e-11 here) to the budget
+    assert last["budget_used"] == pytest.approx(persisted.budget_used, rel=1e-6)
+    assert last["budget_used"] <= persisted.budget_used
     assert last["budget_limit"] == persisted.budget_total and last["accounting"] == "exact"
     assert (last["epsilon"], last["delta"], last["certified"]) == (1.0, 1e-4, False)
     assert 0 < last["accuracy"] <= 1
@@ -77,7 +79,7 @@ def test_the_service_writes_a_line_per_start_and_step_and_the_info_hash(
     assert set(info) == set(INFO_FIELDS)
     assert info["version"] == 1 and info["training_samples"] == 550
     assert info["removed_in_epoch"] == 50 and info["max_removals"] == 1000
-    assert info["budget_used"] == pytest.approx(persisted.budget_used, rel=1e-9)
+    assert info["budget_used"] == pytest.approx(persisted.budget_used, rel=1e-6)
     assert info["budget_limit"] == persisted.budget_total
     assert info["test_accuracy"] == pytest.approx(last["accuracy"], abs=1e-6)
     assert (info["epsilon"], info["delta"], info["certified"]) == (1.0, 1e-4, False)

@@ -1,0 +1,138 @@
+"""Reading the next batch ahead (``Intake.read_ahead``) while a batch is served: stream order is
+kept, nothing is served twice, and entries read ahead and dropped come back with the pending
+list (real Redis)."""
+
+from __future__ import annotations
+
+import gc
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from producer import Client
+from tests.worker.test_service import build
+from worker.stream import Intake, RequestStream
+
+
+def _rids(entries: list[Any]) -> list[str]:
+    return [e.request_id for e in entries]
+
+
+@pytest.fixture
+def sent(broker_url: str, model_name: str) -> list[str]:
+    with Client(broker_url, model=model_name) as client:
+        return client.enqueue_many([[i] for i in range(10)])
+
+
+def _intake(rclient: redis.Redis, model_name: str, max_batch: int = 4) -> Intake:
+    stream = RequestStream(rclient, model_name, "w1")
+    stream.ensure_group()
+    return Intake(stream, max_batch)
+
+
+def test_entries_read_ahead_follow_the_carry_in_stream_order(
+    rclient: redis.Redis, model_name: str, sent: list[str]
+) -> None:
+    intake = _intake(rclient, model_name)
+    first = intake.fill(intake.recover())
+    assert _rids(first) == sent[:4]
+    intake.read_ahead()
+    second = intake.fill(first[3:])  # one entry deferred: it goes first, then 3 read ahead
+    assert _rids(second) == [sent[3], *sent[4:7]]
+    intake.read_ahead()  # one left from the first read ahead, then up to 3 more
+    third = intake.fill([])
+    assert _rids(third) == sent[7:10]
+    intake.read_ahead()
+    assert intake.fill([]) == []
+
+
+def test_holding_keeps_what_was_read_ahead_and_the_pending_list_adds_nothing_twice(
+    rclient: redis.Redis, model_name: str, sent: list[str]
+) -> None:
+    intake = _intake(rclient, model_name)
+    intake.recover()  # the pending list read once (empty)
+    batch = intake.fill([])
+    intake.read_ahead()
+    intake.hold(batch[2:])  # the time slice ends: the unserved entries wait in memory
+    intake.reread_pending()  # and the pending list is read again: it holds them all too
+    again = intake.recover()
+    assert _rids(again) == [*sent[2:4], *sent[4:8]]
+    assert _rids(intake.fill(again)) == sent[2:6]  # max_batch: the rest waits, in order
+    assert _rids(intake.fill([])) == sent[6:10]
+
+
+def test_forgotten_entries_read_ahead_come_back_once_with_the_pending_list(
+    rclient: redis.Redis, model_name: str, sent: list[str]
+) -> None:
+    intake = _intake(rclient, model_name, max_batch=20)
+    intake.recover()  # the pending list read once (empty)
+    intake.read_ahead()  # reads all ten
+    intake.forget()  # a failure: what was read ahead is dropped, and pending
+    back = intake.recover()
+    assert sorted(_rids(back)) == sorted(sent)
+    assert len(back) == len({e.entry_id for e in back})
+
+
+def test_a_read_ahead_that_fails_raises_where_its_entries_are_taken(
+    rclient: redis.Redis, model_name: str, sent: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    intake = _intake(rclient, model_name)
+    intake.recover()
+
+    def down(count: int, block_ms: int | None = None) -> Any:
+        raise redis.ConnectionError("gone")
+
+    monkeypatch.setattr(intake.stream, "read_new", down)
+    intake.read_ahead()
+    with pytest.raises(redis.ConnectionError):
+        intake.fill([])
+    monkeypatch.undo()
+    assert _rids(intake.fill([])) == sent[:4]  # the failed read delivered nothing
+
+
+def test_a_drain_with_reads_ahead_serves_every_request_once(
+    state: Path, broker_url: str, rclient: redis.Redis, model_name: str
+) -> None:
+    with Client(broker_url, model=model_name) as client:
+        rids = client.enqueue_many([[i] for i in range(40)] + [[5]])  # the last: removed already
+        service, _, _ = build(state, rclient, model_name, max_batch=7)
+        reads: list[int] = []
+        read_new = service.stream.read_new
+
+        def counted(count: int, block_ms: int | None = None) -> Any:
+            got = read_new(count, block_ms)
+            reads.append(len(got))
+            return got
+
+        service.stream.read_new = counted  # type: ignore[method-assign]
+        report = service.drain()
+        st = client.statuses(rids)
+    assert report.requests == 41 and sum(reads) == 41
+    assert [s["status"] for s in st.values()] == ["applied"] * 41
+    assert st[rids[-1]]["already_removed_ids"] == [5]
+    assert service.model.n_alive == service.model.n_rows - 40
+    assert service.stream.pending_count() == 0
+
+
+def test_one_reader_thread_serves_every_read_ahead_and_stops_with_its_intake(
+    rclient: redis.Redis, model_name: str, sent: list[str]
+) -> None:
+    def readers() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "certremove-read-ahead"]
+
+    before = set(readers())
+    intake = _intake(rclient, model_name, max_batch=3)
+    intake.recover()
+    got: list[Any] = []
+    for _ in range(5):
+        intake.read_ahead()
+        got += intake.fill([])
+    assert _rids(got) == sent  # in stream order, nothing twice
+    (thread,) = set(readers()) - before  # one thread for the five reads
+    del intake
+    gc.collect()
+    thread.join(timeout=5)
+    assert not thread.is_alive()
