@@ -161,6 +161,11 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         help="CERTREMOVE_RETRAIN_LEAD of the workers (default: the worker's, 0.2; 0 = blocking)",
     )
+    ap.add_argument(
+        "--torch-threads",
+        type=int,
+        help="CERTREMOVE_TORCH_THREADS of the workers (default: the worker's, one less than the CPUs)",
+    )
     ap.add_argument("--loglevel", default="WARNING", help="the workers' log level")
     ap.add_argument("--log-dir", type=Path, help="keep the workers' logs here")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
@@ -183,7 +188,11 @@ def main(argv: list[str] | None = None) -> int:
         mr: Any = args.max_removals
         mr = None if mr == "none" else (int(mr) if mr.isdigit() else mr)
         report["train"] = train_state(args.dataset, work / "template", mr)
-        env = {} if args.retrain_lead is None else {"retrain_lead": args.retrain_lead}
+        env: dict[str, Any] = {}
+        if args.retrain_lead is not None:
+            env["retrain_lead"] = args.retrain_lead
+        if args.torch_threads is not None:
+            env["torch_threads"] = args.torch_threads
         report["retrain_lead"] = env.get("retrain_lead", Settings().retrain_lead)
         worker_kw: dict[str, Any] = {"loglevel": args.loglevel, "log_dir": args.log_dir, "env": env}
         rows = int(report["train"]["rows"])
