@@ -9,7 +9,8 @@ holds the server) and receipts (a signature each) took 50-160 ms at once, a late
 drain that made it. While batches are served (the last one within :data:`BUSY_S`),
 :class:`AnnounceQueue` therefore announces one part per call, :data:`ANNOUNCE_RATE` times the
 requests applied since the last call (at least :data:`ANNOUNCE_PART`), which keeps up with any
-load; idle, everything left. The stream entry goes out with a release's first part, the
+load; idle (a drain that emptied the stream, or no batch for :data:`BUSY_S`), everything left.
+The stream entry goes out with a release's first part, the
 ``announced`` line after its last. Every part is idempotent, so a failed or interrupted one is
 simply done again (after a restart, from the release's first request)."""
 

@@ -234,10 +234,11 @@ class Releaser:
         if self.metrics is not None:
             self.metrics.on_release_failure()
 
-    def poll(self, model: Model) -> int | None:
+    def poll(self, model: Model, *, idle: bool = False) -> int | None:
         """The periodic check (and the end of a drain): a manual request (``certremove
         release``), an interval that has run out, a release or announcement to retry. Within
-        ``BUSY_S`` of a batch it announces one part, like a batch; idle, everything left."""
+        ``BUSY_S`` of a batch it announces one part, like a batch, unless ``idle`` (a drain
+        that emptied the stream); idle, everything left."""
         requested = False
         try:
             key = schema.release_request_key(self.model_name)
@@ -247,7 +248,7 @@ class Releaser:
                 log.info("release requested (certremove release)")
         except redis.RedisError as exc:
             log.warning("cannot read the release request flag: %s", exc)
-        return self._settle(model, requested=requested, whole=not self.queue.busy())
+        return self._settle(model, requested=requested, whole=idle or not self.queue.busy())
 
     # ------------------------------------------------------------ policy
     def epoch_id(self, model: Model) -> str:

@@ -216,14 +216,15 @@ class RemovalService(FailureHandling):
 
         self.outbox.replay_journal(core.read_journal(self.state_dir))
 
-    def _release(self, *, poll: bool = False) -> None:
+    def _release(self, *, poll: bool = False, idle: bool = False) -> None:
         """Release the persisted model as the policy says (``poll``: also a manual request or
-        an interval run out); only where the model in memory is the persisted one and all its
-        answers are in the ledger. Never raises."""
+        an interval run out; ``idle``: the stream is empty, announce everything pending); only
+        where the model in memory is the persisted one and all its answers are in the ledger.
+        Never raises."""
         if self.releaser is None or self.served.dirty or self.outbox.unrecorded:
             return
         if poll:
-            self.releaser.poll(self.model)
+            self.releaser.poll(self.model, idle=idle)
         else:
             self.releaser.settle(self.model)
 
@@ -252,7 +253,8 @@ class RemovalService(FailureHandling):
             hold_ms = int(self.slice_seconds * 1000) + 5000
             return self._on_failure(exc, lambda: self.doorbell.requeue(hold_ms))
         self._healthy()
-        self._release(poll=True)
+        # a drain that emptied the stream leaves the service idle: announce all that is pending
+        self._release(poll=True, idle=not (report.requeued or report.retrain_requested))
         return report
 
     def retrain(self) -> DrainReport:
