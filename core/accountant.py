@@ -106,7 +106,7 @@ def anchor_at(
     r0_anchor = r0 + rounding_margin(
         p.X.shape[0], p.X.shape[1], abs_terms, p.lam, n_reg,
         float(torch.linalg.vector_norm(W)), float(torch.linalg.vector_norm(anchor_grad)),
-    ) + margins_rounding(p.X.shape[1], p.row_norms.square() @ C, W)  # fmt: skip
+    ) + margins_rounding(p.X.shape[1], p.row_norms_sq @ C, W)  # fmt: skip
     return anchor_grad, r0_anchor
 
 

@@ -151,6 +151,37 @@ def estimate(
     )
 
 
+@dataclass
+class RetrainSnapshot:
+    """The rows and weights a background retrain starts from (``Model.retrain_snapshot``)."""
+
+    version: int
+    alive: torch.Tensor
+    W: torch.Tensor
+    #: the removal preconditioner at the snapshot (a Cholesky factor of a recent Hessian, in
+    #: memory only): it makes the warm-started fit O(n d) per Newton iteration
+    factor: torch.Tensor | None = None
+
+
+def warmed(
+    problem: Problem, epoch: NoiseEpoch, budget_total: float, options: SolveOptions = DEFAULT_SOLVE
+) -> NoiseEpoch:
+    """``epoch`` after two removal steps computed and thrown away (weights, alive rows and
+    accounting unchanged): a process pays the lazy set-up of its first steps here. An epoch
+    without a solver factor (loaded from disk) keeps the steps' factor: a preconditioner, a
+    function of the weights and the data only."""
+    rows = torch.nonzero(epoch.alive).flatten()[:2].tolist()
+    if int(epoch.alive.sum()) < 3 or len(rows) < 2:
+        return epoch
+    trial = epoch
+    for row in rows:  # without a factor: direct, then iterative with the direct's factor
+        _, stepped, _, _ = commit_prefix(problem, trial, [[row]], budget_total, options)
+        trial = dataclasses.replace(trial, solver=stepped.solver)
+    if epoch.solver is None and trial.solver is not None:
+        return dataclasses.replace(epoch, solver=trial.solver)
+    return epoch
+
+
 def commit_prefix(
     problem: Problem,
     epoch: NoiseEpoch,

@@ -10,7 +10,6 @@ import dataclasses
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import torch
 
 from core import persist
 from core.data import Dataset, check_training_data
-from core.epoch import NoiseEpoch, commit_prefix, estimate, fit_epoch
+from core.epoch import NoiseEpoch, RetrainSnapshot, commit_prefix, estimate, fit_epoch, warmed
 from core.errors import InvalidInputError, StateError
 from core.guard import ONE_CLASS
 from core.noise import generator
@@ -39,18 +38,6 @@ __all__ = [
 
 #: a prepared retrain is a fitted noise epoch not yet in use
 PreparedRetrain = NoiseEpoch
-
-
-@dataclass
-class RetrainSnapshot:
-    """The rows and weights a background retrain starts from (:meth:`Model.retrain_snapshot`)."""
-
-    version: int
-    alive: torch.Tensor
-    W: torch.Tensor
-    #: the removal preconditioner at the snapshot (a Cholesky factor of a recent Hessian, in
-    #: memory only): it makes the warm-started fit O(n d) per Newton iteration
-    factor: torch.Tensor | None = None
 
 
 class Model(ModelView):
@@ -203,21 +190,10 @@ class Model(ModelView):
         return groups_within_limits(group_rows, limits)
 
     def warm_up(self) -> None:
-        """Compute two removal steps on the current epoch and throw them away (the model and its
-        accounting are unchanged): a worker pays the lazy set-up of a process's first steps
-        before it serves. An epoch without a solver factor (loaded from disk) keeps the steps':
-        a preconditioner, a function of the weights and the data only."""
-        rows = torch.nonzero(self._alive).flatten()[:2].tolist()
-        if self.n_alive < 3 or len(rows) < 2:
-            return
-        epoch = self._epoch
-        for row in rows:  # without a factor: direct, then iterative with the direct's factor
-            _, stepped, _, _ = commit_prefix(
-                self._problem, epoch, [[row]], self.budget_total, self.solve_options
-            )
-            epoch = dataclasses.replace(epoch, solver=stepped.solver)
-        if self._epoch.solver is None and epoch.solver is not None:
-            self._epoch = dataclasses.replace(self._epoch, solver=epoch.solver)
+        """Compute removal steps on the current epoch and throw them away (the model and its
+        accounting are unchanged; :func:`core.epoch.warmed`): a worker pays the lazy set-up of
+        a process's first steps before it serves."""
+        self._epoch = warmed(self._problem, self._epoch, self.budget_total, self.solve_options)
 
     # ----------------------------------------------------------------- retrain
     def retrain(self, exclude: Sequence[int] = (), *, seed: int | None = None) -> None:

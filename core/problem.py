@@ -38,9 +38,12 @@ class Problem:
     lam: float
     hess_dtype: torch.dtype
     X32: torch.Tensor = field(init=False, repr=False, compare=False)
+    #: ``||x_i||^2`` (n,), for the certificate's rounding margins (computed once, not per step)
+    row_norms_sq: torch.Tensor = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "X32", self.X.to(torch.float32).contiguous())
+        object.__setattr__(self, "row_norms_sq", self.row_norms.square())
 
     def weights(self, alive: torch.Tensor) -> torch.Tensor:
         """Row weights ``C = alive * omega`` (n, K) in X's dtype."""

@@ -186,7 +186,7 @@ def newton_step(
     # over the removed rows: sum C ||x||^2 (the rounding of their margins behind Delta) and
     # sum C |l'| ||x|| (the summation margin of Delta's own sum)
     removed_norms = problem.row_norms[rows]
-    removed_sq = removed_norms.square() @ problem.omega[rows]
+    removed_sq = problem.row_norms_sq[rows] @ problem.omega[rows]
     removed_abs = float(removed_norms @ (problem.omega[rows] * sig_neg[rows]).sum(1))
 
     def certify(S: torch.Tensor, method: str, its: int, new_cache: SolverCache) -> Step | None:
@@ -284,19 +284,19 @@ def _certify(
     # Hessians, float64 certificates"): the margins at W_new (the gradient), X s (H's), the old
     # margins Z behind l'' (H) and l' of the removed rows (Delta, over the rows alive before).
     d = X.shape[1]
-    sq = problem.row_norms.square()
+    sq = problem.row_norms_sq
+    XS_abs = XS.abs()
     alive_sq = sq @ C  # (K,) sum_i C_ik ||x_i||^2 over the remaining rows
     before_sq = alive_sq + removed_sq
     margin += margins_rounding(d, alive_sq, W_new)
     hs_margin += (
         margins_rounding(d, alive_sq, S)
         + margins_rounding(d, before_sq, W)
-        + margins_rounding(d, (sq[:, None] * C * XS.abs()).sum(0), W)
+        + margins_rounding(d, sq @ (C * XS_abs), W)
     )
     # |x.s| computed: the remainder bound takes an upper bound of the exact one
-    XS_upper = XS.abs() + product_error(d) * problem.row_norms[:, None] * torch.linalg.vector_norm(
-        S, dim=0
-    )
+    s_norms = torch.linalg.vector_norm(S, dim=0)
+    XS_upper = XS_abs + product_error(d) * problem.row_norms[:, None] * s_norms
     residual_norms = torch.linalg.vector_norm(solve_residual, dim=0)
     increments = (
         residual_norms

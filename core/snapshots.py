@@ -57,11 +57,8 @@ class SnapshotInfo:
 
 
 def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """fsync a directory (its entries: a rename or a new file in it)."""
+    _fsync_path(path, directory=True)
 
 
 def write_file(path: Path, data: bytes, *, fsync: bool = True) -> None:

@@ -35,13 +35,11 @@ _IN_SCRIPT = re.compile(r"@USER_SCRIPT: ?\d+: -?(?:" + "|".join(_TRANSIENT_REPLI
 #: redis-py's classes for those replies: it strips the reply's first word from the message (Redis
 #: 7 inside a script: OutOfMemoryError "command not allowed when used memory > 'maxmemory'.
 #: script: ..., on @user_script:31."), so the class is what says it
-_TRANSIENT_CLASSES = tuple(
-    cls
-    for cls in (
-        getattr(redis.exceptions, name, None)
-        for name in ("OutOfMemoryError", "ReadOnlyError", "NoPermissionError", "TryAgainError")
-    )
-    if isinstance(cls, type)
+_TRANSIENT_CLASSES = (
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.NoPermissionError,
+    redis.exceptions.TryAgainError,
 )
 #: what torch says when an allocation fails: a RuntimeError (CPU), or torch.OutOfMemoryError (a
 #: RuntimeError too), never MemoryError
