@@ -25,6 +25,7 @@ import shutil
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -130,12 +131,49 @@ def service_run(
         wait_ready(proc, port, timeout=180)
         with Client(url, model=model) as client:
             result = run_loadtest(client, requests=requests, rate=rate, timeout=timeout)
-        return result.as_dict()
+        out = result.as_dict()
+        out["drain_phases"] = drain_phases(port)
+        return out
     finally:
         stop_worker(proc)
         if log_dir is not None:
             log_dir.mkdir(parents=True, exist_ok=True)
             shutil.copy(log, log_dir / f"worker-{name}.log")
+
+
+def drain_phases(port: int) -> dict[str, dict[str, float]]:
+    """Per phase of the drain loop (``certremove_drain_phase_seconds``, read from the worker's
+    metrics page at the end of a run): batches that went through it, and its mean and total
+    seconds."""
+    from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "certremove_drain_phase_seconds":
+            continue
+        for sample in family.samples:
+            phase = sample.labels.get("phase")
+            if sample.name.endswith("_sum"):
+                sums[phase] = sample.value
+            elif sample.name.endswith("_count"):
+                counts[phase] = sample.value
+    return {
+        p: {"batches": counts[p], "mean": sums[p] / counts[p], "total": sums[p]}
+        for p in counts
+        if counts[p]
+    }
+
+
+def phase_line(phases: dict[str, dict[str, float]]) -> str:
+    """``read 1.2 plan 3.4 ...``: mean milliseconds per batch of each phase, and the batches."""
+    if not phases:
+        return "-"
+    batches = int(max(v["batches"] for v in phases.values()))
+    parts = [f"{p} {v['mean'] * 1000:.1f}" for p, v in phases.items()]
+    return f"{batches} batches; mean ms per batch: " + ", ".join(parts)
 
 
 def fmt(v: float | None, scale: float = 1000.0, unit: str = " ms") -> str:
@@ -262,6 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     if report.get("steady"):
         tail = report["steady"]["latency_p99_by_second"]
         print("steady p99 per second sent: " + " ".join(fmt(v, unit="") for v in tail))
+    for name in ("burst", "steady"):
+        r = report.get(name)
+        if r and "drain_phases" in r:
+            print(f"{name} drain: {phase_line(r['drain_phases'])}")
     print(f"load average before {report['loadavg_before']}, after {report['loadavg_after']}")
     return 0
 

@@ -41,6 +41,7 @@ from prometheus_client import (
 from producer import schema
 from worker.backlog_gauges import BacklogCollector
 from worker.observe import observe_many
+from worker.phases import DrainPhases
 
 if TYPE_CHECKING:
     import redis
@@ -212,6 +213,7 @@ class ServiceMetrics:
             "Acknowledged entries trimmed from the request stream (retention)",
             **kw,
         )
+        self.phases = DrainPhases(**kw)
         for kind in ("redis", "disk", "other"):
             self.infrastructure_errors.labels(kind=kind)
         for method in ("newton", "retrain"):

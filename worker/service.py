@@ -281,10 +281,16 @@ class RemovalService(FailureHandling):
             report.retrain_requested = True
             return report
         carry = self.intake.recover()
-        while batch := self.intake.fill(carry):
+        phases = self.metrics.phases
+        while True:
+            with phases.timed("read"):
+                batch = self.intake.fill(carry)
+            if not batch:
+                break
             self.intake.read_ahead()  # the next batch's read overlaps this one's step
             carry = self._serve(batch, report)
-            self._release()
+            with phases.timed("release"):
+                self._release()
             if self.retrain_due:
                 report.retrain_requested = True
                 self.intake.forget()  # the retrain reads the pending list

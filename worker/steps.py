@@ -77,8 +77,9 @@ class NewtonSteps:
         """One Newton step over a batch (counted into ``report``); returns the deferred entries
         and the retrain now due (None: none)."""
         due: str | None = None
-        served = self.served
-        plan = served.plan(batch, fold=False)
+        served, phases = self.served, self.metrics.phases
+        with phases.timed("plan"):
+            plan = served.plan(batch, fold=False)
         if plan.groups:
             t0 = time.perf_counter()
             served.dirty = True
@@ -87,9 +88,11 @@ class NewtonSteps:
             except ValueError as exc:  # core refused the call (InvalidInputError): answer it
                 served.dirty = False  # core checks before it changes anything
                 plan.reject_all(str(exc), self.clock())
-                self.outbox.finish(plan)
+                with phases.timed("answer"):
+                    self.outbox.finish(plan)
                 return plan.deferred, None
             seconds = time.perf_counter() - t0
+            phases.observe("step", seconds)
             committed = plan.commit(
                 plan.groups[: res.applied_groups],
                 schema.METHOD_NEWTON,
@@ -98,7 +101,8 @@ class NewtonSteps:
                 served.ids,
             )
             if res.removed:
-                served.persist(committed)
+                with phases.timed("persist"):
+                    served.persist(committed)
                 self.metrics.on_step(len(res.removed), seconds)
                 report.rows_removed += len(res.removed)
                 report.steps += 1
@@ -126,13 +130,15 @@ class NewtonSteps:
                     # batch's catch-up step (see the module docstring).
                     plan.defer(rest)
                 else:
-                    adopted = (
-                        None if reason == "extractor" else self._adopt_next(reason, rest, plan)
-                    )
+                    with phases.timed("epoch"):
+                        adopted = (
+                            None if reason == "extractor" else self._adopt_next(reason, rest, plan)
+                        )
                     # The rest of the batch rode in the catch-up step, as far as it fitted; the
                     # groups left go round again on the new epoch.
                     due = reason if adopted is None else self._adopted(adopted, report)
-        self.outbox.finish(plan)
+        with phases.timed("answer"):
+            self.outbox.finish(plan)
         report.requests += plan.served
         return plan.deferred, due
 

@@ -236,6 +236,16 @@ def test_prometheus_scrapes_a_worker_under_load(
     assert remaining is not None and remaining > 0
     settles(f"certremove_extractor_removals_remaining{{{sel}}}", remaining)
     settles(f"certremove_request_latency_seconds_count{{{sel}}}", len(SIZES))
+    # the drain's phases: each batch read, planned, stepped, persisted and answered; the step
+    # phase times the same call as the Newton step histogram (no epoch change in this run)
+    steps = prom.value(f"certremove_newton_update_seconds_count{{{sel}}}")
+    assert steps >= 1
+    for phase in ("read", "plan", "step", "persist", "answer", "release"):
+        prom.wait_for(
+            f'certremove_drain_phase_seconds_count{{phase="{phase}", {sel}}}', lambda v: v >= steps
+        )
+    settles(f'certremove_drain_phase_seconds_count{{phase="step", {sel}}}', steps)
+    settles(f'certremove_drain_phase_seconds_count{{phase="epoch", {sel}}}', 0)
     settles(f"certremove_retrain_in_progress{{{sel}}}", 0)
     assert prom.value(f"time() - certremove_heartbeat_timestamp_seconds{{{sel}}}") < 15
     ((build, one),) = prom.query(f"certremove_build_info{{{sel}}}")

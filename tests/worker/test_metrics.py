@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from producer import Client, schema
 from worker.launcher import free_port
 from worker.metrics import ServiceMetrics
+from worker.phases import PHASES
 
 DESIGN_NAMES = {
     "certremove_budget_limit",
@@ -50,6 +51,7 @@ EXTRA_NAMES = {
     "certremove_release_failures",
     "certremove_last_release_timestamp_seconds",
     "certremove_unreleased_requests",
+    "certremove_drain_phase_seconds",
 }
 
 
@@ -252,3 +254,28 @@ def test_waiting_at_an_epoch_boundary_for_the_background_fit_keeps_beating(
     taken = runner.take(model)  # type: ignore[arg-type]
     assert taken is not None and taken[0] == "prepared"
     assert beats[1] > beats[0]
+
+
+def test_drain_phases_are_pre_initialised_and_timed_also_when_a_phase_raises() -> None:
+    reg = CollectorRegistry()
+    metrics = ServiceMetrics(reg)
+    counts = {
+        s.labels["phase"]: s.value
+        for s in reg.collect()
+        for s in s.samples
+        if s.name == "certremove_drain_phase_seconds_count"
+    }
+    assert counts == dict.fromkeys(PHASES, 0.0)
+    with metrics.phases.timed("plan"):
+        time.sleep(0.01)
+    with pytest.raises(RuntimeError), metrics.phases.timed("persist"):
+        raise RuntimeError("disk full")
+    metrics.phases.observe("step", 0.25)
+    value = reg.get_sample_value
+    assert value("certremove_drain_phase_seconds_count", {"phase": "plan"}) == 1
+    assert 0.01 <= value("certremove_drain_phase_seconds_sum", {"phase": "plan"}) < 5
+    assert value("certremove_drain_phase_seconds_count", {"phase": "persist"}) == 1
+    assert value("certremove_drain_phase_seconds_sum", {"phase": "step"}) == 0.25
+    assert value("certremove_drain_phase_seconds_count", {"phase": "answer"}) == 0
+    with pytest.raises(KeyError):
+        metrics.phases.observe("lunch", 1.0)  # a typo is an error, not a new series

@@ -1,0 +1,62 @@
+"""Where a drain's time goes: ``certremove_drain_phase_seconds{phase}``, one observation per
+batch and phase, so that an operator (and the load test) can see which part of the drain loop
+bounds the deletion latency without a profiler.
+
+Phases, in the order a batch meets them (docs/operations.md "Where a drain's time goes"):
+
+- ``read``: taking the next batch from the stream (the read-ahead's result and what arrived
+  since; parsing the entries);
+- ``plan``: the batch checked against the ledger and the model (repeats, unknown ids, rows);
+- ``step``: the Newton step (``certremove_newton_update_seconds`` times the same call);
+- ``persist``: the snapshot with the batch's journal, fsynced;
+- ``answer``: the ledger file, statuses and acknowledgements, dead letters, request metrics;
+- ``epoch``: taking over the next noise epoch (the wait for its fit, the catch-up step and its
+  snapshot), only in batches that reach an epoch's count;
+- ``release``: the release policy after the batch (a release when due, announcements).
+
+A batch's latency is about its own ``read`` + ``plan`` + ``step`` plus what the batch before it
+still had to do when it arrived (its whole cycle at worst).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from prometheus_client import Histogram
+
+PHASES = ("read", "plan", "step", "persist", "answer", "epoch", "release")
+PHASE_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+
+
+class DrainPhases:
+    """The ``certremove_drain_phase_seconds`` histogram, each phase's series created at start."""
+
+    def __init__(self, **kw: Any) -> None:
+        self.histogram = Histogram(
+            "certremove_drain_phase_seconds",
+            "Time of one phase of the drain loop for one batch (read, plan, step, persist, "
+            "answer, epoch, release)",
+            ["phase"],
+            buckets=PHASE_BUCKETS,
+            **kw,
+        )
+        self._series = {p: self.histogram.labels(phase=p) for p in PHASES}
+
+    def observe(self, phase: str, seconds: float) -> None:
+        """One batch spent ``seconds`` in ``phase`` (one of :data:`PHASES`)."""
+        self._series[phase].observe(seconds)
+
+    @contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        """Observe the time the block takes in ``phase`` (also when it raises: a failed phase
+        took that long too)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._series[phase].observe(time.perf_counter() - start)
