@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import functools
 import math
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,8 +24,8 @@ from core.loss import (
     loss_derivatives,
     margins,
     solve_factored,
-    xt_dot,
 )
+from core.products import gram_cost, hvp, x_times, xt_times
 
 
 @dataclass(frozen=True)
@@ -42,25 +40,6 @@ class FitResult:
     factor: torch.Tensor | None = None
     #: CG iterations of the last Newton direction with ``factor`` (0: it was factored for it)
     cg_iterations: int = 0
-
-
-#: cost of one multiply-add of the float32 weighted Gram matrix (from the problem's float32 X)
-#: relative to one of a float64 matrix-vector product over X, per device type; CPU (2-vCPU VM):
-#: 5.5 products at n = 100,000, d = 64, 37 at 11,982 x 784 (1/12 fits the close, narrow case)
-GRAM_COST = {"cpu": 1 / 12, "cuda": 1 / 64}
-#: cost of a float32 product of the removal step's CG relative to a float64 one: half the bytes
-#: on the CPU (0.75 against 1.5 ms at 11,982 x 784); none assumed on CUDA (launch bound)
-F32_PRODUCT_COST = {"cpu": 0.5, "cuda": 1.0}
-
-
-def gram_cost(device: torch.device) -> float:
-    """:data:`GRAM_COST` of ``device``'s type (the CPU's for an unknown type)."""
-    return GRAM_COST.get(device.type, GRAM_COST["cpu"])
-
-
-def f32_product_cost(device: torch.device) -> float:
-    """:data:`F32_PRODUCT_COST` of ``device``'s type (the CPU's for an unknown type)."""
-    return F32_PRODUCT_COST.get(device.type, F32_PRODUCT_COST["cpu"])
 
 
 def gradient_tolerance(lam: float, n_reg: float, budget: float) -> float:
@@ -224,117 +203,6 @@ def _line_search(
             return W1, Z1, f1
         step = torch.where(ok, step, step / 2)
     return W1, Z1, f1
-
-
-#: the widest product for which one matrix-vector product per column is considered (CPU)
-THIN_COLUMNS = 4
-
-#: (dtype, n, d, columns, transposed) -> the layout of :func:`thin_product` measured fastest by
-#: :func:`_calibrate` (CPU only)
-_LAYOUT: dict[tuple[torch.dtype, int, int, int, bool], str] = {}
-_LAYOUT_LOCK = threading.Lock()
-
-
-def thin_product(X: torch.Tensor, V: torch.Tensor, transpose: bool) -> torch.Tensor:
-    """``X @ V`` (or ``X^T @ V``) for a thin ``V``, reading row-major X once where it pays.
-
-    With 2 to :data:`THIN_COLUMNS` columns on the CPU, the fastest layout is measured once per
-    shape and dtype (:func:`_calibrate`): one GEMM (``X @ V``, ``(V^T X)^T``), ``"rows"`` (``X @
-    V`` as ``(V^T X^T)^T``), for ``X^T`` the blocked GEMM of :func:`core.loss.xt_dot` and
-    ``"split"`` (:func:`_split_xt`), or a matrix-vector product per column. On the Intel 2-vCPU
-    VM (2 threads, float64, 11,982 x 784) 2 columns took 2.3 ms as a GEMM, 1.45 as ``"rows"``
-    (one matrix-vector product: 1.45), and ``X^T`` 2.7 ms as a GEMM, 1.6 as ``"split"``; on an
-    AMD VM the GEMMs took 2-5x two products. The rounding margins cover any summation order.
-    Otherwise (one column, wider ``V``, CUDA) one product."""
-    cols = V.shape[1]
-    if X.device.type != "cpu" or not 2 <= cols <= THIN_COLUMNS:
-        return _product(X, V, transpose, "blocked" if transpose else "gemm")
-    key = (X.dtype, X.shape[0], X.shape[1], cols, transpose)
-    layout = _LAYOUT.get(key)
-    if layout is None:
-        layout = _calibrate(X, V, transpose, key)
-    return _product(X, V, transpose, layout)
-
-
-def _product(X: torch.Tensor, V: torch.Tensor, transpose: bool, layout: str) -> torch.Tensor:
-    """``X @ V`` or ``X^T @ V`` in ``layout`` (:func:`thin_product`)."""
-    if layout == "columns":
-        A = X.T if transpose else X
-        return torch.stack([torch.mv(A, V[:, j]) for j in range(V.shape[1])], dim=1)
-    if not transpose:
-        return (V.T.contiguous() @ X.T).T if layout == "rows" else X @ V
-    if layout == "split":
-        return _split_xt(X, V)
-    return xt_dot(X, V) if layout == "blocked" else (V.T @ X).T
-
-
-def _split_xt(X: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
-    """``X^T M`` as a batched product over equal row chunks (one per thread, at least 2), summed:
-    each thread reads its own rows (a thin GEMM splits X's columns between the threads)."""
-    n, d = X.shape
-    chunks = max(2, torch.get_num_threads())
-    rows = n // chunks
-    if rows == 0:
-        return (M.T @ X).T
-    Mt = M.T.contiguous()  # (k, n)
-    k, cut = Mt.shape[0], chunks * rows
-    parts = torch.bmm(
-        Mt[:, :cut].reshape(k, chunks, rows).transpose(0, 1), X[:cut].reshape(chunks, rows, d)
-    )
-    out = parts.sum(0)
-    if cut < n:
-        out = out + Mt[:, cut:] @ X[cut:]
-    return out.T
-
-
-def _calibrate(
-    X: torch.Tensor,
-    V: torch.Tensor,
-    transpose: bool,
-    key: tuple[torch.dtype, int, int, int, bool],
-    repeats: int = 5,
-) -> str:
-    """Time the layouts on ``X`` (interleaved, the best of ``repeats`` each, so that a burst of
-    load on a shared machine hits all of them) and remember the fastest for ``key``."""
-    layouts = ("gemm", "blocked", "split", "columns") if transpose else ("gemm", "rows", "columns")
-    best = dict.fromkeys(layouts, math.inf)
-    for _ in range(repeats):
-        for layout in layouts:
-            start = time.perf_counter()
-            _product(X, V, transpose, layout)
-            best[layout] = min(best[layout], time.perf_counter() - start)
-    with _LAYOUT_LOCK:
-        return _LAYOUT.setdefault(key, min(layouts, key=best.__getitem__))
-
-
-def calibrate_products(X: torch.Tensor, columns: tuple[int, ...]) -> None:
-    """Measure the layouts of :func:`thin_product` on ``X`` for these column counts ahead of
-    the first request (both directions; a few products per count)."""
-    for cols in columns:
-        if X.device.type == "cpu" and 2 <= cols <= THIN_COLUMNS:
-            V = torch.ones((X.shape[1], cols), dtype=X.dtype)
-            M = torch.ones((X.shape[0], cols), dtype=X.dtype)
-            thin_product(X, V, transpose=False)
-            thin_product(X, M, transpose=True)
-
-
-def x_times(X: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-    """``X @ V`` (n, K) for a thin ``V`` (d, K)."""
-    return thin_product(X, V, transpose=False)
-
-
-def xt_times(X: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
-    """``X^T @ M`` (d, K) for a thin ``M`` (n, K)."""
-    return thin_product(X, M, transpose=True)
-
-
-def hvp(X: torch.Tensor, curvature: torch.Tensor, V: torch.Tensor, ridge: float) -> torch.Tensor:
-    """``H' V`` per class without forming ``H'``: ``X^T (C l''(Z) (X V)) + lam n' V`` (two
-    passes over X). With X float32 (the problem's copy) and ``curvature`` float32 the products
-    are float32, half the bytes of float64, and the result is float64 (``V``'s dtype): CG's
-    vectors and recurrences stay float64, only its operator is rounded (about 1e-7 relative)."""
-    XV = x_times(X, V.to(X.dtype))
-    return xt_times(X, curvature * XV).to(V.dtype) + ridge * V
 
 
 def pcg(

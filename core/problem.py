@@ -10,7 +10,7 @@ import torch
 
 from core.bounds import spectral_norm_upper
 from core.errors import InvalidInputError
-from core.newton import calibrate_products
+from core.products import calibrate_products
 
 ACCOUNTINGS = ("exact", "bound")
 #: ``int | float | str | None``: an int, a fraction of the rows, ``"auto"`` or None
@@ -104,7 +104,7 @@ def make_problem(
     X: torch.Tensor, Y: torch.Tensor, omega: torch.Tensor, lam: float, dev: torch.device
 ) -> Problem:
     """Move the data to ``dev`` in float64 and compute the constants the bounds need; measure
-    the layouts of the thin products the removal step makes (:func:`core.newton.thin_product`:
+    the layouts of the thin products the removal step makes (:func:`core.products.thin_product`:
     its float32 CG products and float64 certificate) so that no request pays for it."""
     X64 = X.to(dev, torch.float64)
     k = Y.shape[1] if Y.ndim == 2 else 1

@@ -19,7 +19,7 @@ cost (:func:`choose_solver`):
 
 Either way the certificate is the same and trusts neither solver: two passes over the float64 X
 (``X [W_new, s]`` and ``X^T [...]``, each one product of ``2K`` columns in the layout measured
-fastest, :func:`core.newton.thin_product`) at the weights as stored give ``grad L_0(W_new; D')``
+fastest, :func:`core.products.thin_product`) at the weights as stored give ``grad L_0(W_new; D')``
 (the exact accounting) and ``H' s - Delta`` for the step actually applied, which the bound
 accounting charges. The float32 copy of X never enters it.
 """
@@ -35,8 +35,9 @@ import torch
 from core.bounds import margins_rounding, product_error, remainder_bound, rounding_margin
 from core.errors import NumericalError
 from core.loss import cholesky_factor, frobenius, margins, solve_factored, weighted_gram
-from core.newton import f32_product_cost, gram_cost, hvp, pcg, x_times, xt_times
+from core.newton import pcg
 from core.problem import Problem
+from core.products import f32_product_cost, gram_cost, hvp, x_times, xt_times
 
 SOLVERS = ("auto", "direct", "iterative")
 #: curvatures ``C l''(z)`` below this are 0 in CG's float32 operator: ``l''(z) ~ e^-|z|`` would be
@@ -132,9 +133,9 @@ def choose_solver(
     Direct without a cached factor, when the cache asks for a refactor, or when asked. Under
     ``"auto"`` the estimated costs beyond the certificate (which both pay), in float64 passes
     over X (``n d K`` multiply-adds): the direct path ``GRAM_COST d + 2`` (the float32 Gram
-    matrix, :data:`core.newton.GRAM_COST`, and the float64 refinement's two passes); the
+    matrix, :data:`core.products.GRAM_COST`, and the float64 refinement's two passes); the
     iterative one ``2 F32_PRODUCT_COST (its + log10(m) / 2)``, two float32 passes
-    (:data:`core.newton.F32_PRODUCT_COST`) per CG iteration, with ``its`` the last step's CG
+    (:data:`core.products.F32_PRODUCT_COST`) per CG iteration, with ``its`` the last step's CG
     iterations (at least 2): a larger batch moves the Hessian further from the factor (measured
     on the 2-vCPU VM with ``cg_tol`` 1e-6: 2 iterations at a batch of 1 and 100, 3 at 1,000 on
     the MNIST shape, where CG took 10-14 ms a step against 63 direct; 2 at 300 and 3 at 8,192 on
@@ -198,7 +199,7 @@ def newton_step(
 
     if choose_solver(problem, m, cache, options) == "iterative":
         assert cache is not None
-        # float32 products on the problem's float32 copy of X, float64 vectors (core.newton.hvp)
+        # float32 products on the problem's float32 copy of X, float64 vectors (core.products.hvp)
         curvature32 = torch.where(curvature >= CURVATURE_FLOOR, curvature, 0.0).to(torch.float32)
         S, its, converged = pcg(
             lambda V: hvp(problem.X32, curvature32, V, ridge),

@@ -1,4 +1,4 @@
-"""The float32 copy of X (core.problem.Problem.X32) and the product layouts (core.newton): the
+"""The float32 copy of X (core.problem.Problem.X32) and the product layouts (core.products): the
 copy feeds only the solvers (CG's Hessian-vector products, the float32 Gram matrix), never the
 float64 certificate, which is checked here against an independent float64 computation (numpy)
 of the gradient residual and of ``H' s - Delta`` for the step actually applied."""
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import core
-import core.newton as newton
+import core.products as products
 from core.loss import weighted_gram
 from core.removal import CURVATURE_FLOOR, SolveOptions, newton_step
 from tests.core.conftest import make_data
@@ -120,14 +120,19 @@ def test_every_product_layout_gives_the_same_product(shape, cols, dtype):
     tol = dict(rtol=1e-12, atol=1e-11) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-3)
     want_v, want_m = X.double() @ V.double(), X.double().T @ M.double()
     for layout in ("gemm", "rows", "columns"):
-        torch.testing.assert_close(newton._product(X, V, False, layout).double(), want_v, **tol)
+        torch.testing.assert_close(products._product(X, V, False, layout).double(), want_v, **tol)
     for layout in ("gemm", "blocked", "split", "columns"):
-        torch.testing.assert_close(newton._product(X, M, True, layout).double(), want_m, **tol)
-    torch.testing.assert_close(newton.x_times(X, V).double(), want_v, **tol)
-    torch.testing.assert_close(newton.xt_times(X, M).double(), want_m, **tol)
-    if 2 <= cols <= newton.THIN_COLUMNS:  # measured once, then kept
-        assert newton._LAYOUT[(dtype, n, d, cols, False)] in ("gemm", "rows", "columns")
-        assert newton._LAYOUT[(dtype, n, d, cols, True)] in ("gemm", "blocked", "split", "columns")
+        torch.testing.assert_close(products._product(X, M, True, layout).double(), want_m, **tol)
+    torch.testing.assert_close(products.x_times(X, V).double(), want_v, **tol)
+    torch.testing.assert_close(products.xt_times(X, M).double(), want_m, **tol)
+    if 2 <= cols <= products.THIN_COLUMNS:  # measured once, then kept
+        assert products._LAYOUT[(dtype, n, d, cols, False)] in ("gemm", "rows", "columns")
+        assert products._LAYOUT[(dtype, n, d, cols, True)] in (
+            "gemm",
+            "blocked",
+            "split",
+            "columns",
+        )
 
 
 def test_the_float32_hvp_is_float32_products_with_float64_vectors():
@@ -136,8 +141,8 @@ def test_the_float32_hvp_is_float32_products_with_float64_vectors():
     gen = torch.Generator().manual_seed(0)
     curvature = torch.rand((3000, 2), generator=gen, dtype=torch.float64) / 4
     V = torch.randn((30, 2), generator=gen, dtype=torch.float64)
-    exact = newton.hvp(X64, curvature, V, ridge=3.0)
-    fast = newton.hvp(X64.float(), curvature.float(), V, ridge=3.0)
+    exact = products.hvp(X64, curvature, V, ridge=3.0)
+    fast = products.hvp(X64.float(), curvature.float(), V, ridge=3.0)
     assert fast.dtype == torch.float64 and exact.dtype == torch.float64
     want = X64.T @ (curvature * (X64 @ V)) + 3.0 * V
     torch.testing.assert_close(exact, want, rtol=1e-12, atol=1e-12)
