@@ -46,6 +46,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as dump_tensors
 
 from core.data import Dataset, load_npz, save_dataset
+from core.durable import fsync_dir, fsync_together, write_file
 from core.errors import InvalidInputError, StateDamagedError, StateError
 from core.invariants import check_invariants
 from core.snapshots import (
@@ -65,8 +66,6 @@ from core.snapshots import (
     damaged,
     dataset_entry,
     file_entry,
-    fsync_dir,
-    fsync_together,
     prune,
     read_bytes,
     read_manifest,
@@ -74,7 +73,6 @@ from core.snapshots import (
     summary,
     verify_dataset,
     verify_snapshot_files,
-    write_file,
 )
 from core.state import ModelState
 

@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import core
+import core.durable as durable
 from core.errors import StateDamagedError
 from core.persist import current_snapshot, list_snapshots, read_journal
 from tests.conftest import make_state, rewrite_manifest
@@ -289,10 +293,6 @@ def test_a_save_never_blesses_a_dataset_file_damaged_since_it_was_verified(state
 def test_fsync_together_syncs_every_path_and_raises_after_all_are_done(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import os
-
-    import core.snapshots as snapshots
-
     files = [tmp_path / f"f{i}" for i in range(5)]
     for f in files:
         f.write_bytes(b"x")
@@ -303,11 +303,37 @@ def test_fsync_together_syncs_every_path_and_raises_after_all_are_done(
         real(fd)
         synced.append(os.readlink(f"/proc/self/fd/{fd}"))
 
-    monkeypatch.setattr(snapshots.os, "fsync", record)
-    snapshots.fsync_together(files, [tmp_path])
+    monkeypatch.setattr(durable.os, "fsync", record)
+    durable.fsync_together(files, [tmp_path])
     assert sorted(synced) == sorted(str(p) for p in [*files, tmp_path])
     synced.clear()
     with pytest.raises(FileNotFoundError):
-        snapshots.fsync_together([*files, tmp_path / "gone"])
+        durable.fsync_together([*files, tmp_path / "gone"])
     assert sorted(synced) == sorted(str(p) for p in files)  # the others were still synced
-    snapshots.fsync_together([files[0]])  # one alone: no thread needed
+    durable.fsync_together([files[0]])  # one alone: no thread needed
+
+
+def _fsync_in_child(paths: list[str], out: Any) -> None:
+    durable.fsync_together([Path(p) for p in paths])
+    out.put("done")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_fsync_together_works_in_a_forked_child_of_a_process_that_used_it(tmp_path: Path) -> None:
+    # the parent's pool threads do not exist in a forked child: a pool inherited as is would
+    # queue the child's fsyncs for threads that never run them, and wait forever
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f"f{i}")
+        files[-1].write_bytes(b"x")
+    durable.fsync_together(files)  # the pool exists in this process now
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    child = ctx.Process(target=_fsync_in_child, args=([str(p) for p in files], out))
+    child.start()
+    child.join(30)
+    if child.is_alive():
+        child.kill()
+        child.join()
+        pytest.fail("fsync_together hung in a forked child")
+    assert child.exitcode == 0 and out.get(timeout=5) == "done"
