@@ -37,6 +37,15 @@ def create_app(settings: Settings) -> Celery:
     transport = {
         "visibility_timeout": settings.visibility_timeout,
         "queue_order_strategy": "priority",
+        # kombu waits forever by default: a Redis that stops answering without closing the
+        # connection would hold a publish or an ack, and with it the event loop, for good. A
+        # timeout is a connection error to Celery: it reconnects (broker_connection_max_retries).
+        "socket_timeout": settings.redis_timeout,
+        "socket_connect_timeout": settings.redis_timeout,
+        # The event loop reads BRPOP's reply only once the socket is readable, so no socket
+        # timeout fires there: kombu drops a BRPOP connection whose reply is overdue by this
+        # interval, checked as often (a hung one goes within 1 + 2 x redis_timeout s, not 51 s).
+        "health_check_interval": settings.redis_timeout,
     }
     app.conf.update(
         task_serializer="json",

@@ -202,7 +202,10 @@ class Lease:
         """
         token = int(self.redis.incr(self.counter))
         deadline = time.monotonic() + (self.ttl_ms / 1000 + 1 if wait_s is None else wait_s)
-        while not self.redis.set(self.key, token, nx=True, px=self.ttl_ms):
+        while True:
+            sent = time.monotonic()  # the lease's life counts from here (see renew)
+            if self.redis.set(self.key, token, nx=True, px=self.ttl_ms):
+                break
             holder = self.owner()
             if holder is None:
                 continue  # expired between the two calls
@@ -227,7 +230,7 @@ class Lease:
                 f"{self.ttl_ms / 1000:.0f} s"
             )
         self.token = token
-        self._valid_until = time.monotonic() + self.ttl_ms / 1000
+        self._valid_until = sent + self.ttl_ms / 1000
         self.redis.hset(
             self.info_key,
             mapping={
@@ -314,26 +317,40 @@ class Lease:
         """Extend the lease; False when another worker holds it now."""
         if self.token is None:
             return False
+        # Redis extends the lease after this moment, and its reply may arrive up to a socket
+        # timeout later: counted from the reply, the lease would look longer than it is, and
+        # check() could pass after it lapsed.
+        sent = time.monotonic()
         ok = bool(self._renew(keys=[self.key, self.counter], args=[self.token, self.ttl_ms]))
         if ok:
-            self._valid_until = time.monotonic() + self.ttl_ms / 1000
+            self._valid_until = sent + self.ttl_ms / 1000
         else:
             self._lost = f"the lease of model {self.model!r} passed to another worker"
         return ok
 
     def start(self) -> None:
-        """Renew in a daemon thread every ttl/3 (errors are retried; the lease may lapse)."""
+        """Renew in a daemon thread every ttl/3 (errors are retried; the lease may lapse).
+
+        A renewal that fails is tried again at once, then every ttl/3: a single hung connection
+        (timed out after ``CERTREMOVE_REDIS_TIMEOUT``, at most ttl/2, and dropped by redis-py)
+        then costs one timeout, and the retry on a fresh connection lands before the lease
+        lapses (ttl/3 + ttl/2 < ttl).
+        """
         if self._thread is not None:
             return
+        interval = self.ttl_ms / 3000
 
         def run() -> None:
-            while not self._stop.wait(self.ttl_ms / 3000):
+            wait = interval
+            while not self._stop.wait(wait):
                 try:
                     if not self.renew():
                         log.critical("%s: this worker stops serving", self._lost)
                         return
-                except Exception as exc:  # noqa: BLE001 - Redis away: try again next round
+                    wait = interval
+                except Exception as exc:  # noqa: BLE001 - Redis away: try again
                     log.warning("renewing the model lease failed: %s", exc)
+                    wait = 0.0 if wait else interval  # once at once, then at the usual pace
 
         self._thread = threading.Thread(target=run, name="certremove-lease", daemon=True)
         self._thread.start()

@@ -179,6 +179,25 @@ def build_metrics(settings: Settings, model: Model) -> ServiceMetrics:
     return metrics
 
 
+def redis_client(settings: Settings) -> redis.Redis:
+    """The worker's redis-py client (stream, ledger, statuses, lease, doorbell, releases).
+
+    Every connect and every reply waits at most ``settings.redis_timeout`` seconds: without a
+    timeout a Redis that stops answering but keeps the connection open (a partition, a half-open
+    connection after a failover) would hold the drain, the lease renewal and the read-ahead
+    thread forever; with it the call fails with ``redis.TimeoutError``, an infrastructure fault
+    (``worker.faults``: backoff, then a fresh connection). One try per command (redis-py's
+    default for a client built from a URL): no retry multiplies the timeout.
+    """
+    return redis.Redis.from_url(
+        redis_py_url(settings.broker_url),
+        health_check_interval=30,
+        socket_timeout=settings.redis_timeout,
+        socket_connect_timeout=settings.redis_timeout,
+        **settings.tls_options(),
+    )
+
+
 #: state directories this process holds the worker lock of (path -> open lock file)
 _HELD: dict[Path, Any] = {}
 LOCK_NAME = ".worker.lock"
@@ -232,9 +251,7 @@ def build_runtime(
     releases = release_options(settings)  # a bad receipt key is a configuration error
     model = load_model(settings, check_ledger=False)  # checked below, once the ledger is read
     lock_state_dir(settings.state_dir)
-    client = redis.Redis.from_url(
-        redis_py_url(settings.broker_url), health_check_interval=30, **settings.tls_options()
-    )
+    client = redis_client(settings)
     # One owner per model across hosts: refused here while another worker holds the lease, or
     # when another state directory (or a later snapshot of this one) served the model last.
     lease = Lease(

@@ -6,6 +6,7 @@ server and the CLI all receive this object.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from collections.abc import Mapping
@@ -53,6 +54,18 @@ class Settings:
         visibility_timeout: kombu visibility timeout for Celery messages (wake-ups only).
         broker_connect_timeout: seconds the worker tries to reach Redis at start (exponential
             backoff, 0.5 s doubling up to 5 s) before it exits with status 4.
+        redis_timeout: seconds each Redis connection of the worker (its redis-py client,
+            Celery's broker connections) waits to connect and for a reply, and the interval of
+            kombu's checks of its BRPOP and pub/sub connections. A Redis that stops answering but
+            keeps the connection open (a partition, a half-open connection after a failover, a
+            paused server) then fails the call with a timeout, handled like a lost connection
+            (backoff, reconnect, retry; nothing is lost), where it would hold the worker forever.
+            It must exceed the longest reply of a healthy Redis to a command of the worker: none
+            blocks on the server but kombu's BRPOP (1 s), and kombu reads its reply only once the
+            socket is readable, so a timeout under 1 s is safe for it. At most half of
+            ``lease_ttl_ms``: a lease renewal that meets a hung connection waits this long before
+            it tries again on a fresh one, and must still land before the lease lapses
+            (``worker.lease``). Unset (None): 15 s, or half the lease when that is shorter.
         log_format: ``text`` or ``json`` (one JSON object per line, ``worker.logs``).
         broker_max_retries: retries (2, 4, 6 ... s apart, at most 30 s) to reach Redis at start
             and after losing it, before the worker exits with status 4.
@@ -96,6 +109,7 @@ class Settings:
     visibility_timeout: int = 600
     broker_max_retries: int = 10
     broker_connect_timeout: float = 30.0
+    redis_timeout: float | None = None
     log_format: str = "text"
     torch_threads: int = 0
     data_dir: Path | None = None
@@ -136,6 +150,21 @@ class Settings:
             raise SettingsError("CERTREMOVE_BROKER_MAX_RETRIES must be at least 1")
         if not self.broker_connect_timeout > 0:
             raise SettingsError("CERTREMOVE_BROKER_CONNECT_TIMEOUT must be > 0 seconds")
+        if self.redis_timeout is None:  # the default: 15 s, at most half the lease
+            object.__setattr__(self, "redis_timeout", min(15.0, self.lease_ttl_ms / 2000))
+        assert self.redis_timeout is not None
+        if not (math.isfinite(self.redis_timeout) and self.redis_timeout > 0):
+            raise SettingsError(
+                f"CERTREMOVE_REDIS_TIMEOUT must be a finite number of seconds > 0, got "
+                f"{self.redis_timeout!r}"
+            )
+        if self.redis_timeout * 2000 > self.lease_ttl_ms:
+            raise SettingsError(
+                f"CERTREMOVE_REDIS_TIMEOUT ({self.redis_timeout:g} s) must be at most half of "
+                f"CERTREMOVE_LEASE_TTL_MS ({self.lease_ttl_ms} ms): a lease renewal that meets a "
+                "hung connection waits that long before it tries again, and must still land "
+                "before the lease lapses"
+            )
         if self.log_format not in ("text", "json"):
             raise SettingsError(
                 f"CERTREMOVE_LOG_FORMAT must be text or json, got {self.log_format!r}"
@@ -189,6 +218,7 @@ class Settings:
             ("visibility_timeout", "VISIBILITY_TIMEOUT", int),
             ("broker_max_retries", "BROKER_MAX_RETRIES", int),
             ("broker_connect_timeout", "BROKER_CONNECT_TIMEOUT", float),
+            ("redis_timeout", "REDIS_TIMEOUT", float),
             ("log_format", "LOG_FORMAT", str),
             ("torch_threads", "TORCH_THREADS", int),
             ("data_dir", "DATA_DIR", Path),
@@ -260,6 +290,7 @@ class Settings:
             "CERTREMOVE_VISIBILITY_TIMEOUT": str(self.visibility_timeout),
             "CERTREMOVE_BROKER_MAX_RETRIES": str(self.broker_max_retries),
             "CERTREMOVE_BROKER_CONNECT_TIMEOUT": str(self.broker_connect_timeout),
+            "CERTREMOVE_REDIS_TIMEOUT": str(self.redis_timeout),
             "CERTREMOVE_LOG_FORMAT": self.log_format,
             "CERTREMOVE_TORCH_THREADS": str(self.torch_threads),
             "CERTREMOVE_RETRAIN_LEAD": str(self.retrain_lead),

@@ -9,7 +9,9 @@ kombu can deliver (and acknowledge, and restore) is dropped with one warning lin
 escaped excerpt. What the envelope carries (content type, task name, arguments) is checked one
 layer up, by :mod:`worker.consumer`.
 
-The two methods are kombu's own with the parsing replaced (kombu 5.5 to 5.7); the consumer installs
+The two methods are kombu's own with the parsing replaced (kombu 5.5 to 5.7). Its :class:`QoS` frees
+a message's prefetch slot also when the acknowledgement fails in Redis (a hung or lost
+connection), where kombu's would leave the consumer waiting forever. The consumer installs
 :class:`Transport` on its connection (:func:`guard`) whatever the URL's scheme (``redis``,
 ``rediss``, ``redis+socket``).
 """
@@ -98,8 +100,38 @@ def envelope_problem(payload: Any, codecs: dict[str, Any]) -> str | None:
     return None
 
 
+class QoS(kombu_redis.QoS):  # type: ignore[misc]
+    """kombu's Redis ack emulation, except that an acknowledgement or rejection that fails in
+    Redis (a timeout, a lost connection) still frees the message's prefetch slot.
+
+    kombu removes the tag from its unacked index in Redis first and only then forgets the
+    message locally; when the Redis part raises, the message stays counted as delivered, and
+    with a prefetch of 1 the consumer never takes another one: a worker that runs and beats but
+    never drains again. Forgetting it locally is safe: the tag left in Redis's unacked index is
+    restored by kombu after the visibility timeout, one more wake-up, and wake-ups carry nothing
+    (the stream is the record, docs/design.md "Doorbell"). The error still goes on to Celery.
+    """
+
+    def ack(self, delivery_tag: Any) -> None:
+        try:
+            super().ack(delivery_tag)
+        except BaseException:
+            self._quick_ack(delivery_tag)  # kombu's local forget (virtual.QoS.ack)
+            raise
+
+    def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        try:
+            super().reject(delivery_tag, requeue=requeue)
+        except BaseException:
+            self._quick_ack(delivery_tag)
+            raise
+
+
 class Channel(kombu_redis.Channel):  # type: ignore[misc]
-    """kombu's Redis channel; a list item that is not a deliverable envelope is dropped."""
+    """kombu's Redis channel; a list item that is not a deliverable envelope is dropped, and an
+    acknowledgement that fails in Redis frees its prefetch slot all the same (:class:`QoS`)."""
+
+    QoS = QoS
 
     def _parse_item(self, item: Any, queue: str) -> Any:
         """The envelope in ``item``, or None (logged) when it is malformed."""

@@ -1,5 +1,6 @@
-"""Helpers of the fault tests (``test_fault_storm.py``): a Redis of the test's own that can be
-stopped and started again on the same port with the same data, a restartable worker process,
+"""Helpers of the fault tests (``test_fault_storm.py``, ``test_redis_hang.py``): a Redis of the
+test's own that can be stopped and started again on the same port with the same data, a proxy
+that can make Redis stop answering without closing a connection, a restartable worker process,
 mounts, and the independent end-of-test check of the service's promises.
 
 Nothing here trusts the worker's own account: the final check reads the statuses from Redis, the
@@ -9,13 +10,17 @@ persisted model with ``core.load_model`` and the ledger file with ``worker.ledge
 from __future__ import annotations
 
 import os
+import select
 import shutil
+import socket
 import subprocess
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import pytest
 import redis
@@ -84,6 +89,141 @@ class OwnRedis:
         """SIGTERM by pid and wait (with ``appendfsync always`` every write is on disk)."""
         if self.server is not None:
             self.server.stop()  # its directory is ours: the data stays for the next start
+
+
+class _Link:
+    """One client connection through a :class:`HangProxy` and its upstream connection."""
+
+    def __init__(self, client: socket.socket, upstream: socket.socket, hung: bool) -> None:
+        self.client, self.upstream, self.hung = client, upstream, hung
+        self._closed = threading.Event()
+
+    def close(self) -> None:
+        if not self._closed.is_set():
+            self._closed.set()
+            for sock in (self.client, self.upstream):
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+
+class HangProxy:
+    """A TCP proxy in front of a Redis that can stop answering without closing anything, as a
+    network partition or a half-open connection after a failover does.
+
+    :meth:`blackhole`: every connection, open or new, stops forwarding in both directions (what
+    is sent is read and dropped) but stays open. :meth:`heal`: new connections forward again;
+    the blackholed ones stay hung for good, like half-open TCP connections, so only a client
+    that gives up on them (a socket timeout) recovers.
+
+    Args:
+        upstream: ``(host, port)`` of the Redis, or the path of its unix socket.
+    """
+
+    def __init__(self, upstream: tuple[str, int] | str) -> None:
+        self.upstream = upstream
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._listener.getsockname()[1])
+        self._blackholed = False
+        self._links: list[_Link] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        threading.Thread(target=self._accept, name="hang-proxy", daemon=True).start()
+
+    @classmethod
+    def to(cls, broker_url: str) -> tuple[HangProxy, str]:
+        """A proxy in front of the Redis of ``broker_url`` (``redis://`` or ``redis+socket://``)
+        and the broker URL that goes through it (same credentials and database); skips the test
+        on ``rediss://`` (the server's certificate would not name the proxy)."""
+        parts = urlsplit(broker_url)
+        if parts.scheme == "redis+socket":
+            proxy = cls(parts.path)
+            db = parse_qs(parts.query).get("virtual_host", ["0"])[0]
+            path, query = f"/{db}", ""
+        elif parts.scheme == "redis":
+            proxy = cls((parts.hostname or "127.0.0.1", parts.port or 6379))
+            path, query = parts.path, parts.query
+        else:
+            pytest.skip(f"the hang proxy forwards plain redis:// only, not {parts.scheme}://")
+        auth = parts.netloc.rpartition("@")[0]
+        netloc = f"{auth}@127.0.0.1:{proxy.port}" if auth else f"127.0.0.1:{proxy.port}"
+        return proxy, urlunsplit(("redis", netloc, path, query, ""))
+
+    def blackhole(self) -> None:
+        """Stop forwarding on every connection, open or new; close none."""
+        with self._lock:
+            self._blackholed = True
+            for link in self._links:
+                link.hung = True
+
+    def heal(self) -> None:
+        """Forward new connections again; the blackholed ones stay hung."""
+        with self._lock:
+            self._blackholed = False
+
+    def hung_links(self) -> int:
+        """Connections open and hung now."""
+        with self._lock:
+            return sum(1 for link in self._links if link.hung and not link.closed)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._listener.close()
+        with self._lock:
+            links, self._links = self._links, []
+        for link in links:
+            link.close()
+
+    def _connect_upstream(self) -> socket.socket:
+        if isinstance(self.upstream, str):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(self.upstream)
+            return sock
+        return socket.create_connection(self.upstream, timeout=5)
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = self._connect_upstream()
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                link = _Link(client, upstream, hung=self._blackholed)
+                self._links.append(link)
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(
+                    target=self._pump, args=(link, src, dst), name="hang-proxy-pump", daemon=True
+                ).start()
+
+    def _pump(self, link: _Link, src: socket.socket, dst: socket.socket) -> None:
+        while not link.closed and not self._stop.is_set():
+            try:
+                ready, _, _ = select.select([src], [], [], 0.2)
+                if not ready:
+                    continue
+                data = src.recv(65536)
+            except (OSError, ValueError):  # closed by the other pump
+                break
+            if not data:
+                break
+            if link.hung:
+                continue  # into the void: nothing crosses, nothing is closed
+            try:
+                dst.sendall(data)
+            except OSError:
+                break
+        link.close()
 
 
 # ----------------------------------------------------------------------------- worker
@@ -158,13 +298,14 @@ def worker_settings(
     broker_url: str, model: str, state: Path, consumer: str, **overrides: Any
 ) -> Settings:
     """The settings of every fault test: CPU, short periodic check, quick claims, short backoff,
-    a 5 s lease."""
+    a 5 s lease (and so Redis timeouts of at most half of it)."""
     fields: dict[str, Any] = dict(
         drain_interval=1.0,
         claim_idle_ms=1000,
         consumer=consumer,
         max_backoff=2.0,
         lease_ttl_ms=5000,
+        redis_timeout=2.5,
         visibility_timeout=30,
         torch_threads=1,
     )

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import redis
@@ -108,3 +110,37 @@ def test_fatal_masks_the_broker_password() -> None:
     assert "hunter2" not in error.message and fatal.last() is error
     _, message = fatal.classify(redis.AuthenticationError("x"), SETTINGS)
     assert "hunter2" not in message and "10.0.0.1:6380" in message
+
+
+class _HungPipe:
+    def execute(self) -> None:
+        raise redis.TimeoutError("Timeout reading from socket")
+
+
+@pytest.mark.parametrize("how", ["ack", "reject", "requeue"])
+def test_a_failed_acknowledgement_still_frees_the_prefetch_slot(
+    how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kombu.transport import redis as kombu_redis
+
+    from worker.transport import QoS
+
+    def hung(self: Any, *args: Any, **kwargs: Any) -> _HungPipe:
+        return _HungPipe()
+
+    def run(cls: Any) -> bool:
+        qos = cls(channel=SimpleNamespace(do_restore=False), prefetch_count=1)
+        qos._quick_append("tag-1", object())  # delivered, as kombu's append leaves it
+        assert not qos.can_consume()
+        monkeypatch.setattr(cls, "_remove_from_indices", hung)
+        monkeypatch.setattr(cls, "restore_by_tag", lambda *a, **k: _HungPipe().execute())
+        with pytest.raises(redis.TimeoutError):
+            if how == "ack":
+                qos.ack("tag-1")
+            else:
+                qos.reject("tag-1", requeue=how == "requeue")
+        qos._flush()
+        return bool(qos.can_consume())
+
+    assert run(QoS)  # the slot is free: the consumer takes the next wake-up
+    assert not run(kombu_redis.QoS)  # kombu's own keeps it (the defect this guards against)

@@ -4,7 +4,9 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from kombu.transport import redis as kombu_redis
 
+from worker.app import create_app
 from worker.settings import Settings, SettingsError
 
 
@@ -72,3 +74,43 @@ def test_frozen() -> None:
     s = Settings()
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.model = "x"  # type: ignore[misc]
+
+
+def test_redis_timeout_parses_and_round_trips() -> None:
+    assert Settings.from_env({}).redis_timeout == 15.0
+    s = Settings.from_env({"CERTREMOVE_REDIS_TIMEOUT": "2.5", "CERTREMOVE_LEASE_TTL_MS": "5000"})
+    assert s.redis_timeout == 2.5
+    assert s.to_env()["CERTREMOVE_REDIS_TIMEOUT"] == "2.5"
+    assert Settings.from_env(s.to_env()) == s
+    assert Settings(redis_timeout=0.25).redis_timeout == 0.25  # under kombu's 1 s BRPOP: safe
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "-0.5", "nan", "inf", "-inf", "1e400", "abc"])
+def test_bad_redis_timeouts_raise(value: str) -> None:
+    with pytest.raises(SettingsError, match="CERTREMOVE_REDIS_TIMEOUT"):
+        Settings.from_env({"CERTREMOVE_REDIS_TIMEOUT": value})
+
+
+def test_redis_timeout_is_at_most_half_the_lease() -> None:
+    assert Settings(lease_ttl_ms=5000, redis_timeout=2.5).redis_timeout == 2.5
+    # unset, it follows a short lease instead of refusing a configuration that worked before
+    assert Settings(lease_ttl_ms=5000).redis_timeout == 2.5
+    assert Settings.from_env({"CERTREMOVE_LEASE_TTL_MS": "8000"}).redis_timeout == 4.0
+    assert Settings(lease_ttl_ms=60_000).redis_timeout == 15.0
+    with pytest.raises(SettingsError, match="at most half of CERTREMOVE_LEASE_TTL_MS"):
+        Settings(lease_ttl_ms=5000, redis_timeout=2.6)
+    # a timeout set explicitly is checked against the lease, wherever it comes from
+    with pytest.raises(SettingsError, match="CERTREMOVE_REDIS_TIMEOUT"):
+        Settings.from_env({"CERTREMOVE_LEASE_TTL_MS": "20000", "CERTREMOVE_REDIS_TIMEOUT": "15"})
+
+
+def test_the_redis_timeout_reaches_celerys_broker_connections() -> None:
+    settings = Settings(model="timeouts", broker_url="redis://127.0.0.1:1/0", redis_timeout=4.0)
+    options = create_app(settings).conf.broker_transport_options
+    assert options["socket_timeout"] == options["socket_connect_timeout"] == 4.0
+    assert options["health_check_interval"] == 4.0
+    assert options["visibility_timeout"] == 600 and options["queue_order_strategy"] == "priority"
+    # the names kombu's Redis channel takes from the transport options
+    assert {"socket_timeout", "socket_connect_timeout", "health_check_interval"} <= set(
+        kombu_redis.Channel.from_transport_options
+    )
