@@ -17,11 +17,18 @@ from producer import schema
 from worker import faults
 from worker.batch import Plan
 from worker.entries import Entry
+from worker.errors import StateDamagedError
 from worker.ledger import Ledger
 from worker.metrics import ServiceMetrics
 from worker.status import Answer, DeadLetter, answers_from_record
 
 log = logging.getLogger("certremove.worker")
+
+#: the journal form this version writes (``"format"`` in the journal): 2, grouped ``records``.
+#: A journal without the key was written before it (``answers``, an object per answer, or
+#: ``records``) and is read; a later format is refused: a newer version wrote it, and reading
+#: it partly would lose the answers it holds
+JOURNAL_FORMAT = 2
 
 
 class Outbox:
@@ -51,6 +58,13 @@ class Outbox:
         holds ``records`` (grouped like ledger lines, :func:`worker.status.answer_records`) or,
         written by earlier versions, ``answers`` (an object per answer); both are read."""
         journal = journal or {}
+        fmt = journal.get("format", 1)
+        if isinstance(fmt, bool) or not isinstance(fmt, int) or not 1 <= fmt <= JOURNAL_FORMAT:
+            raise StateDamagedError(
+                f"the live snapshot's journal has format {fmt!r}; this version reads formats 1 "
+                f"to {JOURNAL_FORMAT}: a newer certremove wrote it. Run that version again (do "
+                "not run `certremove state recover`, which would drop the answers it holds)"
+            )
         answers = [Answer.from_json(r) for r in journal.get("answers", [])]
         for rec in journal.get("records", []):
             answers += answers_from_record(rec)

@@ -29,7 +29,7 @@ from worker.history import ACCURACY_EVERY_S, History, history_path, history_reco
 from worker.info import InfoPublisher, model_info
 from worker.ledger import Ledger
 from worker.metrics import ServiceMetrics
-from worker.outbox import Outbox
+from worker.outbox import JOURNAL_FORMAT, Outbox
 from worker.status import Answer, answer_records, group_answers
 
 if TYPE_CHECKING:
@@ -181,6 +181,7 @@ class ServedModel:
             self.lease.check()
         pending = self.outbox.journal(list(answers or []))
         journal = {
+            "format": JOURNAL_FORMAT,  # a later version's journal is refused, not misread
             # grouped like ledger lines (with each request's enqueue time): one record per
             # batch instead of an object per answer (``Outbox.replay_journal`` reads both)
             "records": answer_records(group_answers(pending), requested_at=True),

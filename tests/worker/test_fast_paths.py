@@ -23,9 +23,10 @@ from core.requests import alive_groups, validate_rows
 from worker.batch import Plan, applied_answers, plan_batch
 from worker.collector import collector_paused
 from worker.entries import parse_entries, parse_entry
+from worker.errors import StateDamagedError
 from worker.ledger import Answer, Ledger, read_records
 from worker.observe import observe_many
-from worker.outbox import Outbox
+from worker.outbox import JOURNAL_FORMAT, Outbox
 from worker.status import answer_records, answers_from_record, group_answers
 
 
@@ -303,15 +304,17 @@ def test_answer_records_are_the_ledger_lines(
     assert ledger.removed_ids == [1, 2, "s3"] and len(ledger) == 6
 
 
-@pytest.mark.parametrize("form", ["records", "answers"])
+@pytest.mark.parametrize("form", ["records", "format 2", "answers"])
 def test_a_journal_of_either_form_is_replayed_into_the_ledger(
     rclient: redis.Redis, model_name: str, tmp_path: Path, form: str
 ) -> None:
     answers = [a for a in _answers() if not a.dead_letter]
-    if form == "records":
+    if form in ("records", "format 2"):  # records without a format: the version before it
         journal: dict[str, Any] = {
             "records": answer_records(group_answers(answers), requested_at=True)
         }
+        if form == "format 2":
+            journal["format"] = JOURNAL_FORMAT
     else:  # written by earlier versions: an object per answer, every key present
         journal = {"answers": [
             {"rid": a.request_id, "s": a.status, "m": a.method, "v": a.model_version,
@@ -336,6 +339,21 @@ def test_a_journal_of_either_form_is_replayed_into_the_ledger(
             a.unknown_ids,
             a.already_removed_ids,
         )
+
+
+@pytest.mark.parametrize("fmt", [JOURNAL_FORMAT + 1, 0, "2", 2.0, True, None, [2]])
+def test_a_journal_of_a_format_this_version_does_not_know_is_refused(
+    rclient: redis.Redis, model_name: str, tmp_path: Path, fmt: Any
+) -> None:
+    # a newer version's journal, read in part, would lose the answers it holds: refused whole,
+    # before anything is recorded
+    answers = [a for a in _answers() if not a.dead_letter]
+    journal = {"format": fmt, "records": answer_records(group_answers(answers))}
+    ledger = Ledger(rclient, model_name, tmp_path / "ledger.jsonl")
+    outbox = Outbox(ledger, rclient, None)  # type: ignore[arg-type]
+    with pytest.raises(StateDamagedError, match="journal has format .*a newer certremove"):
+        outbox.replay_journal(journal)
+    assert len(ledger) == 0 and not (tmp_path / "ledger.jsonl").exists()
 
 
 def test_a_record_of_several_requests_without_its_split_is_refused() -> None:

@@ -16,6 +16,7 @@ from tests.conftest import make_state
 from worker.doorbell import Doorbell
 from worker.ledger import Ledger
 from worker.metrics import ServiceMetrics
+from worker.outbox import JOURNAL_FORMAT
 from worker.service import RemovalService
 from worker.stream import RequestStream
 
@@ -75,6 +76,16 @@ def test_waiting_entries_fold_into_one_newton_step(
     assert reg.get_sample_value("certremove_batch_size_count") == 1
     assert reg.get_sample_value("certremove_requests_total", {"outcome": "applied"}) == 50
     assert reg.get_sample_value("certremove_training_samples") == persisted.n_alive
+    journal = core.read_journal(state)  # the persisted journal names its format
+    assert journal is not None and journal["format"] == JOURNAL_FORMAT
+    assert sum(len(r["ids"]) for r in journal["records"]) == 50
+    # one batch: each of its phases timed once (the drain's last read found nothing more)
+    for phase in ("plan", "step", "persist", "answer", "release"):
+        assert (
+            reg.get_sample_value("certremove_drain_phase_seconds_count", {"phase": phase}) == 1
+        ), phase
+    assert reg.get_sample_value("certremove_drain_phase_seconds_count", {"phase": "read"}) == 2
+    assert reg.get_sample_value("certremove_drain_phase_seconds_count", {"phase": "epoch"}) == 0
 
 
 def test_max_batch_bounds_each_step(
