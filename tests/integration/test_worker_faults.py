@@ -23,6 +23,7 @@ import pytest
 import redis
 from celery import Celery
 
+import core
 from producer import Client, schema
 from tests.integration.conftest import StartWorker, make_settings, run_to_exit
 from tests.redis_servers import start_password_redis
@@ -195,6 +196,19 @@ def test_damaged_state_exits_3(
     code, text, _ = run_to_exit(make_settings(state, broker_url, model_name), tmp_path / "w.log")
     assert code == 3, text[-3000:]
     assert str(state) in _one_error_line(text)
+
+
+def test_a_journal_of_a_later_format_exits_3_before_serving(
+    state: Path, tmp_path: Path, broker_url: str, model_name: str
+) -> None:
+    # a valid, checksummed snapshot whose journal a newer version wrote: refused whole (reading
+    # part of it would lose the answers it holds), with the format named
+    model = core.load_model(state, device="cpu")
+    model.save(state, journal={"format": 99, "records": [{"s": "applied", "ids": ["r"]}]})
+    code, text, _ = run_to_exit(make_settings(state, broker_url, model_name), tmp_path / "w.log")
+    assert code == 3, text[-3000:]
+    line = _one_error_line(text)
+    assert "journal has format 99" in line and "newer certremove" in line, line
 
 
 def test_unreachable_broker_exits_4_after_the_bounded_retries(
