@@ -469,7 +469,9 @@ def umount_one(path: Path) -> None:
 # ============================================================================ 3. redis away
 @pytest.mark.parametrize(
     "broker_max_retries",
-    [pytest.param(2, id="retries2"), pytest.param(10, id="retries10")],
+    # the long case (about 40 s) runs with the slow tests; the short one keeps the default suite
+    # covering the exit-and-restart path
+    [pytest.param(2, id="retries2"), pytest.param(10, id="retries10", marks=pytest.mark.slow)],
 )
 def test_redis_stopped_longer_than_the_retry_window(
     broker_max_retries: int,
