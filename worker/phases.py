@@ -5,7 +5,8 @@ bounds the deletion latency without a profiler.
 Phases, in the order a batch meets them (docs/operations.md "Where a drain's time goes"):
 
 - ``read``: taking the next batch from the stream (the read-ahead's result and what arrived
-  since; parsing the entries);
+  since; parsing the entries); a read that finds nothing (the end of a drain, an idle wake-up)
+  is no batch and is not observed (a failed read is);
 - ``plan``: the batch checked against the ledger and the model (repeats, unknown ids, rows);
 - ``step``: the Newton step (``certremove_newton_update_seconds`` times the same call);
 - ``persist``: the snapshot with the batch's journal, fsynced;

@@ -283,10 +283,15 @@ class RemovalService(FailureHandling):
         carry = self.intake.recover()
         phases = self.metrics.phases
         while True:
-            with phases.timed("read"):
+            started = time.perf_counter()
+            try:
                 batch = self.intake.fill(carry)
+            except BaseException:
+                phases.observe("read", time.perf_counter() - started)  # a failed read too
+                raise
             if not batch:
-                break
+                break  # the drain's end (or an idle wake-up): no batch, nothing observed
+            phases.observe("read", time.perf_counter() - started)
             self.intake.read_ahead()  # the next batch's read overlaps this one's step
             carry = self._serve(batch, report)
             with phases.timed("release"):

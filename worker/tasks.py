@@ -29,10 +29,11 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 from celery import Celery, Task, bootsteps
+from celery.exceptions import Reject
 
 from producer import schema
 from producer.client import append_requests, redis_py_url
-from worker import fatal
+from worker import fatal, faults
 from worker.settings import Settings
 
 if TYPE_CHECKING:
@@ -46,6 +47,9 @@ HEARTBEAT_S = 2.0
 #: first wait between two tries to reach Redis at start; doubled per try up to the cap
 BROKER_FIRST_BACKOFF_S = 0.5
 BROKER_MAX_BACKOFF_S = 5.0
+#: pause before a ``certremove.remove`` message whose append failed in Redis goes back to its
+#: queue (at most ``max_backoff``): the fault is given a moment, and the retries do not spin
+REMOVE_REQUEUE_S = 1.0
 
 
 class _Holder:
@@ -112,7 +116,24 @@ def register(app: Celery, settings: Settings) -> None:
             at = time.time()
         if not math.isfinite(at):
             at = time.time()
-        append_requests(svc.stream.redis, settings.model, [(rid, json.dumps(sample_ids))], at)
+        try:
+            append_requests(svc.stream.redis, settings.model, [(rid, json.dumps(sample_ids))], at)
+        except Exception as exc:
+            if not faults.is_infrastructure(exc):
+                raise
+            # Late acks acknowledge a task that failed: the request, in this message only, would
+            # be lost. Requeued, it is appended at a later delivery (one that reached Redis
+            # although its reply did not is answered as a repeat: same request id).
+            pause = min(REMOVE_REQUEUE_S, settings.max_backoff)
+            log.warning(
+                "appending request %s failed (%s: %s): its message goes back to the queue in %g s",
+                rid,
+                type(exc).__name__,
+                " ".join(str(exc).split())[:200],
+                pause,
+            )
+            time.sleep(pause)
+            raise Reject(exc, requeue=True) from exc
         svc.doorbell.ring()
         return rid
 

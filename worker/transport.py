@@ -9,7 +9,8 @@ kombu can deliver (and acknowledge, and restore) is dropped with one warning lin
 escaped excerpt. What the envelope carries (content type, task name, arguments) is checked one
 layer up, by :mod:`worker.consumer`.
 
-The two methods are kombu's own with the parsing replaced (kombu 5.5 to 5.7). Its :class:`QoS` frees
+The two methods are kombu's own with the parsing replaced (kombu 5.7, which pyproject.toml requires;
+the attribute look-ups that still allow for 5.5 and 5.6 are harmless). Its :class:`QoS` frees
 a message's prefetch slot also when the acknowledgement fails in Redis (a hung or lost
 connection), where kombu's would leave the consumer waiting forever. The consumer installs
 :class:`Transport` on its connection (:func:`guard`) whatever the URL's scheme (``redis``,
