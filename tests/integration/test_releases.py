@@ -155,6 +155,8 @@ def test_epoch_policy_statuses_receipts_client_and_restart(
     wait_for(
         lambda: len(list_releases(rel, model_name)) > len(manifests), what="a release after restart"
     )
+    # its receipts are issued when it is announced, just after its files are written
+    wait_for(lambda: len(list(read_receipts(state))) > count, what="receipts after restart")
     after = list(read_receipts(state))
     assert len({r["request_id"] for r in after}) == len(after) > count
     versions = [m["model_version"] for m in list_releases(rel, model_name)]
