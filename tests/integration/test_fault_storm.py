@@ -374,6 +374,7 @@ def _disk_phase(
     return rids, errors
 
 
+@pytest.mark.slow  # about 36 s
 def test_disk_full_then_freed_then_read_only(
     make_worker: MakeWorker,
     digits_ids: list[int],
@@ -469,9 +470,12 @@ def umount_one(path: Path) -> None:
 # ============================================================================ 3. redis away
 @pytest.mark.parametrize(
     "broker_max_retries",
-    # the long case (about 40 s) runs with the slow tests; the short one keeps the default suite
-    # covering the exit-and-restart path
-    [pytest.param(2, id="retries2"), pytest.param(10, id="retries10", marks=pytest.mark.slow)],
+    # 40-45 s each: with the slow tests (the default suite covers Redis faults with the hang
+    # tests and the in-process fault injection of tests/worker)
+    [
+        pytest.param(2, id="retries2", marks=pytest.mark.slow),
+        pytest.param(10, id="retries10", marks=pytest.mark.slow),
+    ],
 )
 def test_redis_stopped_longer_than_the_retry_window(
     broker_max_retries: int,
@@ -539,6 +543,7 @@ def test_redis_stopped_longer_than_the_retry_window(
 
 
 # ============================================================================ 4. two owners
+@pytest.mark.slow  # about 27 s
 def test_two_owners_on_two_state_directories(
     make_worker: MakeWorker,
     digits_ids: list[int],
