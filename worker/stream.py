@@ -11,9 +11,8 @@ status writes.
 
 from __future__ import annotations
 
-import queue
-import threading
 import weakref
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import redis
@@ -204,10 +203,11 @@ class Intake:
         self._cursor: bytes | str | None = "0"
         #: new entries read ahead (while a batch was served), served after the batch's carry
         self._ahead: list[Entry] = []
-        #: the read ahead in flight, if any, and the thread that reads ahead
-        self._reading: _ReadAhead | None = None
-        self._reader = _Reader(stream)
-        weakref.finalize(self, self._reader.close)
+        #: the read ahead in flight, if any, and the one thread that reads ahead (started on
+        #: first use, not per batch; stopped when the intake is garbage-collected)
+        self._reading: Future[list[Entry]] | None = None
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="certremove-read-ahead")
+        weakref.finalize(self, self._reader.shutdown, wait=False)
 
     def recover(self) -> list[Entry]:
         """Held entries, this consumer's pending entries plus idle ones claimed from others
@@ -247,7 +247,8 @@ class Intake:
         delivered like any other: pending for this consumer until acknowledged, so when they
         are dropped (:meth:`forget`) the pending list brings them back."""
         if self._reading is None and len(self._ahead) < self.max_batch:
-            self._reading = self._reader.submit(self.max_batch - len(self._ahead))
+            count = self.max_batch - len(self._ahead)
+            self._reading = self._reader.submit(_read_new, self.stream, count)
 
     def _collect(self) -> None:
         """Wait for the read ahead in flight and keep what it read (its error is raised here,
@@ -271,7 +272,7 @@ class Intake:
         again next."""
         reading, self._reading = self._reading, None
         if reading is not None:
-            reading.wait()  # its entries are pending: the pending list has them
+            wait([reading])  # its entries are pending: the pending list has them
         self._held, self._ahead, self._cursor = [], [], "0"
 
     def everything(self, cap: int) -> list[Entry]:
@@ -280,62 +281,9 @@ class Intake:
         return parse_entries(self.stream.read_all_pending_then_new(cap, self.max_batch))
 
 
-class _ReadAhead:
-    """One read of new entries, done on the reader thread (``Intake.read_ahead``)."""
-
-    def __init__(self, count: int) -> None:
-        self.count = count
-        self.entries: list[Entry] = []
-        self.error: BaseException | None = None
-        self.done = threading.Event()
-
-    def wait(self) -> None:
-        self.done.wait()
-
-    def result(self) -> list[Entry]:
-        """The entries read, or the read's error raised."""
-        self.done.wait()
-        if self.error is not None:
-            raise self.error
-        return self.entries
-
-
-class _Reader:
-    """The read-ahead thread of one :class:`Intake`: a daemon thread started on first use (not
-    one per batch: starting a thread waits for it to be scheduled), stopped when the intake is
-    garbage-collected."""
-
-    def __init__(self, stream: RequestStream) -> None:
-        self._stream = stream
-        self._jobs: queue.SimpleQueue[_ReadAhead | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-
-    def submit(self, count: int) -> _ReadAhead:
-        job = _ReadAhead(count)
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(
-                target=_read_jobs,
-                args=(self._stream, self._jobs),
-                name="certremove-read-ahead",
-                daemon=True,
-            )
-            self._thread.start()
-        self._jobs.put(job)
-        return job
-
-    def close(self) -> None:
-        self._jobs.put(None)
-
-
-def _read_jobs(stream: RequestStream, jobs: queue.SimpleQueue[_ReadAhead | None]) -> None:
-    """The reader thread: serve read-ahead jobs until told to stop (None)."""
-    while (job := jobs.get()) is not None:
-        try:
-            job.entries = parse_entries(stream.read_new(job.count))
-        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
-            job.error = exc
-        finally:
-            job.done.set()
+def _read_new(stream: RequestStream, count: int) -> list[Entry]:
+    """One read ahead, on the reader thread: up to ``count`` new entries, parsed."""
+    return parse_entries(stream.read_new(count))
 
 
 def _s(value: bytes | str) -> str:

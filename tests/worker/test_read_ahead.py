@@ -121,7 +121,7 @@ def test_one_reader_thread_serves_every_read_ahead_and_stops_with_its_intake(
     rclient: redis.Redis, model_name: str, sent: list[str]
 ) -> None:
     def readers() -> list[threading.Thread]:
-        return [t for t in threading.enumerate() if t.name == "certremove-read-ahead"]
+        return [t for t in threading.enumerate() if t.name.startswith("certremove-read-ahead")]
 
     before = set(readers())
     intake = _intake(rclient, model_name, max_batch=3)
