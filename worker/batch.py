@@ -14,6 +14,7 @@ error; the rest of the batch goes on.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -190,7 +191,8 @@ def plan_batch(
         if rid in seen or prior is not None:
             plan.repeats += 1
             if prior is not None:
-                prior.requested_at = e.requested_at
+                # a copy: the prior answer may still be on its way out (worker.publisher)
+                prior = dataclasses.replace(prior, requested_at=e.requested_at)
                 plan.answers.append(prior)
                 plan.answered.append(e)
             else:

@@ -56,7 +56,10 @@ class FailureHandling:
         raise NotImplementedError
 
     def _recover_from(self, exc: Exception) -> None:
-        """After a step failed: reload the model if it ran ahead of the disk, then settle."""
+        """After a step failed: reload the model if it ran ahead of the disk, then settle (the
+        statuses of earlier batches published first; a failure among them stays for the
+        drain, ``worker.publisher``)."""
+        self.outbox.publisher.wait()
         self._reload_if_dirty(exc)
         self._settle()
 
@@ -102,7 +105,12 @@ class FailureHandling:
     def _on_failure(self, exc: Exception, retry: Callable[[], None]) -> DrainReport:
         """A drain or retrain failed: stop for good when the lease is lost; reload the model
         when it ran ahead of the disk; wait (backoff) and ``retry`` after a disk, Redis or
-        memory failure, rejecting nothing; re-raise anything else."""
+        memory failure, rejecting nothing; re-raise anything else. The entries of status
+        publications still queued or failed (``worker.publisher``) stay pending, like those
+        held: the pending list brings them back."""
+        self.outbox.publisher.wait()
+        self.outbox.publisher.failure()
+        self.outbox.deferring = False
         self.intake.forget()
         if faults.is_fenced(exc):
             self._stopped = f"this worker lost the lease of model {self.ledger.model!r}: {exc}"

@@ -20,6 +20,7 @@ from worker.entries import Entry
 from worker.errors import StateDamagedError
 from worker.ledger import Ledger
 from worker.metrics import ServiceMetrics
+from worker.publisher import Publisher
 from worker.status import Answer, DeadLetter, answers_from_record
 
 log = logging.getLogger("certremove.worker")
@@ -46,6 +47,13 @@ class Outbox:
         self.unrecorded: list[Answer] = []
         #: entry ids with a processing failure counted in Redis (cleared when acknowledged)
         self._failed = {_b(k) for k in client.hkeys(ledger.failures_key)}
+        #: where :meth:`finish` queues a batch's publication while :attr:`deferring` (the
+        #: drain's common path, ``worker.publisher``); otherwise it publishes at once
+        self.publisher = Publisher()
+        self.deferring = False
+        #: entries whose queued publication failed for a reason that is not Redis's: a batch
+        #: holding one publishes at once, so that a fault it causes is isolated (by halves)
+        self.suspect: set[bytes] = set()
 
     # ------------------------------------------------------------ journal
     def journal(self, answers: list[Answer]) -> list[Answer]:
@@ -85,12 +93,26 @@ class Outbox:
             self.unrecorded = []
 
     # ------------------------------------------------------------ answers
-    def finish(self, plan: Plan) -> None:
-        """Ledger, statuses + XACK, dead letters and request metrics of a planned batch."""
+    def finish(self, plan: Plan, entries: list[Entry] | None = None) -> None:
+        """Ledger, statuses + XACK, dead letters and request metrics of a planned batch. The
+        ledger first, here; then the rest, here too, or, while :attr:`deferring`, queued on
+        :attr:`publisher` (``entries``: the batch's entries it acknowledges, served again if
+        that publication fails)."""
         answers = plan.answers + plan.committed
         recorded = {id(a) for a in self.unrecorded}
         self.ledger.record(self.unrecorded + [a for a in answers if id(a) not in recorded])
         self.unrecorded = []
+        if self.deferring and entries is not None and not self._holds_suspect(entries):
+            self.publisher.submit(lambda: self._publish(plan, answers), entries)
+        else:
+            self._publish(plan, answers)
+
+    def _holds_suspect(self, entries: list[Entry]) -> bool:
+        suspect = self.suspect
+        return bool(suspect) and any(e.entry_id in suspect for e in entries)
+
+    def _publish(self, plan: Plan, answers: list[Answer]) -> None:
+        """Statuses + XACK, dead letters, failure counts, request metrics and log lines."""
         dead: list[DeadLetter] = [(e.entry_id, e.fields, e.error or "malformed") for e in plan.dead]
         ack_ids = plan.acknowledged
         self.ledger.publish(answers, ack_ids, dead)
@@ -167,6 +189,8 @@ class Outbox:
 
     def clear_failures(self, entry_ids: list[bytes]) -> None:
         """Forget the failure counts of entries that are acknowledged now."""
+        if self.suspect:
+            self.suspect.difference_update(entry_ids)
         if not self._failed:
             return
         done = self._failed.intersection(entry_ids)

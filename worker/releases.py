@@ -234,6 +234,12 @@ class Releaser:
         if self.metrics is not None:
             self.metrics.on_release_failure()
 
+    def release_due(self, model: Model) -> bool:
+        """Whether :meth:`settle` would make a release of ``model`` now (or look for releases
+        on disk first): its statuses must be out before (``worker.publisher``); announcing
+        a release made earlier needs nothing of the batches since."""
+        return self._check_dir or self._due(model, False)
+
     def poll(self, model: Model, *, idle: bool = False) -> int | None:
         """The periodic check (and the end of a drain): a manual request (``certremove
         release``), an interval that has run out, a release or announcement to retry. Within

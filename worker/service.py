@@ -223,6 +223,12 @@ class RemovalService(FailureHandling):
         Never raises."""
         if self.releaser is None or self.served.dirty or self.outbox.unrecorded:
             return
+        publisher = self.outbox.publisher
+        if publisher.busy and (poll or self.releaser.release_due(self.model)):
+            # a release covers every request in the ledger: their statuses go out first
+            publisher.wait()
+            if publisher.busy:
+                return  # a publication failed: the drain sees to it, then releases
         if poll:
             self.releaser.poll(self.model, idle=idle)
         else:
@@ -282,36 +288,68 @@ class RemovalService(FailureHandling):
             return report
         carry = self.intake.recover()
         phases = self.metrics.phases
-        while True:
-            started = time.perf_counter()
-            try:
-                batch = self.intake.fill(carry)
-            except BaseException:
-                phases.observe("read", time.perf_counter() - started)  # a failed read too
-                raise
-            if not batch:
-                break  # the drain's end (or an idle wake-up): no batch, nothing observed
-            phases.observe("read", time.perf_counter() - started)
-            self.intake.read_ahead()  # the next batch's read overlaps this one's step
-            carry = self._serve(batch, report)
-            with phases.timed("release"):
-                self._release()
-            if self.retrain_due:
-                report.retrain_requested = True
-                self.intake.forget()  # the retrain reads the pending list
-                self.doorbell.release()
-                return report
-            if time.monotonic() >= deadline:
-                report.requeued = True
-                self.intake.hold(carry)  # the next slice goes on with them, not re-delivered
-                self.doorbell.requeue(hold_ms)
-                return report
+        # statuses are published on their own thread while the next batch is served
+        # (worker.publisher); every way out of the loop waits for them
+        self.outbox.deferring = True
+        try:
+            while True:
+                carry = self._published(carry)
+                started = time.perf_counter()
+                try:
+                    batch = self.intake.fill(carry)
+                except BaseException:
+                    phases.observe("read", time.perf_counter() - started)  # a failed read too
+                    raise
+                if not batch:
+                    carry = self._published(carry, wait=True)
+                    if carry:
+                        continue  # a publication failed: its entries are served again
+                    break  # the drain's end (or an idle wake-up): no batch, nothing observed
+                phases.observe("read", time.perf_counter() - started)
+                self.intake.read_ahead()  # the next batch's read overlaps this one's step
+                carry = self._serve(batch, report)
+                with phases.timed("release"):
+                    self._release()
+                if self.retrain_due:
+                    self._published(carry, wait=True)  # (its entries: the pending list)
+                    report.retrain_requested = True
+                    self.intake.forget()  # the retrain reads the pending list
+                    self.doorbell.release()
+                    return report
+                if time.monotonic() >= deadline:
+                    carry = self._published(carry, wait=True)
+                    report.requeued = True
+                    self.intake.hold(carry)  # the next slice goes on with them, not re-delivered
+                    self.doorbell.requeue(hold_ms)
+                    return report
+        finally:
+            self.outbox.deferring = False
         self.doorbell.release()
         self._maybe_trim()
         if self.stream.has_undelivered() or self.stream.has_own_pending():
             self.intake.forget()  # own pending entries not in memory (unread pages): read them
             self.doorbell.ring()
         return report
+
+    def _published(self, carry: list[Entry], *, wait: bool = False) -> list[Entry]:
+        """Look at the statuses published on their own thread (``wait``: wait for all of them
+        first). When a publication failed: a Redis fault (or a lost lease) is raised, for the
+        drain's failure handling (its entries stay pending, the pending list brings them back);
+        anything else puts its entries, and those of the publications skipped after it, in
+        front of ``carry``, served again with their statuses published at once (they are
+        suspect, ``Outbox.suspect``, until acknowledged), so that a fault an entry causes on
+        its own is found by halves as usual."""
+        publisher = self.outbox.publisher
+        if wait:
+            publisher.wait()
+        failed = publisher.failure()
+        if failed is None:
+            return carry
+        exc, entries = failed
+        if faults.is_infrastructure(exc) or faults.is_fenced(exc):
+            raise exc
+        self.outbox.suspect.update(e.entry_id for e in entries)
+        return entries + carry
 
     def _maybe_trim(self) -> None:
         """Trim acknowledged entries past the retention window, every ``TRIM_EVERY_S``."""

@@ -50,6 +50,14 @@ class DrainReport:
     backoff: float = 0.0
 
 
+def _published(batch: list[Entry], plan: Plan) -> list[Entry]:
+    """The entries of ``batch`` that ``plan``'s publication acknowledges (not the deferred)."""
+    if not plan.deferred:
+        return batch
+    deferred = {e.entry_id for e in plan.deferred}
+    return [e for e in batch if e.entry_id not in deferred]
+
+
 class NewtonSteps:
     """Serves batches with Newton steps on the served model.
 
@@ -89,7 +97,7 @@ class NewtonSteps:
                 served.dirty = False  # core checks before it changes anything
                 plan.reject_all(str(exc), self.clock())
                 with phases.timed("answer"):
-                    self.outbox.finish(plan)
+                    self.outbox.finish(plan, _published(batch, plan))
                 return plan.deferred, None
             seconds = time.perf_counter() - t0
             phases.observe("step", seconds)
@@ -138,7 +146,7 @@ class NewtonSteps:
                     # groups left go round again on the new epoch.
                     due = reason if adopted is None else self._adopted(adopted, report)
         with phases.timed("answer"):
-            self.outbox.finish(plan)
+            self.outbox.finish(plan, _published(batch, plan))
         report.requests += plan.served
         return plan.deferred, due
 
