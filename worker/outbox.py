@@ -103,13 +103,18 @@ class Outbox:
         self.ledger.record(self.unrecorded + [a for a in answers if id(a) not in recorded])
         self.unrecorded = []
         if self.deferring and entries is not None and not self._holds_suspect(entries):
-            self.publisher.submit(lambda: self._publish(plan, answers), entries)
+            self.publisher.submit(lambda: self._publish_timed(plan, answers), entries)
         else:
             self._publish(plan, answers)
 
     def _holds_suspect(self, entries: list[Entry]) -> bool:
         suspect = self.suspect
         return bool(suspect) and any(e.entry_id in suspect for e in entries)
+
+    def _publish_timed(self, plan: Plan, answers: list[Answer]) -> None:
+        """:meth:`_publish` on the publishing thread, timed as the ``publish`` phase."""
+        with self.metrics.phases.timed("publish"):
+            self._publish(plan, answers)
 
     def _publish(self, plan: Plan, answers: list[Answer]) -> None:
         """Statuses + XACK, dead letters, failure counts, request metrics and log lines."""

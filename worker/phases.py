@@ -28,7 +28,9 @@ from typing import Any
 
 from prometheus_client import Histogram
 
-PHASES = ("read", "plan", "step", "persist", "answer", "epoch", "release")
+#: the drain loop's phases, in order; then ``publish``, a batch's statuses and acknowledgements
+#: on their own thread (``worker.publisher``), which overlaps the next batch's phases
+PHASES = ("read", "plan", "step", "persist", "answer", "epoch", "release", "publish")
 PHASE_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
@@ -41,7 +43,8 @@ class DrainPhases:
         self.histogram = Histogram(
             "certremove_drain_phase_seconds",
             "Time of one phase of the drain loop for one batch (read, plan, step, persist, "
-            "answer, epoch, release)",
+            "answer, epoch, release), and of its publication (publish: statuses and "
+            "acknowledgements, on their own thread while the next batch is served)",
             ["phase"],
             buckets=PHASE_BUCKETS,
             **kw,

@@ -147,7 +147,7 @@ def test_a_drain_returns_with_every_status_out(
 ) -> None:
     client = Client(broker_url, model=model_name)
     rids = client.enqueue_many([[i] for i in range(30)] + [[5]])  # a repeat of a row
-    service, _, _ = build(state, rclient, model_name, max_batch=7)
+    service, _, reg = build(state, rclient, model_name, max_batch=7)
     report = service.drain()
     assert report.requests == 31
     statuses = client.statuses(rids)  # read at once: no wait for a thread
@@ -155,3 +155,8 @@ def test_a_drain_returns_with_every_status_out(
     assert statuses[rids[-1]]["already_removed_ids"] == [5]
     assert not service.outbox.publisher.busy
     assert service.stream.pending_count() == 0
+    # each batch's publication timed on its thread, once per batch like the loop's phases
+    count = "certremove_drain_phase_seconds_count"
+    batches = reg.get_sample_value(count, {"phase": "answer"})
+    assert batches is not None and batches >= 5
+    assert reg.get_sample_value(count, {"phase": "publish"}) == batches
