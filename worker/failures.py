@@ -107,9 +107,12 @@ class FailureHandling:
         when it ran ahead of the disk; wait (backoff) and ``retry`` after a disk, Redis or
         memory failure, rejecting nothing; re-raise anything else. The entries of status
         publications still queued or failed (``worker.publisher``) stay pending, like those
-        held: the pending list brings them back."""
+        held: the pending list brings them back; a publication refused for a lost lease stops
+        the service, whatever failed here meanwhile (as when it failed the step itself)."""
         self.outbox.publisher.wait()
-        self.outbox.publisher.failure()
+        failed = self.outbox.publisher.failure()
+        if failed is not None and isinstance(failed[0], Exception) and faults.is_fenced(failed[0]):
+            exc = failed[0]
         self.outbox.deferring = False
         self.intake.forget()
         if faults.is_fenced(exc):

@@ -107,7 +107,7 @@ class Publisher:
         if first is None:  # (cannot happen: a skip follows a failure)
             first = RuntimeError("a status publication was skipped")
         log.warning(
-            "publishing the statuses of %d entries failed (%s: %s): they are served again",
+            "publishing the statuses of %d entries failed (%s: %s): none of them is acknowledged",
             len(entries),
             type(first).__name__,
             " ".join(str(first).split())[:300],

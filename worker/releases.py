@@ -196,21 +196,28 @@ class Releaser:
                 self.queue.applied += 1
 
     # ------------------------------------------------------------ entry points
-    def settle(self, model: Model, *, requested: bool = False) -> int | None:
+    def settle(
+        self, model: Model, *, requested: bool = False, may_release: bool = True
+    ) -> int | None:
         """Release ``model`` (the persisted one: call only where the model in memory is the
         persisted state and its answers are in the ledger) when the policy says so, and
         announce a part of what is pending (the service calls this after each batch, see the
-        module docstring). Never raises; returns the release made (None: none)."""
+        module docstring). ``may_release`` False: announce only, whatever the policy says now
+        (the service found no release due, :meth:`release_due`, and did not wait for the
+        statuses it would cover; asking the policy again could say otherwise, ``interval``'s
+        clock having moved on). Never raises; returns the release made (None: none)."""
         self.queue.batch_served()
-        return self._settle(model, requested=requested, whole=False)
+        return self._settle(model, requested=requested, whole=False, may_release=may_release)
 
-    def _settle(self, model: Model, *, requested: bool, whole: bool) -> int | None:
+    def _settle(
+        self, model: Model, *, requested: bool, whole: bool, may_release: bool = True
+    ) -> int | None:
         """:meth:`settle`; ``whole``: announce everything pending, not one part."""
         made = None
         try:
-            if self._check_dir:
+            if may_release and self._check_dir:
                 self._adopt_unrecorded(model)
-            if self._due(model, requested):
+            if may_release and self._due(model, requested):
                 made = self._release(model)
         except Exception as exc:  # noqa: BLE001 - a release never fails a drain
             self._check_dir = True

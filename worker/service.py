@@ -216,23 +216,38 @@ class RemovalService(FailureHandling):
 
         self.outbox.replay_journal(core.read_journal(self.state_dir))
 
-    def _release(self, *, poll: bool = False, idle: bool = False) -> None:
+    def _release(
+        self, *, poll: bool = False, idle: bool = False, carry: list[Entry] | None = None
+    ) -> None:
         """Release the persisted model as the policy says (``poll``: also a manual request or
         an interval run out; ``idle``: the stream is empty, announce everything pending); only
         where the model in memory is the persisted one and all its answers are in the ledger.
-        Never raises."""
+        Never raises. ``carry``: the entries the drain loop goes on with."""
         if self.releaser is None or self.served.dirty or self.outbox.unrecorded:
             return
         publisher = self.outbox.publisher
-        if publisher.busy and (poll or self.releaser.release_due(self.model)):
-            # a release covers every request in the ledger: their statuses go out first
-            publisher.wait()
-            if publisher.busy:
-                return  # a publication failed: the drain sees to it, then releases
+        may_release = True
+        if self._suspect_waiting(carry):
+            # entries served again after a failed publication still wait for their statuses:
+            # no release covers them before (announcing earlier releases goes on; a manual
+            # request stays for the next look)
+            if poll:
+                return
+            may_release = False
+        if publisher.busy:
+            if poll or self.releaser.release_due(self.model):
+                # a release covers every request in the ledger: their statuses go out first
+                publisher.wait()
+                if publisher.busy:
+                    return  # a publication failed: the drain sees to it, then releases
+            else:
+                # decided here, once: the policy asked again could say otherwise (an interval
+                # run out meanwhile) and release ahead of the statuses still queued
+                may_release = False
         if poll:
             self.releaser.poll(self.model, idle=idle)
         else:
-            self.releaser.settle(self.model)
+            self.releaser.settle(self.model, may_release=may_release)
 
     def release_tick(self) -> None:
         """The periodic check's part: a manual release request, an interval run out, a release
@@ -309,7 +324,7 @@ class RemovalService(FailureHandling):
                 self.intake.read_ahead()  # the next batch's read overlaps this one's step
                 carry = self._serve(batch, report)
                 with phases.timed("release"):
-                    self._release()
+                    self._release(carry=carry)
                 if self.retrain_due:
                     self._published(carry, wait=True)  # (its entries: the pending list)
                     report.retrain_requested = True
@@ -350,6 +365,16 @@ class RemovalService(FailureHandling):
             raise exc
         self.outbox.suspect.update(e.entry_id for e in entries)
         return entries + carry
+
+    def _suspect_waiting(self, carry: list[Entry] | None) -> bool:
+        """Whether entries of a failed publication (``Outbox.suspect``) are held in memory to
+        be served again (in ``carry``, held or read ahead): a release must not cover them
+        before their statuses are out. Entries left to the pending list do not count (they
+        may be claimed by another consumer and never come back here)."""
+        suspect = self.outbox.suspect
+        if not suspect:
+            return False
+        return any(e.entry_id in suspect for e in carry or []) or self.intake.holds_any(suspect)
 
     def _maybe_trim(self) -> None:
         """Trim acknowledged entries past the retention window, every ``TRIM_EVERY_S``."""

@@ -262,6 +262,12 @@ class Intake:
         self._collect()
         self._held, self._ahead = entries + self._ahead, []
 
+    def holds_any(self, entry_ids: set[bytes]) -> bool:
+        """Whether an entry held across time slices or read ahead has one of ``entry_ids``."""
+        return any(e.entry_id in entry_ids for e in self._held) or any(
+            e.entry_id in entry_ids for e in self._ahead
+        )
+
     def reread_pending(self) -> None:
         """Read the pending list again at the next time slice (an entry left pending on
         purpose); what is held or read ahead stays (that read skips what it holds)."""
