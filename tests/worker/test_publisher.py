@@ -16,7 +16,7 @@ import redis
 
 from producer import Client, schema
 from producer.deadletters import list_dead_letters
-from tests.worker.test_service import build
+from tests.worker.test_service import build, drain_until_idle
 from worker.publisher import Publisher
 from worker.status import StatusPublisher
 
@@ -103,10 +103,7 @@ def test_a_redis_fault_on_the_publishing_thread_leaves_the_entries_pending_then_
     assert "certremove-publish" in threads[0]  # published off the drain's thread
     # the drain stopped at the fault: what was not published is still pending (none lost)
     assert service.stream.pending_count() >= 10
-    for _ in range(10):
-        service.drain()
-        if service.stream.pending_count() == 0 and not service.stream.has_undelivered():
-            break
+    drain_until_idle(service, 10)
     assert service.stream.pending_count() == 0
     statuses = client.statuses(rids)
     assert {s["status"] for s in statuses.values()} == {"applied"}
@@ -127,10 +124,7 @@ def test_a_status_key_fault_on_the_publishing_thread_is_isolated_to_its_entry(
     service, _, _ = build(
         state, rclient, model_name, max_batch=8, max_failures=2, sleep=lambda s: None
     )
-    for _ in range(20):
-        service.drain()
-        if service.stream.pending_count() == 0 and not service.stream.has_undelivered():
-            break
+    drain_until_idle(service, 20)
     assert service.stream.pending_count() == 0
     others = [r for r in rids if r != poison]
     statuses = client.statuses(others)

@@ -13,7 +13,7 @@ import redis
 
 from producer import Client, schema
 from producer.deadletters import list_dead_letters
-from tests.worker.test_service import build
+from tests.worker.test_service import build, drain_until_idle
 
 
 def _removed_in_ledger(state: Path) -> Counter[Any]:
@@ -56,10 +56,7 @@ def test_read_ahead_with_a_poison_entry_slice_ends_and_a_failed_read_serves_all_
         return read_new(count, block_ms)
 
     service.stream.read_new = flaky  # type: ignore[method-assign]
-    for _ in range(60):
-        service.drain()
-        if service.stream.pending_count() == 0 and not service.stream.has_undelivered():
-            break
+    drain_until_idle(service, 60)
     assert service.stream.pending_count() == 0
     others = [r for r in rids if r != poison]
     statuses = client.statuses(others)

@@ -56,6 +56,14 @@ def build(
     return service, sent, reg
 
 
+def drain_until_idle(service: RemovalService, drains: int) -> None:
+    """Drain at most ``drains`` times, until nothing is pending or undelivered."""
+    for _ in range(drains):
+        service.drain()
+        if service.stream.pending_count() == 0 and not service.stream.has_undelivered():
+            return
+
+
 def test_waiting_entries_fold_into_one_newton_step(
     state: Path, broker_url: str, rclient: redis.Redis, model_name: str
 ) -> None:
