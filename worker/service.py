@@ -148,6 +148,8 @@ class RemovalService(FailureHandling):
         self.steps = NewtonSteps(
             self.served, self.outbox, self.epochs, metrics, self.retrainer.rejects_spent, clock
         )
+        # what arrived during a step is read while the step's batch is persisted and answered
+        self.steps.stepped = self.intake.read_ahead
         self.state_dir = Path(state_dir)
         self.send_task = send_task
         self.max_batch, self.slice_seconds = max_batch, slice_seconds

@@ -80,6 +80,9 @@ class NewtonSteps:
         self.served, self.outbox, self.epochs, self.metrics = served, outbox, epochs, metrics
         self.extractor_spent = extractor_spent
         self.clock = clock
+        #: called once a step's rows are removed, before its persist (the service reads the next
+        #: batch ahead then, ``worker.stream.Intake.read_ahead``); never raises
+        self.stepped: Callable[[], None] = lambda: None
 
     def step(self, batch: list[Entry], report: DrainReport) -> tuple[list[Entry], str | None]:
         """One Newton step over a batch (counted into ``report``); returns the deferred entries
@@ -101,6 +104,7 @@ class NewtonSteps:
                 return plan.deferred, None
             seconds = time.perf_counter() - t0
             phases.observe("step", seconds)
+            self.stepped()
             committed = plan.commit(
                 plan.groups[: res.applied_groups],
                 schema.METHOD_NEWTON,

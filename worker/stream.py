@@ -245,8 +245,20 @@ class Intake:
         caller serves a batch: the read's round trip and parsing overlap the Newton step, the
         persist's fsyncs and the status script. :meth:`fill` takes them. Entries read ahead are
         delivered like any other: pending for this consumer until acknowledged, so when they
-        are dropped (:meth:`forget`) the pending list brings them back."""
-        if self._reading is None and len(self._ahead) < self.max_batch:
+        are dropped (:meth:`forget`) the pending list brings them back.
+
+        Called again while a batch is served (after its Newton step, ``worker.steps``): a read
+        that has finished is kept and another one started, so what arrives during the step (a
+        burst's thousands of entries) is read and parsed beside the batch's persist and answer
+        rather than by the next :meth:`fill` on the drain's thread; one still in flight (or
+        failed) is left alone."""
+        reading = self._reading
+        if reading is not None:
+            if not reading.done() or reading.exception() is not None:
+                return  # still reading; or failed: its error is raised where it is taken
+            self._ahead += reading.result()  # done: keep what it read, read again
+            self._reading = None
+        if len(self._ahead) < self.max_batch:
             count = self.max_batch - len(self._ahead)
             self._reading = self._reader.submit(_read_new, self.stream, count)
 

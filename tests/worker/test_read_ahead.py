@@ -136,3 +136,40 @@ def test_one_reader_thread_serves_every_read_ahead_and_stops_with_its_intake(
     gc.collect()
     thread.join(timeout=5)
     assert not thread.is_alive()
+
+
+def test_what_arrives_during_a_step_is_read_ahead_before_the_batch_is_persisted(
+    state: Path, broker_url: str, rclient: redis.Redis, model_name: str
+) -> None:
+    # A burst: entries keep arriving while a batch's Newton step runs. After the step the intake
+    # reads ahead again (the first read ahead, started before the step, found nothing new), so
+    # they are read on the reader thread beside the persist and answer, not by the next fill on
+    # the drain's thread; every request is still served once, in stream order.
+    with Client(broker_url, model=model_name) as client:
+        first = client.enqueue_many([[i] for i in range(5)])
+        service, _, _ = build(state, rclient, model_name, max_batch=50)
+        later: list[str] = []
+        reads: list[tuple[str, int]] = []
+        read_new = service.stream.read_new
+        remove = service.model.remove
+
+        def counted(count: int, block_ms: int | None = None) -> Any:
+            got = read_new(count, block_ms)
+            reads.append((threading.current_thread().name, len(got)))
+            return got
+
+        def remove_while_more_arrive(rows: Any, **kw: Any) -> Any:
+            if not later:
+                later.extend(client.enqueue_many([[i] for i in range(100, 120)]))
+            return remove(rows, **kw)
+
+        service.stream.read_new = counted  # type: ignore[method-assign]
+        service.served.model.remove = remove_while_more_arrive  # type: ignore[method-assign]
+        report = service.drain()
+        st = client.statuses(first + later)
+    assert report.requests == 25 and report.steps == 2
+    assert {s["status"] for s in st.values()} == {"applied"}
+    ahead = [n for name, n in reads if name.startswith("certremove-read-ahead")]
+    assert 20 in ahead  # the 20 that arrived during the step: read ahead, all at once
+    assert sum(n for _, n in reads) == 25  # each entry read once
+    assert service.stream.pending_count() == 0
