@@ -113,7 +113,6 @@ class FailureHandling:
         failed = self.outbox.publisher.failure()
         if failed is not None and isinstance(failed[0], Exception) and faults.is_fenced(failed[0]):
             exc = failed[0]
-        self.outbox.deferring = False
         self.intake.forget()
         if faults.is_fenced(exc):
             self._stopped = f"this worker lost the lease of model {self.ledger.model!r}: {exc}"

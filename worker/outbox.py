@@ -9,6 +9,8 @@ A crash between the persist and the ledger append is repaired at the next start
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import redis
@@ -102,14 +104,44 @@ class Outbox:
         recorded = {id(a) for a in self.unrecorded}
         self.ledger.record(self.unrecorded + [a for a in answers if id(a) not in recorded])
         self.unrecorded = []
-        if self.deferring and entries is not None and not self._holds_suspect(entries):
+        if self.deferring and entries is not None and not self.holds_suspect(entries):
             self.publisher.submit(lambda: self._publish_timed(plan, answers), entries)
         else:
             self._publish(plan, answers)
 
-    def _holds_suspect(self, entries: list[Entry]) -> bool:
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Within the block (the drain loop) :meth:`finish` queues publications on
+        :attr:`publisher`; outside it publishes at once."""
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+
+    def holds_suspect(self, entries: list[Entry]) -> bool:
+        """Whether one of ``entries`` is :attr:`suspect`."""
         suspect = self.suspect
         return bool(suspect) and any(e.entry_id in suspect for e in entries)
+
+    def take_failed(self, carry: list[Entry], *, wait: bool = False) -> list[Entry]:
+        """Look at the publications queued on :attr:`publisher` (``wait``: wait for all of them
+        first); ``carry`` when none failed. When one failed: a Redis fault (or a lost lease) is
+        raised, for the drain's failure handling (its entries stay pending, the pending list
+        brings them back); anything else puts its entries, and those of the publications skipped
+        after it, in front of ``carry``, to be served again with their statuses published at
+        once (:attr:`suspect` until acknowledged), so that a fault an entry causes on its own
+        is found by halves as usual."""
+        if wait:
+            self.publisher.wait()
+        failed = self.publisher.failure()
+        if failed is None:
+            return carry
+        exc, entries = failed
+        if faults.is_infrastructure(exc) or faults.is_fenced(exc):
+            raise exc
+        self.suspect.update(e.entry_id for e in entries)
+        return entries + carry
 
     def _publish_timed(self, plan: Plan, answers: list[Answer]) -> None:
         """:meth:`_publish` on the publishing thread, timed as the ``publish`` phase."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -28,6 +29,8 @@ from worker.release_policy import ReleasePolicy
 
 if TYPE_CHECKING:
     from core.model import Model
+
+log = logging.getLogger("certremove.worker")
 
 MANIFEST_FORMAT = 1
 
@@ -151,6 +154,37 @@ def list_releases(release_dir: Path, model: str) -> list[dict[str, Any]]:
         manifest.setdefault("path", str(path.parent))
         out.append(manifest)
     return out
+
+
+def next_release_number(release_dir: Path, model: str, recorded: int) -> int:
+    """The number of a model's next release: after ``recorded`` (the release record's last),
+    the newest release directory and ``LATEST``."""
+    taken = [recorded, *release_numbers(release_dir, model)[-1:]]
+    latest = read_latest(release_dir, model)
+    if latest is not None:
+        taken.append(latest)
+    return max(taken) + 1
+
+
+def manifest_record(path: Path, number: int) -> dict[str, Any] | None:
+    """The release record's fields read from the manifest of release ``number`` at ``path``
+    (a release on disk that the record lacks); None (logged) when it cannot be read."""
+    try:
+        manifest = json.loads((path / MANIFEST_NAME).read_text())
+        return {
+            "release": number,
+            "model_version": int(manifest["model_version"]),
+            "snapshot": int(manifest["snapshot"]),
+            "noise_epoch": str(manifest["noise_epoch"]),
+            "created_at": float(manifest["created_at"]),
+            "content_sha256": str(manifest["content_sha256"]),
+            "epsilon": float(manifest["epsilon"]),
+            "delta": float(manifest["delta"]),
+            "policy": str(manifest.get("policy")),
+        }
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("release %s has no readable manifest (%s): ignored", path, exc)
+        return None
 
 
 def input_description(model: Model) -> dict[str, Any]:

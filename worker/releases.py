@@ -45,7 +45,6 @@ latency spike; an idle periodic check announces everything left.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -55,14 +54,15 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from producer import schema
-from producer.release_client import MANIFEST_NAME
 from worker.ledger import Ledger
 from worker.receipts import ReceiptSigner, ReceiptStore
 from worker.release_announce import AnnounceQueue, Announcer
 from worker.release_files import (
     build_manifest,
     list_releases,
+    manifest_record,
     model_release_dir,
+    next_release_number,
     noise_epoch_id,
     read_latest,
     release_numbers,
@@ -268,41 +268,22 @@ class Releaser:
         return noise_epoch_id(self.model_name, self.state_id, int(model.version))
 
     def _due(self, model: Model, requested: bool) -> bool:
-        last = self.records.last
-        if last is not None and int(last.get("snapshot", -1)) == int(model.save_seq):
-            if requested:
-                log.info("release requested, but release %s is the current state", last["release"])
-            return False  # this persisted state is out already
-        kind = self.policy.kind
-        if kind == "epoch":
-            if self.epoch_id(model) in self.records.epochs():
-                if requested:
-                    log.info(
-                        "release requested, but noise epoch (version %d) has a release already "
-                        "(policy epoch: never two of one epoch)",
-                        model.version,
-                    )
-                return False
-            return True
-        if requested or kind == "every":
-            return True
-        if kind == "interval":
-            if last is None:
-                return True
-            if self.clock() - float(last["created_at"]) < self.policy.interval:
-                return False
-            return bool(self._tail) or int(last["model_version"]) != int(model.version)
-        return False  # manual
+        return self.policy.due(
+            self.records.last,
+            snapshot=int(model.save_seq),
+            version=int(model.version),
+            epoch_released=lambda: self.epoch_id(model) in self.records.epochs(),
+            now=self.clock(),
+            news=bool(self._tail),
+            requested=requested,
+        )
 
     # ------------------------------------------------------------ release
     def next_number(self) -> int:
         last = self.records.last
-        taken = [int(last["release"])] if last else []
-        taken += release_numbers(self.release_dir, self.model_name)[-1:]
-        latest = read_latest(self.release_dir, self.model_name)
-        if latest is not None:
-            taken.append(latest)
-        return max(taken, default=0) + 1
+        return next_release_number(
+            self.release_dir, self.model_name, int(last["release"]) if last else 0
+        )
 
     def _adopt_unrecorded(self, model: Model) -> None:
         """Record the releases on disk that the record lacks (the record's append failed, or a
@@ -318,23 +299,10 @@ class Releaser:
             if number <= recorded:
                 continue
             path = release_path(self.release_dir, self.model_name, number)
-            try:
-                manifest = json.loads((path / MANIFEST_NAME).read_text())
-                epoch = str(manifest["noise_epoch"])
-                rec = {
-                    "release": number,
-                    "model_version": int(manifest["model_version"]),
-                    "snapshot": int(manifest["snapshot"]),
-                    "noise_epoch": epoch,
-                    "created_at": float(manifest["created_at"]),
-                    "content_sha256": str(manifest["content_sha256"]),
-                    "epsilon": float(manifest["epsilon"]),
-                    "delta": float(manifest["delta"]),
-                    "policy": str(manifest.get("policy")),
-                }
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                log.warning("release %s has no readable manifest (%s): ignored", path, exc)
+            rec = manifest_record(path, number)
+            if rec is None:
                 continue
+            epoch = rec["noise_epoch"]
             to = int(self.records.last["ledger_to"]) if self.records.last else 0
             current = (
                 number == numbers[-1]

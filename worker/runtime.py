@@ -31,8 +31,9 @@ from worker.integrity import no_model_message, state_contents, verify_against_le
 from worker.lease import Lease
 from worker.ledger import LEDGER_NAME, Ledger, LedgerDamagedError
 from worker.metrics import ServiceMetrics
+from worker.release_gate import ReleaseOptions
 from worker.retrain import PipelineRetrain
-from worker.service import ReleaseOptions, RemovalService
+from worker.service import RemovalService
 from worker.settings import Settings, SettingsError
 from worker.stream import RequestStream
 

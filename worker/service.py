@@ -8,8 +8,8 @@ planning, persisting), ``worker.steps.NewtonSteps`` (a Newton step, the handover
 epoch), ``worker.epochs.NextEpoch`` (the next epoch, fitted in the background),
 ``worker.retrain.Retrainer`` (blocking retrains), ``worker.outbox.Outbox`` (journal, ledger,
 statuses + XACK, dead letters, failure counts), ``worker.metrics`` (hooks) and
-``worker.releases.Releaser`` (releases of the persisted model after each batch and retrain whose
-answers are out, as the release policy says; never fails a drain).
+``worker.release_gate.ReleaseGate`` (releases of the persisted model after each batch and retrain
+whose answers and statuses are out, as the release policy says; never fails a drain).
 
 Drain (one bounded time slice): hold the doorbell; recover this consumer's pending entries and
 claim idle ones of dead consumers; then serve up to ``max_batch`` waiting entries per Newton step
@@ -31,7 +31,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -46,7 +45,7 @@ from worker.fatal import exit_process
 from worker.ledger import Ledger
 from worker.metrics import ServiceMetrics
 from worker.outbox import Outbox
-from worker.releases import ReleasePolicy, Releaser
+from worker.release_gate import ReleaseGate, ReleaseOptions
 from worker.retrain import PipelineRetrain, Retrainer
 from worker.served import ServedModel
 from worker.steps import DrainReport, NewtonSteps
@@ -55,9 +54,8 @@ from worker.stream import Intake, RequestStream
 if TYPE_CHECKING:
     from core.model import Model
     from worker.lease import Lease
-    from worker.receipts import ReceiptSigner
 
-__all__ = ["DrainReport", "PipelineRetrain", "ReleaseOptions", "RemovalService", "exit_process"]
+__all__ = ["DrainReport", "PipelineRetrain", "RemovalService", "exit_process"]
 
 log = logging.getLogger("certremove.worker")
 
@@ -65,15 +63,6 @@ RETRAIN_FOLD_CAP = 50_000
 RETRAIN_RESEND_S = 60.0
 #: seconds between two trims of the request stream (retention)
 TRIM_EVERY_S = 10.0
-
-
-@dataclass(frozen=True)
-class ReleaseOptions:
-    """Where and when the service releases its model (``worker.releases``)."""
-
-    release_dir: Path
-    policy: ReleasePolicy
-    signer: ReceiptSigner | None = None
 
 
 class RemovalService(FailureHandling):
@@ -165,23 +154,21 @@ class RemovalService(FailureHandling):
         self._journal_due = False
         self.retrain_due: str | None = None  # the reason, while a retrain is due
         self._retrain_sent_at: float | None = None
-        self.releaser: Releaser | None = None
-        if releases is not None:
-            # before the journal's replay: its answers reach the releaser through the ledger
-            self.releaser = Releaser(
-                model_name=ledger.model,
+        self.releases: ReleaseGate | None = None
+        if releases is not None:  # before the journal's replay (worker.release_gate)
+            self.releases = ReleaseGate.build(
+                releases,
                 state_dir=self.state_dir,
-                release_dir=releases.release_dir,
-                policy=releases.policy,
                 client=stream.redis,
                 ledger=ledger,
-                signer=releases.signer,
-                fence=lambda: None if ledger.fence is None else ledger.fence(),
-                lease_ttl_ms=ledger.status.lease_ttl_ms,
-                state_id="" if lease is None else lease.state_id,
+                lease=lease,
                 clock=clock,
                 metrics=metrics,
+                served=self.served,
+                outbox=self.outbox,
+                intake=self.intake,
             )
+        self.releaser = None if self.releases is None else self.releases.releaser
         self.stream.ensure_group()
         self._replay_journal()
         self.served.refresh_metrics()
@@ -221,35 +208,10 @@ class RemovalService(FailureHandling):
     def _release(
         self, *, poll: bool = False, idle: bool = False, carry: list[Entry] | None = None
     ) -> None:
-        """Release the persisted model as the policy says (``poll``: also a manual request or
-        an interval run out; ``idle``: the stream is empty, announce everything pending); only
-        where the model in memory is the persisted one and all its answers are in the ledger.
-        Never raises. ``carry``: the entries the drain loop goes on with."""
-        if self.releaser is None or self.served.dirty or self.outbox.unrecorded:
-            return
-        publisher = self.outbox.publisher
-        may_release = True
-        if self._suspect_waiting(carry):
-            # entries served again after a failed publication still wait for their statuses:
-            # no release covers them before (announcing earlier releases goes on; a manual
-            # request stays for the next look)
-            if poll:
-                return
-            may_release = False
-        if publisher.busy:
-            if poll or self.releaser.release_due(self.model):
-                # a release covers every request in the ledger: their statuses go out first
-                publisher.wait()
-                if publisher.busy:
-                    return  # a publication failed: the drain sees to it, then releases
-            else:
-                # decided here, once: the policy asked again could say otherwise (an interval
-                # run out meanwhile) and release ahead of the statuses still queued
-                may_release = False
-        if poll:
-            self.releaser.poll(self.model, idle=idle)
-        else:
-            self.releaser.settle(self.model, may_release=may_release)
+        """Release the persisted model as the policy says, where that is safe
+        (``worker.release_gate``). Never raises."""
+        if self.releases is not None:
+            self.releases.release(poll=poll, idle=idle, carry=carry)
 
     def release_tick(self) -> None:
         """The periodic check's part: a manual release request, an interval run out, a release
@@ -307,10 +269,9 @@ class RemovalService(FailureHandling):
         phases = self.metrics.phases
         # statuses are published on their own thread while the next batch is served
         # (worker.publisher); every way out of the loop waits for them
-        self.outbox.deferring = True
-        try:
+        with self.outbox.deferred():
             while True:
-                carry = self._published(carry)
+                carry = self.outbox.take_failed(carry)
                 started = time.perf_counter()
                 try:
                     batch = self.intake.fill(carry)
@@ -318,7 +279,7 @@ class RemovalService(FailureHandling):
                     phases.observe("read", time.perf_counter() - started)  # a failed read too
                     raise
                 if not batch:
-                    carry = self._published(carry, wait=True)
+                    carry = self.outbox.take_failed(carry, wait=True)
                     if carry:
                         continue  # a publication failed: its entries are served again
                     break  # the drain's end (or an idle wake-up): no batch, nothing observed
@@ -328,55 +289,23 @@ class RemovalService(FailureHandling):
                 with phases.timed("release"):
                     self._release(carry=carry)
                 if self.retrain_due:
-                    self._published(carry, wait=True)  # (its entries: the pending list)
+                    self.outbox.take_failed(carry, wait=True)  # (its entries: the pending list)
                     report.retrain_requested = True
                     self.intake.forget()  # the retrain reads the pending list
                     self.doorbell.release()
                     return report
                 if time.monotonic() >= deadline:
-                    carry = self._published(carry, wait=True)
+                    carry = self.outbox.take_failed(carry, wait=True)
                     report.requeued = True
                     self.intake.hold(carry)  # the next slice goes on with them, not re-delivered
                     self.doorbell.requeue(hold_ms)
                     return report
-        finally:
-            self.outbox.deferring = False
         self.doorbell.release()
         self._maybe_trim()
         if self.stream.has_undelivered() or self.stream.has_own_pending():
             self.intake.forget()  # own pending entries not in memory (unread pages): read them
             self.doorbell.ring()
         return report
-
-    def _published(self, carry: list[Entry], *, wait: bool = False) -> list[Entry]:
-        """Look at the statuses published on their own thread (``wait``: wait for all of them
-        first). When a publication failed: a Redis fault (or a lost lease) is raised, for the
-        drain's failure handling (its entries stay pending, the pending list brings them back);
-        anything else puts its entries, and those of the publications skipped after it, in
-        front of ``carry``, served again with their statuses published at once (they are
-        suspect, ``Outbox.suspect``, until acknowledged), so that a fault an entry causes on
-        its own is found by halves as usual."""
-        publisher = self.outbox.publisher
-        if wait:
-            publisher.wait()
-        failed = publisher.failure()
-        if failed is None:
-            return carry
-        exc, entries = failed
-        if faults.is_infrastructure(exc) or faults.is_fenced(exc):
-            raise exc
-        self.outbox.suspect.update(e.entry_id for e in entries)
-        return entries + carry
-
-    def _suspect_waiting(self, carry: list[Entry] | None) -> bool:
-        """Whether entries of a failed publication (``Outbox.suspect``) are held in memory to
-        be served again (in ``carry``, held or read ahead): a release must not cover them
-        before their statuses are out. Entries left to the pending list do not count (they
-        may be claimed by another consumer and never come back here)."""
-        suspect = self.outbox.suspect
-        if not suspect:
-            return False
-        return any(e.entry_id in suspect for e in carry or []) or self.intake.holds_any(suspect)
 
     def _maybe_trim(self) -> None:
         """Trim acknowledged entries past the retention window, every ``TRIM_EVERY_S``."""

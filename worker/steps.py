@@ -50,7 +50,7 @@ class DrainReport:
     backoff: float = 0.0
 
 
-def _published(batch: list[Entry], plan: Plan) -> list[Entry]:
+def _acknowledged(batch: list[Entry], plan: Plan) -> list[Entry]:
     """The entries of ``batch`` that ``plan``'s publication acknowledges (not the deferred)."""
     if not plan.deferred:
         return batch
@@ -100,7 +100,7 @@ class NewtonSteps:
                 served.dirty = False  # core checks before it changes anything
                 plan.reject_all(str(exc), self.clock())
                 with phases.timed("answer"):
-                    self.outbox.finish(plan, _published(batch, plan))
+                    self.outbox.finish(plan, _acknowledged(batch, plan))
                 return plan.deferred, None
             seconds = time.perf_counter() - t0
             phases.observe("step", seconds)
@@ -150,7 +150,7 @@ class NewtonSteps:
                     # groups left go round again on the new epoch.
                     due = reason if adopted is None else self._adopted(adopted, report)
         with phases.timed("answer"):
-            self.outbox.finish(plan, _published(batch, plan))
+            self.outbox.finish(plan, _acknowledged(batch, plan))
         report.requests += plan.served
         return plan.deferred, due
 

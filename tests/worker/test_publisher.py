@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,17 +67,19 @@ def _ledger(state: Path) -> tuple[Counter[Any], Counter[str]]:
     return removed, answered
 
 
-def _flaky_publish(fail: Any) -> Any:
-    """Patch StatusPublisher.publish: ``fail(call_number, thread_name)`` raises or returns."""
+def patch_publish(monkeypatch: pytest.MonkeyPatch, before: Callable[[str], None]) -> None:
+    """Make StatusPublisher.publish call ``before(thread name)`` first (it may wait or raise)."""
     real = StatusPublisher.publish
-    calls = {"n": 0}
 
     def publish(self: StatusPublisher, *args: Any, **kw: Any) -> None:
-        calls["n"] += 1
-        fail(calls["n"], threading.current_thread().name)
+        before(threading.current_thread().name)
         real(self, *args, **kw)
 
-    return publish, calls
+    monkeypatch.setattr(StatusPublisher, "publish", publish)
+
+
+def on_publishing_thread(thread: str) -> bool:
+    return thread.startswith("certremove-publish")
 
 
 def test_a_redis_fault_on_the_publishing_thread_leaves_the_entries_pending_then_served_once(
@@ -90,13 +93,12 @@ def test_a_redis_fault_on_the_publishing_thread_leaves_the_entries_pending_then_
     rids = client.enqueue_many([[i] for i in range(60)])
     threads: list[str] = []
 
-    def fail(n: int, thread: str) -> None:
+    def fail(thread: str) -> None:
         threads.append(thread)
-        if n == 2:  # the second batch's statuses: the connection drops
+        if len(threads) == 2:  # the second batch's statuses: the connection drops
             raise redis.ConnectionError("gone while publishing")
 
-    publish, _ = _flaky_publish(fail)
-    monkeypatch.setattr(StatusPublisher, "publish", publish)
+    patch_publish(monkeypatch, fail)
     service, _, _ = build(state, rclient, model_name, max_batch=10, sleep=lambda s: None)
     first = service.drain()
     assert first.infrastructure_error and "gone while publishing" in first.infrastructure_error

@@ -12,19 +12,15 @@ import pytest
 import redis
 
 from producer import Client
+from tests.worker.test_publisher import on_publishing_thread, patch_publish
 from tests.worker.test_release_service import build as build_releasing
 from tests.worker.test_service import build
 from worker import stream as stream_module
 from worker.errors import ServiceStoppedError
 from worker.publisher import Publisher
 from worker.releases import Releaser, read_latest
-from worker.status import StatusPublisher
 
 FENCED = "CERTREMOVE_FENCED this worker no longer holds the model lease"
-
-
-def _on_publishing_thread() -> bool:
-    return threading.current_thread().name.startswith("certremove-publish")
 
 
 def _released_before_applied(statuses: dict[str, dict[str, Any]]) -> list[str]:
@@ -56,12 +52,10 @@ def test_an_interval_release_is_not_made_while_the_statuses_it_covers_are_queued
     rids = client.enqueue_many([[i] for i in range(5)])
 
     gate = threading.Event()
-    real_publish = StatusPublisher.publish
 
-    def publish(self: StatusPublisher, *args: Any, **kw: Any) -> None:
-        if _on_publishing_thread():
+    def hold(thread: str) -> None:
+        if on_publishing_thread(thread):
             gate.wait(10)  # held until the release policy after the batch is done
-        real_publish(self, *args, **kw)
 
     real_due = Releaser.release_due
 
@@ -80,7 +74,7 @@ def test_an_interval_release_is_not_made_while_the_statuses_it_covers_are_queued
             seen.append(client.statuses(rids))  # before the batch's publication runs
             gate.set()
 
-    monkeypatch.setattr(StatusPublisher, "publish", publish)
+    patch_publish(monkeypatch, hold)
     monkeypatch.setattr(Releaser, "release_due", release_due)
     monkeypatch.setattr(Releaser, "settle", settle)
     service.drain()
@@ -109,13 +103,11 @@ def test_a_lost_lease_on_the_publishing_thread_stops_the_service_whatever_else_f
     client = Client(broker_url, model=model_name)
     client.enqueue_many([[i] for i in range(3)])
     gate = threading.Event()
-    real_publish = StatusPublisher.publish
 
-    def publish(self: StatusPublisher, *args: Any, **kw: Any) -> None:
-        if _on_publishing_thread():
+    def refuse(thread: str) -> None:
+        if on_publishing_thread(thread):
             gate.wait(10)  # runs once the drain waits for it (its failure handling)
             raise redis.ResponseError(FENCED)
-        real_publish(self, *args, **kw)
 
     real_wait = Publisher.wait
 
@@ -126,7 +118,7 @@ def test_a_lost_lease_on_the_publishing_thread_stops_the_service_whatever_else_f
     def read_new(stream: Any, count: int) -> list[Any]:
         raise redis.ConnectionError("Redis went away during the read ahead")
 
-    monkeypatch.setattr(StatusPublisher, "publish", publish)
+    patch_publish(monkeypatch, refuse)
     monkeypatch.setattr(Publisher, "wait", wait)
     monkeypatch.setattr(stream_module, "_read_new", read_new)
     fatal: list[BaseException] = []
@@ -157,18 +149,16 @@ def test_entries_served_again_are_released_once_their_statuses_are_out(
     client = Client(broker_url, model=model_name)
     rids = client.enqueue_many([[i] for i in range(6)])
     calls = {"n": 0}
-    real_publish = StatusPublisher.publish
 
-    def publish(self: StatusPublisher, *args: Any, **kw: Any) -> None:
-        if _on_publishing_thread():
+    def wrong_type_once(thread: str) -> None:
+        if on_publishing_thread(thread):
             calls["n"] += 1
             if calls["n"] == 1:
                 raise redis.ResponseError(
                     "WRONGTYPE Operation against a key holding the wrong kind of value"
                 )
-        real_publish(self, *args, **kw)
 
-    monkeypatch.setattr(StatusPublisher, "publish", publish)
+    patch_publish(monkeypatch, wrong_type_once)
     service = build_releasing(state, rclient, model_name, "every", rel, slice_seconds=0.0)
     first = service.drain()
     assert first.requeued and calls["n"] == 1

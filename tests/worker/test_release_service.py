@@ -23,8 +23,9 @@ from worker.doorbell import Doorbell
 from worker.ledger import Ledger
 from worker.metrics import ServiceMetrics
 from worker.receipts import ReceiptSigner, init_keys, read_receipts
+from worker.release_gate import ReleaseOptions
 from worker.releases import ReleasePolicy, list_releases, read_latest
-from worker.service import ReleaseOptions, RemovalService
+from worker.service import RemovalService
 from worker.stream import RequestStream
 
 
