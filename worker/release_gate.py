@@ -11,14 +11,11 @@ their statuses are out. Announcing a release made earlier needs nothing of the b
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from worker.entries import Entry
-from worker.ledger import Ledger
-from worker.metrics import ServiceMetrics
 from worker.outbox import Outbox
 from worker.release_policy import ReleasePolicy
 from worker.releases import Releaser
@@ -26,8 +23,6 @@ from worker.served import ServedModel
 from worker.stream import Intake
 
 if TYPE_CHECKING:
-    import redis
-
     from worker.lease import Lease
     from worker.receipts import ReceiptSigner
 
@@ -55,31 +50,29 @@ class ReleaseGate:
         cls,
         options: ReleaseOptions,
         *,
-        state_dir: Path,
-        client: redis.Redis,
-        ledger: Ledger,
         lease: Lease | None,
-        clock: Callable[[], float],
-        metrics: ServiceMetrics,
         served: ServedModel,
         outbox: Outbox,
         intake: Intake,
     ) -> ReleaseGate:
-        """The gate of a new :class:`worker.releases.Releaser` for ``options`` (build it before
-        the journal's replay: its answers reach the releaser through the ledger)."""
+        """The gate of a new :class:`worker.releases.Releaser` for ``options``, on the ledger,
+        Redis client and metrics of ``outbox`` and the state directory and clock of ``served``
+        (build it before the journal's replay: its answers reach the releaser through the
+        ledger)."""
+        ledger = outbox.ledger
         releaser = Releaser(
             model_name=ledger.model,
-            state_dir=state_dir,
+            state_dir=served.state_dir,
             release_dir=options.release_dir,
             policy=options.policy,
-            client=client,
+            client=outbox.redis,
             ledger=ledger,
             signer=options.signer,
             fence=lambda: None if ledger.fence is None else ledger.fence(),
             lease_ttl_ms=ledger.status.lease_ttl_ms,
             state_id="" if lease is None else lease.state_id,
-            clock=clock,
-            metrics=metrics,
+            clock=served.clock,
+            metrics=outbox.metrics,
         )
         return cls(releaser, served, outbox, intake)
 

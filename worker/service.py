@@ -157,16 +157,7 @@ class RemovalService(FailureHandling):
         self.releases: ReleaseGate | None = None
         if releases is not None:  # before the journal's replay (worker.release_gate)
             self.releases = ReleaseGate.build(
-                releases,
-                state_dir=self.state_dir,
-                client=stream.redis,
-                ledger=ledger,
-                lease=lease,
-                clock=clock,
-                metrics=metrics,
-                served=self.served,
-                outbox=self.outbox,
-                intake=self.intake,
+                releases, lease=lease, served=self.served, outbox=self.outbox, intake=self.intake
             )
         self.releaser = None if self.releases is None else self.releases.releaser
         self.stream.ensure_group()
