@@ -228,8 +228,14 @@ def test_recover_after_losing_current(state: Path, threads: None) -> None:
 
 
 def test_recover_after_damaging_the_newest_snapshot_removes_the_rows_again(
-    state: Path, threads: None
+    state: Path, threads: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The recovery retrains with fresh noise; on 600 rows one draw in many moves the test
+    # accuracy by more than 0.05 (CI met one: 0.967 -> 0.892). The draw is not what this test
+    # checks, so it is made reproducible here (the model stays certified: no seed is given).
+    import core.epoch  # noqa: PLC0415
+
+    monkeypatch.setattr(core.epoch, "generator", lambda seed: np.random.default_rng(seed or 7))
     reference = core.load_model(state, device="cpu")
     ds = reference.dataset
     assert ds is not None
