@@ -113,6 +113,8 @@ class Releaser:
         state_id: the state directory's id (the noise epoch ids).
         clock: wall-clock time.
         metrics: counts releases and failures, shows the requests not yet released (optional).
+        background_announce: announce the parts on a thread of their own while batches are
+            served (``worker.release_announce``; the service's releaser).
     """
 
     def __init__(
@@ -130,6 +132,7 @@ class Releaser:
         state_id: str = "",
         clock: Callable[[], float] = time.time,
         metrics: ServiceMetrics | None = None,
+        background_announce: bool = False,
     ) -> None:
         self.model_name, self.state_dir = model_name, Path(state_dir)
         self.release_dir, self.policy = Path(release_dir), policy
@@ -153,7 +156,7 @@ class Releaser:
         #: applied requests recorded in the ledger since the last release
         self._tail: list[Covered] = []
         #: releases made whose announcement (stream, statuses, receipts) is not done
-        self.queue = AnnounceQueue(self.announcer)
+        self.queue = AnnounceQueue(self.announcer, background=background_announce)
         #: look for releases on disk that the record lacks (at start, after a failed release)
         self._check_dir = True
         self._load_coverage()
@@ -292,6 +295,7 @@ class Releaser:
         the persisted state of ``model`` (every applied request in the ledger is in that
         snapshot); any other is taken to cover no ledger record (a later release covers
         them)."""
+        self.queue.wait()  # the records and the queue are changed here, not by a part too
         last = self.records.last
         recorded = int(last["release"]) if last else 0
         numbers = release_numbers(self.release_dir, self.model_name)
@@ -333,6 +337,7 @@ class Releaser:
         self._check_dir = False
 
     def _release(self, model: Model) -> int:
+        self.queue.wait()  # the records and the queue are changed here, not by a part too
         number = self.next_number()
         now = self.clock()
         epoch = self.epoch_id(model)
