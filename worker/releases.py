@@ -113,8 +113,7 @@ class Releaser:
         state_id: the state directory's id (the noise epoch ids).
         clock: wall-clock time.
         metrics: counts releases and failures, shows the requests not yet released (optional).
-        background_announce: announce the parts on a thread of their own while batches are
-            served (``worker.release_announce``; the service's releaser).
+        background_announce: announce on a thread of its own (``worker.release_announce``).
     """
 
     def __init__(
