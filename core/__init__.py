@@ -25,8 +25,9 @@ from core.errors import (
     StateError,
     StateNotFoundError,
 )
+from core.loading import list_snapshots, read_journal
 from core.model import Model, RemovalResult, load_model
-from core.persist import SnapshotInfo, list_snapshots, read_journal
+from core.snapshots import SnapshotInfo
 from core.train import train
 
 __all__ = [

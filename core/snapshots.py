@@ -1,6 +1,7 @@
 """The state directory's layout and file-level integrity: snapshot names, ``CURRENT``, manifests
 and checksums, atomic writes, pruning. Knows files and bytes only, never a model (the contract is
-docs/design.md "State directory"; :mod:`core.persist` reads and writes the snapshots)."""
+docs/design.md "State directory"; :mod:`core.persist` writes the snapshots, :mod:`core.loading`
+reads them)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """A model as data: :class:`ModelState` (CPU tensors, the JSON-able state, the fingerprint),
-what :mod:`core.persist` writes and reads, and its conversion to and from :class:`ModelParts`,
-what a :class:`core.model.Model` is made of. ``b`` and ``g_a`` are never in a state: decoding
-anchors the accounting on the stored weights, with ``r0_a`` the stored budget used."""
+what :mod:`core.persist` writes and :mod:`core.loading` reads, and its conversion to and from
+:class:`ModelParts`, what a :class:`core.model.Model` is made of. ``b`` and ``g_a`` are never in
+a state: decoding anchors the accounting on the stored weights, with ``r0_a`` the stored budget
+used."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from core.problem import Hyper, Problem, make_problem, resolve_device
 
 @dataclass(frozen=True)
 class ModelState:
-    """Everything a snapshot stores of a model (:meth:`core.model.Model.to_state`): CPU
+    """Everything a snapshot stores of a model (:meth:`core.stored.StoredModel.to_state`): CPU
     ``tensors`` (``weights`` float64 (d, K), ``alive`` uint8 (n,), ``omega`` uint8 (n, K) when
     subsampled), the JSON-able ``state`` (``state.json``; :mod:`core.persist` adds ``format``,
     ``saved_at``, ``dataset_sha256`` and ``dataset_file``) and the training data's

@@ -1,6 +1,7 @@
 """The read side of a model (:class:`ModelView`): its data layout and every view of it that
-changes nothing. The operations (remove, retrain, save, ...) are :class:`core.model.Model`'s;
-each is one assignment of a new :class:`core.epoch.NoiseEpoch` (or of a counter) on this layout.
+changes nothing. The operations (remove, retrain, save, ...) are :class:`core.model.Model`'s (save
+and the state conversion those of its base, :class:`core.stored.StoredModel`); each is one
+assignment of a new :class:`core.epoch.NoiseEpoch` (or of a counter) on this layout.
 """
 
 from __future__ import annotations

@@ -49,9 +49,9 @@ def _ledger_rows(
 
 
 def _load(state_dir: Path, snapshot: str | None, device: str) -> tuple[Any, Any]:
-    """(:class:`core.persist.Loaded`, :class:`core.state.ModelParts`) of a snapshot."""
+    """(:class:`core.loading.Loaded`, :class:`core.state.ModelParts`) of a snapshot."""
     from core.errors import StateError, StateNotFoundError  # noqa: PLC0415
-    from core.persist import read_state  # noqa: PLC0415
+    from core.loading import read_state  # noqa: PLC0415
     from core.state import decode  # noqa: PLC0415
 
     try:
@@ -214,7 +214,7 @@ def target_from_release(
     from safetensors.torch import load as load_tensors  # noqa: PLC0415
 
     from core.ids import IdIndex  # noqa: PLC0415
-    from core.persist import list_snapshots  # noqa: PLC0415
+    from core.loading import list_snapshots  # noqa: PLC0415
 
     state_dir = _need_state(state_dir)
     name, folder = release_dirs(state_dir, model, release_dir)
@@ -295,8 +295,8 @@ def _epoch_check(state_dir: Path, current: str, parts: Any, used: float) -> dict
     ``||U|| <= budget_used_e + ||that||``, recomputed here in float64 from the two snapshots'
     files alone. It must stay within the budget; the recorded budget used is the worker's own
     bound of the same kind (from its own anchor: the training, or the state it started from)."""
+    from core.loading import list_snapshots  # noqa: PLC0415
     from core.loss import frobenius  # noqa: PLC0415
-    from core.persist import list_snapshots  # noqa: PLC0415
 
     same = [
         i

@@ -30,8 +30,9 @@ from kombu.exceptions import OperationalError
 from producer.urls import redact_url
 from worker.errors import StateLockedError, StateMissingError
 from worker.faults import cause_chain
-from worker.lease import LeaseHeldError, StateBehindError
+from worker.lease import LeaseHeldError
 from worker.settings import Settings, SettingsError
+from worker.state_marker import StateBehindError
 
 log = logging.getLogger("certremove.worker")
 

@@ -63,7 +63,7 @@ def current_problem(state_dir: Path) -> str | None:
     if not (Path(state_dir) / "CURRENT").exists():
         return no_model_message(state_dir)
     from core.errors import StateError  # noqa: PLC0415 - torch only in the worker
-    from core.persist import current_snapshot  # noqa: PLC0415
+    from core.snapshots import current_snapshot  # noqa: PLC0415
 
     try:
         current_snapshot(state_dir)

@@ -13,9 +13,10 @@ worker takes the model's lease before it serves:
   and finds another owner stops without writing anything (``LeaseLostError``).
 - The token and the state directory's id go into each persisted snapshot's journal, and Redis
   keeps which state directory persisted the model last and its snapshot number
-  (``certremove:{model}:state``). A worker whose state directory is not that one, or is behind
-  it (restored from an old backup), is refused at start: serving it would bring removed rows
-  back. ``certremove owner reset`` lets an operator accept a state directory after all.
+  (``certremove:{model}:state``, ``worker.state_marker``). A worker whose state directory is not
+  that one, or is behind it (restored from an old backup), is refused at start: serving it would
+  bring removed rows back. ``certremove owner reset`` lets an operator accept a state directory
+  after all.
 """
 
 from __future__ import annotations
@@ -25,19 +26,16 @@ import os
 import socket
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import redis
 
 from producer import schema
 from worker.faults import LeaseLostError
+from worker.state_marker import StateBehindError, as_text, check_state, snapshot_seq, state_id
 
 log = logging.getLogger("certremove.worker")
-
-STATE_ID_FILE = "state-id"
 
 #: the Lua reply of a script run by a worker that lost the lease (``worker.faults.is_fenced``)
 FENCED_LUA = (
@@ -89,37 +87,6 @@ return 1
 
 class LeaseHeldError(RuntimeError):
     """Another worker holds the model's lease."""
-
-
-class StateBehindError(RuntimeError):
-    """This state directory is not the one that persisted the model last, or is behind it."""
-
-
-def state_id(state_dir: Path) -> str:
-    """The state directory's id (made once, kept in ``STATE_DIR/state-id``)."""
-    path = Path(state_dir) / STATE_ID_FILE
-    try:
-        value = path.read_text().strip()
-        if value:
-            return value
-    except FileNotFoundError:
-        pass
-    value = uuid.uuid4().hex
-    tmp = path.with_name(f".{STATE_ID_FILE}.tmp")
-    tmp.write_text(value + "\n")
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return value
-
-
-def snapshot_seq(state_dir: Path) -> int:
-    """The sequence number of the state directory's current snapshot (0 when unreadable)."""
-    try:
-        name = (Path(state_dir) / "CURRENT").read_text().strip().rsplit("/", 1)[-1]
-        return int(name)
-    except (OSError, ValueError):
-        return 0
 
 
 @dataclass
@@ -177,7 +144,9 @@ class Lease:
         token = self.redis.get(self.key)
         if token is None:
             return None
-        info = {_s(k): _s(v) for k, v in (self.redis.hgetall(self.info_key) or {}).items()}
+        info = {
+            as_text(k): as_text(v) for k, v in (self.redis.hgetall(self.info_key) or {}).items()
+        }
         return Owner(
             int(token),
             info.get("consumer", "?"),
@@ -242,7 +211,7 @@ class Lease:
             },
         )
         try:
-            self.check_state()
+            check_state(self.redis, self.model, self.state_dir, self.state_id)
         except StateBehindError:
             self.release()
             raise
@@ -262,33 +231,6 @@ class Lease:
                 str(self.ttl_ms),
             )
         )
-
-    def check_state(self) -> None:
-        """Refuse a state directory that is not the model's latest.
-
-        Raises:
-            StateBehindError: see :meth:`acquire`.
-        """
-        marker = {_s(k): _s(v) for k, v in (self.redis.hgetall(self.marker_key) or {}).items()}
-        if not marker:
-            return  # never served (or Redis lost it): this directory starts the record
-        seq = snapshot_seq(self.state_dir)
-        if marker.get("state_id") != self.state_id:
-            raise StateBehindError(
-                f"model {self.model!r} was last persisted from another state directory (id "
-                f"{marker.get('state_id')}, snapshot {marker.get('seq')}, by "
-                f"{marker.get('consumer')!r}); serving {self.state_dir} (id {self.state_id}) "
-                "would bring back the rows removed there. Serve the model from that directory; "
-                f"if it is lost for good, `certremove owner reset --model {self.model}` accepts "
-                "this one (requests applied only there must then be sent again)"
-            )
-        if seq < int(marker.get("seq", "0") or 0):
-            raise StateBehindError(
-                f"{self.state_dir} is behind the model's history: its current snapshot is {seq} "
-                f"but snapshot {marker.get('seq')} was persisted (restored from an old backup?). "
-                f"Restore the latest state, or run `certremove state recover --state "
-                f"{self.state_dir}` if its newer snapshots are damaged"
-            )
 
     def mark_state(self, seq: int | None = None) -> None:
         """Record in Redis that this state directory's current snapshot (number ``seq``, read
@@ -391,16 +333,3 @@ class Lease:
         except redis.RedisError:
             pass
         self.token = None
-
-
-def reset_owner(client: redis.Redis, model: str) -> dict[str, Any]:
-    """Forget which state directory served ``model`` last (the operator's override); returns
-    what was recorded."""
-    key = schema.state_marker_key(model)
-    old = {_s(k): _s(v) for k, v in (client.hgetall(key) or {}).items()}
-    client.delete(key)
-    return old
-
-
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

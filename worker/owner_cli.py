@@ -1,5 +1,5 @@
 """``certremove owner show|reset``: who holds a model's lease, and which state directory
-persisted it last (see ``worker.lease``)."""
+persisted it last (see ``worker.state_marker``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from producer import schema
-from worker.lease import reset_owner
+from worker.state_marker import reset_owner
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="The model's owner (lease) and state record."

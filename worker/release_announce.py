@@ -16,11 +16,12 @@ simply done again (after a restart, from the release's first request).
 
 **On a thread of its own** (the service's queue, ``background=True``): a part is a Redis script
 over up to a thousand status keys and a receipt per request, 3-10 ms of the drain loop in four
-batches of ten under a steady load. The part is handed to the thread ``certremove-announce`` and
-the drain goes on; while it runs, later calls announce nothing (the requests applied meanwhile
-size the next part), a failure is raised by the next call (logged and counted there, the part
-done again), and a whole announcement (idle) waits for it and runs on the caller's thread. What
-the drain loop changes in the queue (a new release) waits for the part first (:meth:`wait`).
+batches of ten under a steady load. After a batch (``hand_over``) the part is handed to the
+thread ``certremove-announce`` and the drain goes on; while it runs, later hand-overs announce
+nothing (the requests applied meanwhile size the next part), and a failure is raised by the next
+call (logged and counted there, the part done again). Every other call (the start, the periodic
+check, the drain's end, a whole announcement) waits for the part in flight and runs on the
+caller's thread. A new release waits for the part before it changes the queue (:meth:`wait`).
 Statuses come before their release's fields: a release is made only once the statuses it covers
 are published (``worker.release_gate``)."""
 
@@ -263,22 +264,25 @@ class AnnounceQueue:
         if self._job is not None:
             wait_futures([self._job])
 
-    def run(self, *, whole: bool = False, budget: int | None = None) -> None:
+    def run(
+        self, *, whole: bool = False, budget: int | None = None, hand_over: bool = False
+    ) -> None:
         """Announce the pending releases in order: all of them (``whole``), else at most
         ``budget`` requests' worth (default: the part of the module docstring). Raises what a
-        part raised (it is done again next time): in the background, the part handed over by
-        an earlier call. In the background a part is handed over and this returns at once;
-        nothing is handed over while one runs (``whole`` waits for it, then runs here)."""
+        part raised (it is done again next time), or what the part handed over last raised.
+        ``hand_over`` (a queue with a thread; the drain loop after a batch): the part is handed
+        to the announcing thread and this returns at once, and nothing is handed over while a
+        part runs there. Otherwise the part in flight is waited for, and this runs here."""
         job = self._job
         if job is not None:
-            if not whole and not job.done():
+            if hand_over and not whole and not job.done():
                 return  # the requests applied meanwhile size the next part
             self._job = None
-            job.result()  # (waits when whole) the part's failure, raised once
+            job.result()  # (waits) the part's failure, raised once
         if budget is None:
             budget = max(ANNOUNCE_PART, ANNOUNCE_RATE * self.applied)
         self.applied = 0
-        if self._runner is None or whole or not self.pending:
+        if self._runner is None or not hand_over or whole or not self.pending:
             self._announce(None if whole else budget)
             return
         self._job = self._runner.submit(self._announce, budget)

@@ -78,11 +78,17 @@ class ReleaseGate:
         return cls(releaser, served, outbox, intake)
 
     def release(
-        self, *, poll: bool = False, idle: bool = False, carry: list[Entry] | None = None
+        self,
+        *,
+        poll: bool = False,
+        idle: bool = False,
+        carry: list[Entry] | None = None,
+        hand_over: bool = False,
     ) -> None:
         """Release the persisted model as the policy says (``poll``: also a manual request or
         an interval run out; ``idle``: the stream is empty, announce everything pending);
-        ``carry``: the entries the drain loop goes on with. Never raises."""
+        ``carry``: the entries the drain loop goes on with; ``hand_over``: announce on the
+        announcing thread (after a batch). Never raises."""
         outbox, publisher = self.outbox, self.outbox.publisher
         if self.served.dirty or outbox.unrecorded:
             return
@@ -109,4 +115,4 @@ class ReleaseGate:
         if poll:
             self.releaser.poll(model, idle=idle)
         else:
-            self.releaser.settle(model, may_release=may_release)
+            self.releaser.settle(model, may_release=may_release, hand_over=hand_over)

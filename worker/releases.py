@@ -199,7 +199,12 @@ class Releaser:
 
     # ------------------------------------------------------------ entry points
     def settle(
-        self, model: Model, *, requested: bool = False, may_release: bool = True
+        self,
+        model: Model,
+        *,
+        requested: bool = False,
+        may_release: bool = True,
+        hand_over: bool = False,
     ) -> int | None:
         """Release ``model`` (the persisted one: call only where the model in memory is the
         persisted state and its answers are in the ledger) when the policy says so, and
@@ -207,12 +212,21 @@ class Releaser:
         module docstring). ``may_release`` False: announce only, whatever the policy says now
         (the service found no release due, :meth:`release_due`, and did not wait for the
         statuses it would cover; asking the policy again could say otherwise, ``interval``'s
-        clock having moved on). Never raises; returns the release made (None: none)."""
+        clock having moved on). ``hand_over``: announce on the announcing thread, if any (the
+        drain loop after a batch). Never raises; returns the release made (None: none)."""
         self.queue.batch_served()
-        return self._settle(model, requested=requested, whole=False, may_release=may_release)
+        return self._settle(
+            model, requested=requested, whole=False, may_release=may_release, hand_over=hand_over
+        )
 
     def _settle(
-        self, model: Model, *, requested: bool, whole: bool, may_release: bool = True
+        self,
+        model: Model,
+        *,
+        requested: bool,
+        whole: bool,
+        may_release: bool = True,
+        hand_over: bool = False,
     ) -> int | None:
         """:meth:`settle`; ``whole``: announce everything pending, not one part."""
         made = None
@@ -233,7 +247,7 @@ class Releaser:
                 " ".join(str(exc).split())[:300],
                 self.failures,
             )
-        self._announce(whole)
+        self._announce(whole, hand_over)
         if self.metrics is not None:
             self.metrics.set_unreleased(len(self._tail))
         return made
@@ -383,11 +397,12 @@ class Releaser:
         return number
 
     # ------------------------------------------------------------ announce
-    def _announce(self, whole: bool = True) -> None:
-        """Announce the pending releases: all (``whole``), else a part (the module docstring).
-        A failure is logged and counted; the part is done again at the next call."""
+    def _announce(self, whole: bool = True, hand_over: bool = False) -> None:
+        """Announce the pending releases: all (``whole``), else a part (the module docstring;
+        ``hand_over``: on the announcing thread). A failure is logged and counted; the part is
+        done again at the next call."""
         try:
-            self.queue.run(whole=whole)
+            self.queue.run(whole=whole, hand_over=hand_over)
         except Exception as exc:  # noqa: BLE001 - tried again later
             self._failed()
             log.warning(

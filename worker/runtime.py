@@ -247,7 +247,7 @@ def build_runtime(
         StateLockedError: another worker serves the state directory.
         StateMissingError: no model there, or a damaged ledger.
         worker.lease.LeaseHeldError: another worker (any host) serves the model.
-        worker.lease.StateBehindError: another state directory served the model last.
+        worker.state_marker.StateBehindError: another state directory served the model last.
     """
     releases = release_options(settings)  # a bad receipt key is a configuration error
     model = load_model(settings, check_ledger=False)  # checked below, once the ledger is read

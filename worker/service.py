@@ -197,12 +197,18 @@ class RemovalService(FailureHandling):
         self.outbox.replay_journal(core.read_journal(self.state_dir))
 
     def _release(
-        self, *, poll: bool = False, idle: bool = False, carry: list[Entry] | None = None
+        self,
+        *,
+        poll: bool = False,
+        idle: bool = False,
+        carry: list[Entry] | None = None,
+        hand_over: bool = False,
     ) -> None:
         """Release the persisted model as the policy says, where that is safe
-        (``worker.release_gate``). Never raises."""
+        (``worker.release_gate``; ``hand_over``: announced on the announcing thread). Never
+        raises."""
         if self.releases is not None:
-            self.releases.release(poll=poll, idle=idle, carry=carry)
+            self.releases.release(poll=poll, idle=idle, carry=carry, hand_over=hand_over)
 
     def release_tick(self) -> None:
         """The periodic check's part: a manual release request, an interval run out, a release
@@ -278,7 +284,7 @@ class RemovalService(FailureHandling):
                 self.intake.read_ahead()  # the next batch's read overlaps this one's step
                 carry = self._serve(batch, report)
                 with phases.timed("release"):
-                    self._release(carry=carry)
+                    self._release(carry=carry, hand_over=True)
                 if self.retrain_due:
                     self.outbox.take_failed(carry, wait=True)  # (its entries: the pending list)
                     report.retrain_requested = True

@@ -1,7 +1,7 @@
 """``certremove state``: verify a state directory, list its snapshots, recover from damage.
 
 The main CLI (``worker/cli.py``) mounts :data:`app` as ``certremove state``. A damaged or
-tampered state is refused at load (``core.persist``) and at worker start (the removal ledger
+tampered state is refused at load (``core.loading``) and at worker start (the removal ledger
 check, ``worker.integrity``); these commands show what is wrong and fall back to the newest
 valid snapshot without ever undoing a removal:
 
@@ -62,7 +62,7 @@ def _need_dir(state: Path) -> None:
 @app.command()
 def snapshots(state: StateOpt, as_json: JsonOpt = False) -> None:
     """List the snapshots, newest first: version, time, rows alive, valid or what is wrong."""
-    from core.persist import list_snapshots  # noqa: PLC0415 - torch only when needed
+    from core.loading import list_snapshots  # noqa: PLC0415 - torch only when needed
 
     _need_dir(state)
     infos = list_snapshots(state)
@@ -86,7 +86,8 @@ def verify_state(state: Path) -> dict[str, Any]:
     """Everything ``certremove state verify`` reports, as a JSON-able dict (``ok``: the current
     snapshot is valid and agrees with the removal ledger)."""
     import core  # noqa: PLC0415
-    from core.persist import current_snapshot, list_snapshots  # noqa: PLC0415
+    from core.loading import list_snapshots  # noqa: PLC0415
+    from core.snapshots import current_snapshot  # noqa: PLC0415
     from worker.ledger import LedgerDamagedError  # noqa: PLC0415
 
     problems: list[str] = []
@@ -205,7 +206,8 @@ def recover(
     removed again (a retrain with fresh noise), saved as a new snapshot that CURRENT then names.
     Never touches the ledger. Exit 1 when no valid snapshot exists."""
     import core  # noqa: PLC0415
-    from core.persist import current_snapshot, list_snapshots  # noqa: PLC0415
+    from core.loading import list_snapshots  # noqa: PLC0415
+    from core.snapshots import current_snapshot  # noqa: PLC0415
     from worker.ledger import LedgerDamagedError  # noqa: PLC0415
 
     _need_dir(state)

@@ -21,7 +21,8 @@ from safetensors.torch import load_file, save_file
 import core
 import core.durable as durable
 from core.errors import StateDamagedError
-from core.persist import current_snapshot, list_snapshots, read_journal
+from core.loading import list_snapshots, read_journal
+from core.snapshots import current_snapshot
 from tests.conftest import make_state, rewrite_manifest
 
 JOURNAL = {"batch": [1, 2, 3], "note": "crash recovery record"}

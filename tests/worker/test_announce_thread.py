@@ -1,7 +1,8 @@
 """Release announcements on the announcing thread (``worker.release_announce``, the service's
-queue): a part is handed over and the drain goes on; nothing is handed over while one runs; a
-failure is raised by the next call and the part done again; a whole announcement waits for the
-part in flight; a new release waits for it before it changes the queue."""
+queue): after a batch a part is handed over and the drain goes on; nothing is handed over while
+one runs; a failure is raised by the next call and the part done again; any call that does not
+hand over (a whole announcement, the periodic check, the start) waits for the part in flight and
+runs on the caller's thread; a new release waits for it before it changes the queue."""
 
 from __future__ import annotations
 
@@ -46,17 +47,17 @@ def test_a_part_runs_on_the_announcing_thread_and_the_caller_goes_on() -> None:
     fake = GatedAnnouncer()
     queue = AnnounceQueue(fake, background=True)  # type: ignore[arg-type]
     queue.pending = [({"release": 1}, list(range(10)))]
-    queue.run(budget=4)  # handed over: returns while the part waits at the gate
+    queue.run(budget=4, hand_over=True)  # handed over: returns while the part waits at the gate
     assert fake.entered.wait(10) and queue.running() and fake.parts == []
     queue.applied = 3
-    queue.run(budget=4)  # a part in flight: nothing more is handed over
+    queue.run(budget=4, hand_over=True)  # a part in flight: nothing more is handed over
     assert queue.applied == 3  # ... and the requests applied meanwhile size the next part
     fake.gate.set()
     queue.wait()
     assert not queue.running()
     assert [p[:3] for p in fake.parts] == [(1, 0, 4)] and queue.offset == 4
     assert fake.parts[0][3].startswith("certremove-announce")
-    queue.run()  # max(ANNOUNCE_PART, 2 * 3): the rest of release 1
+    queue.run(hand_over=True)  # max(ANNOUNCE_PART, 2 * 3): the rest of release 1
     queue.wait()
     assert [p[:3] for p in fake.parts] == [(1, 0, 4), (1, 4, 10)] and queue.pending == []
 
@@ -66,12 +67,14 @@ def test_a_failed_part_is_raised_by_the_next_call_and_done_again() -> None:
     fake.gate.set()
     queue = AnnounceQueue(fake, background=True)  # type: ignore[arg-type]
     queue.pending = [({"release": 1}, list(range(6)))]
-    queue.run(budget=4)
+    queue.run(budget=4, hand_over=True)
     queue.wait()  # it failed on the announcing thread: nothing moved yet
     assert fake.parts == [] and queue.offset == 0 and len(queue.pending) == 1
     with pytest.raises(ConnectionError):
-        queue.run(budget=4)  # the failure, raised once (the caller logs and counts it)
-    queue.run(budget=4)  # the part again
+        queue.run(
+            budget=4, hand_over=True
+        )  # the failure, raised once (the caller logs and counts it)
+    queue.run(budget=4, hand_over=True)  # the part again
     queue.wait()
     assert [p[:3] for p in fake.parts] == [(1, 0, 4)]
     queue.run(whole=True)  # whole: on the caller's thread, everything left
@@ -83,7 +86,7 @@ def test_a_whole_announcement_waits_for_the_part_in_flight() -> None:
     fake = GatedAnnouncer()
     queue = AnnounceQueue(fake, background=True)  # type: ignore[arg-type]
     queue.pending = [({"release": 1}, list(range(10))), ({"release": 2}, [0, 1])]
-    queue.run(budget=4)
+    queue.run(budget=4, hand_over=True)
     assert fake.entered.wait(10)
     opener = threading.Timer(0.2, fake.gate.set)
     opener.start()
@@ -91,6 +94,21 @@ def test_a_whole_announcement_waits_for_the_part_in_flight() -> None:
     opener.join()
     assert [p[:3] for p in fake.parts] == [(1, 0, 4), (1, 4, 10), (2, 0, 2)]
     assert queue.pending == [] and not queue.running()
+
+
+def test_a_call_that_does_not_hand_over_waits_and_runs_here() -> None:
+    fake = GatedAnnouncer()
+    queue = AnnounceQueue(fake, background=True)  # type: ignore[arg-type]
+    queue.pending = [({"release": 1}, list(range(10)))]
+    queue.run(budget=4, hand_over=True)
+    assert fake.entered.wait(10)
+    opener = threading.Timer(0.2, fake.gate.set)
+    opener.start()
+    queue.run(budget=3)  # waits for 0..4 on the announcing thread, then 4..7 here
+    opener.join()
+    assert [p[:3] for p in fake.parts] == [(1, 0, 4), (1, 4, 7)] and not queue.running()
+    assert fake.parts[0][3].startswith("certremove-announce")
+    assert fake.parts[1][3] == threading.current_thread().name
 
 
 def test_the_service_announces_on_its_thread_and_a_release_waits_for_the_part(

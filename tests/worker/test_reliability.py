@@ -20,8 +20,9 @@ import core
 from producer import Client, schema
 from producer.deadletters import list_dead_letters, replay_dead_letters
 from tests.worker.test_service import build
-from worker.lease import Lease, LeaseHeldError, StateBehindError
+from worker.lease import Lease, LeaseHeldError
 from worker.ledger import Answer, Ledger, read_records, removed_sample_ids
+from worker.state_marker import StateBehindError
 
 
 class Crash(BaseException):

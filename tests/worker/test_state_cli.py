@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import core
-from core.persist import current_snapshot
+from core.snapshots import current_snapshot
 from tests.conftest import make_state, rewrite_manifest
 from worker.cli import app
 from worker.errors import StateDamagedError, StateMissingError
