@@ -14,7 +14,7 @@ The stream entry goes out with a release's first part, the
 ``announced`` line after its last. Every part is idempotent, so a failed or interrupted one is
 simply done again (after a restart, from the release's first request).
 
-**On a thread of its own** (the service's queue, ``background=True``): a part is a Redis script
+**On a thread of its own**: a part is a Redis script
 over up to a thousand status keys and a receipt per request, 3-10 ms of the drain loop in four
 batches of ten under a steady load. After a batch (``hand_over``) the part is handed to the
 thread ``certremove-announce`` and the drain goes on; while it runs, later hand-overs announce
@@ -225,10 +225,9 @@ class AnnounceQueue:
 
     Args:
         announcer: announces one release (or a part of it).
-        background: announce the parts on a thread of its own (the module docstring).
     """
 
-    def __init__(self, announcer: Announcer, *, background: bool = False) -> None:
+    def __init__(self, announcer: Announcer) -> None:
         self.announcer = announcer
         #: (release record, the requests it covers), oldest first
         self.pending: list[tuple[dict[str, Any], list[Covered]]] = []
@@ -237,11 +236,8 @@ class AnnounceQueue:
         #: requests applied since the last call of :meth:`run` (they size the next part)
         self.applied = 0
         self._last_batch: float | None = None
-        self._runner = (
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="certremove-announce")
-            if background
-            else None
-        )
+        #: the announcing thread, started by the first part handed over
+        self._runner: ThreadPoolExecutor | None = None
         #: the part on the announcing thread (its outcome is taken by the next run)
         self._job: Future[None] | None = None
 
@@ -270,8 +266,7 @@ class AnnounceQueue:
         """Announce the pending releases in order: all of them (``whole``), else at most
         ``budget`` requests' worth (default: the part of the module docstring). Raises what a
         part raised (it is done again next time), or what the part handed over last raised.
-        ``hand_over`` (a queue with a thread; the drain loop after a batch): the part is handed
-        to the announcing thread and this returns at once, and nothing is handed over while a
+        ``hand_over`` (the drain loop after a batch): the part is handed to the announcing thread and this returns at once, and nothing is handed over while a
         part runs there. Otherwise the part in flight is waited for, and this runs here."""
         job = self._job
         if job is not None:
@@ -282,9 +277,11 @@ class AnnounceQueue:
         if budget is None:
             budget = max(ANNOUNCE_PART, ANNOUNCE_RATE * self.applied)
         self.applied = 0
-        if self._runner is None or not hand_over or whole or not self.pending:
+        if not hand_over or whole or not self.pending:
             self._announce(None if whole else budget)
             return
+        if self._runner is None:
+            self._runner = ThreadPoolExecutor(1, thread_name_prefix="certremove-announce")
         self._job = self._runner.submit(self._announce, budget)
 
     def _announce(self, budget: int | None) -> None:

@@ -73,7 +73,6 @@ class ReleaseGate:
             state_id="" if lease is None else lease.state_id,
             clock=served.clock,
             metrics=outbox.metrics,
-            background_announce=True,
         )
         return cls(releaser, served, outbox, intake)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from producer import schema
-from worker.ledger import ledger_files
+from worker.ledger import Ledger, ledger_files
 from worker.status import Answer
 
 log = logging.getLogger("certremove.worker")
@@ -138,3 +138,34 @@ def ledger_records_from(state_dir: Path, start: int) -> Iterator[tuple[int, dict
     for pos, rec in enumerate(read_records(state_dir)):
         if pos >= start:
             yield pos, rec
+
+
+def load_coverage(
+    records: ReleaseRecords, ledger: Ledger, state_dir: Path
+) -> tuple[list[Covered], list[tuple[dict[str, Any], list[Covered]]]]:
+    """What a releaser finds at start, read from the ledger files: the applied requests no
+    release covers yet, and each release not yet announced with the requests it covers."""
+    last_to = int(records.last["ledger_to"]) if records.last else 0
+    if last_to > ledger.count:
+        log.warning(
+            "the release record covers %d ledger records but the ledger holds %d (restored "
+            "from an older backup?): releases cover the ledger from its end",
+            last_to,
+            ledger.count,
+        )
+        last_to = ledger.count
+    todo = [r for r in records.releases if int(r["release"]) not in records.announced]
+    start = min([int(r["ledger_from"]) for r in todo] + [last_to])
+    tail: list[Covered] = []
+    if start >= ledger.count:
+        return tail, [(r, []) for r in todo]
+    by_release: dict[int, list[Covered]] = {int(r["release"]): [] for r in todo}
+    for pos, rec in ledger_records_from(state_dir, start):
+        covered = covered_in_record(rec)
+        if pos >= last_to:
+            tail += covered
+            continue
+        for r in todo:
+            if int(r["ledger_from"]) <= pos < int(r["ledger_to"]):
+                by_release[int(r["release"])] += covered
+    return tail, [(r, by_release[int(r["release"])]) for r in todo]

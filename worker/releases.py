@@ -71,12 +71,7 @@ from worker.release_files import (
     write_release,
 )
 from worker.release_policy import ReleasePolicy
-from worker.release_records import (
-    Covered,
-    ReleaseRecords,
-    covered_in_record,
-    ledger_records_from,
-)
+from worker.release_records import Covered, ReleaseRecords, load_coverage
 from worker.status import Answer
 
 if TYPE_CHECKING:
@@ -113,7 +108,6 @@ class Releaser:
         state_id: the state directory's id (the noise epoch ids).
         clock: wall-clock time.
         metrics: counts releases and failures, shows the requests not yet released (optional).
-        background_announce: announce on a thread of its own (``worker.release_announce``).
     """
 
     def __init__(
@@ -131,7 +125,6 @@ class Releaser:
         state_id: str = "",
         clock: Callable[[], float] = time.time,
         metrics: ServiceMetrics | None = None,
-        background_announce: bool = False,
     ) -> None:
         self.model_name, self.state_dir = model_name, Path(state_dir)
         self.release_dir, self.policy = Path(release_dir), policy
@@ -155,7 +148,7 @@ class Releaser:
         #: applied requests recorded in the ledger since the last release
         self._tail: list[Covered] = []
         #: releases made whose announcement (stream, statuses, receipts) is not done
-        self.queue = AnnounceQueue(self.announcer, background=background_announce)
+        self.queue = AnnounceQueue(self.announcer)
         #: look for releases on disk that the record lacks (at start, after a failed release)
         self._check_dir = True
         self._load_coverage()
@@ -165,30 +158,7 @@ class Releaser:
     def _load_coverage(self) -> None:
         """The unreleased tail of the ledger and the releases not yet announced (after a
         restart), read from the ledger files."""
-        last_to = int(self.records.last["ledger_to"]) if self.records.last else 0
-        if last_to > self.ledger.count:
-            log.warning(
-                "the release record covers %d ledger records but the ledger holds %d (restored "
-                "from an older backup?): releases cover the ledger from its end",
-                last_to,
-                self.ledger.count,
-            )
-            last_to = self.ledger.count
-        todo = [r for r in self.records.releases if int(r["release"]) not in self.records.announced]
-        start = min([int(r["ledger_from"]) for r in todo] + [last_to])
-        if start >= self.ledger.count:
-            self.queue.pending = [(r, []) for r in todo]
-            return
-        by_release: dict[int, list[Covered]] = {int(r["release"]): [] for r in todo}
-        for pos, rec in ledger_records_from(self.state_dir, start):
-            covered = covered_in_record(rec)
-            if pos >= last_to:
-                self._tail += covered
-                continue
-            for r in todo:
-                if int(r["ledger_from"]) <= pos < int(r["ledger_to"]):
-                    by_release[int(r["release"])] += covered
-        self.queue.pending = [(r, by_release[int(r["release"])]) for r in todo]
+        self._tail, self.queue.pending = load_coverage(self.records, self.ledger, self.state_dir)
 
     def _on_record(self, answers: list[Answer]) -> None:
         """Ledger listener: remember the applied answers (never raises)."""

@@ -45,7 +45,7 @@ class GatedAnnouncer:
 
 def test_a_part_runs_on_the_announcing_thread_and_the_caller_goes_on() -> None:
     fake = GatedAnnouncer()
-    queue = AnnounceQueue(fake, background=True)  # type: ignore[arg-type]
+    queue = AnnounceQueue(fake)  # type: ignore[arg-type]
     queue.pending = [({"release": 1}, list(range(10)))]
     queue.run(budget=4, hand_over=True)  # handed over: returns while the part waits at the gate
     assert fake.entered.wait(10) and queue.running() and fake.parts == []
@@ -65,7 +65,7 @@ def test_a_part_runs_on_the_announcing_thread_and_the_caller_goes_on() -> None:
 def test_a_failed_part_is_raised_by_the_next_call_and_done_again() -> None:
     fake = GatedAnnouncer(fail={(1, 0)})
     fake.gate.set()
-    queue = AnnounceQueue(fake, background=True)  # type: ignore[arg-type]
+    queue = AnnounceQueue(fake)  # type: ignore[arg-type]
     queue.pending = [({"release": 1}, list(range(6)))]
     queue.run(budget=4, hand_over=True)
     queue.wait()  # it failed on the announcing thread: nothing moved yet
@@ -84,7 +84,7 @@ def test_a_failed_part_is_raised_by_the_next_call_and_done_again() -> None:
 
 def test_a_whole_announcement_waits_for_the_part_in_flight() -> None:
     fake = GatedAnnouncer()
-    queue = AnnounceQueue(fake, background=True)  # type: ignore[arg-type]
+    queue = AnnounceQueue(fake)  # type: ignore[arg-type]
     queue.pending = [({"release": 1}, list(range(10))), ({"release": 2}, [0, 1])]
     queue.run(budget=4, hand_over=True)
     assert fake.entered.wait(10)
@@ -98,7 +98,7 @@ def test_a_whole_announcement_waits_for_the_part_in_flight() -> None:
 
 def test_a_call_that_does_not_hand_over_waits_and_runs_here() -> None:
     fake = GatedAnnouncer()
-    queue = AnnounceQueue(fake, background=True)  # type: ignore[arg-type]
+    queue = AnnounceQueue(fake)  # type: ignore[arg-type]
     queue.pending = [({"release": 1}, list(range(10)))]
     queue.run(budget=4, hand_over=True)
     assert fake.entered.wait(10)
