@@ -18,6 +18,7 @@ from core.newton import gradient_tolerance, newton_fit
 from core.noise import draw_noise, generator
 from core.problem import Hyper, Problem
 from core.removal import DEFAULT_SOLVE, SolveOptions, SolverCache, Step, newton_step
+from core.rowview import RowView, row_view, view_of
 from core.trigger import auto_max_removals, resolve_max_removals
 
 
@@ -43,12 +44,15 @@ class NoiseEpoch:
     removed_in_epoch: int = 0
     #: rows removed since the DP extractor was trained (head retrains do not reset it)
     extractor_removed: int = 0
-    #: margins at ``W``, cached between steps
+    #: margins at ``W`` on the epoch's rows (its ``view``'s, or all), cached between steps
     Z: torch.Tensor | None = None
     #: the removal solver's preconditioner (a Cholesky factor of a recent Hessian: of the fit,
     #: then of the last direct step); a function of released weights and the data, in memory
     #: only, never persisted (core.state writes named fields only)
     solver: SolverCache | None = None
+    #: the rows alive when the epoch was fitted, gathered (:mod:`core.rowview`; None: all rows):
+    #: its steps read only those; in memory only
+    view: RowView | None = None
 
     @property
     def r0_anchor(self) -> float:
@@ -87,12 +91,17 @@ def fit_epoch(
     Pure: may run in another thread while removals go on. ``extractor_removed`` is 0 here; the
     model carries its own over when it installs the epoch. ``precond``: a Cholesky factor of a
     recent Hessian on (nearly) these rows (the current epoch's removal preconditioner), which
-    makes the warm-started Newton iterations O(n d) (:func:`core.newton.newton_fit`)."""
-    p, h = problem, hyper
+    makes the warm-started Newton iterations O(n d) (:func:`core.newton.newton_fit`).
+
+    When enough rows are gone, the fit, its anchor, its shadow runs and the epoch's steps read
+    a gathered copy of the rows of ``alive`` (:func:`core.rowview.row_view`), built here."""
+    h = hyper
+    view = row_view(problem, alive)
+    p, alive_p = view_of(problem, view, alive)
     rng = generator(seed)
     B = draw_noise((p.X.shape[1], p.Y.shape[1]), h.sigma, rng, p.X.device)
-    C = p.weights(alive)
-    n_reg = float(alive.sum())
+    C = p.weights(alive_p)
+    n_reg = float(alive_p.sum())
     fit = newton_fit(
         p.X,
         p.Y,
@@ -106,12 +115,12 @@ def fit_epoch(
         precond=precond,
         X32=p.X32,
     )
-    acct = anchored(h.accounting, p, fit.W, alive, r0=fit.r0)
+    acct = anchored(h.accounting, p, fit.W, alive_p, r0=fit.r0)
     max_removals, basis = resolve_max_removals(
         h.max_removals,
         int(alive.sum()),
         basis,
-        lambda: estimate(p, h, budget_total, alive, fit.W, rng, binary, fit.factor),
+        lambda: estimate(p, h, budget_total, alive_p, fit.W, rng, binary, fit.factor),
         reestimate=reestimate,
     )
     return NoiseEpoch(
@@ -124,6 +133,8 @@ def fit_epoch(
         max_removals=max_removals,
         auto_basis=basis,
         solver=SolverCache.of(fit.factor, fit.cg_iterations),
+        Z=fit.Z,
+        view=view,
     )
 
 
@@ -203,15 +214,18 @@ def commit_prefix(
     tries = max(1, math.ceil(math.log2(m))) if m > 1 else 1
     count = len(group_rows)
     fired: str | None = None
+    view = epoch.view
+    p, alive_p = view_of(problem, view, epoch.alive)
     for _ in range(tries):
         rows = [r for g in group_rows[:count] for r in g]
         if not rows:
             return count, epoch, 0.0, fired if count < len(group_rows) else None
+        rows_t = torch.as_tensor(rows, dtype=torch.long, device=epoch.W.device)
         step = newton_step(
-            problem,
-            epoch.alive,
+            p,
+            alive_p,
             epoch.W,
-            torch.as_tensor(rows, dtype=torch.long, device=epoch.W.device),
+            rows_t if view is None else view.rows(rows_t),
             epoch.acct.anchor_grad,
             epoch.Z,
             cache=epoch.solver,
@@ -219,6 +233,10 @@ def commit_prefix(
         )
         if step is None:
             return 0, epoch, 0.0, "numerical"
+        if view is not None:  # the epoch's alive mask stays global
+            alive_after = epoch.alive.clone()
+            alive_after[rows_t] = False
+            step = dataclasses.replace(step, alive=alive_after)
         if epoch.acct.fits(step, budget_total):
             inc = float(torch.linalg.vector_norm(step.increments))
             return (

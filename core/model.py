@@ -21,6 +21,7 @@ from core.loading import read_state
 from core.noise import generator
 from core.removal import DEFAULT_SOLVE, SolveOptions
 from core.requests import RemovalResult, alive_groups, removal_result, validate_rows
+from core.rowview import row_view, view_of
 from core.stored import StoredModel
 from core.trigger import groups_within_limits, reestimate_due
 
@@ -165,10 +166,9 @@ class Model(StoredModel):
 
     @staticmethod
     def _carried(epoch: NoiseEpoch, extractor_removed: int) -> NoiseEpoch:
-        """A fitted epoch as the current one: the extractor's count carries over epochs."""
-        return dataclasses.replace(
-            epoch, extractor_removed=extractor_removed, removed_in_epoch=0, Z=None
-        )
+        """A fitted epoch as the current one: the extractor's count carries over epochs (its
+        margins ``Z``, the fit's at its weights, carry too: the catch-up step starts from them)."""
+        return dataclasses.replace(epoch, extractor_removed=extractor_removed, removed_in_epoch=0)
 
     # ----------------------------------------------------------------- retrain in the background
     def auto_reestimate_due(self, n_alive: int | None = None, *, margin: float = 1.0) -> bool:
@@ -226,11 +226,12 @@ class Model(StoredModel):
         if self.hyper.max_removals != "auto":
             return None
         snap = snapshot or self.retrain_snapshot()
+        problem, alive = view_of(self._problem, row_view(self._problem, snap.alive), snap.alive)
         value = estimate(
-            self._problem,
+            problem,
             self.hyper,
             self.budget_total,
-            snap.alive,
+            alive,
             snap.W,
             generator(seed),
             self._coding.binary,

@@ -40,6 +40,9 @@ class FitResult:
     factor: torch.Tensor | None = None
     #: CG iterations of the last Newton direction with ``factor`` (0: it was factored for it)
     cg_iterations: int = 0
+    #: the margins ``Y * (X W)`` at ``W`` as returned (None if not computed): a removal step
+    #: on the fit starts from them without a pass over X
+    Z: torch.Tensor | None = None
 
 
 def gradient_tolerance(lam: float, n_reg: float, budget: float) -> float:
@@ -108,7 +111,7 @@ def newton_fit(
         gnorm = frobenius(G)
         if gnorm <= tol:
             return FitResult(
-                W=W, r0=gnorm, iterations=it - 1, factor=factor, cg_iterations=cg_iterations
+                W=W, r0=gnorm, iterations=it - 1, factor=factor, cg_iterations=cg_iterations, Z=Z
             )
         g0 = gnorm if g0 is None else g0
         stalled = stalled + 1 if gnorm >= best * 0.999 else 0
@@ -141,7 +144,7 @@ def newton_fit(
     gnorm = frobenius(gradient(X, Y, C, W, lam, n_reg, B))
     if gnorm <= tol:
         return FitResult(
-            W=W, r0=gnorm, iterations=max_iter, factor=factor, cg_iterations=cg_iterations
+            W=W, r0=gnorm, iterations=max_iter, factor=factor, cg_iterations=cg_iterations, Z=Z
         )
     raise ConvergenceError(
         f"Newton training stopped at ||grad|| = {gnorm:.3e} > tolerance {tol:.3e} "

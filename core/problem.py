@@ -125,6 +125,25 @@ def make_problem(
     return problem
 
 
+def restrict(problem: Problem, index: torch.Tensor) -> Problem:
+    """``problem`` on the rows ``index`` only (:mod:`core.rowview`): the same options, the full
+    matrix's ``x_norm2`` (an upper bound for any subset of its rows); the thin products' layouts
+    are measured for the new shape here, not by the first step that uses it."""
+    sub = Problem(
+        X=problem.X[index],
+        Y=problem.Y[index],
+        omega=problem.omega[index],
+        row_norms=problem.row_norms[index],
+        x_norm2=problem.x_norm2,
+        lam=problem.lam,
+        hess_dtype=problem.hess_dtype,
+    )
+    k = sub.Y.shape[1]
+    calibrate_products(sub.X32, (k,))
+    calibrate_products(sub.X, (k, 2 * k))
+    return sub
+
+
 def validate_rows_data(X: torch.Tensor, y: torch.Tensor) -> None:
     """Reject data the certificate does not cover: NaN, norms above ``1 + 1e-6``, bad labels."""
     if not isinstance(X, torch.Tensor) or X.ndim != 2:

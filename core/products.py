@@ -39,8 +39,9 @@ def f32_product_cost(device: torch.device) -> float:
 #: the widest product for which one matrix-vector product per column is considered (CPU)
 THIN_COLUMNS = 4
 
-#: (dtype, n, d, columns, transposed) -> the layout of :func:`thin_product` measured fastest by
-#: :func:`_calibrate` (CPU only)
+#: (dtype, rows bucket, d, columns, transposed) -> the layout of :func:`thin_product` measured
+#: fastest by :func:`_calibrate` (CPU only); the rows bucket is ``n.bit_length()``, so that the
+#: row views of successive epochs (:mod:`core.rowview`) share a measurement per power of two
 _LAYOUT: dict[tuple[torch.dtype, int, int, int, bool], str] = {}
 _LAYOUT_LOCK = threading.Lock()
 
@@ -49,7 +50,7 @@ def thin_product(X: torch.Tensor, V: torch.Tensor, transpose: bool) -> torch.Ten
     """``X @ V`` (or ``X^T @ V``) for a thin ``V``, reading row-major X once where it pays.
 
     With 2 to :data:`THIN_COLUMNS` columns on the CPU, the fastest layout is measured once per
-    shape and dtype (:func:`_calibrate`): one GEMM (``X @ V``, ``(V^T X)^T``), ``"rows"`` (``X @
+    shape (rows to the power of two) and dtype (:func:`_calibrate`): one GEMM (``X @ V``, ``(V^T X)^T``), ``"rows"`` (``X @
     V`` as ``(V^T X^T)^T``), for ``X^T`` the blocked GEMM of :func:`core.loss.xt_dot` and
     ``"split"`` (:func:`_split_xt`), or a matrix-vector product per column. On the Intel 2-vCPU
     VM (2 threads, float64, 11,982 x 784) 2 columns took 2.3 ms as a GEMM, 1.45 as ``"rows"``
@@ -59,7 +60,7 @@ def thin_product(X: torch.Tensor, V: torch.Tensor, transpose: bool) -> torch.Ten
     cols = V.shape[1]
     if X.device.type != "cpu" or not 2 <= cols <= THIN_COLUMNS:
         return _product(X, V, transpose, "blocked" if transpose else "gemm")
-    key = (X.dtype, X.shape[0], X.shape[1], cols, transpose)
+    key = (X.dtype, X.shape[0].bit_length(), X.shape[1], cols, transpose)
     layout = _LAYOUT.get(key)
     if layout is None:
         layout = _calibrate(X, V, transpose, key)

@@ -17,6 +17,7 @@ from core.data import Dataset
 from core.epoch import NoiseEpoch
 from core.labels import LabelCoding
 from core.problem import Hyper, Problem, make_problem, resolve_device
+from core.rowview import row_view, view_of
 
 
 @dataclass(frozen=True)
@@ -101,17 +102,20 @@ def decode(state: ModelState, dataset: Dataset, device: str | torch.device | Non
         basis = None  # estimated on the exact residual: the next retrain estimates it again
     W = tensors["weights"].to(dev, torch.float64)
     alive = tensors["alive"].to(dev).bool()
+    view = row_view(problem, alive)
+    rows_problem, rows_alive = view_of(problem, view, alive)
     epoch = NoiseEpoch(
         version=int(s["version"]),
         W=W,
         alive=alive,
         noise=None,
-        acct=anchored(hyper.accounting, problem, W, alive, r0=float(s["budget_used"])),
+        acct=anchored(hyper.accounting, rows_problem, W, rows_alive, r0=float(s["budget_used"])),
         certified=bool(s["certified"]),
         max_removals=s["max_removals_resolved"],
         auto_basis=(int(basis[0]), int(basis[1])) if basis else None,
         removed_in_epoch=int(s["removed_in_epoch"]),
         extractor_removed=int(s.get("extractor_removed", 0)),
+        view=view,
     )
     return ModelParts(
         problem=problem,

@@ -81,7 +81,11 @@ def test_fit_epoch_is_pure_and_deterministic(digits):
     kw = {"binary": False, "version": model.version, "seed": 5, "W0": model._W}
     one, two = fit_epoch(*args, **kw), fit_epoch(*args, **kw)
     assert torch.equal(one.W, two.W) and torch.equal(one.noise, two.noise)
-    assert one.removed_in_epoch == 0 and one.Z is None and one.version == model.version
+    assert one.removed_in_epoch == 0 and one.version == model.version
+    # the fit's margins at its weights come with it (the first step makes no pass for them)
+    p = model._problem
+    assert one.view is None and one.Z is not None
+    torch.testing.assert_close(one.Z, p.Y * (p.X @ one.W), rtol=1e-12, atol=1e-12)
     assert_unchanged(model, before)
 
 

@@ -74,8 +74,10 @@ def test_iterative_step_equals_the_direct_solve(name, m):
     assert bool((it.solve_residual <= 100 * ITERATIVE.cg_tol * delta_norms).all())
     assert float(it.solve_residual.max()) <= 2e-4 * float(it.increments.max())
     assert float(direct.solve_residual.max()) <= 1e-9 * float(direct.increments.max())
-    # the exact accounting's figure moves by H (s_it - s_dir): as little
-    assert abs(it.anchor_distance - direct.anchor_distance) <= 1e-4 * direct.anchor_distance
+    # the exact accounting's figure moves by H' (s_it - s_dir) = r_it - r_dir (r = H's - Delta,
+    # up to the second-order remainder of the step difference): at most the two solve residuals
+    moved = abs(it.anchor_distance - direct.anchor_distance)
+    assert moved <= 1.01 * float(it.solve_residual.norm() + direct.solve_residual.norm()) + 1e-15
     # a tolerance float32 products cannot reach: CG fails and the step is the direct one
     tight = newton_step(*args, cache=e.solver, options=SolveOptions("iterative", cg_tol=1e-12))
     assert tight is not None and tight.method == "direct" and torch.equal(tight.W, direct.W)
