@@ -119,21 +119,19 @@ def test_every_product_layout_gives_the_same_product(shape, cols, dtype):
     M = torch.randn((n, cols), generator=gen, dtype=torch.float64).to(dtype)
     tol = dict(rtol=1e-12, atol=1e-11) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-3)
     want_v, want_m = X.double() @ V.double(), X.double().T @ M.double()
-    for layout in ("gemm", "rows", "columns"):
+    padded = tuple(products.PADDED)
+    for layout in ("gemm", "rows", "columns", *padded):
         torch.testing.assert_close(products._product(X, V, False, layout).double(), want_v, **tol)
-    for layout in ("gemm", "blocked", "split", "columns"):
+    for layout in ("gemm", "blocked", "split", "columns", *padded):
         torch.testing.assert_close(products._product(X, M, True, layout).double(), want_m, **tol)
     torch.testing.assert_close(products.x_times(X, V).double(), want_v, **tol)
     torch.testing.assert_close(products.xt_times(X, M).double(), want_m, **tol)
-    if 2 <= cols <= products.THIN_COLUMNS:  # measured once, then kept
+    if cols <= products.THIN_COLUMNS:  # measured once, then kept
         rows = n.bit_length()  # one measurement per power of two of the rows
-        assert products._LAYOUT[(dtype, rows, d, cols, False)] in ("gemm", "rows", "columns")
-        assert products._LAYOUT[(dtype, rows, d, cols, True)] in (
-            "gemm",
-            "blocked",
-            "split",
-            "columns",
-        )
+        layouts = ("gemm", "rows", "columns", *padded)
+        assert products._LAYOUT[(dtype, rows, d, cols, False)] in layouts
+        layouts = ("gemm", "blocked", "split", "columns", *padded)
+        assert products._LAYOUT[(dtype, rows, d, cols, True)] in layouts
 
 
 def test_the_float32_hvp_is_float32_products_with_float64_vectors():
