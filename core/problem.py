@@ -127,9 +127,9 @@ def make_problem(
 
 def restrict(problem: Problem, index: torch.Tensor) -> Problem:
     """``problem`` on the rows ``index`` only (:mod:`core.rowview`): the same options, the full
-    matrix's ``x_norm2`` (an upper bound for any subset of its rows); the thin products' layouts
-    are measured for the new shape here, not by the first step that uses it."""
-    sub = Problem(
+    matrix's ``x_norm2`` (an upper bound for any subset of its rows) and the thin products'
+    layouts measured on the full one (:func:`core.products.thin_product`)."""
+    return Problem(
         X=problem.X[index],
         Y=problem.Y[index],
         omega=problem.omega[index],
@@ -138,10 +138,6 @@ def restrict(problem: Problem, index: torch.Tensor) -> Problem:
         lam=problem.lam,
         hess_dtype=problem.hess_dtype,
     )
-    k = sub.Y.shape[1]
-    calibrate_products(sub.X32, (k,))
-    calibrate_products(sub.X, (k, 2 * k))
-    return sub
 
 
 def validate_rows_data(X: torch.Tensor, y: torch.Tensor) -> None:

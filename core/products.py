@@ -39,10 +39,11 @@ def f32_product_cost(device: torch.device) -> float:
 #: the widest product for which one matrix-vector product per column is considered (CPU)
 THIN_COLUMNS = 4
 
-#: (dtype, rows bucket, d, columns, transposed) -> the layout of :func:`thin_product` measured
-#: fastest by :func:`_calibrate` (CPU only); the rows bucket is ``n.bit_length()``, so that the
-#: row views of successive epochs (:mod:`core.rowview`) share a measurement per power of two
-_LAYOUT: dict[tuple[torch.dtype, int, int, int, bool], str] = {}
+#: (dtype, d, columns, transposed) -> the layout of :func:`thin_product` measured fastest by
+#: :func:`_calibrate` (CPU only) on the first matrix of that shape: the row views of later
+#: epochs (:mod:`core.rowview`, fewer rows) use it without measuring again (a measurement is
+#: dozens of products: on a background fit it made the fit 3x slower)
+_LAYOUT: dict[tuple[torch.dtype, int, int, bool], str] = {}
 _LAYOUT_LOCK = threading.Lock()
 
 
@@ -50,9 +51,10 @@ def thin_product(X: torch.Tensor, V: torch.Tensor, transpose: bool) -> torch.Ten
     """``X @ V`` (or ``X^T @ V``) for a thin ``V``, reading row-major X once where it pays.
 
     With 1 to :data:`THIN_COLUMNS` columns on the CPU, the fastest layout is measured once per
-    dtype and shape (the rows to the power of two; :func:`_calibrate`): one GEMM (``X @ V``,
-    ``(V^T X)^T``), ``"rows"`` (``X @ V`` as ``(V^T X^T)^T``), for ``X^T`` the blocked GEMM of
-    :func:`core.loss.xt_dot` and ``"split"`` (:func:`_split_xt`), a matrix-vector product per
+    dtype, width and column count (:func:`_calibrate`, on the first such matrix): one GEMM
+    (``X @ V``, ``(V^T X)^T``), ``"rows"`` (``X @ V`` as ``(V^T X^T)^T``), for ``X^T`` the
+    blocked GEMM of :func:`core.loss.xt_dot` and ``"split"`` (:func:`_split_xt`), a
+    matrix-vector product per
     column, or one GEMM on ``V`` padded with zero columns (:data:`PADDED`). On the Intel 2-vCPU
     VM (2 threads, float64, 11,982 x 784) 2 columns took 2.3 ms as a GEMM, 1.45 as ``"rows"``
     (one matrix-vector product: 1.45), and ``X^T`` 2.7 ms as a GEMM, 1.6 as ``"split"``; on an
@@ -61,7 +63,7 @@ def thin_product(X: torch.Tensor, V: torch.Tensor, transpose: bool) -> torch.Ten
     cols = V.shape[1]
     if X.device.type != "cpu" or not 1 <= cols <= THIN_COLUMNS:
         return _product(X, V, transpose, "blocked" if transpose else "gemm")
-    key = (X.dtype, X.shape[0].bit_length(), X.shape[1], cols, transpose)
+    key = (X.dtype, X.shape[1], cols, transpose)
     layout = _LAYOUT.get(key)
     if layout is None:
         layout = _calibrate(X, V, transpose, key)
@@ -126,7 +128,7 @@ def _calibrate(
     X: torch.Tensor,
     V: torch.Tensor,
     transpose: bool,
-    key: tuple[torch.dtype, int, int, int, bool],
+    key: tuple[torch.dtype, int, int, bool],
     repeats: int = 5,
 ) -> str:
     """Time the layouts on ``X`` (interleaved, the best of ``repeats`` each, so that a burst of
