@@ -166,9 +166,10 @@ class Model(StoredModel):
 
     @staticmethod
     def _carried(epoch: NoiseEpoch, extractor_removed: int) -> NoiseEpoch:
-        """A fitted epoch as the current one: the extractor's count carries over epochs (its
-        margins ``Z``, the fit's at its weights, carry too: the catch-up step starts from them)."""
-        return dataclasses.replace(epoch, extractor_removed=extractor_removed, removed_in_epoch=0)
+        """A fitted epoch as the current one: the extractor's count carries over epochs. Its
+        margins ``Z`` (the fit's at its weights) and the removals of a :meth:`catch_up` carry
+        too (a fresh fit has none)."""
+        return dataclasses.replace(epoch, extractor_removed=extractor_removed)
 
     # ----------------------------------------------------------------- retrain in the background
     def auto_reestimate_due(self, n_alive: int | None = None, *, margin: float = 1.0) -> bool:
@@ -215,6 +216,27 @@ class Model(StoredModel):
             reestimate=reestimate,
             precond=snap.factor,
         )
+
+    def catch_up(self, prepared: PreparedRetrain) -> PreparedRetrain:
+        """``prepared`` with the rows removed since its snapshot removed by one Newton step,
+        computed aside: thread-safe against :meth:`remove` like :meth:`prepare_retrain` (one
+        read of the current epoch), so that :meth:`adopt_retrain` only removes the rows removed
+        after this. The step is charged to the prepared epoch's accounting and counts against
+        its ``max_removals``; its weights are still never released before the adoption.
+
+        Returns ``prepared`` itself when no row was removed since, when it is not this model's
+        next epoch, or when the step would pass its trigger or its budget or fail (the adoption
+        then does the whole catch-up, or refuses it)."""
+        current = self._epoch  # one read: a consistent value even while remove() goes on
+        if prepared.version != self.version or bool((current.alive & ~prepared.alive).any()):
+            return prepared
+        caught = torch.nonzero(prepared.alive & ~current.alive).flatten().tolist()
+        if not caught or self._within_trigger([caught], prepared)[0] == 0:
+            return prepared
+        committed, epoch, _, _ = commit_prefix(
+            self._problem, prepared, [caught], self.budget_total, self.solve_options
+        )
+        return epoch if committed else prepared
 
     def estimate_max_removals(
         self, snapshot: RetrainSnapshot | None = None, *, seed: int | None = None

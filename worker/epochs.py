@@ -202,7 +202,8 @@ class NextEpoch:
         estimate: Future[Basis] | None,
         reestimate: bool,
     ) -> tuple[PreparedRetrain, float]:
-        """Runs in the background thread: the fit (with the trigger estimated ahead, if any)."""
+        """Runs in the background thread: the fit (with the trigger estimated ahead, if any) and
+        the catch-up of the rows removed while it ran (``Model.catch_up``)."""
         with self.metrics.fitting():
             t0 = time.perf_counter()
             basis = None
@@ -219,6 +220,9 @@ class NextEpoch:
                     auto_basis=basis,
                     reestimate=reestimate,
                 )
+                # the rows removed during the fit, removed from it here: the drain loop's
+                # adoption step then removes only those removed after this
+                prepared = _background(str(model.device), model.catch_up, prepared)
             except BaseException:
                 self.metrics.on_retrain_failure()
                 raise

@@ -219,3 +219,52 @@ def test_a_fit_told_not_to_reestimate_scales_the_last_estimate(digits):
     scaled = model.prepare_retrain(snap, reestimate=False)
     assert scaled.auto_basis == (n0, m0)  # none: the last estimate, scaled
     assert scaled.max_removals == int(m0 * n / n0)
+
+
+def test_a_catch_up_in_the_background_leaves_the_adoption_the_rest(digits):
+    model = _train(digits, max_removals=400)
+    model.remove(list(range(0, 50)))
+    snap = model.retrain_snapshot()
+    prepared = model.prepare_retrain(snap)
+    assert model.catch_up(prepared) is prepared  # nothing removed since the snapshot
+    model.remove(list(range(50, 120)), groups=[10] * 7)  # during the fit
+    with ThreadPoolExecutor(1) as pool:  # the catch-up beside removals, as in the worker
+        future = pool.submit(model.catch_up, prepared)
+        for start in range(120, 160, 10):
+            assert model.remove(list(range(start, start + 10))).applied
+        caught = future.result()
+    assert caught is not prepared and caught.version == prepared.version
+    assert caught.removed_in_epoch >= 70 and not bool(caught.alive[50:120].any())
+    assert torch.equal(prepared.alive, snap.alive)  # the prepared value is untouched
+    assert caught.acct.exact_used > prepared.acct.exact_used  # the step is charged
+    # the adoption removes only the rest; its step counts all of them against the trigger
+    version = model.version
+    assert model.adopt_retrain(caught, list(range(160, 170)))
+    assert model.version == version + 1 and model.removed_in_epoch == 120
+    assert not bool(model.alive[:170].any()) and model.n_alive == model.n_rows - 170
+    truth = true_residual(model, digits.X_train, digits.y_train, LAM)
+    assert truth <= model.exact_used * (1 + 1e-9) + 1e-12
+    assert model.exact_used <= model.bound_used * (1 + 1e-9) + 1e-12
+    W_star = exact_retrain(model, digits.X_train, digits.y_train, LAM)
+    assert float((model.weights - W_star).norm()) <= truth / (LAM * model.n_alive) * 1.01 + 1e-7
+
+
+def test_a_catch_up_that_does_not_fit_or_belongs_elsewhere_returns_the_prepared_epoch(digits):
+    model = _train(digits, max_removals=30)
+    prepared = model.prepare_retrain()
+    model.max_removals = 100  # the old epoch goes on past what the prepared one allows
+    model.remove(list(range(40)))
+    assert model.catch_up(prepared) is prepared  # 40 > its trigger of 30
+    assert not model.adopt_retrain(prepared)  # and the adoption refuses it, as before
+    model.max_removals = None
+    prepared = model.prepare_retrain()
+    model.remove(list(range(40, 60)))
+    budget, model.budget_total = model.budget_total, 2 * prepared.r0_anchor + 1e-12
+    fired = model.safety_retrains  # the fit's r0 fits the budget, the catch-up step does not
+    assert model.catch_up(prepared) is prepared
+    assert model.safety_retrains == fired  # counted once, by the adoption that refuses it
+    model.budget_total = budget
+    stale = model.prepare_retrain()
+    model.retrain()
+    model.remove([70])
+    assert model.catch_up(stale) is stale  # another version's epoch
