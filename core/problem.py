@@ -10,7 +10,7 @@ import torch
 
 from core.bounds import spectral_norm_upper
 from core.errors import InvalidInputError
-from core.products import calibrate_products
+from core.products import calibrate_certificate, calibrate_products
 
 ACCOUNTINGS = ("exact", "bound")
 #: ``int | float | str | None``: an int, a fraction of the rows, ``"auto"`` or None
@@ -122,6 +122,7 @@ def make_problem(
     )
     calibrate_products(problem.X32, (k,))
     calibrate_products(problem.X, (k, 2 * k))
+    calibrate_certificate(problem.X, 2 * k)
     return problem
 
 

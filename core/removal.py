@@ -19,7 +19,8 @@ cost (:func:`choose_solver`):
 
 Either way the certificate is the same and trusts neither solver: two passes over the float64 X
 (``X [W_new, s]`` and ``X^T [...]``, each one product of ``2K`` columns in the layout measured
-fastest, :func:`core.products.thin_product`) at the weights as stored give ``grad L_0(W_new; D')``
+fastest, :func:`core.products.thin_product`, or both per block of rows where that was measured
+faster, :func:`core.products.certificate_products`) at the weights as stored give ``grad L_0(W_new; D')``
 (the exact accounting) and ``H' s - Delta`` for the step actually applied, which the bound
 accounting charges. The float32 copy of X never enters it.
 """
@@ -37,7 +38,7 @@ from core.errors import NumericalError
 from core.loss import cholesky_factor, frobenius, margins, solve_factored, weighted_gram
 from core.newton import pcg
 from core.problem import Problem
-from core.products import f32_product_cost, gram_cost, hvp, x_times, xt_times
+from core.products import certificate_products, f32_product_cost, gram_cost, hvp
 
 SOLVERS = ("auto", "direct", "iterative")
 #: curvatures ``C l''(z)`` below this are 0 in CG's float32 operator: ``l''(z) ~ e^-|z|`` would be
@@ -248,15 +249,19 @@ def _certify(
         return None
     S = W_new - W  # the step actually applied, after rounding
 
-    # Certificate, float64, two passes over X: margins at W_new with X s, then X^T of both terms.
+    # Certificate, float64, two passes over X (or one, by blocks: core.products): margins at
+    # W_new with X s, then X^T of both terms.
     k = W.shape[1]
-    P = x_times(X, torch.cat((W_new, S), dim=1))
+
+    def terms_of(P: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        # the 2K columns of X^T's argument on rows start:end, C l'(z_new) y and C l''(z) X s,
+        # stacked as contiguous rows (2K, rows): a copy of whole rows, not an interleaving one
+        y = Y[start:end]
+        d1 = -torch.sigmoid(-(y * P[:, :k]))
+        return torch.cat(((C[start:end] * d1 * y).T, (curvature[start:end] * P[:, k:]).T))
+
+    P, terms, Q = certificate_products(X, torch.cat((W_new, S), dim=1), terms_of)
     Z_new, XS = Y * P[:, :k], P[:, k:]
-    d1_new = -torch.sigmoid(-Z_new)
-    # the 2K columns of X^T's argument, C l'(z_new) y and C l''(z) X s, stacked as contiguous
-    # rows (2K, n): a copy of whole rows, not an interleaving one
-    terms = torch.cat(((C * d1_new * Y).T, (curvature * XS).T))
-    Q = xt_times(X, terms.T)
     grad_new = Q[:, :k] + (lam * n_after) * W_new  # grad L_0(W_new; D')
     solve_residual = Q[:, k:] + (lam * n_after) * S - delta_grad  # H's - Delta at W
     # sum_i |term_ik| ||x_i|| per column, for the summation margins (C, l'' >= 0 and |y| = 1, so

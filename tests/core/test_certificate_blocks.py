@@ -1,0 +1,98 @@
+"""The certificate's two passes by blocks of rows (core.products.certificate_products): the same
+products as one pass each, the same removal steps, and the certificate still above the true
+gradient residual computed from scratch with numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import core
+from core import products
+from core.removal import newton_step
+from tests.core.conftest import make_data
+from tests.core.test_iterative_step import true_residual
+
+
+@pytest.fixture
+def layout(monkeypatch):
+    """Every shape gets the certificate layout set on it (``.value``), in blocks of 512 rows."""
+
+    class Forced(dict):
+        value = "direct"
+
+        def get(self, key, default=None):
+            return self.value
+
+    forced = Forced()
+    monkeypatch.setattr(products, "_CERT_LAYOUT", forced)
+    monkeypatch.setattr(products, "CERT_BLOCK_BYTES", 0)  # the smallest blocks: 512 rows
+    return forced
+
+
+def _terms(Y: torch.Tensor):
+    def terms_of(P: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        return torch.cat((torch.sigmoid(-Y[start:end] * P[:, :1]).T, (P[:, 1:] ** 2).T))
+
+    return terms_of
+
+
+@pytest.mark.parametrize("n", [3001, 512, 513, 100])
+@pytest.mark.parametrize("cols", [2, 6])
+def test_blocked_products_are_the_direct_ones(layout, n, cols):
+    gen = torch.Generator().manual_seed(n + cols)
+    X = torch.rand((n, 30), generator=gen, dtype=torch.float64)
+    V = torch.randn((30, cols), generator=gen, dtype=torch.float64)
+    Y = torch.where(torch.rand((n, 1), generator=gen) > 0.5, 1.0, -1.0).double()
+    layout.value = "direct"
+    P, T, Q = products.certificate_products(X, V, _terms(Y))
+    layout.value = "blocked"
+    Pb, Tb, Qb = products.certificate_products(X, V, _terms(Y))
+    # an independent oracle: numpy in float64
+    Xn, Vn = X.numpy(), V.numpy()
+    Pn = Xn @ Vn
+    torch.testing.assert_close(P, torch.from_numpy(Pn), rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(Pb, torch.from_numpy(Pn), rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(Tb, T, rtol=1e-12, atol=1e-13)
+    Qn = Xn.T @ T.numpy().T
+    torch.testing.assert_close(Q, torch.from_numpy(Qn), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(Qb, torch.from_numpy(Qn), rtol=1e-12, atol=1e-12)
+    assert Qb.shape == (30, cols) and Pb.shape == (n, cols) and Tb.shape == (cols, n)
+
+
+@pytest.mark.parametrize("accounting", ["exact", "bound"])
+def test_steps_with_a_blocked_certificate_are_the_same_and_stay_certified(layout, accounting):
+    X, y = make_data(3000, 24, 3, 2)  # one-vs-rest: 2K = 6 columns, 6 blocks of 512 rows
+    model = core.train(
+        X, y, lam=1e-3, sigma=10.0, seed=3, max_removals=None, accounting=accounting, device="cpu"
+    )
+    e, p = model._epoch, model._problem
+    rows = torch.arange(40, 70)
+    args = (p, e.alive, e.W, rows, e.acct.anchor_grad)
+    layout.value = "direct"
+    direct = newton_step(*args, cache=e.solver)
+    layout.value = "blocked"
+    blocked = newton_step(*args, cache=e.solver)
+    assert direct is not None and blocked is not None
+    assert torch.equal(direct.W, blocked.W)  # the certificate does not change the step
+    assert blocked.anchor_distance == pytest.approx(direct.anchor_distance, rel=1e-9)
+    torch.testing.assert_close(blocked.increments, direct.increments, rtol=1e-9, atol=0)
+    torch.testing.assert_close(blocked.Z, direct.Z, rtol=1e-13, atol=1e-13)
+    order = np.random.default_rng(5).permutation(model.n_rows)[:60].tolist()
+    for t in range(6):  # removals served with the blocked certificate
+        assert model.remove(order[10 * t : 10 * t + 10]).applied
+        assert true_residual(model) <= model.exact_used * (1 + 1e-9) + 1e-12
+        assert model.exact_used <= model.bound_used * (1 + 1e-9) + 1e-12
+
+
+def test_calibration_keeps_the_faster_layout_and_skips_small_matrices(monkeypatch):
+    monkeypatch.setattr(products, "_CERT_LAYOUT", {})
+    monkeypatch.setattr(products, "CERT_BLOCK_BYTES", 0)  # blocks of 512 rows
+    small = torch.rand((100, 64), dtype=torch.float64)
+    assert products.calibrate_certificate(small, 2) == "direct"
+    assert products._CERT_LAYOUT == {}  # one block: nothing to measure
+    X = torch.rand((3000, 16), dtype=torch.float64)
+    chosen = products.calibrate_certificate(X, 2, repeats=2)
+    assert chosen in ("direct", "blocked")
+    assert products._CERT_LAYOUT == {(torch.float64, 16, 2): chosen}
