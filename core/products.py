@@ -177,7 +177,8 @@ def hvp(X: torch.Tensor, curvature: torch.Tensor, V: torch.Tensor, ridge: float)
     return xt_times(X, curvature * XV).to(V.dtype) + ridge * V
 
 
-#: bytes of float64 X per block of :func:`certificate_products` (about a core's L2 cache)
+#: bytes of float64 X per block of :func:`certificate_products` (a block stays in the cache
+#: between its two products: on the AMD VM 1-4 MiB of its 32 MiB L3 measured alike)
 CERT_BLOCK_BYTES = 2 << 20
 #: (dtype, d, columns) -> ``"direct"`` or ``"blocked"``, measured by
 #: :func:`calibrate_certificate` (CPU only; unmeasured: direct)
@@ -187,11 +188,11 @@ _CERT_LAYOUT: dict[tuple[torch.dtype, int, int], str] = {}
 def certificate_products(
     X: torch.Tensor,
     V: torch.Tensor,
-    terms_of: Callable[[torch.Tensor, int, int], torch.Tensor],
+    terms_of: Callable[[torch.Tensor, torch.Tensor, int, int], None],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The two passes of a removal step's certificate: ``P = X V`` (n, c), ``T =
-    terms_of(P[s:e], s, e)`` (c, n: the columns of ``X^T``'s argument, a function of each row's
-    products) and ``Q = X^T T^T`` (d, c).
+    """The two passes of a removal step's certificate: ``P = X V`` (n, c), ``T`` (c, n: the
+    columns of ``X^T``'s argument, a function of each row's products, which
+    ``terms_of(P[s:e], T[:, s:e], s, e)`` writes) and ``Q = X^T T^T`` (d, c).
 
     ``"blocked"`` (where :func:`calibrate_certificate` measured it faster): both products per
     block of rows (:data:`CERT_BLOCK_BYTES` of X), so that each block of X is read from memory
@@ -200,19 +201,19 @@ def certificate_products(
     rounding margins cover."""
     n, d = X.shape
     cols = V.shape[1]
+    T = torch.empty((cols, n), dtype=X.dtype, device=X.device)
     if _CERT_LAYOUT.get((X.dtype, d, cols)) != "blocked":
         P = x_times(X, V)
-        T = terms_of(P, 0, n)
+        terms_of(P, T, 0, n)
         return P, T, xt_times(X, T.T)
     rows = _block_rows(d)
     P = torch.empty((n, cols), dtype=X.dtype, device=X.device)
-    T = torch.empty((cols, n), dtype=X.dtype, device=X.device)
     Q = torch.zeros((cols, d), dtype=X.dtype, device=X.device)
     for start in range(0, n, rows):
         end = min(n, start + rows)
         block = X[start:end]
         torch.mm(block, V, out=P[start:end])
-        T[:, start:end] = terms_of(P[start:end], start, end)
+        terms_of(P[start:end], T[:, start:end], start, end)
         Q.addmm_(T[:, start:end], block)
     return P, T, Q.T
 
@@ -232,8 +233,8 @@ def calibrate_certificate(X: torch.Tensor, cols: int, repeats: int = 5) -> str:
         return _CERT_LAYOUT.get(key, "direct")
     V = torch.ones((X.shape[1], cols), dtype=X.dtype)
 
-    def terms_of(P: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        return torch.sigmoid(P).T
+    def terms_of(P: torch.Tensor, out: torch.Tensor, start: int, end: int) -> None:
+        torch.sigmoid(P.T, out=out)
 
     best = {"direct": math.inf, "blocked": math.inf}
     for _ in range(repeats):

@@ -253,12 +253,15 @@ def _certify(
     # W_new with X s, then X^T of both terms.
     k = W.shape[1]
 
-    def terms_of(P: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    neg_cy = -(C * Y)  # exact: C in {0, 1}, |y| = 1
+
+    def terms_of(P: torch.Tensor, out: torch.Tensor, start: int, end: int) -> None:
         # the 2K columns of X^T's argument on rows start:end, C l'(z_new) y and C l''(z) X s,
-        # stacked as contiguous rows (2K, rows): a copy of whole rows, not an interleaving one
-        y = Y[start:end]
-        d1 = -torch.sigmoid(-(y * P[:, :k]))
-        return torch.cat(((C[start:end] * d1 * y).T, (curvature[start:end] * P[:, k:]).T))
+        # written as rows of ``out`` (2K, rows): l'(z) = -sigmoid(-z)
+        z = Y[start:end] * P[:, :k]
+        torch.sigmoid(z.neg_(), out=z)
+        torch.mul(neg_cy[start:end].T, z.T, out=out[:k])
+        torch.mul(curvature[start:end].T, P[:, k:].T, out=out[k:])
 
     P, terms, Q = certificate_products(X, torch.cat((W_new, S), dim=1), terms_of)
     Z_new, XS = Y * P[:, :k], P[:, k:]

@@ -32,8 +32,8 @@ def layout(monkeypatch):
 
 
 def _terms(Y: torch.Tensor):
-    def terms_of(P: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        return torch.cat((torch.sigmoid(-Y[start:end] * P[:, :1]).T, (P[:, 1:] ** 2).T))
+    def terms_of(P: torch.Tensor, out: torch.Tensor, start: int, end: int) -> None:
+        out.copy_(torch.cat((torch.sigmoid(-Y[start:end] * P[:, :1]).T, (P[:, 1:] ** 2).T)))
 
     return terms_of
 
