@@ -231,10 +231,14 @@ class Model(StoredModel):
         if prepared.version != self.version or bool((current.alive & ~prepared.alive).any()):
             return prepared
         caught = torch.nonzero(prepared.alive & ~current.alive).flatten().tolist()
-        if not caught or self._within_trigger([caught], prepared)[0] == 0:
+        if not caught:
+            return prepared
+        # the caught rows were counted against the DP extractor when they were removed
+        start = self._carried(prepared, current.extractor_removed - len(caught))
+        if self._within_trigger([caught], start)[0] == 0:
             return prepared
         committed, epoch, _, _ = commit_prefix(
-            self._problem, prepared, [caught], self.budget_total, self.solve_options
+            self._problem, start, [caught], self.budget_total, self.solve_options
         )
         return epoch if committed else prepared
 
