@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -147,8 +148,10 @@ def estimate(
     rng: np.random.Generator,
     binary: bool,
     factor: torch.Tensor | None = None,
+    pause: Callable[[float], None] | None = None,
 ) -> int:
-    """The shadow-run estimate of an ``"auto"`` ``max_removals`` (:mod:`core.trigger`)."""
+    """The shadow-run estimate of an ``"auto"`` ``max_removals`` (:mod:`core.trigger`;
+    ``pause``: see :func:`core.trigger.auto_max_removals`)."""
     return auto_max_removals(
         problem,
         alive,
@@ -159,6 +162,7 @@ def estimate(
         binary=binary,
         accounting=hyper.accounting,
         factor=factor,
+        pause=pause,
     )
 
 

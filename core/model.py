@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -243,12 +243,17 @@ class Model(StoredModel):
         return epoch if committed else prepared
 
     def estimate_max_removals(
-        self, snapshot: RetrainSnapshot | None = None, *, seed: int | None = None
+        self,
+        snapshot: RetrainSnapshot | None = None,
+        *,
+        seed: int | None = None,
+        pause: Callable[[float], None] | None = None,
     ) -> tuple[int, int] | None:
         """The shadow-run estimate of an ``"auto"`` ``max_removals`` on a snapshot's rows, as
         ``(rows, value)`` for :meth:`prepare_retrain` (None unless ``"auto"``): the costly part
         of a retrain that re-estimates, run ahead of it. Independent of ``b`` (the shadow runs
-        draw their own noise); thread-safe like :meth:`prepare_retrain`."""
+        draw their own noise); thread-safe like :meth:`prepare_retrain`. ``pause(seconds)`` is
+        called after each shadow step with its duration (a background caller may sleep there)."""
         if self.hyper.max_removals != "auto":
             return None
         snap = snapshot or self.retrain_snapshot()
@@ -261,6 +266,7 @@ class Model(StoredModel):
             snap.W,
             generator(seed),
             self._coding.binary,
+            pause=pause,
         )
         return int(snap.alive.sum()), value
 

@@ -12,6 +12,7 @@ again), and the per-epoch limits a batch of removals is cut at.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -161,8 +162,13 @@ def auto_max_removals(
     accounting: str = "exact",
     factor: torch.Tensor | None = None,
     settings: AutoSettings = AutoSettings(),
+    pause: Callable[[float], None] | None = None,
 ) -> int:
     """Estimate ``max_removals`` from shadow runs with fresh, independent noise.
+
+    ``pause(seconds)``, if given, is called after each shadow removal step with the seconds it
+    took (a caller in a background thread may sleep there, to leave the memory bandwidth to the
+    steps that serve requests). It cannot change the estimate.
 
     Each run refits with its own noise (from ``W`` with the training's Hessian ``factor``, a chord
     iteration of O(nd) per step, or Newton if that does not converge), then removes a random order
@@ -200,8 +206,18 @@ def auto_max_removals(
         crossing = min(
             crossing,
             _shadow_crossing(
-                problem, alive, fit, anchor, order, search, budget, settings, binary, accounting
-            ),
+                problem,
+                alive,
+                fit,
+                anchor,
+                order,
+                search,
+                budget,
+                settings,
+                binary,
+                accounting,
+                pause,
+            ),  # fmt: skip
         )
         if crossing == 0:
             break
@@ -209,7 +225,7 @@ def auto_max_removals(
 
 
 def _shadow_crossing(  # type: ignore[no-untyped-def]
-    problem, alive, fit, anchor, order, cap, limit, settings, binary, accounting="exact"
+    problem, alive, fit, anchor, order, cap, limit, settings, binary, accounting="exact", pause=None
 ) -> int:
     """Rows removable (in this run's batches) while the budget used stays <= limit: the exact
     ``r0 + ||grad L_0 - g_a||`` (plus its margin), or under ``"bound"`` the model's a-priori
@@ -221,7 +237,10 @@ def _shadow_crossing(  # type: ignore[no-untyped-def]
         beta = torch.zeros(fit.W.shape[1], dtype=torch.float64, device=fit.W.device)
         while done < cap:
             rows = order[done : min(cap, done + chunk)].to(problem.X.device)
+            started = time.perf_counter()
             step = newton_step(problem, state, W, rows, anchor, Z)
+            if pause is not None:
+                pause(time.perf_counter() - started)
             if step is None or _class_emptied(problem, step.alive, binary):
                 return done
             if accounting == "bound":

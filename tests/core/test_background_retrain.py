@@ -268,3 +268,11 @@ def test_a_catch_up_that_does_not_fit_or_belongs_elsewhere_returns_the_prepared_
     model.retrain()
     model.remove([70])
     assert model.catch_up(stale) is stale  # another version's epoch
+
+
+def test_an_estimate_paced_by_its_caller_is_the_same_estimate(digits):
+    model = core.train(digits.X_train, digits.y_train, lam=LAM, sigma=1.0)  # "auto"
+    pauses: list[float] = []
+    paced = model.estimate_max_removals(seed=7, pause=pauses.append)
+    assert paced == model.estimate_max_removals(seed=7)
+    assert len(pauses) >= 2 and all(p > 0 for p in pauses)  # after every shadow step

@@ -211,6 +211,25 @@ def test_background_jobs_run_at_their_nice_value_on_the_cpu() -> None:
     assert own_nice() == base
 
 
+def test_estimates_ahead_sleep_after_each_shadow_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the CPU an estimate ahead runs ESTIMATE_DUTY of the time: after each shadow step it
+    sleeps for the step's time times (1 - duty) / duty; the estimate itself is unchanged."""
+    from worker import epochs  # noqa: PLC0415
+
+    slept: list[float] = []
+    monkeypatch.setattr(epochs.time, "sleep", slept.append)
+    pause = epochs._paced(0.25)
+    pause(0.02)
+    assert slept == [pytest.approx(0.06)]
+    ds = core.load_dataset("digits")
+    model = core.train(ds.X_train, ds.y_train, lam=1e-2, sigma=1.0, device="cpu")  # "auto"
+    slept.clear()
+    basis = epochs._estimate_ahead(model, model.retrain_snapshot())
+    assert basis is not None and basis[0] == model.n_alive and len(slept) >= 2
+    duty = epochs.ESTIMATE_DUTY
+    assert 0 < duty <= 1 and all(s >= 0 for s in slept)
+
+
 def test_the_lead_covers_the_slowest_of_the_recent_fits(monkeypatch: pytest.MonkeyPatch) -> None:
     """The next fit starts retrain_lead of the epoch before its count, or earlier by twice the
     rows removed (at the recent rate) during the slowest of the last FIT_HISTORY fits; at most
