@@ -217,7 +217,7 @@ class Model(StoredModel):
             precond=snap.factor,
         )
 
-    def catch_up(self, prepared: PreparedRetrain) -> PreparedRetrain:
+    def catch_up(self, prepared: PreparedRetrain) -> PreparedRetrain | None:
         """``prepared`` with the rows removed since its snapshot removed by one Newton step,
         computed aside: thread-safe against :meth:`remove` like :meth:`prepare_retrain` (one
         read of the current epoch), so that :meth:`adopt_retrain` only removes the rows removed
@@ -225,8 +225,11 @@ class Model(StoredModel):
         its ``max_removals``; its weights are still never released before the adoption.
 
         Returns ``prepared`` itself when no row was removed since, when it is not this model's
-        next epoch, or when the step would pass its trigger or its budget or fail (the adoption
-        then does the whole catch-up, or refuses it)."""
+        next epoch, or when the step would pass its trigger or fails numerically (the adoption
+        then does the whole catch-up, or refuses it). Returns None when the step would take the
+        prepared epoch past its budget: the safety net fired on it (a b-dependent outcome), so
+        it must not take over; the caller counts the firing (:meth:`count_safety_firing`, on
+        the thread that removes) and retrains instead."""
         current = self._epoch  # one read: a consistent value even while remove() goes on
         if prepared.version != self.version or bool((current.alive & ~prepared.alive).any()):
             return prepared
@@ -237,10 +240,16 @@ class Model(StoredModel):
         start = self._carried(prepared, current.extractor_removed - len(caught))
         if self._within_trigger([caught], start)[0] == 0:
             return prepared
-        committed, epoch, _, _ = commit_prefix(
+        committed, epoch, _, reason = commit_prefix(
             self._problem, start, [caught], self.budget_total, self.solve_options
         )
-        return epoch if committed else prepared
+        if committed:
+            return epoch
+        return None if reason == "budget" else prepared
+
+    def count_safety_firing(self) -> None:
+        """Count a budget safety-net firing found off the removing thread (:meth:`catch_up`)."""
+        self.safety_retrains += 1
 
     def estimate_max_removals(
         self,
@@ -278,7 +287,7 @@ class Model(StoredModel):
         groups: Sequence[int] | None = None,
     ) -> RemovalResult | None:
         """Switch to a prepared epoch: one Newton step on it removes the rows removed since its
-        snapshot (the catch-up) and, in the same step, ``rows`` (requests in arrival order,
+        snapshot, or since its :meth:`catch_up` (the catch-up) and, in the same step, ``rows`` (requests in arrival order,
         ``groups`` their sizes, as in :meth:`remove`); then version + 1.
 
         Returns the :class:`RemovalResult` of ``rows`` on the new epoch (groups past its trigger

@@ -202,7 +202,7 @@ def certificate_products(
     n, d = X.shape
     cols = V.shape[1]
     T = torch.empty((cols, n), dtype=X.dtype, device=X.device)
-    if _CERT_LAYOUT.get((X.dtype, d, cols)) != "blocked":
+    if X.device.type != "cpu" or _CERT_LAYOUT.get((X.dtype, d, cols)) != "blocked":
         P = x_times(X, V)
         terms_of(P, T, 0, n)
         return P, T, xt_times(X, T.T)

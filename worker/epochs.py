@@ -102,7 +102,7 @@ class NextEpoch:
         self._pool: BackgroundRunner | None = None
         self._estimator: BackgroundRunner | None = None
         #: the next noise epoch, fitting in the background: (future, model it was started for)
-        self._next: tuple[Future[tuple[PreparedRetrain, float]], Model] | None = None
+        self._next: tuple[Future[tuple[PreparedRetrain | None, float]], Model] | None = None
         #: seconds of the last FIT_HISTORY background fits that were adopted
         self._fit_times: deque[float] = deque(maxlen=FIT_HISTORY)
         #: an "auto" max_removals estimated ahead of the next fit, in the background
@@ -208,9 +208,10 @@ class NextEpoch:
         snapshot: RetrainSnapshot,
         estimate: Future[Basis] | None,
         reestimate: bool,
-    ) -> tuple[PreparedRetrain, float]:
+    ) -> tuple[PreparedRetrain | None, float]:
         """Runs in the background thread: the fit (with the trigger estimated ahead, if any) and
-        the catch-up of the rows removed while it ran (``Model.catch_up``)."""
+        the catch-up of the rows removed while it ran (``Model.catch_up``; None when its safety
+        net fired)."""
         with self.metrics.fitting():
             t0 = time.perf_counter()
             basis = None
@@ -227,17 +228,22 @@ class NextEpoch:
                     auto_basis=basis,
                     reestimate=reestimate,
                 )
-                # the rows removed during the fit, removed from it here: the drain loop's
-                # adoption step then removes only those removed after this
-                prepared = _background(str(model.device), model.catch_up, prepared)
             except BaseException:
                 self.metrics.on_retrain_failure()
                 raise
-            return prepared, time.perf_counter() - t0
+            # the rows removed during the fit, removed from it here: the drain loop's adoption
+            # step then removes only those removed after this (None: the safety net fired)
+            caught: PreparedRetrain | None = prepared
+            try:
+                caught = _background(str(model.device), model.catch_up, prepared)
+            except Exception:  # noqa: BLE001 - the adoption does the whole catch-up then
+                log.exception("the catch-up on the fit's thread failed; the adoption does it")
+            return caught, time.perf_counter() - t0
 
-    def take(self, model: Model) -> tuple[PreparedRetrain, float, float] | None:
+    def take(self, model: Model) -> tuple[PreparedRetrain | None, float, float] | None:
         """The epoch fitted for ``model``, waiting for the fit if it still runs: ``(prepared,
-        fit seconds, seconds waited)``; None when none was started for it or the fit failed."""
+        fit seconds, seconds waited)``, ``prepared`` None when the safety net fired on its
+        catch-up; None when none was started for it or the fit failed."""
         if self._next is None:
             return None
         future, fitted_for = self._next

@@ -181,6 +181,11 @@ class NewtonSteps:
         if taken is None:
             return None
         prepared, fit_seconds, waited = taken
+        if prepared is None:  # the safety net fired on the catch-up on the fit's thread
+            served.model.count_safety_firing()
+            served.count_safety()
+            log.warning("the background retrain could not take over; retraining in the foreground")
+            return None
         t1 = time.perf_counter()
         served.dirty = True
         try:
@@ -214,8 +219,8 @@ class NewtonSteps:
             self.epochs.mark_removed(len(res.removed))
         served.refresh_metrics()
         log.info(
-            "adopted the background retrain: version %d, %d rows caught up and %d removed in "
-            "one step, fit %.2f s, waited %.2f s",
+            "adopted the background retrain: version %d, %d rows caught up and %d removed, "
+            "fit %.2f s, waited %.2f s",
             served.model.version,
             served.model.removed_in_epoch - len(res.removed),
             len(res.removed),

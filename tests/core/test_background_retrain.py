@@ -249,7 +249,7 @@ def test_a_catch_up_in_the_background_leaves_the_adoption_the_rest(digits):
     assert float((model.weights - W_star).norm()) <= truth / (LAM * model.n_alive) * 1.01 + 1e-7
 
 
-def test_a_catch_up_that_does_not_fit_or_belongs_elsewhere_returns_the_prepared_epoch(digits):
+def test_a_catch_up_past_its_trigger_or_budget_or_for_another_version(digits):
     model = _train(digits, max_removals=30)
     prepared = model.prepare_retrain()
     model.max_removals = 100  # the old epoch goes on past what the prepared one allows
@@ -261,8 +261,10 @@ def test_a_catch_up_that_does_not_fit_or_belongs_elsewhere_returns_the_prepared_
     model.remove(list(range(40, 60)))
     budget, model.budget_total = model.budget_total, 2 * prepared.r0_anchor + 1e-12
     fired = model.safety_retrains  # the fit's r0 fits the budget, the catch-up step does not
-    assert model.catch_up(prepared) is prepared
-    assert model.safety_retrains == fired  # counted once, by the adoption that refuses it
+    assert model.catch_up(prepared) is None  # the safety net fired: it must not take over
+    assert model.safety_retrains == fired  # counted by the caller, on the removing thread
+    model.count_safety_firing()
+    assert model.safety_retrains == fired + 1
     model.budget_total = budget
     stale = model.prepare_retrain()
     model.retrain()

@@ -4,6 +4,8 @@ gradient residual computed from scratch with numpy."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -86,13 +88,22 @@ def test_steps_with_a_blocked_certificate_are_the_same_and_stay_certified(layout
         assert model.exact_used <= model.bound_used * (1 + 1e-9) + 1e-12
 
 
-def test_calibration_keeps_the_faster_layout_and_skips_small_matrices(monkeypatch):
+@pytest.mark.parametrize("slow", ["direct", "blocked"])
+def test_calibration_keeps_the_faster_layout_and_skips_small_matrices(monkeypatch, slow):
     monkeypatch.setattr(products, "_CERT_LAYOUT", {})
     monkeypatch.setattr(products, "CERT_BLOCK_BYTES", 0)  # blocks of 512 rows
     small = torch.rand((100, 64), dtype=torch.float64)
     assert products.calibrate_certificate(small, 2) == "direct"
     assert products._CERT_LAYOUT == {}  # one block: nothing to measure
+    real = products.certificate_products
+
+    def timed(X, V, terms_of):  # one layout made slow: the measurement must keep the other
+        if products._CERT_LAYOUT.get((X.dtype, X.shape[1], V.shape[1])) == slow:
+            time.sleep(0.01)
+        return real(X, V, terms_of)
+
+    monkeypatch.setattr(products, "certificate_products", timed)
     X = torch.rand((3000, 16), dtype=torch.float64)
-    chosen = products.calibrate_certificate(X, 2, repeats=2)
-    assert chosen in ("direct", "blocked")
-    assert products._CERT_LAYOUT == {(torch.float64, 16, 2): chosen}
+    fast = "blocked" if slow == "direct" else "direct"
+    assert products.calibrate_certificate(X, 2, repeats=2) == fast
+    assert products._CERT_LAYOUT == {(torch.float64, 16, 2): fast}

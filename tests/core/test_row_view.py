@@ -136,6 +136,26 @@ def test_a_background_retrain_on_a_view_catches_up_and_stays_certified():
     assert model.estimate_max_removals(seed=1) is None  # max_removals=None: no estimate
 
 
+@pytest.mark.parametrize("name", ["digits", "binary"])
+def test_a_catch_up_on_the_fits_thread_works_on_the_prepared_view(name):
+    model = _shrunk(name)
+    alive = np.flatnonzero(model.alive.numpy())
+    order = np.random.default_rng(6).permutation(alive).tolist()
+    model.remove(order[:100])  # 10 % of the remaining rows more: the next fit has a view
+    prepared = model.prepare_retrain(seed=21)
+    assert prepared.view is not None and prepared.view is not model._epoch.view
+    model.remove(order[100:130])
+    caught = model.catch_up(prepared)
+    assert caught is not None and caught is not prepared and caught.view is prepared.view
+    assert caught.Z.shape[0] == prepared.view.index.numel()
+    model.remove(order[130:140])
+    assert model.adopt_retrain(caught, order[140:145])
+    assert model.removed_in_epoch == 45 and not bool(model.alive[order[:145]].any())
+    assert true_residual(model) <= model.exact_used * (1 + 1e-9) + 1e-12
+    assert model.remove(order[145:150]).applied
+    assert true_residual(model) <= model.exact_used * (1 + 1e-9) + 1e-12
+
+
 def test_a_reloaded_model_with_many_rows_gone_has_a_view(tmp_path):
     model = _shrunk("digits")
     order = np.random.default_rng(4).permutation(np.flatnonzero(model.alive.numpy())).tolist()

@@ -86,6 +86,46 @@ def test_one_newton_step_per_batch_at_each_epoch_change(
     service.close()
 
 
+def test_a_safety_net_firing_on_the_fits_catch_up_is_counted_and_retrains(
+    tmp_path: Path,
+    broker_url: str,
+    rclient: redis.Redis,
+    model_name: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """When the catch-up on the fit's thread would pass the new epoch's budget (a b-dependent
+    outcome, ``Model.catch_up`` returns None), that epoch never takes over: the firing is
+    counted on the drain's thread and the blocking retrain folds the rest; nothing is lost.
+    When the catch-up fails with an error instead, the adoption does the whole catch-up."""
+    state = make_state(tmp_path / "s", max_removals=10)
+    client = Client(broker_url, model=model_name)
+    service, sent, _ = build(state, rclient, model_name, retrain_lead=0.5, max_batch=4)
+    monkeypatch.setattr(core.Model, "catch_up", lambda self, prepared: None)
+    fired = service.model.safety_retrains
+    rids = client.enqueue_many([[i] for i in range(12)])
+    report = service.drain()
+    assert report.adopted == 0 and report.retrain_requested
+    assert service.model.safety_retrains == fired + 1
+    assert sent.names().count(schema.TASK_RETRAIN) == 1
+    assert service.retrain().retrained
+    statuses = client.statuses(rids)
+    assert [s["status"] for s in statuses.values()] == ["applied"] * 12
+    service.close()
+
+    def broken(self: core.Model, prepared: Any) -> Any:
+        raise RuntimeError("injected: the catch-up failed")
+
+    state = make_state(tmp_path / "s2", max_removals=10)
+    monkeypatch.setattr(core.Model, "catch_up", broken)
+    client = Client(broker_url, model=model_name + "b")
+    service, sent, _ = build(state, rclient, model_name + "b", retrain_lead=0.5, max_batch=4)
+    rids = client.enqueue_many([[i] for i in range(12)])
+    report = service.drain()
+    assert report.adopted >= 1 and not report.retrain_requested
+    assert {s["method"] for s in client.statuses(rids).values()} == {"newton"}
+    service.close()
+
+
 def test_without_a_fit_in_flight_the_rest_of_the_batch_folds_into_the_retrain(
     tmp_path: Path, broker_url: str, rclient: redis.Redis, model_name: str
 ) -> None:
@@ -221,13 +261,27 @@ def test_estimates_ahead_sleep_after_each_shadow_step(monkeypatch: pytest.Monkey
     pause = epochs._paced(0.25)
     pause(0.02)
     assert slept == [pytest.approx(0.06)]
+    steps: list[float] = []
+    paced = epochs._paced
+
+    def recording(duty: float) -> Any:
+        inner = paced(duty)
+
+        def pause(seconds: float) -> None:
+            steps.append(seconds)
+            inner(seconds)
+
+        return pause
+
+    monkeypatch.setattr(epochs, "_paced", recording)
     ds = core.load_dataset("digits")
     model = core.train(ds.X_train, ds.y_train, lam=1e-2, sigma=1.0, device="cpu")  # "auto"
     slept.clear()
     basis = epochs._estimate_ahead(model, model.retrain_snapshot())
-    assert basis is not None and basis[0] == model.n_alive and len(slept) >= 2
+    assert basis is not None and basis[0] == model.n_alive and len(steps) >= 2
     duty = epochs.ESTIMATE_DUTY
-    assert 0 < duty <= 1 and all(s >= 0 for s in slept)
+    assert 0 < duty < 1 and all(s > 0 for s in steps)
+    assert slept == [pytest.approx(s * (1 - duty) / duty) for s in steps]
 
 
 def test_the_lead_covers_the_slowest_of_the_recent_fits(monkeypatch: pytest.MonkeyPatch) -> None:
