@@ -176,6 +176,9 @@ class RetrainSnapshot:
     #: the removal preconditioner at the snapshot (a Cholesky factor of a recent Hessian, in
     #: memory only): it makes the warm-started fit O(n d) per Newton iteration
     factor: torch.Tensor | None = None
+    #: the row view of the epoch at the snapshot (it holds every row of ``alive``): a shadow-run
+    #: estimate on the snapshot reads it instead of gathering a copy of its own
+    view: RowView | None = None
 
 
 def warmed(

@@ -187,6 +187,7 @@ class Model(StoredModel):
             alive=epoch.alive.clone(),
             W=epoch.W,
             factor=self._precond(epoch),
+            view=epoch.view,
         )
 
     def prepare_retrain(
@@ -266,7 +267,10 @@ class Model(StoredModel):
         if self.hyper.max_removals != "auto":
             return None
         snap = snapshot or self.retrain_snapshot()
-        problem, alive = view_of(self._problem, row_view(self._problem, snap.alive), snap.alive)
+        # the snapshot's epoch's rows (a superset of its alive rows, which weigh 0 outside it),
+        # or, for an epoch without a view, a copy of the snapshot's rows
+        view = snap.view if snap.view is not None else row_view(self._problem, snap.alive)
+        problem, alive = view_of(self._problem, view, snap.alive)
         value = estimate(
             problem,
             self.hyper,

@@ -168,3 +168,22 @@ def test_a_reloaded_model_with_many_rows_gone_has_a_view(tmp_path):
     assert model.budget_used <= loaded.budget_used <= model.budget_used * (1 + 1e-6)
     res = loaded.remove(order[20:30])
     assert res.applied and int(loaded.alive.sum()) == int(model.alive.sum()) - 10
+
+
+def test_an_estimate_on_a_snapshot_reads_its_epochs_view(monkeypatch):
+    ds = core.load_dataset("digits")
+    model = core.train(ds.X_train, ds.y_train, lam=1e-2, sigma=1.0, seed=5, device="cpu")
+    order = np.random.default_rng(0).permutation(model.n_rows)
+    model.retrain(order[: int(0.4 * model.n_rows)].tolist(), seed=9)  # "auto", with a view
+    model.remove(order[600:620].tolist())
+    snap = model.retrain_snapshot()
+    assert snap.view is model._epoch.view and snap.view is not None
+    seeded = model.estimate_max_removals(snap, seed=3)
+
+    def no_gather(*a, **k):
+        raise AssertionError("the estimate gathered a copy of its own")
+
+    monkeypatch.setattr(core.model, "row_view", no_gather)
+    assert model.estimate_max_removals(snap, seed=3) == seeded  # the same, and no new copy
+    rows, value = seeded
+    assert rows == model.n_alive and 0 < value <= 0.25 * rows
