@@ -92,12 +92,7 @@ def _read_snapshot(root: Path, name: str, cache: dict[str, Any]) -> _Snapshot:
         blobs = {MODEL_FILE: read_bytes(root, snap / MODEL_FILE)}
         blobs[STATE_FILE] = read_bytes(root, snap / STATE_FILE)
     state_path = snap / STATE_FILE
-    try:
-        state = json.loads(blobs[STATE_FILE])
-    except ValueError as exc:
-        raise damaged(root, state_path, f"is not valid JSON ({exc})") from exc
-    if not isinstance(state, dict):
-        raise damaged(root, state_path, "is not a JSON object")
+    state = _json_object(root, state_path, blobs[STATE_FILE])
     fmt = state.get("format")
     if fmt not in READ_FORMATS:
         raise damaged(root, state_path, f"has an unknown state format {fmt!r}")
@@ -201,13 +196,22 @@ def read_journal(
     blobs = verify_snapshot_files(root, snap, manifest)
     if JOURNAL_FILE not in blobs:
         return None
+    return _json_object(root, path, blobs[JOURNAL_FILE])
+
+
+def _json_object(root: Path, path: Path, blob: bytes) -> dict[str, Any]:
+    """``blob`` (the bytes of ``path``, checksums verified) parsed as a JSON object.
+
+    Raises:
+        StateDamagedError: it is not valid JSON, or not an object.
+    """
     try:
-        journal = json.loads(blobs[JOURNAL_FILE])
+        value = json.loads(blob)
     except ValueError as exc:
         raise damaged(root, path, f"is not valid JSON ({exc})") from exc
-    if not isinstance(journal, dict):
+    if not isinstance(value, dict):
         raise damaged(root, path, "is not a JSON object")
-    return journal
+    return value
 
 
 def list_snapshots(directory: str | os.PathLike[str]) -> list[SnapshotInfo]:

@@ -231,14 +231,10 @@ class Model(StoredModel):
         prepared epoch past its budget: the safety net fired on it (a b-dependent outcome), so
         it must not take over; the caller counts the firing (:meth:`count_safety_firing`, on
         the thread that removes) and retrains instead."""
-        current = self._epoch  # one read: a consistent value even while remove() goes on
-        if prepared.version != self.version or bool((current.alive & ~prepared.alive).any()):
+        begun = self._catch_up_start(prepared, self._epoch)  # one read of the current epoch
+        if begun is None or not begun[0]:
             return prepared
-        caught = torch.nonzero(prepared.alive & ~current.alive).flatten().tolist()
-        if not caught:
-            return prepared
-        # the caught rows were counted against the DP extractor when they were removed
-        start = self._carried(prepared, current.extractor_removed - len(caught))
+        caught, start = begun
         if self._within_trigger([caught], start)[0] == 0:
             return prepared
         committed, epoch, _, reason = commit_prefix(
@@ -247,6 +243,18 @@ class Model(StoredModel):
         if committed:
             return epoch
         return None if reason == "budget" else prepared
+
+    def _catch_up_start(
+        self, prepared: PreparedRetrain, current: NoiseEpoch
+    ) -> tuple[list[int], NoiseEpoch] | None:
+        """The rows removed from ``current`` since ``prepared``'s snapshot and the prepared
+        epoch to remove them from, or None when it is not this model's next epoch (another
+        version, or rows alive now that were not at the snapshot)."""
+        if prepared.version != self.version or bool((current.alive & ~prepared.alive).any()):
+            return None
+        caught = torch.nonzero(prepared.alive & ~current.alive).flatten().tolist()
+        # the caught rows were counted against the DP extractor when they were removed
+        return caught, self._carried(prepared, current.extractor_removed - len(caught))
 
     def count_safety_firing(self) -> None:
         """Count a budget safety-net firing found off the removing thread (:meth:`catch_up`)."""
@@ -308,15 +316,11 @@ class Model(StoredModel):
         Raises:
             InvalidInputError: bad ``rows``/``groups``, as :meth:`remove`. The model is unchanged.
         """
-        if prepared.version != self.version:
+        begun = self._catch_up_start(prepared, self._epoch)
+        if begun is None:
             return None
-        current = self._epoch
-        if bool((current.alive & ~prepared.alive).any()):
-            return None  # rows alive now but not at the snapshot: not this model's lineage
         group_rows, already = self._alive_groups(rows, groups)
-        caught = torch.nonzero(prepared.alive & ~current.alive).flatten().tolist()
-        # the caught-up rows were counted against the DP extractor when they were removed
-        start = self._carried(prepared, current.extractor_removed - len(caught))
+        caught, start = begun
         groups_all = [caught, *group_rows]
         fit, reason = self._within_trigger(groups_all, start)
         committed, epoch, inc, step_reason = commit_prefix(

@@ -181,21 +181,20 @@ class NewtonSteps:
         if taken is None:
             return None
         prepared, fit_seconds, waited = taken
+        t1 = time.perf_counter()
         if prepared is None:  # the safety net fired on the catch-up on the fit's thread
             served.model.count_safety_firing()
-            served.count_safety()
-            log.warning("the background retrain could not take over; retraining in the foreground")
-            return None
-        t1 = time.perf_counter()
-        served.dirty = True
-        try:
-            res = served.model.adopt_retrain(
-                prepared, [r for g in rest for r in g.rows], groups=[len(g.rows) for g in rest]
-            )
-        except ValueError as exc:  # core refused the rows: the retrain that folds answers them
-            served.dirty = False  # adopt_retrain restores the model on any error
-            log.warning("the background retrain could not take the batch over: %s", exc)
-            return None
+            res = None
+        else:
+            served.dirty = True
+            try:
+                res = served.model.adopt_retrain(
+                    prepared, [r for g in rest for r in g.rows], groups=[len(g.rows) for g in rest]
+                )
+            except ValueError as exc:  # core refused the rows: the folding retrain answers them
+                served.dirty = False  # adopt_retrain restores the model on any error
+                log.warning("the background retrain could not take the batch over: %s", exc)
+                return None
         if res is None:
             served.dirty = False
             served.count_safety()
