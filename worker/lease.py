@@ -243,16 +243,24 @@ class Lease:
             args=[
                 str(self.token),
                 str(self.ttl_ms),
-                "state_id",
-                self.state_id,
-                "seq",
-                str(snapshot_seq(self.state_dir) if seq is None else seq),
-                "consumer",
-                self.consumer,
-                "at",
-                repr(time.time()),
+                *self.marker_fields(snapshot_seq(self.state_dir) if seq is None else seq),
             ],
         )
+
+    def marker_fields(self, seq: int) -> list[str]:
+        """The state record's fields for snapshot ``seq`` of this directory (what
+        :meth:`mark_state` writes; ``worker.status.StatusPublisher`` writes them with a batch's
+        acknowledgements): ``state_id``, ``seq``, ``consumer``, ``at``, each name then value."""
+        return [
+            "state_id",
+            self.state_id,
+            "seq",
+            str(int(seq)),
+            "consumer",
+            self.consumer,
+            "at",
+            repr(time.time()),
+        ]
 
     # ------------------------------------------------------------------ hold
     def renew(self) -> bool:

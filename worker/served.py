@@ -79,6 +79,11 @@ class ServedModel:
         self.last_retrain_reason: str | None = last.get("reason")
         #: (version, rows alive, monotonic time measured, test accuracy) of the last measurement
         self._accuracy: tuple[int, int, float, float | None] | None = None
+        #: the newest snapshot persisted with its state record left to the status script (the
+        #: drain's steps: :meth:`persist` with ``mark=False``); None: none
+        self.mark_due: int | None = None
+        if lease is not None:
+            ledger.status.marker = self._marker
         self.adopt(model)
         self._recorded = (int(model.version), int(model.n_alive))
         self._record(model, "start")
@@ -89,6 +94,13 @@ class ServedModel:
         self.model = model
         self.ids = np.asarray(model.ids)
         self._safety_seen = int(model.safety_retrains)
+
+    def _marker(self) -> list[str] | None:
+        """The state record's fields the status script writes (``StatusPublisher.marker``):
+        those of :attr:`mark_due`, on the publishing thread; every script carries them, and
+        Redis keeps the newest."""
+        due = self.mark_due
+        return None if due is None or self.lease is None else self.lease.marker_fields(due)
 
     def refresh_metrics(self) -> None:
         """Publish the model's budget, version, size, test accuracy and extractor allowance (the
@@ -172,11 +184,15 @@ class ServedModel:
         dataset: Dataset | None = None,
         replace_dataset: bool = False,
         retrain_reason: str | None = None,
+        mark: bool = True,
     ) -> None:
         """Persist the model (or ``model``, which takes over the state directory) with the
-        journal of every answer not yet in the ledger file. Checks the lease first. Then a
-        history line: ``retrain`` (with ``retrain_reason``) when the version changed or a reason
-        is given, else ``step``."""
+        journal of every answer not yet in the ledger file. Checks the lease first. Then the
+        state record in Redis (``worker.state_marker``) names the new snapshot, here, or with
+        ``mark=False`` in the status script that acknowledges the requests it holds (a drain's
+        step: the record need only be as new as what is acknowledged, and the round trip stays
+        off the drain's thread). Then a history line: ``retrain`` (with ``retrain_reason``)
+        when the version changed or a reason is given, else ``step``."""
         if self.lease is not None:
             self.lease.check()
         pending = self.outbox.journal(list(answers or []))
@@ -195,8 +211,10 @@ class ServedModel:
         saved.save(self.state_dir, journal=journal, keep=self.keep_snapshots, **save)
         self.outbox.unrecorded = pending
         self.dirty = False
-        if self.lease is not None:
+        if self.lease is not None and mark:
             self.lease.mark_state(saved.save_seq)
+        elif self.lease is not None:
+            self.mark_due = saved.save_seq  # (durable now: a failed save never gets here)
         self._record(saved, "step", retrain_reason)
 
     def plan(self, entries: list[Entry], *, fold: bool) -> Plan:

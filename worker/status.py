@@ -33,15 +33,17 @@ _KEPT_FIELDS = (
 #: longest value kept per field in a dead-letter copy (bytes)
 _DEAD_VALUE_MAX = 1 << 20
 
-# KEYS[1] stream, KEYS[2] dead-letter stream, KEYS[3] lease, KEYS[4] lease token counter, then
-# the status hashes: first the ARGV[5] "common" answers, which share the 8 values ARGV[6..13] (a
+# KEYS[1] stream, KEYS[2] dead-letter stream, KEYS[3] lease, KEYS[4] lease token counter,
+# KEYS[5] the state record (worker.state_marker), then the status hashes: first the ARGV[5] "common" answers, which share the 8 values ARGV[6..13] (a
 # committed batch: same status, method, version and time), then the others. ARGV[1] group,
 # ARGV[2] lease token ('' = unfenced: tests and tools), ARGV[3] status TTL in seconds ('0' =
 # keep), ARGV[4] the lease's life in ms (``worker.lease.holds_lua``); after the common values,
 # per other answer a mode ('w' write, 'q' write only while the status is missing or queued) and
 # its 8 values in _NAMES order ('' = leave the field alone); then the count of dead letters and,
-# per dead letter, its entry id and its field count and fields (flat); then the entry ids to
-# acknowledge. Statuses are written first, dead letters copied next, acknowledgements last: an
+# per dead letter, its entry id and its field count and fields (flat); then the count of the
+# state record's values and the values (flat: state_id, id, seq, n, ...; 0 = none); then the
+# entry ids to acknowledge. Statuses are written first, dead letters copied next, the state
+# record then, acknowledgements last: an
 # error stops the script before any entry is acknowledged without its status and its dead-letter
 # copy.
 _NAMES = schema.ANSWER_FIELDS
@@ -68,12 +70,12 @@ local function expire(key)
 end
 local ncommon = tonumber(ARGV[5])
 local common = fields(5)
-for k = 5, ncommon + 4 do
+for k = 6, ncommon + 5 do
   redis.call('HSET', KEYS[k], unpack(common))
   expire(KEYS[k])
 end
 local a = 14
-for k = ncommon + 5, #KEYS do
+for k = ncommon + 6, #KEYS do
   local write = true
   if ARGV[a] == 'q' then
     local cur = redis.call('HGET', KEYS[k], 'status')
@@ -101,6 +103,19 @@ for d = 1, ndead do
   redis.call('XADD', KEYS[2], '*', unpack(rec))
   dead[#dead + 1] = id
   a = a + 2 + nf
+end
+-- the state record (worker.state_marker), never back to an older snapshot of this directory:
+-- written with the acknowledgements it covers
+local nmark = tonumber(ARGV[a])
+a = a + 1
+if nmark > 0 then
+  local mark = {}
+  for j = a, a + nmark - 1 do mark[#mark + 1] = ARGV[j] end
+  local cur = redis.call('HMGET', KEYS[5], 'state_id', 'seq')
+  if not (cur[1] == mark[2] and tonumber(cur[2] or '0') >= tonumber(mark[4])) then
+    redis.call('HSET', KEYS[5], unpack(mark))
+  end
+  a = a + nmark
 end
 for _, id in ipairs(dead) do ack(id) end
 for i = a, #ARGV do ack(ARGV[i]) end
@@ -308,6 +323,11 @@ class StatusPublisher:
         fence: returns the lease token the script must find (None: unfenced).
         lease_ttl_ms: the lease's life, to take it again in the script when it lapsed while
             Redis was away and nobody took it since.
+
+    :attr:`marker` (set by the service): returns the state record's fields
+    (``worker.lease.Lease.marker_fields``) of the newest snapshot persisted without its record,
+    or None; each script writes them with its acknowledgements (unless the record already names
+    that snapshot or a newer one of the same directory).
     """
 
     def __init__(
@@ -328,6 +348,8 @@ class StatusPublisher:
         self.status_ttl = int(status_ttl)
         self.fence = fence
         self.lease_ttl_ms = int(lease_ttl_ms)
+        self.marker_key = schema.state_marker_key(model)
+        self.marker: Callable[[], list[str] | None] | None = None
         self._script = client.register_script(_PUBLISH_LUA)
 
     def publish(
@@ -353,7 +375,10 @@ class StatusPublisher:
                 common_key = shared
             (common if shared is not None and shared == common_key else others).append(a)
         prefix = schema.status_key(self.model, "")
-        keys = [self.stream, self.dead_letter_key, self.lease_key, self.lease_counter_key]
+        keys = [
+            self.stream, self.dead_letter_key, self.lease_key, self.lease_counter_key,
+            self.marker_key,
+        ]  # fmt: skip
         keys += [prefix + a.request_id for a in common]
         keys += [prefix + a.request_id for a in others]
         token = self.fence() if self.fence is not None else None
@@ -374,6 +399,9 @@ class StatusPublisher:
             args += [eid, 2 * len(record)]
             for k, v in record.items():
                 args += [k, v]
+        mark = self.marker() if self.marker is not None and token is not None else None
+        args.append(len(mark or ()))
+        args += mark or []
         args += ack_ids
         self._script(keys=keys, args=args)
 

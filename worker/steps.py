@@ -114,7 +114,8 @@ class NewtonSteps:
             )
             if res.removed:
                 with phases.timed("persist"):
-                    served.persist(committed)
+                    # the state record goes with the batch's acknowledgements (status script)
+                    served.persist(committed, mark=False)
                 self.metrics.on_step(len(res.removed), seconds)
                 report.rows_removed += len(res.removed)
                 report.steps += 1
