@@ -7,6 +7,7 @@ fixed problem and options); :func:`commit_prefix` serves a batch of removal grou
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -217,14 +218,14 @@ def commit_prefix(
     solver)."""
     if not group_rows:
         return 0, epoch, 0.0, None
-    m = sum(len(g) for g in group_rows)
+    m = sum(map(len, group_rows))
     tries = max(1, math.ceil(math.log2(m))) if m > 1 else 1
     count = len(group_rows)
     fired: str | None = None
     view = epoch.view
     p, alive_p = view_of(problem, view, epoch.alive)
     for _ in range(tries):
-        rows = [r for g in group_rows[:count] for r in g]
+        rows = list(itertools.chain.from_iterable(group_rows[:count]))
         if not rows:
             return count, epoch, 0.0, fired if count < len(group_rows) else None
         rows_t = torch.as_tensor(rows, dtype=torch.long, device=epoch.W.device)

@@ -50,8 +50,8 @@ def validate_rows(
     if groups is None:
         sizes = [len(row_list)] if row_list else []
     else:
-        sizes = [int(g) for g in groups]
-        if any(g < 0 for g in sizes) or sum(sizes) != len(row_list):
+        sizes = list(map(int, groups))
+        if (sizes and min(sizes) < 0) or sum(sizes) != len(row_list):
             raise InvalidInputError(
                 f"groups must be non-negative sizes summing to len(rows)={len(row_list)}, "
                 f"got {sizes[:10]}"
@@ -73,6 +73,8 @@ def alive_groups(
     already: list[int] = []
     start = 0
     if all(flags):  # the common batch: every row alive, so each group is its slice
+        if sizes.count(1) == len(sizes) == len(row_list):  # one row per group
+            return [[r] for r in row_list], already
         for size in sizes:
             group_rows.append(row_list[start : start + size])
             start += size

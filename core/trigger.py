@@ -126,6 +126,9 @@ def groups_within_limits(
 ) -> tuple[int, str | None]:
     """Leading groups whose running row count stays within every ``(allowed, name)`` limit
     (checked in order). Returns (count, the name of the limit that stopped it, or None)."""
+    rows = sum(map(len, group_rows))
+    if all(rows <= allowed for allowed, _ in limits):  # the common batch: every group fits
+        return len(group_rows), None
     total = 0
     for i, g in enumerate(group_rows):
         total += len(g)

@@ -82,6 +82,26 @@ def test_groups_within_limits(groups, limits, want):
     assert groups_within_limits(groups, limits) == want
 
 
+def _within_oracle(groups, limits):
+    total = 0
+    for i, g in enumerate(groups):
+        total += len(g)
+        for allowed, reason in limits:
+            if g and total > allowed:
+                return i, reason
+    return len(groups), None
+
+
+def test_groups_within_limits_matches_the_running_count():
+    rng = np.random.default_rng(7)
+    for _ in range(500):
+        groups = [list(range(int(k))) for k in rng.integers(0, 4, size=int(rng.integers(0, 8)))]
+        limits = [
+            (int(a), f"l{j}") for j, a in enumerate(rng.integers(0, 14, size=rng.integers(0, 3)))
+        ]
+        assert groups_within_limits(groups, limits) == _within_oracle(groups, limits)
+
+
 @pytest.mark.parametrize(
     ("rows_left", "classes_left", "binary", "want"),
     [(0, 0, False, NO_ROWS), (0, 0, True, NO_ROWS), (5, 1, True, ONE_CLASS), (5, 1, False, None),

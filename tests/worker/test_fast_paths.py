@@ -119,10 +119,15 @@ def _alive_groups_oracle(
 
 
 @pytest.mark.parametrize("dead", [[], [3, 7]])
-def test_alive_groups_split_on_request_boundaries(dead: list[int]) -> None:
+@pytest.mark.parametrize(
+    "sizes",
+    # one row per request (the fast path), and as many sizes as rows that are not all ones
+    [[1, 2, 0, 3], [1, 1, 1, 1, 1, 1], [0, 2, 1, 1, 1, 1], [2, 0, 1, 1, 1, 1], [6], [3, 3]],
+)
+def test_alive_groups_split_on_request_boundaries(dead: list[int], sizes: list[int]) -> None:
     alive = torch.ones(12, dtype=torch.bool)
     alive[dead] = False
-    rows, sizes = [5, 3, 0, 7, 11, 2], [1, 2, 0, 3]
+    rows = [5, 3, 0, 7, 11, 2]
     assert alive_groups(rows, sizes, alive) == _alive_groups_oracle(rows, sizes, alive)
     assert alive_groups([], [0, 0], alive) == ([[], []], [])
 
