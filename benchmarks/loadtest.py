@@ -22,6 +22,7 @@ unix socket (used by the baseline and the service alike).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import multiprocessing as mp
 import os
@@ -136,6 +137,10 @@ def service_run(
     proc = start_worker(settings, log, loglevel=loglevel)
     try:
         wait_ready(proc, port, timeout=180)
+        # the load generator's own garbage (a training run in this process) is collected now,
+        # not by a collection in the middle of the burst it sends
+        gc.collect()
+        gc.freeze()
         first = before() if before is not None else None
         with Client(url, model=model) as client:
             result = run_loadtest(client, requests=requests, rate=rate, timeout=timeout)
@@ -277,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
                     "burst_throughput": p["burst"]["throughput"],
                     "burst_vs_raw": p["ratio"],
                     "burst_latency_p50": p["burst"]["latency_p50"],
+                    "burst_sent_seconds": p["burst"]["sent_seconds"],
+                    "burst_batches": p["burst"]["drain_phases"].get("step", {}).get("batches"),
                     "burst_not_applied": p["burst"]["not_applied"],
                 }
                 for p in pairs
