@@ -33,6 +33,19 @@ def serve(state: Path, rclient: redis.Redis, model_name: str, lease: Lease, **kw
     return service
 
 
+def served_once(
+    state: Path, broker_url: str, rclient: redis.Redis, model_name: str
+) -> tuple[Lease, Any, Client, str]:
+    """A worker on ``state`` under a lease, after one drain that removed sample id 1."""
+    lease = Lease(rclient, model_name, "w1", state, ttl_ms=5000)
+    lease.acquire()
+    service = serve(state, rclient, model_name, lease)
+    client = Client(broker_url, model=model_name)
+    rid = client.enqueue([1])
+    service.drain()
+    return lease, service, client, rid
+
+
 def test_each_acknowledged_snapshot_is_named_and_an_older_backup_is_refused(
     state: Path, tmp_path: Path, broker_url: str, rclient: redis.Redis, model_name: str
 ) -> None:
@@ -59,12 +72,7 @@ def test_each_acknowledged_snapshot_is_named_and_an_older_backup_is_refused(
 def test_a_snapshot_not_acknowledged_leaves_the_record_and_its_directory_restarts(
     state: Path, broker_url: str, rclient: redis.Redis, model_name: str
 ) -> None:
-    lease = Lease(rclient, model_name, "w1", state, ttl_ms=5000)
-    lease.acquire()
-    service = serve(state, rclient, model_name, lease)
-    client = Client(broker_url, model=model_name)
-    first = client.enqueue([1])
-    service.drain()
+    lease, service, client, first = served_once(state, broker_url, rclient, model_name)
     acknowledged = int(record(rclient, model_name)["seq"])
     # the next batch is persisted, then the process dies before its status script runs
     second = client.enqueue([2])
@@ -94,12 +102,7 @@ def test_a_snapshot_not_acknowledged_leaves_the_record_and_its_directory_restart
 def test_the_record_never_goes_back_to_an_older_snapshot(
     state: Path, broker_url: str, rclient: redis.Redis, model_name: str
 ) -> None:
-    lease = Lease(rclient, model_name, "w1", state, ttl_ms=5000)
-    lease.acquire()
-    service = serve(state, rclient, model_name, lease)
-    client = Client(broker_url, model=model_name)
-    client.enqueue([1])
-    service.drain()
+    lease, service, client, _ = served_once(state, broker_url, rclient, model_name)
     seq = int(record(rclient, model_name)["seq"])
     # a later snapshot's record written at once (as a retrain's persist does); the next step's
     # script carries an older snapshot than that
