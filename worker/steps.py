@@ -80,8 +80,9 @@ class NewtonSteps:
         self.served, self.outbox, self.epochs, self.metrics = served, outbox, epochs, metrics
         self.extractor_spent = extractor_spent
         self.clock = clock
-        #: called once a step's rows are removed, before its persist (the service reads the next
-        #: batch ahead then, ``worker.stream.Intake.read_ahead``); never raises
+        #: called once a step's rows are removed, before its persist, and again after it (the
+        #: service reads the next batch ahead then, ``worker.stream.Intake.read_ahead``); never
+        #: raises
         self.stepped: Callable[[], None] = lambda: None
 
     def step(self, batch: list[Entry], report: DrainReport) -> tuple[list[Entry], str | None]:
@@ -116,6 +117,7 @@ class NewtonSteps:
                 with phases.timed("persist"):
                     # the state record goes with the batch's acknowledgements (status script)
                     served.persist(committed, mark=False)
+                self.stepped()  # read on ahead: what arrived during the step and the persist
                 self.metrics.on_step(len(res.removed), seconds)
                 report.rows_removed += len(res.removed)
                 report.steps += 1

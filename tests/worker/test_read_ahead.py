@@ -61,7 +61,29 @@ def test_holding_keeps_what_was_read_ahead_and_the_pending_list_adds_nothing_twi
     again = intake.recover()
     assert _rids(again) == [*sent[2:4], *sent[4:8]]
     assert _rids(intake.fill(again)) == sent[2:6]  # max_batch: the rest waits, in order
-    assert _rids(intake.fill([])) == sent[6:10]
+    # the two left hold a quarter of max_batch or more: served as they are, not topped up
+    assert _rids(intake.fill([])) == sent[6:8]
+    assert _rids(intake.fill([])) == sent[8:10]  # nothing held: read from the stream
+
+
+def test_a_small_batch_is_topped_up_and_a_large_one_is_served_as_it_is(
+    broker_url: str, rclient: redis.Redis, model_name: str, sent: list[str]
+) -> None:
+    small = _intake(rclient, model_name, max_batch=80)  # tops up below 20 entries
+    small.recover()
+    small.read_ahead()  # reads the ten sent
+    with Client(broker_url, model=model_name) as client:
+        more = client.enqueue_many([[i] for i in range(10, 15)])
+    assert _rids(small.fill([])) == sent + more  # ten read ahead, topped up with five
+    with Client(broker_url, model=model_name) as client:
+        later = client.enqueue_many([[i] for i in range(15, 35)])
+    large = small
+    large.max_batch = 40  # tops up below 10 entries
+    large.read_ahead()  # reads the twenty
+    with Client(broker_url, model=model_name) as client:
+        last = client.enqueue_many([[i] for i in range(35, 40)])
+    assert _rids(large.fill([])) == later  # twenty: served without a read
+    assert _rids(large.fill([])) == last
 
 
 def test_forgotten_entries_read_ahead_come_back_once_with_the_pending_list(
