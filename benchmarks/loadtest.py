@@ -288,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 for p in pairs
             ]
-            median = sorted(pairs, key=lambda p: p["ratio"])[len(pairs) // 2]
+            # the median pair (the lower of the two middle ones for an even count)
+            median = sorted(pairs, key=lambda p: p["ratio"])[(len(pairs) - 1) // 2]
             report["raw"], report["burst"] = median["raw"], median["burst"]
             report["burst_vs_raw"] = median["ratio"]
         if not args.skip_steady:

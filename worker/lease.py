@@ -235,7 +235,8 @@ class Lease:
     def mark_state(self, seq: int | None = None) -> None:
         """Record in Redis that this state directory's current snapshot (number ``seq``, read
         from ``CURRENT`` when not given) is the model's latest (fenced: only while the lease is
-        held)."""
+        held). Written as given, unlike the status script's copy (which never goes back): call
+        it only with the newest snapshot persisted."""
         if self.token is None:
             return
         self._mark(

@@ -211,7 +211,8 @@ class ServedModel:
         saved.save(self.state_dir, journal=journal, keep=self.keep_snapshots, **save)
         self.outbox.unrecorded = pending
         self.dirty = False
-        if self.lease is not None and mark:
+        if self.lease is not None and (mark or self.ledger.fence is None):
+            # (a status script without the lease's token cannot carry the record: here, then)
             self.lease.mark_state(saved.save_seq)
         elif self.lease is not None:
             self.mark_due = saved.save_seq  # (durable now: a failed save never gets here)

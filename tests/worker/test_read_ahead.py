@@ -195,3 +195,30 @@ def test_what_arrives_during_a_step_is_read_ahead_before_the_batch_is_persisted(
     assert 20 in ahead  # the 20 that arrived during the step: read ahead, all at once
     assert sum(n for _, n in reads) == 25  # each entry read once
     assert service.stream.pending_count() == 0
+
+
+def test_a_step_reads_ahead_after_its_newton_step_and_after_its_persist(
+    state: Path, broker_url: str, rclient: redis.Redis, model_name: str
+) -> None:
+    service, _, _ = build(state, rclient, model_name)
+    calls: list[int] = []
+    saves = {"n": 0}
+    save = service.model.save
+
+    def counted_save(*args: Any, **kw: Any) -> Any:
+        saves["n"] += 1
+        return save(*args, **kw)
+
+    service.model.save = counted_save  # type: ignore[method-assign]
+    read_ahead = service.intake.read_ahead
+
+    def traced() -> None:
+        calls.append(saves["n"])  # how many persists had run at each read ahead
+        read_ahead()
+
+    service.steps.stepped = traced
+    with Client(broker_url, model=model_name) as client:
+        rid = client.enqueue([5])
+        service.drain()
+        assert client.status(rid)["status"] == "applied"
+    assert calls == [0, 1]  # once before the batch's persist, once after it

@@ -114,3 +114,18 @@ def test_the_record_never_goes_back_to_an_older_snapshot(
     assert service.served.mark_due == seq + 1
     assert record(rclient, model_name) == written
     lease.release()
+
+
+def test_without_the_lease_token_in_the_status_script_the_persist_writes_the_record(
+    state: Path, broker_url: str, rclient: redis.Redis, model_name: str
+) -> None:
+    lease = Lease(rclient, model_name, "w1", state, ttl_ms=5000)
+    lease.acquire()
+    service, _, _ = build(state, rclient, model_name, lease=lease)  # no ledger.fence
+    client = Client(broker_url, model=model_name)
+    rid = client.enqueue([1])
+    service.drain()
+    assert client.status(rid)["status"] == "applied"
+    assert int(record(rclient, model_name)["seq"]) == snapshot_seq(state)
+    assert service.served.mark_due is None
+    lease.release()
