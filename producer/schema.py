@@ -33,7 +33,7 @@ STATUS_APPLIED = "applied"
 STATUS_REJECTED = "rejected"
 METHOD_NEWTON = "newton"
 METHOD_RETRAIN = "retrain"
-#: the fields of a request's answer (written in one script with the XACK, ``worker/status.py``)
+#: the fields of a request's answer (written in one script with the XACK, ``worker/status_script.py``)
 ANSWER_FIELDS = (
     "status",
     "method",

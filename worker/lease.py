@@ -250,7 +250,7 @@ class Lease:
 
     def marker_fields(self, seq: int) -> list[str]:
         """The state record's fields for snapshot ``seq`` of this directory (what
-        :meth:`mark_state` writes; ``worker.status.StatusPublisher`` writes them with a batch's
+        :meth:`mark_state` writes; ``worker.status_script.StatusPublisher`` writes them with a batch's
         acknowledgements): ``state_id``, ``seq``, ``consumer``, ``at``, each name then value."""
         return [
             "state_id",

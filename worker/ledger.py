@@ -25,15 +25,8 @@ from typing import Any
 import redis
 
 from producer import schema
-from worker.status import (
-    Answer,
-    AnswerKey,
-    DeadLetter,
-    StatusPublisher,
-    answer_records,
-    dead_letter_record,
-    group_answers,
-)
+from worker.status import Answer, AnswerKey, answer_records, group_answers
+from worker.status_script import DeadLetter, StatusPublisher, dead_letter_record
 
 __all__ = [
     "LEDGER_NAME",
@@ -338,7 +331,7 @@ class Ledger:
         self, answers: list[Answer], ack_ids: list[bytes], dead: list[DeadLetter] | None = None
     ) -> None:
         """Write the status hashes, copy ``dead`` entries to the dead-letter stream and
-        acknowledge them and ``ack_ids``, in one script (``worker.status.StatusPublisher``)."""
+        acknowledge them and ``ack_ids``, in one script (``worker.status_script.StatusPublisher``)."""
         self.status.publish(answers, ack_ids, dead)
 
     @property

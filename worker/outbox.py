@@ -23,7 +23,8 @@ from worker.errors import StateDamagedError
 from worker.ledger import Ledger
 from worker.metrics import ServiceMetrics
 from worker.publisher import Publisher
-from worker.status import Answer, DeadLetter, answers_from_record
+from worker.status import Answer, answers_from_record
+from worker.status_script import DeadLetter
 
 log = logging.getLogger("certremove.worker")
 

@@ -1,7 +1,7 @@
 """Status publication off the drain's critical path (docs/design.md "Request life cycle").
 
 The last part of a batch's answer, the status script (status hashes, dead-letter copies and
-``XACK`` in one Redis call, :meth:`worker.status.StatusWriter.publish`) and what follows it (the
+``XACK`` in one Redis call, :meth:`worker.status_script.StatusPublisher.publish`) and what follows it (the
 failure counts cleared, the request metrics, the log lines), runs on one thread of its own, in
 batch order, while the drain goes on with the next batch: most of it is waiting for Redis, which
 runs on the other core, and the drain's next read, plan and Newton step overlap it.

@@ -5,7 +5,7 @@ entries of other consumers (``XPENDING ... IDLE`` per consumer, then ``XCLAIM``)
 delivery counts. :class:`Intake` is what this consumer holds: entries read and not yet answered,
 kept in memory across time slices, and where to read its pending list from; it reads the next
 batch's new entries ahead, in a thread, while a batch is served (:meth:`Intake.read_ahead`).
-Acknowledgement and the dead-letter stream are :mod:`worker.status`'s, in one script with the
+Acknowledgement and the dead-letter stream are :mod:`worker.status_script`'s, in one script with the
 status writes.
 """
 

@@ -19,7 +19,7 @@ from producer import Client, schema
 from producer.deadletters import list_dead_letters
 from tests.worker.test_service import build, drain_until_idle
 from worker.publisher import Publisher
-from worker.status import StatusPublisher
+from worker.status_script import StatusPublisher
 
 
 def test_publications_run_in_order_on_one_thread_and_a_failure_skips_the_rest() -> None:
