@@ -299,8 +299,9 @@ class Model(StoredModel):
         groups: Sequence[int] | None = None,
     ) -> RemovalResult | None:
         """Switch to a prepared epoch: one Newton step on it removes the rows removed since its
-        snapshot, or since its :meth:`catch_up` (the catch-up) and, in the same step, ``rows`` (requests in arrival order,
-        ``groups`` their sizes, as in :meth:`remove`); then version + 1.
+        snapshot, or since its :meth:`catch_up` (the catch-up) and, in the same step, ``rows``
+        (requests in arrival order, ``groups`` their sizes, as in :meth:`remove`); then
+        version + 1.
 
         Returns the :class:`RemovalResult` of ``rows`` on the new epoch (groups past its trigger
         or budget are ``pending``, as in :meth:`remove`), or None, with the model unchanged,

@@ -20,9 +20,9 @@ cost (:func:`choose_solver`):
 Either way the certificate is the same and trusts neither solver: two passes over the float64 X
 (``X [W_new, s]`` and ``X^T [...]``, each one product of ``2K`` columns in the layout measured
 fastest, :func:`core.products.thin_product`, or both per block of rows where that was measured
-faster, :func:`core.products.certificate_products`) at the weights as stored give ``grad L_0(W_new; D')``
-(the exact accounting) and ``H' s - Delta`` for the step actually applied, which the bound
-accounting charges. The float32 copy of X never enters it.
+faster, :func:`core.products.certificate_products`) at the weights as stored give
+``grad L_0(W_new; D')`` (the exact accounting) and ``H' s - Delta`` for the step actually
+applied, which the bound accounting charges. The float32 copy of X never enters it.
 """
 
 from __future__ import annotations

@@ -220,7 +220,7 @@ def auto_max_removals(
                 binary,
                 accounting,
                 pause,
-            ),  # fmt: skip
+            ),
         )
         if crossing == 0:
             break

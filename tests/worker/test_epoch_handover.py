@@ -97,13 +97,18 @@ def test_a_safety_net_firing_on_the_fits_catch_up_is_counted_and_retrains(
     outcome, ``Model.catch_up`` returns None), that epoch never takes over: the firing is
     counted on the drain's thread and the blocking retrain folds the rest; nothing is lost.
     When the catch-up fails with an error instead, the adoption does the whole catch-up."""
-    state = make_state(tmp_path / "s", max_removals=10)
-    client = Client(broker_url, model=model_name)
-    service, sent, _ = build(state, rclient, model_name, retrain_lead=0.5, max_batch=4)
+
+    def drain_twelve(name: str) -> tuple[Client, Any, Any, list[str], Any, int]:
+        """A service on a state of 10 removals per epoch, twelve requests, one drain."""
+        state = make_state(tmp_path / name, max_removals=10)
+        client = Client(broker_url, model=name)
+        service, sent, _ = build(state, rclient, name, retrain_lead=0.5, max_batch=4)
+        fired = service.model.safety_retrains
+        rids = client.enqueue_many([[i] for i in range(12)])
+        return client, service, sent, rids, service.drain(), fired
+
     monkeypatch.setattr(core.Model, "catch_up", lambda self, prepared: None)
-    fired = service.model.safety_retrains
-    rids = client.enqueue_many([[i] for i in range(12)])
-    report = service.drain()
+    client, service, sent, rids, report, fired = drain_twelve(model_name)
     assert report.adopted == 0 and report.retrain_requested
     assert service.model.safety_retrains == fired + 1
     assert sent.names().count(schema.TASK_RETRAIN) == 1
@@ -115,12 +120,8 @@ def test_a_safety_net_firing_on_the_fits_catch_up_is_counted_and_retrains(
     def broken(self: core.Model, prepared: Any) -> Any:
         raise RuntimeError("injected: the catch-up failed")
 
-    state = make_state(tmp_path / "s2", max_removals=10)
     monkeypatch.setattr(core.Model, "catch_up", broken)
-    client = Client(broker_url, model=model_name + "b")
-    service, sent, _ = build(state, rclient, model_name + "b", retrain_lead=0.5, max_batch=4)
-    rids = client.enqueue_many([[i] for i in range(12)])
-    report = service.drain()
+    client, service, sent, rids, report, _ = drain_twelve(model_name + "b")
     assert report.adopted >= 1 and not report.retrain_requested
     assert {s["method"] for s in client.statuses(rids).values()} == {"newton"}
     service.close()
