@@ -5,7 +5,8 @@
 #
 # 1. benchmarks/loadtest.py on the MNIST shape (raw Redis baseline, burst, steady) with the
 #    worker on CUDA (CERTREMOVE_DEVICE=cuda; the state is trained on the CPU, as loadtest.py does);
-# 2. benchmarks/removal.py --device cuda (parts A, B, C).
+# 2. benchmarks/removal.py --device cuda (parts A, B, C; in A also the host synchronisations of
+#    a lone removal, and a 1,000-row direct step with a float32 and a bfloat16 Hessian).
 #
 # The machine's python3 must have torch, numpy, scipy, scikit-learn, safetensors,
 # prometheus-client, typer, rich, click, python-dateutil and psutil. What it lacks comes from
@@ -155,9 +156,10 @@ if settings.device == "cuda" and model.device.type != "cuda":
 EOF
 
     # --- 2b. the CUDA tests (core on the GPU, a background retrain in a thread on the GPU)
-    phase "pytest -m cuda (limit 90s)"
+    phase "pytest -m cuda (limit 90s; the bfloat16 Hessian, the step's synchronisations)"
     timeout -s INT -k 10 90 python3 -m pytest -q -m cuda -p no:cacheprovider \
-        tests/core/test_removal.py tests/core/test_background_retrain.py
+        tests/core/test_removal.py tests/core/test_background_retrain.py \
+        tests/core/test_bfloat16_hessian.py
     echo "pytest exit status $?"
 
     # --- 3. the service load test, worker on CUDA

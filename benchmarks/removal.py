@@ -2,6 +2,7 @@
 the three accountings, all measured in one run on the same data.
 
     python benchmarks/removal.py [--json] [--output FILE] [--device cuda] [--quick] [--threads N]
+        [--bf16]
 
 Part A (synthetic MNIST-shaped data, n = 11,982, d = 784, binary, lam = 1e-3, sigma = 10):
 seconds per removal of the reference algorithm (facebookresearch/certified-removal, re-implemented:
@@ -10,7 +11,9 @@ iterations), ours at batch sizes 1, 10, 100, 1000 (amortised per removed row; me
 repeats) under both accountings (one model each; the solver is chosen per step, CG iterations
 shown), the direct solver alone at batch 1 and 100, training from scratch (ours; and 100 L-BFGS
 steps as the reference trains) and a warm retrain with fresh noise (with the cached factor, and
-with a Hessian per Newton iteration as before).
+with a Hessian per Newton iteration as before). On CUDA (or with ``--bf16``) also one direct step
+of 1,000 rows with a float32 and a bfloat16 Hessian side by side, and the host synchronisations
+CUDA reports in one lone removal.
 
 Part B (digits, one-vs-rest, lam = 1e-2, sigma = 1, epsilon = 1, delta = 1e-4, random order,
 one request at a time, max_removals=None): certified removals before the budget under the
@@ -39,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import core  # noqa: E402
 from core.newton import gradient_tolerance, newton_fit  # noqa: E402
-from core.removal import SolveOptions  # noqa: E402
+from core.removal import SolveOptions, newton_step  # noqa: E402
+from core.rowview import view_of  # noqa: E402
 
 REF_GAMMA = 0.25
 
@@ -143,7 +147,50 @@ def _timed_removals(model, order: list[int], start: int, device, quick: bool):
     return per_removal, iterations, start, refused
 
 
-def part_a(device: torch.device, quick: bool) -> dict:
+def _cuda_syncs(model, rows: list[int], device: torch.device) -> int | None:
+    """Host synchronisations CUDA reports in ``model.remove(rows)`` (its sync debug mode, one
+    warning per synchronising call); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            assert model.remove(rows).applied
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def _hessian_dtypes(model, device: torch.device) -> dict:
+    """One direct step of 1,000 rows on the model's epoch (computed, not committed) with a
+    float32 and a bfloat16 Hessian, side by side (alternating, three each): seconds per step
+    and the certified ``||H's - Delta|| / ||Delta||`` (the bfloat16 factor is refined by
+    float64 CG to the solver's tolerance; the float32 one by one refinement step)."""
+    e = model._epoch
+    p, alive_p = view_of(model._problem, e.view, e.alive)
+    alive_rows = torch.nonzero(e.alive.cpu()).flatten()[:1000]
+    local = alive_rows if e.view is None else e.view.rows(alive_rows)
+    rows_t = local.to(device)
+    out: dict = {name: {"seconds": [], "residual_ratio": []} for name in ("float32", "bfloat16")}
+    for i in range(6):
+        name = ("float32", "bfloat16")[i % 2]
+        options = SolveOptions("direct", hessian=name)
+        sync(device)
+        t1 = time.perf_counter()
+        step = newton_step(
+            p, alive_p, e.W, rows_t, e.acct.anchor_grad, e.Z, cache=e.solver, options=options
+        )
+        sync(device)
+        out[name]["seconds"].append(time.perf_counter() - t1)
+        out[name]["residual_ratio"].append(None if step is None else step.residual_ratio)
+    return out
+
+
+def part_a(device: torch.device, quick: bool, bf16: bool = False) -> dict:
     ds = core.load_dataset("synthetic:n=11982,d=784,classes=2,seed=0")
     X, y = ds.X_train, ds.y_train
     lam, sigma = 1e-3, 10.0
@@ -165,7 +212,8 @@ def part_a(device: torch.device, quick: bool) -> dict:
             X.double(), y_pm, model.weights.cpu(), lam, device, reps
         )
         model.remove(order[:1])  # warm-up (first-call allocations, as a running service has)
-        per_removal, its, _, refused = _timed_removals(model, order, 1, device, quick)
+        syncs = _cuda_syncs(model, order[1:2], device)
+        per_removal, its, _, refused = _timed_removals(model, order, 2, device, quick)
         models[accounting] = model
         out["accountings"][accounting] = {
             "ours_seconds_per_removal": {str(k): v for k, v in per_removal.items()},
@@ -176,6 +224,8 @@ def part_a(device: torch.device, quick: bool) -> dict:
             "bound_used_after": model.bound_used,
             # batches the safety net refused (timed again after a retrain with fresh noise)
             "budget_refusals": refused,
+            # CUDA only: host synchronisations in one lone removal (model.remove of one row)
+            "cuda_syncs_lone_removal": syncs,
         }
     ref_times += reference_removal_times(
         X.double(), y_pm, models["exact"].weights.cpu(), lam, device, reps
@@ -200,6 +250,8 @@ def part_a(device: torch.device, quick: bool) -> dict:
         direct[str(m)] = float(np.median(times)) / m
     model.solve_options = SolveOptions()
     out["direct_solver_seconds_per_removal"] = direct
+    if device.type == "cuda" or bf16:
+        out["hessian_dtypes"] = _hessian_dtypes(model, device)
     # retrains: warm (fresh noise, from the current weights) with the cached factor, as
     # model.retrain runs it; the same fit with a Hessian and Cholesky factorisation every Newton
     # iteration (cg_max_iter=0, the previous solver); the reference's 100 L-BFGS steps (cold)
@@ -359,6 +411,11 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")
     parser.add_argument("--draws", type=int, default=20)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="also time the bfloat16 Hessian against float32 off CUDA (always on CUDA)",
+    )
     parser.add_argument("--output", help="also write the JSON object to this file")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -371,7 +428,7 @@ def main() -> int:
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
-    out["speed"] = part_a(device, args.quick)
+    out["speed"] = part_a(device, args.quick, args.bf16)
     out["capacity"] = part_b(device)
     out["auto"] = part_c(
         device, 3 if args.quick else args.draws, out["capacity"]["reference_accounting_removals"]
@@ -396,6 +453,11 @@ def main() -> int:
             print(
                 f"  ours ({acc:5}), batch {k:>4}  {v:.5f}  ({ref / v:7.1f}x faster; CG iterations {its})"
             )
+        if a_.get("cuda_syncs_lone_removal") is not None:
+            print(
+                f"  ({acc}: {a_['cuda_syncs_lone_removal']} host synchronisations reported by "
+                "CUDA in one lone removal)"
+            )
         if a_.get("budget_refusals"):
             print(
                 f"  ({acc}: the safety net refused {a_['budget_refusals']} batch(es) for this "
@@ -403,6 +465,13 @@ def main() -> int:
             )
     for k, v in s["direct_solver_seconds_per_removal"].items():
         print(f"  direct solver only, batch {k:>4} {v:.5f}  ({ref / v:7.1f}x faster)")
+    for name, h in s.get("hessian_dtypes", {}).items():
+        ratios = [r for r in h["residual_ratio"] if r is not None]
+        print(
+            f"  direct step of 1000 rows, {name} Hessian: "
+            + ", ".join(f"{t * 1000:.1f}" for t in h["seconds"])
+            + f" ms; ||H's - Delta|| / ||Delta|| <= {max(ratios, default=float('nan')):.1e}"
+        )
     pcg, chol = s["warm_fit_pcg"], s["warm_fit_cholesky"]
     print(
         f"  training from scratch: ours {s['ours_train_seconds']:.2f} s; reference (100 L-BFGS) "

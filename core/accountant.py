@@ -37,15 +37,15 @@ class Accountant:
     #: ``||grad L_0(W; D') - g_a||_F`` after the last committed step, and its rounding margin
     distance: float = 0.0
     margin: float = 0.0
-    #: (K,) the summed a-priori increments per class
+    #: (K,) the summed a-priori increments per class (float64, CPU)
     beta: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.accounting not in ACCOUNTINGS:
             raise ValueError(f"accounting must be one of {ACCOUNTINGS}, got {self.accounting!r}")
         if self.beta is None:
-            g = self.anchor_grad
-            beta = torch.zeros(g.shape[1], dtype=torch.float64, device=g.device)
+            # on the CPU, like the steps' increments: the accounting never waits for a device
+            beta = torch.zeros(self.anchor_grad.shape[1], dtype=torch.float64)
             object.__setattr__(self, "beta", beta)
 
     @property

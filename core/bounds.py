@@ -16,12 +16,17 @@ training matrix instead of 20 power iterations (which under-estimate); the linea
 from __future__ import annotations
 
 import math
+from typing import TypeVar
 
 import torch
 
 from core.loss import GAMMA
 
 UNIT_ROUNDOFF = 2.0**-53
+
+#: a float, or a 0-d float64 tensor left on the device (a removal step's certificate reads the
+#: device once, at its end)
+Scalar = TypeVar("Scalar", float, torch.Tensor)
 
 
 def spectral_norm_upper(X: torch.Tensor) -> float:
@@ -56,15 +61,16 @@ def remainder_bound(
 def rounding_margin(
     n: int,
     d: int,
-    abs_grad_terms: float,
+    abs_grad_terms: Scalar,
     lam: float,
-    n_reg: float,
-    w_norm: float,
-    anchor_norm: float,
-) -> float:
+    n_reg: Scalar,
+    w_norm: Scalar,
+    anchor_norm: Scalar,
+) -> Scalar:
     """Summation margin ``(n + d) u (sum |l'_i| ||x_i|| + lam n ||w|| + ||g_a||)`` of a float64
     gradient: it makes a computed residual norm a rigorous upper bound (docs/theory.md, "Float32
-    Hessians, float64 certificates")."""
+    Hessians, float64 certificates"). Floats give a float, 0-d tensors a tensor (no device
+    read)."""
     return (n + d) * UNIT_ROUNDOFF * (abs_grad_terms + lam * n_reg * w_norm + anchor_norm)
 
 
@@ -76,6 +82,13 @@ def product_error(d: int) -> float:
 
 
 def margins_rounding(d: int, weighted_sq_norms: torch.Tensor, V: torch.Tensor) -> float:
+    """:func:`margins_rounding_tensor` as a float."""
+    return float(margins_rounding_tensor(d, weighted_sq_norms, V))
+
+
+def margins_rounding_tensor(
+    d: int, weighted_sq_norms: torch.Tensor, V: torch.Tensor
+) -> torch.Tensor:
     """Rounding of the products ``z_ik = x_i . v_k`` carried into a gradient-like sum
     ``sum_i C_ik f(z_ik) x_i`` through an ``f`` with Lipschitz constant at most 1/4 (``l'`` of the
     logistic loss, and ``l''`` with its smaller constant ``1/(6 sqrt 3)``):
@@ -85,4 +98,4 @@ def margins_rounding(d: int, weighted_sq_norms: torch.Tensor, V: torch.Tensor) -
     ``weighted_sq_norms`` (K,): ``sum_i C_ik ||x_i||^2`` (or another weight per row, e.g. times
     ``|x_i . s_k|`` for the curvature's rounding); V (d, K)."""
     norms = torch.linalg.vector_norm(V, dim=0)
-    return product_error(d) / 4 * float((weighted_sq_norms * norms).sum())
+    return product_error(d) / 4 * (weighted_sq_norms * norms).sum()

@@ -228,12 +228,13 @@ def commit_prefix(
         rows = list(itertools.chain.from_iterable(group_rows[:count]))
         if not rows:
             return count, epoch, 0.0, fired if count < len(group_rows) else None
-        rows_t = torch.as_tensor(rows, dtype=torch.long, device=epoch.W.device)
+        rows_cpu = torch.as_tensor(rows, dtype=torch.long)
+        rows_t = rows_cpu.to(epoch.W.device)
         step = newton_step(
             p,
             alive_p,
             epoch.W,
-            rows_t if view is None else view.rows(rows_t),
+            rows_t if view is None else view.rows(rows_cpu).to(epoch.W.device),
             epoch.acct.anchor_grad,
             epoch.Z,
             cache=epoch.solver,

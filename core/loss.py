@@ -130,11 +130,15 @@ def batched_gram(device: torch.device) -> bool:
 def weighted_gram(
     X: torch.Tensor,
     weights: torch.Tensor,
-    ridge: float,
+    ridge: float | torch.Tensor,
     dtype: torch.dtype | None = None,
     X32: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``X^T diag(weights_k) X + ridge I`` for each column k of ``weights`` (n, K) -> (K, d, d).
+
+    ``dtype`` bfloat16 (the removal step's ``hessian="bfloat16"``): products of bfloat16
+    copies of the blocks (from ``X32``), summed in float32, and H in float32; a preconditioner,
+    whose step the removal refines to its tolerance in float64.
 
     ``X32``: a float32 copy of X (the problem's, :attr:`core.problem.Problem.X32`), read instead
     of converting every block of X at every call when ``dtype`` is float32 (half the bytes, and
@@ -144,10 +148,11 @@ def weighted_gram(
     the K classes in one batched product (:data:`GRAM_BATCH_ELEMENTS` bounds its weighted copy).
     """
     dtype = dtype or X.dtype
-    source = X32 if X32 is not None and dtype == torch.float32 else X
+    low = dtype == torch.bfloat16  # bfloat16 products, float32 sums: H is float32
+    source = X32 if X32 is not None and dtype in (torch.float32, torch.bfloat16) else X
     n, d = X.shape
     k = weights.shape[1]
-    H = torch.zeros((k, d, d), dtype=dtype, device=X.device)
+    H = torch.zeros((k, d, d), dtype=torch.float32 if low else dtype, device=X.device)
     batched = k > 1 and batched_gram(X.device)
     block = max(1, min(GRAM_BLOCK, GRAM_BATCH_ELEMENTS // (k * d))) if batched else GRAM_BLOCK
     for start in range(0, n, block):
@@ -155,12 +160,27 @@ def weighted_gram(
         wb = weights[start : start + block].to(dtype)
         if batched:
             # (K, d, b) @ (K, b, d): the K weighted Grams of the block in one product
-            H.baddbmm_(Xb.T.expand(k, d, Xb.shape[0]), Xb[None] * wb.T[:, :, None])
+            A, B = Xb.T.expand(k, d, Xb.shape[0]), Xb[None] * wb.T[:, :, None]
+            if low:
+                H += _bmm_float32(A, B)
+            else:
+                H.baddbmm_(A, B)
             continue
         for j in range(k):
-            H[j].addmm_(Xb.T, Xb * wb[:, j : j + 1])
+            if low:
+                H[j] += _bmm_float32(Xb.T[None], (Xb * wb[:, j : j + 1])[None])[0]
+            else:
+                H[j].addmm_(Xb.T, Xb * wb[:, j : j + 1])
     H.diagonal(dim1=1, dim2=2).add_(ridge)
     return H
+
+
+def _bmm_float32(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``A @ B`` of bfloat16 batches as float32: on CUDA the product's float32 sums are kept
+    (``out_dtype``); elsewhere (tests on the CPU) the bfloat16 result is widened."""
+    if A.device.type == "cuda":
+        return torch.bmm(A, B, out_dtype=torch.float32)
+    return torch.bmm(A, B).to(torch.float32)
 
 
 def hessian_vector_product(

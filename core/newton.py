@@ -219,7 +219,8 @@ def pcg(
     (columns), preconditioner ``(L_k L_k^T)^-1``; the Polak-Ribiere ``beta`` (flexible CG)
     tolerates a preconditioner applied in rounding. Stops when every column's recurrence
     residual is ``<= tol ||rhs_k||``. Returns ``(s, iterations, converged)``; ``s`` None on a
-    breakdown (a non-positive or non-finite curvature ``p.Hp``)."""
+    breakdown (a non-positive or non-finite curvature ``p.Hp``). One read of the device per
+    iteration (its tests), and one before the first."""
     S = torch.zeros_like(rhs)
     R = rhs.clone()
     target = tol * torch.linalg.vector_norm(rhs, dim=0)
@@ -232,13 +233,16 @@ def pcg(
     for it in range(1, max_iter + 1):
         HP = matvec(P)
         pHp = (P * HP).sum(0)
-        if not bool(torch.isfinite(pHp).all()) or bool((pHp[active] <= 0).any()):
-            return None, it, False
+        broken = ~torch.isfinite(pHp).all() | (active & (pHp <= 0)).any()
         alpha = torch.where(active, rz / torch.where(active, pHp, 1.0), 0.0)
         S = S + alpha * P
         R_new = R - alpha * HP
         active = active & (torch.linalg.vector_norm(R_new, dim=0) > target)
-        if not bool(active.any()):
+        # the iteration's one read of the device: breakdown, and whether any column goes on
+        broken_now, going = torch.stack((broken, active.any())).tolist()
+        if broken_now:
+            return None, it, False
+        if not going:
             return S, it, True
         Z_new = solve_factored(factor, R_new)
         beta = torch.where(active, (Z_new * (R_new - R)).sum(0) / rz, 0.0)

@@ -33,14 +33,20 @@ from dataclasses import dataclass
 
 import torch
 
-from core.bounds import margins_rounding, product_error, remainder_bound, rounding_margin
-from core.errors import NumericalError
-from core.loss import cholesky_factor, frobenius, margins, solve_factored, weighted_gram
+from core.bounds import (
+    margins_rounding_tensor,
+    product_error,
+    remainder_bound,
+    rounding_margin,
+)
+from core.loss import margins, solve_factored, weighted_gram
 from core.newton import pcg
 from core.problem import Problem
 from core.products import certificate_products, f32_product_cost, gram_cost, hvp
 
 SOLVERS = ("auto", "direct", "iterative")
+#: the direct solver's Hessian dtypes (:attr:`SolveOptions.hessian`)
+HESSIANS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 #: curvatures ``C l''(z)`` below this are 0 in CG's float32 operator: ``l''(z) ~ e^-|z|`` would be
 #: a float32 subnormal from ``|z| > 87`` (slow arithmetic on x86); such rows weigh nothing next
 #: to the ridge, and the float64 certificate charges whatever the operator leaves out
@@ -64,7 +70,12 @@ class SolveOptions:
     makes the next step refactor. ``fallback``: redo with the direct solver a step whose CG did
     not converge or whose certified residual exceeds ``max(100 cg_tol, 1e-9) ||Delta_k||``
     (False keeps the unconverged iterate; its solve residual is charged like any other, for
-    tests).
+    tests). ``hessian``: the direct solver's Hessian, ``"float32"`` (one float64 refinement
+    step) or ``"bfloat16"`` (products of bfloat16 copies summed in float32, for large batches
+    on a GPU; its factor preconditions CG with float64 Hessian-vector products down to
+    ``cg_tol``, which makes it float64 iterative refinement; a solve that does not get there
+    is done again in float32, then float64). The certificate charges whatever residual any of
+    them leaves.
     """
 
     solver: str = "auto"
@@ -72,10 +83,13 @@ class SolveOptions:
     cg_max_iter: int = 25
     refactor_iterations: int = 5
     fallback: bool = True
+    hessian: str = "float32"
 
     def __post_init__(self) -> None:
         if self.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
+        if self.hessian not in HESSIANS:
+            raise ValueError(f"hessian must be one of {tuple(HESSIANS)}, got {self.hessian!r}")
         if not (self.cg_tol > 0 and self.cg_max_iter >= 1 and self.refactor_iterations >= 1):
             raise ValueError("cg_tol must be > 0, cg_max_iter and refactor_iterations >= 1")
 
@@ -109,7 +123,8 @@ class Step:
 
     ``anchor_distance`` is ``||grad L_0(W_new; D') - g_a||_F`` and ``margin`` its rounding margin;
     ``increments`` (K,) are the a-priori bound increments per class (margin included), of which
-    ``solve_residual`` (K,) is ``||H' s - Delta||`` per class; ``Z`` the margins at ``W`` (reused
+    ``solve_residual`` (K,) is ``||H' s - Delta||`` per class (both float64 on the CPU, read
+    back with the rest of the certificate); ``Z`` the margins at ``W`` (reused
     by the next step); ``method`` the solver used (``"direct"`` or ``"iterative"``),
     ``iterations`` its CG iterations and ``cache`` the solver cache after the step.
     """
@@ -121,6 +136,8 @@ class Step:
     margin: float
     increments: torch.Tensor
     solve_residual: torch.Tensor | None = None
+    #: ``max_k ||H' s_k - Delta_k|| / ||Delta_k||``: how well the step solved its system
+    residual_ratio: float = 0.0
     method: str = "direct"
     iterations: int = 0
     cache: SolverCache | None = None
@@ -172,6 +189,11 @@ def newton_step(
     :func:`choose_solver`);
     certify in float64 at the weights as stored: s := W_new - W, H's recomputed from the data.
     ``Z`` are the margins ``Y * (X W)`` if the caller has them.
+
+    Host reads: the direct path reads the device once, at the end of its certificate (every
+    scalar of the step, and whether the Cholesky factorisation succeeded, in one transfer); CG
+    once per iteration (its stopping test), then once for the certificate. Nothing else waits
+    for the device (on a GPU the step is queued kernels).
     """
     X, Y, lam = problem.X, problem.Y, problem.lam
     if Z is None:
@@ -180,7 +202,7 @@ def newton_step(
     alive_after[rows] = False
     C = problem.weights(alive_after)
     m = rows.numel()
-    n_after = float(alive.sum()) - m
+    n_after = alive_after.sum(dtype=X.dtype)  # on the device: no read
     sig_neg = torch.sigmoid(-Z)
     curvature = C * (torch.sigmoid(Z) * sig_neg)  # C_i l''(z_i) on the remaining rows
     delta_grad = X[rows].T @ (problem.omega[rows] * -sig_neg[rows] * Y[rows]) + (lam * m) * W
@@ -189,13 +211,15 @@ def newton_step(
     # sum C |l'| ||x|| (the summation margin of Delta's own sum)
     removed_norms = problem.row_norms[rows]
     removed_sq = problem.row_norms_sq[rows] @ problem.omega[rows]
-    removed_abs = float(removed_norms @ (problem.omega[rows] * sig_neg[rows]).sum(1))
+    removed_abs = (removed_norms @ (problem.omega[rows] * sig_neg[rows])).sum()
 
-    def certify(S: torch.Tensor, method: str, its: int, new_cache: SolverCache) -> Step | None:
+    def certify(
+        S: torch.Tensor, method: str, its: int, new_cache: SolverCache, ok: torch.Tensor | None
+    ) -> Step | None:
         return _certify(
             problem, W, S, C, curvature, delta_grad, n_after, anchor_grad, alive_after,
             method=method, iterations=its, cache=new_cache, removed_sq=removed_sq,
-            removed_abs=removed_abs,
+            removed_abs=removed_abs, ok=ok,
         )  # fmt: skip
 
     if choose_solver(problem, m, cache, options) == "iterative":
@@ -212,17 +236,21 @@ def newton_step(
         if S is not None and (converged or not options.fallback):
             refactor = not converged or its > options.refactor_iterations
             new_cache = dataclasses.replace(cache, iterations=its, refactor=refactor)
-            step = certify(S, "iterative", its, new_cache)
-            if step is not None and (not options.fallback or _solved(step, delta_grad, options)):
+            step = certify(S, "iterative", its, new_cache, None)
+            if step is not None and (not options.fallback or _solved(step, options)):
                 return step
         # CG failed (no convergence, breakdown, or a true residual far above its recurrence):
         # this step falls back to the direct solver, which refactors.
 
-    solved = _solve(problem, curvature, n_after, delta_grad)
-    if solved is None:
-        return None
-    S, factor = solved
-    return certify(S, "direct", 0, SolverCache(factor.to(torch.float64)))
+    # The fast dtype first; a failed factorisation or a non-finite step (known at the
+    # certificate's one read) is solved again in float32 (after bfloat16), then float64.
+    first = problem.hess_dtype if options.hessian == "float32" else HESSIANS[options.hessian]
+    for dtype in dict.fromkeys((first, problem.hess_dtype, torch.float64)):
+        S, factor, ok = _solve(problem, curvature, ridge, delta_grad, dtype, options)
+        step = certify(S, "direct", 0, SolverCache(factor.to(torch.float64)), ok)
+        if step is not None:
+            return step
+    return None
 
 
 def _certify(
@@ -232,7 +260,7 @@ def _certify(
     C: torch.Tensor,
     curvature: torch.Tensor,
     delta_grad: torch.Tensor,
-    n_after: float,
+    n_after: torch.Tensor,
     anchor_grad: torch.Tensor,
     alive_after: torch.Tensor,
     *,
@@ -240,13 +268,17 @@ def _certify(
     iterations: int,
     cache: SolverCache | None,
     removed_sq: torch.Tensor,
-    removed_abs: float,
+    removed_abs: torch.Tensor,
+    ok: torch.Tensor | None = None,
 ) -> Step | None:
-    """The float64 certificate of the step ``S`` (any solver): None if ``W + S`` is not finite."""
+    """The float64 certificate of the step ``S`` (any solver): None if ``W + S`` is not finite
+    or ``ok`` (a 0-d bool on the device: the solve succeeded) is false.
+
+    Every scalar stays on the device until one transfer at the end (a GPU queues the whole
+    certificate without waiting); the step's increments and solve residuals come back as
+    float64 CPU tensors, which the accounting sums on the CPU."""
     X, Y, lam = problem.X, problem.Y, problem.lam
     W_new = W + S
-    if not bool(torch.isfinite(W_new).all()):
-        return None
     S = W_new - W  # the step actually applied, after rounding
 
     # Certificate, float64, two passes over X (or one, by blocks: core.products): margins at
@@ -270,92 +302,105 @@ def _certify(
     # sum_i |term_ik| ||x_i|| per column, for the summation margins (C, l'' >= 0 and |y| = 1, so
     # |C l' y| = C |l'| and |C l'' x.s| = C l'' |x.s|)
     abs_terms = terms.abs() @ problem.row_norms
+    norm = torch.linalg.vector_norm
+    n, d = X.shape
     margin = rounding_margin(
-        X.shape[0],
-        X.shape[1],
-        float(abs_terms[:k].sum()),
-        lam,
-        n_after,
-        frobenius(W_new),
-        frobenius(anchor_grad),
+        n, d, abs_terms[:k].sum(), lam, n_after, norm(W_new), norm(anchor_grad)
     )
     # Rounding of H's - Delta itself (bound accounting): the same form of summation margin.
     hs_margin = rounding_margin(
-        X.shape[0],
-        X.shape[1],
-        float(abs_terms[k:].sum()) + removed_abs,
-        lam,
-        n_after,
-        frobenius(S),
-        frobenius(delta_grad),
+        n, d, abs_terms[k:].sum() + removed_abs, lam, n_after, norm(S), norm(delta_grad)
     )
     # Rounding of the products x.w and x.s that feed those sums (docs/theory.md "Float32
     # Hessians, float64 certificates"): the margins at W_new (the gradient), X s (H's), the old
     # margins Z behind l'' (H) and l' of the removed rows (Delta, over the rows alive before).
-    d = X.shape[1]
     sq = problem.row_norms_sq
     XS_abs = XS.abs()
     alive_sq = sq @ C  # (K,) sum_i C_ik ||x_i||^2 over the remaining rows
     before_sq = alive_sq + removed_sq
-    margin += margins_rounding(d, alive_sq, W_new)
-    hs_margin += (
-        margins_rounding(d, alive_sq, S)
-        + margins_rounding(d, before_sq, W)
-        + margins_rounding(d, sq @ (C * XS_abs), W)
+    margin = margin + margins_rounding_tensor(d, alive_sq, W_new)
+    hs_margin = (
+        hs_margin
+        + margins_rounding_tensor(d, alive_sq, S)
+        + margins_rounding_tensor(d, before_sq, W)
+        + margins_rounding_tensor(d, sq @ (C * XS_abs), W)
     )
     # |x.s| computed: the remainder bound takes an upper bound of the exact one
-    s_norms = torch.linalg.vector_norm(S, dim=0)
+    s_norms = norm(S, dim=0)
     XS_upper = XS_abs + product_error(d) * problem.row_norms[:, None] * s_norms
-    residual_norms = torch.linalg.vector_norm(solve_residual, dim=0)
+    residual_norms = norm(solve_residual, dim=0)
     increments = (
         residual_norms
         + remainder_bound(XS_upper, C, problem.row_norms, problem.x_norm2)
         + margin
         + hs_margin
     )
+    good = torch.isfinite(W_new).all()
+    if ok is not None:
+        good = good & ok
+    head = torch.stack((good.to(X.dtype), norm(grad_new - anchor_grad), margin))
+    # the step's one read of the device
+    values = torch.cat((head, increments, residual_norms, norm(delta_grad, dim=0))).tolist()
+    if values[0] != 1.0:
+        return None
     return Step(
         W=W_new,
         Z=Z_new,
         alive=alive_after,
-        anchor_distance=frobenius(grad_new - anchor_grad),
-        margin=margin,
-        increments=increments,
-        solve_residual=residual_norms,
+        anchor_distance=values[1],
+        margin=values[2],
+        increments=torch.tensor(values[3 : 3 + k], dtype=torch.float64),
+        solve_residual=torch.tensor(values[3 + k : 3 + 2 * k], dtype=torch.float64),
+        residual_ratio=max(map(_ratio, values[3 + k : 3 + 2 * k], values[3 + 2 * k :])),
         method=method,
         iterations=iterations,
         cache=cache,
     )
 
 
-def _solved(step: Step, delta_grad: torch.Tensor, options: SolveOptions) -> bool:
+def _solved(step: Step, options: SolveOptions) -> bool:
     """Whether the certified (true, float64) solve residual of an iterative step is within 100x
     CG's tolerance (at least 1e-9 relative: the recurrence residual can drift from the true one);
     else the step is redone with the direct solver."""
-    assert step.solve_residual is not None
-    scale = max(100 * options.cg_tol, 1e-9)
-    target = scale * torch.linalg.vector_norm(delta_grad, dim=0)
-    return bool((step.solve_residual <= target).all())
+    return step.residual_ratio <= max(100 * options.cg_tol, 1e-9)
+
+
+def _ratio(residual: float, rhs: float) -> float:
+    """``residual / rhs``; 0 for an exact solve of a zero right-hand side, inf for an inexact
+    one."""
+    if rhs > 0:
+        return residual / rhs
+    return 0.0 if residual == 0 else math.inf
 
 
 def _solve(
-    problem: Problem, curvature: torch.Tensor, n_after: float, rhs: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Cholesky solve in the fast dtype, one float64 refinement step, float64 retry on failure.
-    Returns the step and the Cholesky factors used."""
-    X, lam = problem.X, problem.lam
-    ridge = lam * n_after
-    for dtype in dict.fromkeys((problem.hess_dtype, torch.float64)):
-        try:
-            H = weighted_gram(X, curvature, ridge, dtype=dtype, X32=problem.X32)
-            L = cholesky_factor(H, lam)
-            S = solve_factored(L, rhs)
-            if dtype != torch.float64:
-                # Iterative refinement: the float64 residual of the float32 solve, solved again
-                # with the same factor.
-                resid = rhs - hvp(X, curvature, S, ridge)
-                S = S + solve_factored(L, resid)
-        except NumericalError:
-            continue
-        if bool(torch.isfinite(S).all()):
-            return S, L
-    return None
+    problem: Problem,
+    curvature: torch.Tensor,
+    ridge: torch.Tensor,
+    rhs: torch.Tensor,
+    dtype: torch.dtype,
+    options: SolveOptions = DEFAULT_SOLVE,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cholesky solve with the Hessian in ``dtype`` and, below float64, float64 refinement:
+    one step after a float32 Hessian; after a bfloat16 one, CG on the float64 Hessian-vector
+    products preconditioned by the factor, to ``options.cg_tol`` (a bfloat16 Hessian is about
+    4e-3 relative off; a fixed number of plain refinement steps need not converge when the
+    Hessian is ill-conditioned, CG does). Returns the step, the Cholesky factors used and
+    whether the solve succeeded (a 0-d bool left on the device where no CG ran: the certificate
+    reads it with everything else)."""
+    X = problem.X
+    H = weighted_gram(X, curvature, ridge, dtype=dtype, X32=problem.X32)
+    L, info = torch.linalg.cholesky_ex(H)
+    if dtype == torch.bfloat16:
+        S, _, converged = pcg(
+            lambda V: hvp(X, curvature, V, ridge), L, rhs, options.cg_tol, options.cg_max_iter
+        )
+        good = (info == 0).all() & converged
+        return (torch.zeros_like(rhs) if S is None else S), L, good & (S is not None)
+    S = solve_factored(L, rhs)
+    if dtype != torch.float64:
+        # Iterative refinement: the float64 residual of the float32 solve, solved again with
+        # the same factor.
+        resid = rhs - hvp(X, curvature, S, ridge)
+        S = S + solve_factored(L, resid)
+    return S, L, (info == 0).all()

@@ -31,7 +31,8 @@ MIN_SAVING = 0.1
 class RowView:
     """Rows ``index`` (ascending global rows) of a problem as a problem of their own.
 
-    ``local`` (n,) maps a global row to its position in ``index`` (-1 outside)."""
+    ``local`` (n,) maps a global row to its position in ``index`` (-1 outside); it lives on
+    the CPU, where a step's rows are checked and mapped before they go to the device."""
 
     index: torch.Tensor
     local: torch.Tensor
@@ -42,7 +43,7 @@ class RowView:
         return alive[self.index]
 
     def rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """Global rows (all inside the view) as the view's rows.
+        """Global rows (all inside the view; a CPU tensor) as the view's rows (on the CPU).
 
         Raises:
             RuntimeError: a row outside the view (an epoch never serves a row that was removed
@@ -64,8 +65,8 @@ def row_view(
     if m == 0 or m > (1.0 - min_saving) * n:
         return None
     index = torch.nonzero(alive).flatten()
-    local = torch.full((n,), -1, dtype=torch.long, device=alive.device)
-    local[index] = torch.arange(m, dtype=torch.long, device=alive.device)
+    local = torch.full((n,), -1, dtype=torch.long)
+    local[index.cpu()] = torch.arange(m, dtype=torch.long)
     return RowView(index=index, local=local, problem=restrict(problem, index))
 
 

@@ -237,7 +237,7 @@ def _shadow_crossing(  # type: ignore[no-untyped-def]
     coarse = True
     while True:
         state, W, Z, done = alive.clone(), fit.W, None, 0
-        beta = torch.zeros(fit.W.shape[1], dtype=torch.float64, device=fit.W.device)
+        beta = torch.zeros(fit.W.shape[1], dtype=torch.float64)  # CPU, like step.increments
         while done < cap:
             rows = order[done : min(cap, done + chunk)].to(problem.X.device)
             started = time.perf_counter()

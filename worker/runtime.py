@@ -11,6 +11,7 @@ a latency spike of up to several hundred ms for the first requests.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import gc
 import importlib.metadata
@@ -81,6 +82,8 @@ def load_model(
         raise StateDamagedError(str(exc)) from exc
     if check_ledger:
         verify_against_ledger(model, state_dir, None if ledger is None else ledger.removed_ids)
+    if settings.hessian != model.solve_options.hessian:
+        model.solve_options = dataclasses.replace(model.solve_options, hessian=settings.hessian)
     return model
 
 

@@ -71,6 +71,10 @@ class Settings:
             and after losing it, before the worker exits with status 4.
         torch_threads: CPU threads for torch; 0 picks one less than the CPUs (at least 1), so
             Redis, Celery and producers on the same machine do not stall its parallel regions.
+        hessian: the Hessian of a removal step's direct solve, ``float32`` (the default) or
+            ``bfloat16`` (bfloat16 products summed in float32, then float64 refinement by CG:
+            for large batches on a GPU; ``core.removal.SolveOptions``). The certificate
+            charges whatever residual the solve leaves, so both are sound.
         data_dir: the source images of a DP-extractor model (``--data-dir`` of
             ``certremove extractor``), needed for a full-pipeline retrain.
         pipeline_retrain: when the extractor's group privacy is spent, retrain extractor,
@@ -112,6 +116,7 @@ class Settings:
     redis_timeout: float | None = None
     log_format: str = "text"
     torch_threads: int = 0
+    hessian: str = "float32"
     data_dir: Path | None = None
     pipeline_retrain: bool = True
     retrain_lead: float = 0.2
@@ -132,6 +137,10 @@ class Settings:
             raise SettingsError(f"CERTREMOVE_METRICS_PORT out of range: {self.metrics_port}")
         if self.torch_threads < 0:
             raise SettingsError("CERTREMOVE_TORCH_THREADS must be >= 0")
+        if self.hessian not in ("float32", "bfloat16"):
+            raise SettingsError(
+                f"CERTREMOVE_HESSIAN must be float32 or bfloat16, got {self.hessian!r}"
+            )
         if self.max_batch < 1 or self.max_failures < 1 or self.slice_seconds <= 0:
             raise SettingsError("max_batch, max_failures and slice_seconds must be positive")
         if self.status_ttl < 0 or self.stream_retention < 0:
@@ -221,6 +230,7 @@ class Settings:
             ("redis_timeout", "REDIS_TIMEOUT", float),
             ("log_format", "LOG_FORMAT", str),
             ("torch_threads", "TORCH_THREADS", int),
+            ("hessian", "HESSIAN", str),
             ("data_dir", "DATA_DIR", Path),
             ("pipeline_retrain", "PIPELINE_RETRAIN", _flag),
             ("retrain_lead", "RETRAIN_LEAD", float),
@@ -293,6 +303,7 @@ class Settings:
             "CERTREMOVE_REDIS_TIMEOUT": str(self.redis_timeout),
             "CERTREMOVE_LOG_FORMAT": self.log_format,
             "CERTREMOVE_TORCH_THREADS": str(self.torch_threads),
+            "CERTREMOVE_HESSIAN": self.hessian,
             "CERTREMOVE_RETRAIN_LEAD": str(self.retrain_lead),
             "CERTREMOVE_REDIS_SSL_CERT_REQS": self.redis_ssl_cert_reqs,
         }

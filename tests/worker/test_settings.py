@@ -63,6 +63,7 @@ def test_overrides_win_and_none_is_ignored() -> None:
         ("MODEL", "bad name!"),
         ("MAX_BATCH", "0"),
         ("DRAIN_INTERVAL", "120"),
+        ("HESSIAN", "float16"),
     ],
 )
 def test_bad_values_raise(var: str, value: str) -> None:
@@ -114,3 +115,16 @@ def test_the_redis_timeout_reaches_celerys_broker_connections() -> None:
     assert {"socket_timeout", "socket_connect_timeout", "health_check_interval"} <= set(
         kombu_redis.Channel.from_transport_options
     )
+
+
+def test_hessian_reaches_the_served_model(tmp_path: Path) -> None:
+    """``CERTREMOVE_HESSIAN`` picks the direct solver's Hessian of the model the worker loads
+    (``worker.runtime.load_model``), and round-trips through the environment."""
+    from worker.cli import train_model  # noqa: PLC0415
+    from worker.runtime import load_model  # noqa: PLC0415
+
+    train_model("digits", tmp_path / "s", overwrite=True, device="cpu")
+    s = Settings.from_env({"CERTREMOVE_HESSIAN": "bfloat16"}, state_dir=tmp_path / "s")
+    assert s.hessian == "bfloat16" and Settings.from_env(s.to_env()) == s
+    assert load_model(s).solve_options.hessian == "bfloat16"
+    assert load_model(Settings(state_dir=tmp_path / "s")).solve_options.hessian == "float32"
