@@ -175,7 +175,10 @@ def _hessian_dtypes(model, device: torch.device) -> dict:
     alive_rows = torch.nonzero(e.alive.cpu()).flatten()[:1000]
     local = alive_rows if e.view is None else e.view.rows(alive_rows)
     rows_t = local.to(device)
-    out: dict = {name: {"seconds": [], "residual_ratio": []} for name in ("float32", "bfloat16")}
+    out: dict = {
+        name: {"seconds": [], "residual_ratio": [], "hessian_used": []}
+        for name in ("float32", "bfloat16")
+    }
     for i in range(6):
         name = ("float32", "bfloat16")[i % 2]
         options = SolveOptions("direct", hessian=name)
@@ -187,6 +190,8 @@ def _hessian_dtypes(model, device: torch.device) -> dict:
         sync(device)
         out[name]["seconds"].append(time.perf_counter() - t1)
         out[name]["residual_ratio"].append(None if step is None else step.residual_ratio)
+        # the Hessian the step ended with (a failed bfloat16 solve falls back to float32)
+        out[name]["hessian_used"].append(None if step is None else step.hessian)
     return out
 
 
@@ -471,6 +476,7 @@ def main() -> int:
             f"  direct step of 1000 rows, {name} Hessian: "
             + ", ".join(f"{t * 1000:.1f}" for t in h["seconds"])
             + f" ms; ||H's - Delta|| / ||Delta|| <= {max(ratios, default=float('nan')):.1e}"
+            + f"; Hessian used: {', '.join(map(str, h['hessian_used']))}"
         )
     pcg, chol = s["warm_fit_pcg"], s["warm_fit_cholesky"]
     print(

@@ -13,6 +13,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -40,11 +41,11 @@ def f32_product_cost(device: torch.device) -> float:
 #: the widest product for which one matrix-vector product per column is considered (CPU)
 THIN_COLUMNS = 4
 
-#: (dtype, d, columns, transposed) -> the layout of :func:`thin_product` measured fastest by
-#: :func:`_calibrate` (CPU only) on the first matrix of that shape: the row views of later
-#: epochs (:mod:`core.rowview`, fewer rows) use it without measuring again (a measurement is
-#: dozens of products: on a background fit it made the fit 3x slower)
-_LAYOUT: dict[tuple[torch.dtype, int, int, bool], str] = {}
+#: (dtype, d, columns, transposed, one torch thread) -> the layout of :func:`thin_product`
+#: measured fastest by :func:`_calibrate` (CPU only) on the first matrix of that shape: the row
+#: views of later epochs (:mod:`core.rowview`, fewer rows) use it without measuring again (a
+#: measurement is dozens of products: on a background fit it made the fit 3x slower)
+_LAYOUT: dict[tuple[torch.dtype, int, int, bool, bool], str] = {}
 _LAYOUT_LOCK = threading.Lock()
 
 
@@ -64,7 +65,7 @@ def thin_product(X: torch.Tensor, V: torch.Tensor, transpose: bool) -> torch.Ten
     cols = V.shape[1]
     if X.device.type != "cpu" or not 1 <= cols <= THIN_COLUMNS:
         return _product(X, V, transpose, "blocked" if transpose else "gemm")
-    key = (X.dtype, X.shape[1], cols, transpose)
+    key = (X.dtype, X.shape[1], cols, transpose, torch.get_num_threads() == 1)
     layout = _LAYOUT.get(key)
     if layout is None:
         layout = _calibrate(X, V, transpose, key)
@@ -122,6 +123,8 @@ def _numpy_product(X: torch.Tensor, V: torch.Tensor, transpose: bool, flip: bool
     """``X @ V`` or ``X^T @ V`` by NumPy's BLAS on the tensors' memory (CPU): as ``X V`` and
     ``X^T V``, or with ``flip`` as ``(V^T X^T)^T`` and ``(V^T X)^T`` (the BLAS reads X in the
     other order). NumPy releases the GIL inside the BLAS call."""
+    if V.dtype != X.dtype:  # NumPy would promote (a float64 copy of a float32 X): never here
+        raise TypeError(f"product of {X.dtype} X with {V.dtype} V")
     a, b = X.numpy(), V.numpy()
     if transpose:
         out = (b.T @ a).T if flip else a.T @ b
@@ -130,21 +133,30 @@ def _numpy_product(X: torch.Tensor, V: torch.Tensor, transpose: bool, flip: bool
     return torch.from_numpy(out)
 
 
-def match_blas_threads() -> None:
-    """Give NumPy's BLAS the thread count torch has (``torch.get_num_threads()``, which the
-    worker sets), once per change: the layouts of :data:`NUMPY_LAYOUTS` then use the cores the
-    worker allows, and are measured with them."""
-    global _BLAS_THREADS
-    threads = torch.get_num_threads()
-    if threads == _BLAS_THREADS:
-        return
-    from threadpoolctl import threadpool_limits  # noqa: PLC0415 - a dependency of scikit-learn
+def match_blas_threads() -> bool:
+    """Give NumPy's own BLAS one thread (the layouts of :data:`NUMPY_LAYOUTS` are measured
+    and used only with one torch thread), once per process, before its first product here:
+    its thread count never changes under a running product. Other BLAS libraries in the
+    process (SciPy's) are left as they are. Returns whether NumPy's BLAS was found (and now
+    runs one thread); without it the NumPy layouts are not measured."""
+    global _BLAS_ONE
+    if _BLAS_ONE is not None:
+        return _BLAS_ONE
+    import numpy as np  # noqa: PLC0415
+    from threadpoolctl import ThreadpoolController  # noqa: PLC0415 - scikit-learn's dependency
 
-    threadpool_limits(limits=threads, user_api="blas")
-    _BLAS_THREADS = threads
+    site = Path(np.__file__).resolve().parent.parent
+    found = False
+    for pool in ThreadpoolController().select(user_api="blas").lib_controllers:
+        path = Path(pool.filepath).resolve()
+        if path.is_relative_to(site / "numpy.libs") or path.is_relative_to(site / "numpy"):
+            pool.set_num_threads(1)
+            found = True
+    _BLAS_ONE = found
+    return found
 
 
-_BLAS_THREADS: int | None = None
+_BLAS_ONE: bool | None = None
 
 
 def _split_xt(X: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
@@ -170,7 +182,7 @@ def _calibrate(
     X: torch.Tensor,
     V: torch.Tensor,
     transpose: bool,
-    key: tuple[torch.dtype, int, int, bool],
+    key: tuple[torch.dtype, int, int, bool, bool],
     repeats: int = 5,
 ) -> str:
     """Time the layouts on ``X`` (interleaved, the best of ``repeats`` each, so that a burst of
@@ -178,8 +190,7 @@ def _calibrate(
     base = ("gemm", "blocked", "split", "columns") if transpose else ("gemm", "rows", "columns")
     cols = V.shape[1]
     layouts = base + tuple(name for name, width in PADDED.items() if width > cols)
-    if X.dtype in (torch.float32, torch.float64) and torch.get_num_threads() == 1:
-        match_blas_threads()
+    if X.dtype in (torch.float32, torch.float64) and key[-1] and match_blas_threads():
         layouts += NUMPY_LAYOUTS
     best = dict.fromkeys(layouts, math.inf)
     for _ in range(repeats):

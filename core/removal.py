@@ -138,6 +138,9 @@ class Step:
     solve_residual: torch.Tensor | None = None
     #: ``max_k ||H' s_k - Delta_k|| / ||Delta_k||``: how well the step solved its system
     residual_ratio: float = 0.0
+    #: the direct solve's Hessian dtype (``"float32"``, ``"bfloat16"`` or ``"float64"`` after a
+    #: fallback); None for an iterative step
+    hessian: str | None = None
     method: str = "direct"
     iterations: int = 0
     cache: SolverCache | None = None
@@ -246,10 +249,18 @@ def newton_step(
     # certificate's one read) is solved again in float32 (after bfloat16), then float64.
     first = problem.hess_dtype if options.hessian == "float32" else HESSIANS[options.hessian]
     for dtype in dict.fromkeys((first, problem.hess_dtype, torch.float64)):
-        S, factor, ok = _solve(problem, curvature, ridge, delta_grad, dtype, options)
-        step = certify(S, "direct", 0, SolverCache(factor.to(torch.float64)), ok)
+        solved = _solve(problem, curvature, ridge, delta_grad, dtype, options)
+        if solved is None:  # known to have failed without a certificate (bfloat16's CG)
+            continue
+        S, factor, ok, its = solved
+        # a factor that needed CG iterations (bfloat16's) is as good a preconditioner as that
+        # says: the next steps' solver choice weighs them, and refactors past the threshold
+        new_cache = SolverCache(
+            factor.to(torch.float64), its, refactor=its > options.refactor_iterations
+        )
+        step = certify(S, "direct", 0, new_cache, ok)
         if step is not None:
-            return step
+            return dataclasses.replace(step, hessian=str(dtype).removeprefix("torch."))
     return None
 
 
@@ -335,10 +346,12 @@ def _certify(
         + margin
         + hs_margin
     )
-    good = torch.isfinite(W_new).all()
+    anchor_distance = norm(grad_new - anchor_grad)
+    finite = torch.cat((increments, torch.stack((anchor_distance, margin))))
+    good = torch.isfinite(W_new).all() & torch.isfinite(finite).all()
     if ok is not None:
         good = good & ok
-    head = torch.stack((good.to(X.dtype), norm(grad_new - anchor_grad), margin))
+    head = torch.stack((good.to(X.dtype), anchor_distance, margin))
     # the step's one read of the device
     values = torch.cat((head, increments, residual_norms, norm(delta_grad, dim=0))).tolist()
     if values[0] != 1.0:
@@ -367,7 +380,9 @@ def _solved(step: Step, options: SolveOptions) -> bool:
 
 def _ratio(residual: float, rhs: float) -> float:
     """``residual / rhs``; 0 for an exact solve of a zero right-hand side, inf for an inexact
-    one."""
+    one or a NaN (which ``max`` would otherwise pass over, depending on its place)."""
+    if math.isnan(residual) or math.isnan(rhs):
+        return math.inf
     if rhs > 0:
         return residual / rhs
     return 0.0 if residual == 0 else math.inf
@@ -380,27 +395,31 @@ def _solve(
     rhs: torch.Tensor,
     dtype: torch.dtype,
     options: SolveOptions = DEFAULT_SOLVE,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
     """Cholesky solve with the Hessian in ``dtype`` and, below float64, float64 refinement:
     one step after a float32 Hessian; after a bfloat16 one, CG on the float64 Hessian-vector
     products preconditioned by the factor, to ``options.cg_tol`` (a bfloat16 Hessian is about
     4e-3 relative off; a fixed number of plain refinement steps need not converge when the
-    Hessian is ill-conditioned, CG does). Returns the step, the Cholesky factors used and
-    whether the solve succeeded (a 0-d bool left on the device where no CG ran: the certificate
-    reads it with everything else)."""
+    Hessian is ill-conditioned, CG does).
+
+    Returns the step, the Cholesky factors used, whether the factorisation succeeded (a 0-d
+    bool left on the device: the certificate reads it with everything else) and the CG
+    iterations (0 without CG); None when the bfloat16 path failed, which CG's own reads of the
+    device already tell (a failed factorisation, a breakdown, no convergence)."""
     X = problem.X
     H = weighted_gram(X, curvature, ridge, dtype=dtype, X32=problem.X32)
     L, info = torch.linalg.cholesky_ex(H)
     if dtype == torch.bfloat16:
-        S, _, converged = pcg(
+        if not bool((info == 0).all()):  # CG reads the device anyway: one read more
+            return None
+        S, its, converged = pcg(
             lambda V: hvp(X, curvature, V, ridge), L, rhs, options.cg_tol, options.cg_max_iter
         )
-        good = (info == 0).all() & converged
-        return (torch.zeros_like(rhs) if S is None else S), L, good & (S is not None)
+        return None if S is None or not converged else (S, L, (info == 0).all(), its)
     S = solve_factored(L, rhs)
     if dtype != torch.float64:
         # Iterative refinement: the float64 residual of the float32 solve, solved again with
         # the same factor.
         resid = rhs - hvp(X, curvature, S, ridge)
         S = S + solve_factored(L, resid)
-    return S, L, (info == 0).all()
+    return S, L, (info == 0).all(), 0

@@ -113,13 +113,13 @@ def test_failed_factorisation_is_solved_again_in_float64(fitted, monkeypatch):  
 
     def failing_first(problem, curvature, ridge, rhs, dtype, options):  # type: ignore[no-untyped-def]
         dtypes.append(dtype)
-        S, L, ok = real(problem, curvature, ridge, rhs, dtype, options)
-        return (S, L, torch.zeros_like(ok)) if dtype != torch.float64 else (S, L, ok)
+        S, L, ok, its = real(problem, curvature, ridge, rhs, dtype, options)
+        return (S, L, torch.zeros_like(ok) if dtype != torch.float64 else ok, its)
 
     monkeypatch.setattr(removal, "_solve", failing_first)
     step = newton_step(p, alive, W, torch.tensor([1, 2]), anchor)
     assert dtypes == [torch.float32, torch.float64]
-    assert step is not None and step.method == "direct"
+    assert step is not None and step.method == "direct" and step.hessian == "float64"
     assert step.cache is not None and step.cache.factor.dtype == torch.float64
 
 

@@ -120,17 +120,20 @@ def test_every_product_layout_gives_the_same_product(shape, cols, dtype):
     tol = dict(rtol=1e-12, atol=1e-11) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-3)
     want_v, want_m = X.double() @ V.double(), X.double().T @ M.double()
     padded = tuple(products.PADDED)
-    for layout in ("gemm", "rows", "columns", *padded):
+    numpy = products.NUMPY_LAYOUTS
+    for layout in ("gemm", "rows", "columns", *padded, *numpy):
         torch.testing.assert_close(products._product(X, V, False, layout).double(), want_v, **tol)
-    for layout in ("gemm", "blocked", "split", "columns", *padded):
+    for layout in ("gemm", "blocked", "split", "columns", *padded, *numpy):
         torch.testing.assert_close(products._product(X, M, True, layout).double(), want_m, **tol)
     torch.testing.assert_close(products.x_times(X, V).double(), want_v, **tol)
     torch.testing.assert_close(products.xt_times(X, M).double(), want_m, **tol)
     if cols <= products.THIN_COLUMNS:  # measured once, then kept
-        layouts = ("gemm", "rows", "columns", *padded)
-        assert products._LAYOUT[(dtype, d, cols, False)] in layouts
-        layouts = ("gemm", "blocked", "split", "columns", *padded)
-        assert products._LAYOUT[(dtype, d, cols, True)] in layouts
+        one = torch.get_num_threads() == 1  # NumPy's BLAS is measured with one torch thread
+        extra = numpy if one else ()
+        layouts = ("gemm", "rows", "columns", *padded, *extra)
+        assert products._LAYOUT[(dtype, d, cols, False, one)] in layouts
+        layouts = ("gemm", "blocked", "split", "columns", *padded, *extra)
+        assert products._LAYOUT[(dtype, d, cols, True, one)] in layouts
 
 
 def test_the_float32_hvp_is_float32_products_with_float64_vectors():
@@ -161,3 +164,26 @@ def test_the_batched_gram_equals_the_per_class_one(monkeypatch, k):
     batched64 = weighted_gram(X64, w, 2.0)
     for H, tol in ((per_class, 1e-5), (batched, 1e-5), (batched64, 1e-12)):
         torch.testing.assert_close(H.double(), want, rtol=tol, atol=tol * float(want.abs().max()))
+
+
+def test_numpy_layouts_run_one_thread_and_refuse_mixed_dtypes(monkeypatch):
+    """With one torch thread the NumPy layouts are measured (NumPy's own BLAS set to one
+    thread first, SciPy's left alone); a product of mismatched dtypes is refused, never
+    promoted (NumPy would copy X to float64)."""
+    from threadpoolctl import threadpool_info  # noqa: PLC0415
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        X = make_data(2000, 24, 2, 5)[0].double()
+        V = torch.randn(24, 1, dtype=torch.float64)
+        monkeypatch.setattr(products, "_LAYOUT", {})
+        products.x_times(X, V)
+        assert products.match_blas_threads()
+        numpy_pools = [p for p in threadpool_info() if "numpy" in p["filepath"]]
+        assert numpy_pools and all(p["num_threads"] == 1 for p in numpy_pools)
+        assert (torch.float64, 24, 1, False, True) in products._LAYOUT
+        with pytest.raises(TypeError, match="float32"):
+            products._numpy_product(X.float(), V, False, flip=False)
+    finally:
+        torch.set_num_threads(before)

@@ -259,3 +259,14 @@ def test_solver_cache_of_none_and_options_are_validated():
         SolveOptions("cholesky")
     with pytest.raises(ValueError):
         SolveOptions(cg_max_iter=0)
+
+
+def test_a_nan_residual_is_never_solved():
+    """``Step.residual_ratio`` is the worst class's: a NaN in any class (whatever its place)
+    counts as unsolved, so such a CG step is redone directly."""
+    from core.removal import _ratio  # noqa: PLC0415
+
+    assert max(map(_ratio, [5.0, float("nan")], [1.0, 1.0])) == float("inf")
+    assert max(map(_ratio, [float("nan"), 5.0], [1.0, 1.0])) == float("inf")
+    assert _ratio(0.0, 0.0) == 0.0 and _ratio(1e-9, 0.0) == float("inf")
+    assert _ratio(1e-7, 1e-1) == pytest.approx(1e-6)
