@@ -112,9 +112,9 @@ def _padded(X: torch.Tensor, V: torch.Tensor, transpose: bool, width: int) -> to
 #: layouts that hand the product to NumPy's BLAS (OpenBLAS in NumPy's wheels) on the same
 #: memory, without a copy. torch's MKL picks slow kernels on some CPUs: on the AMD EPYC 2-vCPU
 #: VM (one thread, 100,000 x 64) ``X v`` took 7.5 ms in float64 and 3.0 ms in float32 with
-#: torch, 3.6 and 0.7 ms with NumPy; on Intel MKL is the faster. Measured per shape like every
-#: layout (:func:`_calibrate`), and only with one torch thread (the worker's on two cores):
-#: with more, NumPy's thread pool spun beside torch's and slowed training 1.4-1.8x.
+#: torch, 3.6 and 0.7 ms with NumPy; where MKL is the faster it is kept. Measured per shape
+#: like every layout (:func:`_calibrate`), and only with one torch thread (the worker's on two
+#: cores): with more, NumPy's thread pool spun beside torch's and slowed training 1.4-1.8x.
 #: ``"numpy_t"``: the transposed form of the same product.
 NUMPY_LAYOUTS = ("numpy", "numpy_t")
 
