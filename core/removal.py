@@ -4,7 +4,8 @@ The step never uses ``b``: each release is a function of the previous release an
 It is computed out of place; the caller commits or discards it.
 
 Two solvers for ``H' s = Delta`` (docs/theory.md "Removal"), chosen per step by their estimated
-cost (:func:`choose_solver`):
+cost (:func:`core.solvers.choose_solver`; options, cache and the direct solve live in
+:mod:`core.solvers`):
 
 - **direct**: one weighted Gram matrix per class (O(n d^2), float32, from the problem's float32
   copy of X), one Cholesky factorisation and solve, one float64 refinement step. Its factor is
@@ -39,82 +40,35 @@ from core.bounds import (
     remainder_bound,
     rounding_margin,
 )
-from core.loss import margins, solve_factored, weighted_gram
+from core.loss import margins
 from core.newton import pcg
 from core.problem import Problem
-from core.products import certificate_products, f32_product_cost, gram_cost, hvp
+from core.products import certificate_products, hvp
+from core.solvers import (
+    DEFAULT_SOLVE,
+    HESSIANS,
+    SOLVERS,
+    SolveOptions,
+    SolverCache,
+    choose_solver,
+    direct_solve,
+)
 
-SOLVERS = ("auto", "direct", "iterative")
-#: the direct solver's Hessian dtypes (:attr:`SolveOptions.hessian`)
-HESSIANS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+__all__ = [
+    "CURVATURE_FLOOR",
+    "DEFAULT_SOLVE",
+    "SOLVERS",
+    "SolveOptions",
+    "SolverCache",
+    "Step",
+    "choose_solver",
+    "newton_step",
+]
+
 #: curvatures ``C l''(z)`` below this are 0 in CG's float32 operator: ``l''(z) ~ e^-|z|`` would be
 #: a float32 subnormal from ``|z| > 87`` (slow arithmetic on x86); such rows weigh nothing next
 #: to the ridge, and the float64 certificate charges whatever the operator leaves out
 CURVATURE_FLOOR = 1e-20
-
-
-@dataclass(frozen=True)
-class SolveOptions:
-    """How :func:`newton_step` solves ``H' s = Delta``.
-
-    ``solver``: ``"auto"`` (the cheaper by :func:`choose_solver`), ``"direct"`` or
-    ``"iterative"`` (CG whenever a factor is cached). ``cg_tol``: CG stops when
-    ``||H' s - Delta_k|| <= cg_tol ||Delta_k||`` for every class k on its recurrence residual,
-    whose operator is applied in float32 (it is about 1e-7 relative off the float64 Hessian, so
-    the true residual stalls near 1e-8 to 1e-7 of ``||Delta||``; the certificate measures the
-    true one). The default 1e-6 is reached reliably: a single removal on the MNIST shape took 2
-    iterations and left ``||H's - Delta|| = 3e-9``, 0.1 % of its bound increment (2.7e-6), and
-    moved the exact figure by 0.04 %; on digits 8e-8 against 1.6e-3. Tolerances of 1e-9 and below
-    are not reached with float32 products: such steps fall back to the direct solve.
-    ``cg_max_iter``: CG's iteration limit. A step that needed more than ``refactor_iterations``
-    makes the next step refactor. ``fallback``: redo with the direct solver a step whose CG did
-    not converge or whose certified residual exceeds ``max(100 cg_tol, 1e-9) ||Delta_k||``
-    (False keeps the unconverged iterate; its solve residual is charged like any other, for
-    tests). ``hessian``: the direct solver's Hessian, ``"float32"`` (one float64 refinement
-    step) or ``"bfloat16"`` (products of bfloat16 copies summed in float32, for large batches
-    on a GPU; its factor preconditions CG with float64 Hessian-vector products down to
-    ``cg_tol``, which makes it float64 iterative refinement; a solve that does not get there
-    is done again in float32, then float64). The certificate charges whatever residual any of
-    them leaves.
-    """
-
-    solver: str = "auto"
-    cg_tol: float = 1e-6
-    cg_max_iter: int = 25
-    refactor_iterations: int = 5
-    fallback: bool = True
-    hessian: str = "float32"
-
-    def __post_init__(self) -> None:
-        if self.solver not in SOLVERS:
-            raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
-        if self.hessian not in HESSIANS:
-            raise ValueError(f"hessian must be one of {tuple(HESSIANS)}, got {self.hessian!r}")
-        if not (self.cg_tol > 0 and self.cg_max_iter >= 1 and self.refactor_iterations >= 1):
-            raise ValueError("cg_tol must be > 0, cg_max_iter and refactor_iterations >= 1")
-
-
-DEFAULT_SOLVE = SolveOptions()
-
-
-@dataclass(frozen=True)
-class SolverCache:
-    """The preconditioner of the iterative solver: lower Cholesky factors (K, d, d) float64 of a
-    recent Hessian (of a training fit or a direct step). A function of released weights and the
-    data only (never of ``b``); kept in memory, never persisted.
-
-    ``iterations``: CG iterations of the last iterative step (0: none since the factor);
-    ``refactor``: the next step refactors (CG needed more than the threshold, or failed)."""
-
-    factor: torch.Tensor
-    iterations: int = 0
-    refactor: bool = False
-
-    @classmethod
-    def of(cls, factor: torch.Tensor | None, iterations: int = 0) -> SolverCache | None:
-        """A cache seeded by ``factor`` (any dtype; None gives None) that needed ``iterations``
-        CG iterations last."""
-        return None if factor is None else cls(factor.to(torch.float64), iterations)
 
 
 @dataclass(frozen=True)
@@ -144,33 +98,6 @@ class Step:
     method: str = "direct"
     iterations: int = 0
     cache: SolverCache | None = None
-
-
-def choose_solver(
-    problem: Problem, m: int, cache: SolverCache | None, options: SolveOptions = DEFAULT_SOLVE
-) -> str:
-    """``"direct"`` or ``"iterative"`` for a step removing ``m`` rows.
-
-    Direct without a cached factor, when the cache asks for a refactor, or when asked. Under
-    ``"auto"`` the estimated costs beyond the certificate (which both pay), in float64 passes
-    over X (``n d K`` multiply-adds): the direct path ``GRAM_COST d + 2`` (the float32 Gram
-    matrix, :data:`core.products.GRAM_COST`, and the float64 refinement's two passes); the
-    iterative one ``2 F32_PRODUCT_COST (its + log10(m) / 2)``, two float32 passes
-    (:data:`core.products.F32_PRODUCT_COST`) per CG iteration, with ``its`` the last step's CG
-    iterations (at least 2): a larger batch moves the Hessian further from the factor (measured
-    on the 2-vCPU VM with ``cg_tol`` 1e-6: 2 iterations at a batch of 1 and 100, 3 at 1,000 on
-    the MNIST shape, where CG took 10-14 ms a step against 63 direct; 2 at 300 and 3 at 8,192 on
-    n = 100,000, d = 64, where it took 9.6 and 12.7 ms against 15.6 and 14.9 ms direct).
-    """
-    if options.solver == "direct" or cache is None or cache.refactor:
-        return "direct"
-    if options.solver == "iterative":
-        return "iterative"
-    device, d = problem.X.device, problem.X.shape[1]
-    expected = max(cache.iterations, 2) + 0.5 * math.log10(max(m, 1))
-    iterative = 2.0 * f32_product_cost(device) * expected
-    direct = gram_cost(device) * d + 2.0
-    return "iterative" if iterative < direct else "direct"
 
 
 def newton_step(
@@ -249,7 +176,7 @@ def newton_step(
     # certificate's one read) is solved again in float32 (after bfloat16), then float64.
     first = problem.hess_dtype if options.hessian == "float32" else HESSIANS[options.hessian]
     for dtype in dict.fromkeys((first, problem.hess_dtype, torch.float64)):
-        solved = _solve(problem, curvature, ridge, delta_grad, dtype, options)
+        solved = direct_solve(problem, curvature, ridge, delta_grad, dtype, options)
         if solved is None:  # known to have failed without a certificate (bfloat16's CG)
             continue
         S, factor, ok, its = solved
@@ -346,14 +273,20 @@ def _certify(
         + margin
         + hs_margin
     )
-    anchor_distance = norm(grad_new - anchor_grad)
-    finite = torch.cat((increments, torch.stack((anchor_distance, margin))))
-    good = torch.isfinite(W_new).all() & torch.isfinite(finite).all()
+    # (anchor distance, margin, increments: K) must be finite; then the residuals and ||Delta||
+    packed = torch.cat(
+        (
+            torch.stack((norm(grad_new - anchor_grad), margin)),
+            increments,
+            residual_norms,
+            norm(delta_grad, dim=0),
+        )
+    )
+    good = torch.isfinite(W_new).all() & torch.isfinite(packed[: 2 + k]).all()
     if ok is not None:
         good = good & ok
-    head = torch.stack((good.to(X.dtype), anchor_distance, margin))
     # the step's one read of the device
-    values = torch.cat((head, increments, residual_norms, norm(delta_grad, dim=0))).tolist()
+    values = torch.cat((good.to(X.dtype)[None], packed)).tolist()
     if values[0] != 1.0:
         return None
     return Step(
@@ -386,40 +319,3 @@ def _ratio(residual: float, rhs: float) -> float:
     if rhs > 0:
         return residual / rhs
     return 0.0 if residual == 0 else math.inf
-
-
-def _solve(
-    problem: Problem,
-    curvature: torch.Tensor,
-    ridge: torch.Tensor,
-    rhs: torch.Tensor,
-    dtype: torch.dtype,
-    options: SolveOptions = DEFAULT_SOLVE,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
-    """Cholesky solve with the Hessian in ``dtype`` and, below float64, float64 refinement:
-    one step after a float32 Hessian; after a bfloat16 one, CG on the float64 Hessian-vector
-    products preconditioned by the factor, to ``options.cg_tol`` (a bfloat16 Hessian is about
-    4e-3 relative off; a fixed number of plain refinement steps need not converge when the
-    Hessian is ill-conditioned, CG does).
-
-    Returns the step, the Cholesky factors used, whether the factorisation succeeded (a 0-d
-    bool left on the device: the certificate reads it with everything else) and the CG
-    iterations (0 without CG); None when the bfloat16 path failed, which CG's own reads of the
-    device already tell (a failed factorisation, a breakdown, no convergence)."""
-    X = problem.X
-    H = weighted_gram(X, curvature, ridge, dtype=dtype, X32=problem.X32)
-    L, info = torch.linalg.cholesky_ex(H)
-    if dtype == torch.bfloat16:
-        if not bool((info == 0).all()):  # CG reads the device anyway: one read more
-            return None
-        S, its, converged = pcg(
-            lambda V: hvp(X, curvature, V, ridge), L, rhs, options.cg_tol, options.cg_max_iter
-        )
-        return None if S is None or not converged else (S, L, (info == 0).all(), its)
-    S = solve_factored(L, rhs)
-    if dtype != torch.float64:
-        # Iterative refinement: the float64 residual of the float32 solve, solved again with
-        # the same factor.
-        resid = rhs - hvp(X, curvature, S, ridge)
-        S = S + solve_factored(L, resid)
-    return S, L, (info == 0).all(), 0

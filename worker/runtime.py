@@ -82,8 +82,7 @@ def load_model(
         raise StateDamagedError(str(exc)) from exc
     if check_ledger:
         verify_against_ledger(model, state_dir, None if ledger is None else ledger.removed_ids)
-    if settings.hessian != model.solve_options.hessian:
-        model.solve_options = dataclasses.replace(model.solve_options, hessian=settings.hessian)
+    model.solve_options = dataclasses.replace(model.solve_options, hessian=settings.hessian)
     return model
 
 

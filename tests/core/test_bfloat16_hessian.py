@@ -60,13 +60,13 @@ def test_unconverged_refinement_falls_back_to_float32(model, monkeypatch):
     e = model._epoch
     rows = torch.nonzero(e.alive).flatten()[:40]
     dtypes = []
-    real = removal._solve
+    real = removal.direct_solve
 
     def spy(problem, curvature, ridge, rhs, dtype, options):  # type: ignore[no-untyped-def]
         dtypes.append(dtype)
         return real(problem, curvature, ridge, rhs, dtype, options)
 
-    monkeypatch.setattr(removal, "_solve", spy)
+    monkeypatch.setattr(removal, "direct_solve", spy)
     hopeless = SolveOptions(solver="direct", hessian="bfloat16", cg_tol=1e-14, cg_max_iter=1)
     step = newton_step(
         model._problem, e.alive, e.W, rows, e.acct.anchor_grad, e.Z, options=hopeless

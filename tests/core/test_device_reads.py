@@ -108,7 +108,7 @@ def test_failed_factorisation_is_solved_again_in_float64(fitted, monkeypatch):  
     import core.removal as removal
 
     p, alive, W, anchor = fitted
-    real = removal._solve
+    real = removal.direct_solve
     dtypes = []
 
     def failing_first(problem, curvature, ridge, rhs, dtype, options):  # type: ignore[no-untyped-def]
@@ -116,7 +116,7 @@ def test_failed_factorisation_is_solved_again_in_float64(fitted, monkeypatch):  
         S, L, ok, its = real(problem, curvature, ridge, rhs, dtype, options)
         return (S, L, torch.zeros_like(ok) if dtype != torch.float64 else ok, its)
 
-    monkeypatch.setattr(removal, "_solve", failing_first)
+    monkeypatch.setattr(removal, "direct_solve", failing_first)
     step = newton_step(p, alive, W, torch.tensor([1, 2]), anchor)
     assert dtypes == [torch.float32, torch.float64]
     assert step is not None and step.method == "direct" and step.hessian == "float64"
