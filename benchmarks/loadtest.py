@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import multiprocessing as mp
 import os
 import shutil
@@ -158,14 +159,16 @@ def service_run(
 
 def drain_phases(port: int) -> dict[str, dict[str, float]]:
     """Per phase of the drain loop (``certremove_drain_phase_seconds``, read from the worker's
-    metrics page at the end of a run): batches that went through it, and its mean and total
-    seconds."""
+    metrics page at the end of a run): batches that went through it, its mean and total seconds,
+    and its 97th percentile as Prometheus reads it from the buckets (``p97``: a steady p99 is
+    about two cycles from the slow end, docs/operations.md "Where a drain's time goes")."""
     from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
 
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
         text = resp.read().decode()
     sums: dict[str, float] = {}
     counts: dict[str, float] = {}
+    buckets: dict[str, list[tuple[float, float]]] = {}
     for family in text_string_to_metric_families(text):
         if family.name != "certremove_drain_phase_seconds":
             continue
@@ -175,11 +178,33 @@ def drain_phases(port: int) -> dict[str, dict[str, float]]:
                 sums[phase] = sample.value
             elif sample.name.endswith("_count"):
                 counts[phase] = sample.value
+            elif sample.name.endswith("_bucket"):
+                buckets.setdefault(phase, []).append((float(sample.labels["le"]), sample.value))
     return {
-        p: {"batches": counts[p], "mean": sums[p] / counts[p], "total": sums[p]}
+        p: {
+            "batches": counts[p],
+            "mean": sums[p] / counts[p],
+            "total": sums[p],
+            "p97": bucket_quantile(0.97, buckets.get(p, [])),
+        }
         for p in counts
         if counts[p]
     }
+
+
+def bucket_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
+    """The ``q`` quantile of a histogram's cumulative ``(le, count)`` buckets, interpolated
+    linearly inside its bucket as Prometheus' ``histogram_quantile`` does (None: nothing
+    observed)."""
+    if not buckets or max(c for _, c in buckets) <= 0:
+        return None
+    bounds, cumulative = zip(*sorted(buckets), strict=True)
+    rank = q * cumulative[-1]
+    i = next(k for k, c in enumerate(cumulative) if c >= rank)
+    if math.isinf(bounds[i]):
+        return bounds[i - 1] if i else 0.0
+    low, below = (bounds[i - 1], cumulative[i - 1]) if i else (0.0, 0.0)
+    return low + (bounds[i] - low) * (rank - below) / (cumulative[i] - below)
 
 
 def phase_line(phases: dict[str, dict[str, float]]) -> str:
@@ -188,7 +213,9 @@ def phase_line(phases: dict[str, dict[str, float]]) -> str:
         return "-"
     batches = int(max(v["batches"] for v in phases.values()))
     parts = [f"{p} {v['mean'] * 1000:.1f}" for p, v in phases.items()]
-    return f"{batches} batches; mean ms per batch: " + ", ".join(parts)
+    step_p97 = phases.get("step", {}).get("p97")
+    tail = "" if step_p97 is None else f"; step p97 {step_p97 * 1000:.0f} ms"
+    return f"{batches} batches; mean ms per batch: " + ", ".join(parts) + tail
 
 
 def fmt(v: float | None, scale: float = 1000.0, unit: str = " ms") -> str:

@@ -11,7 +11,9 @@ does, written here independently of the worker's code.
 
 from __future__ import annotations
 
+import importlib.util
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,3 +101,22 @@ def test_the_interpolation_is_prometheus() -> None:
     assert histogram_quantile(0.5, buckets) == 1.0
     assert histogram_quantile(0.75, buckets) == 1.5
     assert histogram_quantile(0.99, [(1.0, 1.0), (math.inf, 2.0)]) == 1.0
+
+
+def test_the_load_test_reads_the_phase_p97_as_prometheus_does() -> None:
+    """``benchmarks/loadtest.py`` prints each phase's p97 from the worker's buckets: it must read
+    what Prometheus would (the oracle above), on the worker's real histogram."""
+    spec = importlib.util.spec_from_file_location(
+        "loadtest_bench", Path(__file__).resolve().parents[2] / "benchmarks" / "loadtest.py"
+    )
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    reg = CollectorRegistry()
+    metrics = ServiceMetrics(reg)
+    for v in 0.028 * np.exp(np.random.default_rng(3).normal(0.0, 0.3, 2_000)):
+        metrics.phases.observe("step", float(v))
+    buckets = read_buckets(reg, "certremove_drain_phase_seconds", {"phase": "step"})
+    for q in (0.5, 0.97, 0.999):
+        assert bench.bucket_quantile(q, buckets) == pytest.approx(histogram_quantile(q, buckets))
+    assert bench.bucket_quantile(0.97, [(0.1, 0.0), (math.inf, 0.0)]) is None
