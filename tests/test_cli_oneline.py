@@ -132,11 +132,16 @@ CASE_WORKERS = max(2, min(4, os.cpu_count() or 2))
 
 @pytest.fixture(scope="module")
 def case_runs(
-    tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, Future[tuple[subprocess.CompletedProcess[str], float]]]]:
-    """Every case of :data:`CASES` started at once, :data:`CASE_WORKERS` at a time, each in a
-    fresh folder holding ``file`` (a plain file) and ``empty`` (an empty folder): the command's
-    result and its own seconds, by command line."""
+    """Every selected case of :data:`CASES` started at once, :data:`CASE_WORKERS` at a time,
+    each in a fresh folder holding ``file`` (a plain file) and ``empty`` (an empty folder): the
+    command's result and its own seconds, by command line."""
+    selected = [
+        item.callspec.params["command"]
+        for item in request.session.items
+        if "case_runs" in item.fixturenames
+    ]
 
     def run(command: str) -> tuple[subprocess.CompletedProcess[str], float]:
         tmp = tmp_path_factory.mktemp("case")
@@ -150,7 +155,7 @@ def case_runs(
         return out, time.monotonic() - started
 
     with ThreadPoolExecutor(max_workers=CASE_WORKERS) as pool:
-        yield {command: pool.submit(run, command) for command, _, _ in CASES}
+        yield {command: pool.submit(run, command) for command in selected}
 
 
 @pytest.mark.parametrize(("command", "code", "needle"), CASES, ids=[c[0] for c in CASES])

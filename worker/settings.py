@@ -23,6 +23,11 @@ class SettingsError(ValueError):
     """A ``CERTREMOVE_*`` variable has a value the worker cannot use."""
 
 
+#: ``CERTREMOVE_HESSIAN``'s values: the names of ``core.solvers.HESSIANS``, written here so that
+#: reading the settings does not import torch (tests/worker/test_settings.py keeps them equal)
+HESSIANS = ("float32", "bfloat16")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the worker is configured by (see README "Configuration").
@@ -137,9 +142,9 @@ class Settings:
             raise SettingsError(f"CERTREMOVE_METRICS_PORT out of range: {self.metrics_port}")
         if self.torch_threads < 0:
             raise SettingsError("CERTREMOVE_TORCH_THREADS must be >= 0")
-        if self.hessian not in ("float32", "bfloat16"):
+        if self.hessian not in HESSIANS:
             raise SettingsError(
-                f"CERTREMOVE_HESSIAN must be float32 or bfloat16, got {self.hessian!r}"
+                f"CERTREMOVE_HESSIAN must be one of {', '.join(HESSIANS)}, got {self.hessian!r}"
             )
         if self.max_batch < 1 or self.max_failures < 1 or self.slice_seconds <= 0:
             raise SettingsError("max_batch, max_failures and slice_seconds must be positive")

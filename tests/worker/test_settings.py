@@ -128,3 +128,12 @@ def test_hessian_reaches_the_served_model(tmp_path: Path) -> None:
     assert s.hessian == "bfloat16" and Settings.from_env(s.to_env()) == s
     assert load_model(s).solve_options.hessian == "bfloat16"
     assert load_model(Settings(state_dir=tmp_path / "s")).solve_options.hessian == "float32"
+
+
+def test_the_hessian_names_are_cores() -> None:
+    """The settings check ``CERTREMOVE_HESSIAN`` against a copy of core's names (so that reading
+    them needs no torch): the copy must not drift."""
+    from core.solvers import HESSIANS  # noqa: PLC0415
+    from worker.settings import HESSIANS as NAMES  # noqa: PLC0415
+
+    assert NAMES == tuple(HESSIANS)
