@@ -41,7 +41,15 @@ class RemovalGuard:
     ) -> None:
         self.labels = labels
         self.binary = binary
-        values, counts = np.unique(labels[alive], return_counts=True)
+        kept = labels[alive]
+        if kept.dtype.kind in "iu" and (kept.size == 0 or int(kept.min()) >= 0):
+            # class codes 0..K-1 (the model's): one pass, no sort (np.unique sorted n codes at
+            # every step and every plan, 0.4 ms at n = 100,000)
+            per_code = np.bincount(kept.astype(np.int64, copy=False))
+            values = np.flatnonzero(per_code)
+            counts = per_code[values]
+        else:
+            values, counts = np.unique(kept, return_counts=True)
         self.counts = dict(zip(values.tolist(), counts.tolist(), strict=True))
         self.total = int(counts.sum())
         smallest = min(self.counts.values()) if binary and self.counts else self.total

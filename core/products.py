@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from core.loss import xt_dot
@@ -237,9 +238,22 @@ def hvp(
 #: bytes of float64 X per block of :func:`certificate_products` (a block stays in the cache
 #: between its two products: on the AMD VM 1-4 MiB of its 32 MiB L3 measured alike)
 CERT_BLOCK_BYTES = 2 << 20
-#: (dtype, d, columns) -> ``"direct"`` or ``"blocked"``, measured by
+#: the ways :func:`certificate_products` may compute its two products on the CPU: ``"direct"``
+#: (one pass each, in :func:`thin_product`'s layouts) and, per block of rows, ``"blocked"``
+#: (torch's GEMMs), ``"blocked_rows"`` (the first product as ``(V^T X_b^T)^T``, which MKL runs
+#: faster on some CPUs) and ``"blocked_numpy"`` (both by NumPy's BLAS, one torch thread only,
+#: like :data:`NUMPY_LAYOUTS`). On the AMD EPYC 2-vCPU VM with a 32 MiB L3, X cold, the two
+#: products took, per layout: one thread, n = 100,000, d = 64: 13.7 ms blocked, 8.5 ms
+#: blocked_numpy; 11,982 x 784: 19.3 and 9.5 ms; two threads, 11,982 x 784: 12.0 ms blocked,
+#: 9.4 ms blocked_rows
+CERT_LAYOUTS = ("direct", "blocked", "blocked_rows", "blocked_numpy")
+#: (dtype, d, columns, one torch thread) -> a layout of :data:`CERT_LAYOUTS`, measured by
 #: :func:`calibrate_certificate` (CPU only; unmeasured: direct)
-_CERT_LAYOUT: dict[tuple[torch.dtype, int, int], str] = {}
+_CERT_LAYOUT: dict[tuple[torch.dtype, int, int, bool], str] = {}
+
+
+def _cert_key(X: torch.Tensor, cols: int) -> tuple[torch.dtype, int, int, bool]:
+    return (X.dtype, X.shape[1], cols, torch.get_num_threads() == 1)
 
 
 def certificate_products(
@@ -251,21 +265,46 @@ def certificate_products(
     columns of ``X^T``'s argument, a function of each row's products, which
     ``terms_of(P[s:e], T[:, s:e], s, e)`` writes) and ``Q = X^T T^T`` (d, c).
 
-    ``"blocked"`` (where :func:`calibrate_certificate` measured it faster): both products per
-    block of rows (:data:`CERT_BLOCK_BYTES` of X), so that each block of X is read from memory
-    once for both while it sits in the cache (on the AMD 2-vCPU VM, one thread, n = 100,000,
-    d = 64: 10.8 against 19 ms). The sums are the same; only their order differs, which the
-    rounding margins cover."""
+    The blocked layouts (where :func:`calibrate_certificate` measured one faster, see
+    :data:`CERT_LAYOUTS`): both products per block of rows (:data:`CERT_BLOCK_BYTES` of X), so
+    that each block of X is read from memory once for both while it sits in the cache (on the
+    AMD 2-vCPU VM, one thread, n = 100,000, d = 64: 10.8 against 19 ms). The sums are the same;
+    only their order differs, which the rounding margins cover."""
     n, d = X.shape
     cols = V.shape[1]
     T = torch.empty((cols, n), dtype=X.dtype, device=X.device)
-    if X.device.type != "cpu" or _CERT_LAYOUT.get((X.dtype, d, cols)) != "blocked":
+    layout = "direct" if X.device.type != "cpu" else _CERT_LAYOUT.get(_cert_key(X, cols), "direct")
+    if layout == "blocked_numpy" and not (X.is_contiguous() and X.dtype == V.dtype):
+        layout = "blocked"  # NumPy would copy X (or promote it): never on the measured shapes
+    if layout == "direct":
         P = x_times(X, V)
         terms_of(P, T, 0, n)
         return P, T, xt_times(X, T.T)
     rows = _block_rows(d)
-    P = torch.empty((n, cols), dtype=X.dtype, device=X.device)
     Q = torch.zeros((cols, d), dtype=X.dtype, device=X.device)
+    if layout == "blocked_numpy":
+        P = torch.empty((n, cols), dtype=X.dtype, device=X.device)
+        Xn, Vn, Pn, Tn, Qn = X.numpy(), V.contiguous().numpy(), P.numpy(), T.numpy(), Q.numpy()
+        part = Qn.copy()
+        for start in range(0, n, rows):
+            end = min(n, start + rows)
+            rows_n = Xn[start:end]
+            np.matmul(rows_n, Vn, out=Pn[start:end])  # NumPy releases the GIL in its BLAS
+            terms_of(P[start:end], T[:, start:end], start, end)
+            np.matmul(Tn[:, start:end], rows_n, out=part)
+            Qn += part
+        return P, T, Q.T
+    if layout == "blocked_rows":
+        Pt = torch.empty((cols, n), dtype=X.dtype, device=X.device)
+        Vt = V.T.contiguous()
+        for start in range(0, n, rows):
+            end = min(n, start + rows)
+            block = X[start:end]
+            torch.mm(Vt, block.T, out=Pt[:, start:end])
+            terms_of(Pt[:, start:end].T, T[:, start:end], start, end)
+            Q.addmm_(T[:, start:end], block)
+        return Pt.T.contiguous(), T, Q.T
+    P = torch.empty((n, cols), dtype=X.dtype, device=X.device)
     for start in range(0, n, rows):
         end = min(n, start + rows)
         block = X[start:end]
@@ -282,10 +321,11 @@ def _block_rows(d: int) -> int:
 
 
 def calibrate_certificate(X: torch.Tensor, cols: int, repeats: int = 5) -> str:
-    """Measure both ways of :func:`certificate_products` on ``X`` with ``cols`` columns
-    (interleaved, the best of ``repeats`` each) and keep the faster for X's dtype and width.
+    """Measure the layouts of :func:`certificate_products` (:data:`CERT_LAYOUTS`; NumPy's only
+    with one torch thread and NumPy's BLAS found) on ``X`` with ``cols`` columns (interleaved,
+    the best of ``repeats`` each) and keep the fastest for X's dtype, width and thread count.
     CPU only, and only where X has more rows than one block (else direct)."""
-    key = (X.dtype, X.shape[1], cols)
+    key = _cert_key(X, cols)
     if X.device.type != "cpu" or X.shape[0] <= _block_rows(X.shape[1]):
         return _CERT_LAYOUT.get(key, "direct")
     V = torch.ones((X.shape[1], cols), dtype=X.dtype)
@@ -293,9 +333,12 @@ def calibrate_certificate(X: torch.Tensor, cols: int, repeats: int = 5) -> str:
     def terms_of(P: torch.Tensor, out: torch.Tensor, start: int, end: int) -> None:
         torch.sigmoid(P.T, out=out)
 
-    best = {"direct": math.inf, "blocked": math.inf}
+    layouts = [name for name in CERT_LAYOUTS if name != "blocked_numpy"]
+    if key[-1] and X.is_contiguous() and match_blas_threads():
+        layouts.append("blocked_numpy")
+    best = dict.fromkeys(layouts, math.inf)
     for _ in range(repeats):
-        for layout in best:
+        for layout in layouts:
             _CERT_LAYOUT[key] = layout
             start = time.perf_counter()
             certificate_products(X, V, terms_of)

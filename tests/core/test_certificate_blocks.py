@@ -1,6 +1,7 @@
-"""The certificate's two passes by blocks of rows (core.products.certificate_products): the same
-products as one pass each, the same removal steps, and the certificate still above the true
-gradient residual computed from scratch with numpy."""
+"""The certificate's two passes by blocks of rows (core.products.certificate_products), in each
+blocked layout (torch's GEMMs, the rows form, NumPy's BLAS): the same products as one pass each
+(against NumPy in float64), the same removal steps, and the certificate still above the true
+gradient residual computed from scratch with numpy; the calibration keeps the fastest layout."""
 
 from __future__ import annotations
 
@@ -40,16 +41,28 @@ def _terms(Y: torch.Tensor):
     return terms_of
 
 
+BLOCKED = [name for name in products.CERT_LAYOUTS if name != "direct"]
+
+
+def test_the_layouts_are_the_documented_ones():
+    assert products.CERT_LAYOUTS == ("direct", "blocked", "blocked_rows", "blocked_numpy")
+
+
+@pytest.mark.parametrize("blocked", BLOCKED)
 @pytest.mark.parametrize("n", [3001, 512, 513, 100])
 @pytest.mark.parametrize("cols", [2, 6])
-def test_blocked_products_are_the_direct_ones(layout, n, cols):
+@pytest.mark.parametrize("strided", [False, True])
+def test_blocked_products_are_the_direct_ones(layout, blocked, n, cols, strided):
     gen = torch.Generator().manual_seed(n + cols)
     X = torch.rand((n, 30), generator=gen, dtype=torch.float64)
+    if strided:  # a column slice (not contiguous): NumPy's layout falls back to torch's
+        X = torch.rand((n, 35), generator=gen, dtype=torch.float64)[:, 2:32]
+        assert not X.is_contiguous()
     V = torch.randn((30, cols), generator=gen, dtype=torch.float64)
     Y = torch.where(torch.rand((n, 1), generator=gen) > 0.5, 1.0, -1.0).double()
     layout.value = "direct"
     P, T, Q = products.certificate_products(X, V, _terms(Y))
-    layout.value = "blocked"
+    layout.value = blocked
     Pb, Tb, Qb = products.certificate_products(X, V, _terms(Y))
     # an independent oracle: numpy in float64
     Xn, Vn = X.numpy(), V.numpy()
@@ -61,10 +74,14 @@ def test_blocked_products_are_the_direct_ones(layout, n, cols):
     torch.testing.assert_close(Q, torch.from_numpy(Qn), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(Qb, torch.from_numpy(Qn), rtol=1e-12, atol=1e-12)
     assert Qb.shape == (30, cols) and Pb.shape == (n, cols) and Tb.shape == (cols, n)
+    assert Pb.is_contiguous()
 
 
+@pytest.mark.parametrize("blocked", BLOCKED)
 @pytest.mark.parametrize("accounting", ["exact", "bound"])
-def test_steps_with_a_blocked_certificate_are_the_same_and_stay_certified(layout, accounting):
+def test_steps_with_a_blocked_certificate_are_the_same_and_stay_certified(
+    layout, blocked, accounting
+):
     X, y = make_data(3000, 24, 3, 2)  # one-vs-rest: 2K = 6 columns, 6 blocks of 512 rows
     model = core.train(
         X, y, lam=1e-3, sigma=10.0, seed=3, max_removals=None, accounting=accounting, device="cpu"
@@ -74,13 +91,13 @@ def test_steps_with_a_blocked_certificate_are_the_same_and_stay_certified(layout
     args = (p, e.alive, e.W, rows, e.acct.anchor_grad)
     layout.value = "direct"
     direct = newton_step(*args, cache=e.solver)
-    layout.value = "blocked"
-    blocked = newton_step(*args, cache=e.solver)
-    assert direct is not None and blocked is not None
-    assert torch.equal(direct.W, blocked.W)  # the certificate does not change the step
-    assert blocked.anchor_distance == pytest.approx(direct.anchor_distance, rel=1e-9)
-    torch.testing.assert_close(blocked.increments, direct.increments, rtol=1e-9, atol=0)
-    torch.testing.assert_close(blocked.Z, direct.Z, rtol=1e-13, atol=1e-13)
+    layout.value = blocked
+    step = newton_step(*args, cache=e.solver)
+    assert direct is not None and step is not None
+    assert torch.equal(direct.W, step.W)  # the certificate does not change the step
+    assert step.anchor_distance == pytest.approx(direct.anchor_distance, rel=1e-9)
+    torch.testing.assert_close(step.increments, direct.increments, rtol=1e-9, atol=0)
+    torch.testing.assert_close(step.Z, direct.Z, rtol=1e-13, atol=1e-13)
     order = np.random.default_rng(5).permutation(model.n_rows)[:60].tolist()
     for t in range(6):  # removals served with the blocked certificate
         assert model.remove(order[10 * t : 10 * t + 10]).applied
@@ -88,22 +105,43 @@ def test_steps_with_a_blocked_certificate_are_the_same_and_stay_certified(layout
         assert model.exact_used <= model.bound_used * (1 + 1e-9) + 1e-12
 
 
-@pytest.mark.parametrize("slow", ["direct", "blocked"])
-def test_calibration_keeps_the_faster_layout_and_skips_small_matrices(monkeypatch, slow):
+@pytest.fixture
+def threads():
+    """Restores torch's thread count after a test that sets it."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("one_thread", [True, False])
+@pytest.mark.parametrize("fast", products.CERT_LAYOUTS)
+def test_calibration_keeps_the_fastest_layout_and_skips_small_matrices(
+    monkeypatch, threads, one_thread, fast
+):
+    threads(1 if one_thread else 2)
+    numpy_blas = products.match_blas_threads()
+    if fast == "blocked_numpy" and not (one_thread and numpy_blas):
+        pytest.skip("NumPy's layout is measured with one torch thread and NumPy's BLAS only")
     monkeypatch.setattr(products, "_CERT_LAYOUT", {})
     monkeypatch.setattr(products, "CERT_BLOCK_BYTES", 0)  # blocks of 512 rows
     small = torch.rand((100, 64), dtype=torch.float64)
     assert products.calibrate_certificate(small, 2) == "direct"
     assert products._CERT_LAYOUT == {}  # one block: nothing to measure
     real = products.certificate_products
+    measured: set[str] = set()
 
-    def timed(X, V, terms_of):  # one layout made slow: the measurement must keep the other
-        if products._CERT_LAYOUT.get((X.dtype, X.shape[1], V.shape[1])) == slow:
+    def timed(X, V, terms_of):  # every layout but one made slow: the measurement keeps that one
+        current = products._CERT_LAYOUT.get(products._cert_key(X, V.shape[1]))
+        measured.add(current)
+        if current != fast:
             time.sleep(0.01)
         return real(X, V, terms_of)
 
     monkeypatch.setattr(products, "certificate_products", timed)
     X = torch.rand((3000, 16), dtype=torch.float64)
-    fast = "blocked" if slow == "direct" else "direct"
     assert products.calibrate_certificate(X, 2, repeats=2) == fast
-    assert products._CERT_LAYOUT == {(torch.float64, 16, 2): fast}
+    assert products._CERT_LAYOUT == {(torch.float64, 16, 2, one_thread): fast}
+    expected = set(products.CERT_LAYOUTS)
+    if not (one_thread and numpy_blas):
+        expected.discard("blocked_numpy")  # (NumPy's pool would spin beside torch's threads)
+    assert measured == expected
