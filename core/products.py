@@ -323,11 +323,16 @@ def _block_rows(d: int) -> int:
 def calibrate_certificate(X: torch.Tensor, cols: int, repeats: int = 5) -> str:
     """Measure the layouts of :func:`certificate_products` (:data:`CERT_LAYOUTS`; NumPy's only
     with one torch thread and NumPy's BLAS found) on ``X`` with ``cols`` columns (interleaved,
-    the best of ``repeats`` each) and keep the fastest for X's dtype, width and thread count.
-    CPU only, and only where X has more rows than one block (else direct)."""
+    the best of ``repeats`` each) and keep the fastest for X's dtype, width and thread count,
+    once per process like :func:`thin_product`'s layouts: the measurement took 0.5-1.3 s on the
+    2-vCPU VMs, which every later problem of that shape (a retrain from scratch, a reload)
+    would pay again for the same answer. CPU only, and only where X has more rows than one
+    block (else direct, unmeasured)."""
     key = _cert_key(X, cols)
+    if key in _CERT_LAYOUT:
+        return _CERT_LAYOUT[key]
     if X.device.type != "cpu" or X.shape[0] <= _block_rows(X.shape[1]):
-        return _CERT_LAYOUT.get(key, "direct")
+        return "direct"
     V = torch.ones((X.shape[1], cols), dtype=X.dtype)
 
     def terms_of(P: torch.Tensor, out: torch.Tensor, start: int, end: int) -> None:

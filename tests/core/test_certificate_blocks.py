@@ -145,3 +145,7 @@ def test_calibration_keeps_the_fastest_layout_and_skips_small_matrices(
     if not (one_thread and numpy_blas):
         expected.discard("blocked_numpy")  # (NumPy's pool would spin beside torch's threads)
     assert measured == expected
+    # measured once per process and key: a later problem of that shape reuses the choice
+    measured.clear()
+    assert products.calibrate_certificate(torch.rand((5000, 16), dtype=torch.float64), 2) == fast
+    assert measured == set()
