@@ -24,6 +24,17 @@ def refusal(rows_left: int, classes_left: int, binary: bool) -> str | None:
     return None
 
 
+def _small_codes(codes: np.ndarray) -> bool:
+    """Whether ``np.bincount`` counts ``codes`` cheaply: integers from 0 up to at most about
+    their number (a model's class codes), so that its table is no larger than the array."""
+    if codes.dtype.kind not in "iu":
+        return False
+    if codes.size == 0:
+        return True
+    low, high = int(codes.min()), int(codes.max())
+    return low >= 0 and high <= 4 * codes.size + 1024
+
+
 class RemovalGuard:
     """Counts the remaining rows per class and answers, removal after removal, whether the next
     one would be refused.
@@ -42,7 +53,7 @@ class RemovalGuard:
         self.labels = labels
         self.binary = binary
         kept = labels[alive]
-        if kept.dtype.kind in "iu" and (kept.size == 0 or int(kept.min()) >= 0):
+        if _small_codes(kept):
             # class codes 0..K-1 (the model's): one pass, no sort (np.unique sorted n codes at
             # every step and every plan, 0.4 ms at n = 100,000)
             per_code = np.bincount(kept.astype(np.int64, copy=False))

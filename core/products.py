@@ -270,11 +270,24 @@ def certificate_products(
     that each block of X is read from memory once for both while it sits in the cache (on the
     AMD 2-vCPU VM, one thread, n = 100,000, d = 64: 10.8 against 19 ms). The sums are the same;
     only their order differs, which the rounding margins cover."""
+    layout = "direct"
+    if X.device.type == "cpu":
+        layout = _CERT_LAYOUT.get(_cert_key(X, V.shape[1]), "direct")
+    return _certificate_products(X, V, terms_of, layout)
+
+
+def _certificate_products(
+    X: torch.Tensor,
+    V: torch.Tensor,
+    terms_of: Callable[[torch.Tensor, torch.Tensor, int, int], None],
+    layout: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`certificate_products` in ``layout`` (one of :data:`CERT_LAYOUTS`; the blocked ones
+    on the CPU only)."""
     n, d = X.shape
     cols = V.shape[1]
     T = torch.empty((cols, n), dtype=X.dtype, device=X.device)
-    layout = "direct" if X.device.type != "cpu" else _CERT_LAYOUT.get(_cert_key(X, cols), "direct")
-    if layout == "blocked_numpy" and not (X.is_contiguous() and X.dtype == V.dtype):
+    if layout == "blocked_numpy" and not _numpy_blocks_apply(X, V):
         layout = "blocked"  # NumPy would copy X (or promote it): never on the measured shapes
     if layout == "direct":
         P = x_times(X, V)
@@ -314,6 +327,12 @@ def certificate_products(
     return P, T, Q.T
 
 
+def _numpy_blocks_apply(X: torch.Tensor, V: torch.Tensor) -> bool:
+    """Whether ``"blocked_numpy"`` can read ``X`` in place: contiguous, float32 or float64, and
+    ``V`` of the same dtype."""
+    return X.is_contiguous() and X.dtype in (torch.float32, torch.float64) and V.dtype == X.dtype
+
+
 def _block_rows(d: int) -> int:
     """Rows per block of :func:`certificate_products`: :data:`CERT_BLOCK_BYTES` of float64
     rows, at least 512."""
@@ -322,16 +341,19 @@ def _block_rows(d: int) -> int:
 
 def calibrate_certificate(X: torch.Tensor, cols: int, repeats: int = 5) -> str:
     """Measure the layouts of :func:`certificate_products` (:data:`CERT_LAYOUTS`; NumPy's only
-    with one torch thread and NumPy's BLAS found) on ``X`` with ``cols`` columns (interleaved,
-    the best of ``repeats`` each) and keep the fastest for X's dtype, width and thread count,
-    once per process like :func:`thin_product`'s layouts: the measurement took 0.5-1.3 s on the
-    2-vCPU VMs, which every later problem of that shape (a retrain from scratch, a reload)
-    would pay again for the same answer. CPU only, and only where X has more rows than one
-    block (else direct, unmeasured)."""
+    with one torch thread, NumPy's BLAS found and X contiguous, float32 or float64) on ``X`` with
+    ``cols`` columns (interleaved, the best of ``repeats`` each) and keep the fastest for X's
+    dtype, width and thread count, once per process like :func:`thin_product`'s layouts: the
+    measurement took 0.5-1.3 s on the 2-vCPU VMs, which every later problem of that shape (a
+    retrain from scratch, a reload) would pay again for the same answer. CPU only, and only
+    where X has more rows than one block (else direct, unmeasured). Nothing is kept when a
+    measurement fails."""
+    if X.device.type != "cpu":
+        return "direct"
     key = _cert_key(X, cols)
     if key in _CERT_LAYOUT:
         return _CERT_LAYOUT[key]
-    if X.device.type != "cpu" or X.shape[0] <= _block_rows(X.shape[1]):
+    if X.shape[0] <= _block_rows(X.shape[1]):
         return "direct"
     V = torch.ones((X.shape[1], cols), dtype=X.dtype)
 
@@ -339,15 +361,13 @@ def calibrate_certificate(X: torch.Tensor, cols: int, repeats: int = 5) -> str:
         torch.sigmoid(P.T, out=out)
 
     layouts = [name for name in CERT_LAYOUTS if name != "blocked_numpy"]
-    if key[-1] and X.is_contiguous() and match_blas_threads():
+    if key[-1] and _numpy_blocks_apply(X, V) and match_blas_threads():
         layouts.append("blocked_numpy")
     best = dict.fromkeys(layouts, math.inf)
     for _ in range(repeats):
         for layout in layouts:
-            _CERT_LAYOUT[key] = layout
             start = time.perf_counter()
-            certificate_products(X, V, terms_of)
+            _certificate_products(X, V, terms_of, layout)
             best[layout] = min(best[layout], time.perf_counter() - start)
     with _LAYOUT_LOCK:
-        _CERT_LAYOUT[key] = min(best, key=best.__getitem__)
-        return _CERT_LAYOUT[key]
+        return _CERT_LAYOUT.setdefault(key, min(best, key=best.__getitem__))

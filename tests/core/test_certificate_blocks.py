@@ -34,11 +34,27 @@ def layout(monkeypatch):
     return forced
 
 
-def _terms(Y: torch.Tensor):
+def _terms(Y: torch.Tensor, calls: list[tuple[int, int]] | None = None):
     def terms_of(P: torch.Tensor, out: torch.Tensor, start: int, end: int) -> None:
+        if calls is not None:
+            calls.append((start, end))
         out.copy_(torch.cat((torch.sigmoid(-Y[start:end] * P[:, :1]).T, (P[:, 1:] ** 2).T)))
 
     return terms_of
+
+
+@pytest.fixture
+def numpy_products(monkeypatch):
+    """Counts the products NumPy's ``matmul`` computes (the ``"blocked_numpy"`` layout's)."""
+    real = np.matmul
+    count = [0]
+
+    def matmul(*args, **kwargs):
+        count[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(products.np, "matmul", matmul)
+    return count
 
 
 BLOCKED = [name for name in products.CERT_LAYOUTS if name != "direct"]
@@ -52,7 +68,7 @@ def test_the_layouts_are_the_documented_ones():
 @pytest.mark.parametrize("n", [3001, 512, 513, 100])
 @pytest.mark.parametrize("cols", [2, 6])
 @pytest.mark.parametrize("strided", [False, True])
-def test_blocked_products_are_the_direct_ones(layout, blocked, n, cols, strided):
+def test_blocked_products_are_the_direct_ones(layout, numpy_products, blocked, n, cols, strided):
     gen = torch.Generator().manual_seed(n + cols)
     X = torch.rand((n, 30), generator=gen, dtype=torch.float64)
     if strided:  # a column slice (not contiguous): NumPy's layout falls back to torch's
@@ -61,9 +77,17 @@ def test_blocked_products_are_the_direct_ones(layout, blocked, n, cols, strided)
     V = torch.randn((30, cols), generator=gen, dtype=torch.float64)
     Y = torch.where(torch.rand((n, 1), generator=gen) > 0.5, 1.0, -1.0).double()
     layout.value = "direct"
-    P, T, Q = products.certificate_products(X, V, _terms(Y))
+    calls: list[tuple[int, int]] = []
+    P, T, Q = products.certificate_products(X, V, _terms(Y, calls))
+    assert calls == [(0, n)] and numpy_products[0] == 0
     layout.value = blocked
-    Pb, Tb, Qb = products.certificate_products(X, V, _terms(Y))
+    calls.clear()
+    Pb, Tb, Qb = products.certificate_products(X, V, _terms(Y, calls))
+    # the layout ran by blocks of 512 rows, NumPy's products exactly when its layout applies
+    assert calls == [(s, min(n, s + 512)) for s in range(0, n, 512)]
+    assert numpy_products[0] == (
+        2 * len(calls) if blocked == "blocked_numpy" and not strided else 0
+    )
     # an independent oracle: numpy in float64
     Xn, Vn = X.numpy(), V.numpy()
     Pn = Xn @ Vn
@@ -127,25 +151,80 @@ def test_calibration_keeps_the_fastest_layout_and_skips_small_matrices(
     small = torch.rand((100, 64), dtype=torch.float64)
     assert products.calibrate_certificate(small, 2) == "direct"
     assert products._CERT_LAYOUT == {}  # one block: nothing to measure
-    real = products.certificate_products
-    measured: set[str] = set()
+    real = products._certificate_products
+    measured: list[str] = []
 
-    def timed(X, V, terms_of):  # every layout but one made slow: the measurement keeps that one
-        current = products._CERT_LAYOUT.get(products._cert_key(X, V.shape[1]))
-        measured.add(current)
-        if current != fast:
+    def timed(X, V, terms_of, layout):  # every layout but one made slow: that one is kept
+        measured.append(layout)
+        if layout != fast:
             time.sleep(0.01)
-        return real(X, V, terms_of)
+        return real(X, V, terms_of, layout)
 
-    monkeypatch.setattr(products, "certificate_products", timed)
+    monkeypatch.setattr(products, "_certificate_products", timed)
     X = torch.rand((3000, 16), dtype=torch.float64)
     assert products.calibrate_certificate(X, 2, repeats=2) == fast
     assert products._CERT_LAYOUT == {(torch.float64, 16, 2, one_thread): fast}
     expected = set(products.CERT_LAYOUTS)
     if not (one_thread and numpy_blas):
         expected.discard("blocked_numpy")  # (NumPy's pool would spin beside torch's threads)
-    assert measured == expected
+    assert set(measured) == expected and len(measured) == 2 * len(expected)
+    # the certificate uses what was kept, under the same key
+    measured.clear()
+    V = torch.rand((16, 2), dtype=torch.float64)
+    products.certificate_products(X, V, lambda P, out, s, e: out.copy_(P.T))
+    assert measured == [fast]
     # measured once per process and key: a later problem of that shape reuses the choice
     measured.clear()
     assert products.calibrate_certificate(torch.rand((5000, 16), dtype=torch.float64), 2) == fast
-    assert measured == set()
+    assert measured == []
+
+
+def test_a_failed_measurement_keeps_nothing(monkeypatch, threads):
+    threads(1)
+    monkeypatch.setattr(products, "_CERT_LAYOUT", {})
+    monkeypatch.setattr(products, "CERT_BLOCK_BYTES", 0)
+    real = products._certificate_products
+
+    def failing(X, V, terms_of, layout):
+        if layout == "blocked_rows":
+            raise MemoryError("no room for this layout")
+        return real(X, V, terms_of, layout)
+
+    monkeypatch.setattr(products, "_certificate_products", failing)
+    X = torch.rand((3000, 16), dtype=torch.float64)
+    with pytest.raises(MemoryError):
+        products.calibrate_certificate(X, 2)
+    assert products._CERT_LAYOUT == {}  # the next problem measures again
+    monkeypatch.setattr(products, "_certificate_products", real)
+    assert products.calibrate_certificate(X, 2, repeats=1) in products.CERT_LAYOUTS
+
+
+def test_numpy_is_measured_only_where_it_reads_x_in_place(monkeypatch, threads):
+    threads(1)
+    if not products.match_blas_threads():
+        pytest.skip("NumPy's BLAS not found")
+    monkeypatch.setattr(products, "_CERT_LAYOUT", {})
+    monkeypatch.setattr(products, "CERT_BLOCK_BYTES", 0)
+    real = products._certificate_products
+    measured: set[str] = set()
+
+    def spy(X, V, terms_of, layout):
+        measured.add(layout)
+        return real(X, V, terms_of, layout)
+
+    monkeypatch.setattr(products, "_certificate_products", spy)
+    for X in (
+        torch.rand((3000, 20), dtype=torch.float64)[:, 2:18],  # not contiguous
+        torch.rand((3000, 16), dtype=torch.bfloat16),  # NumPy has no bfloat16
+    ):
+        measured.clear()
+        chosen = products.calibrate_certificate(X, 2, repeats=1)
+        assert "blocked_numpy" not in measured and chosen != "blocked_numpy"
+
+
+def test_a_cuda_like_x_is_direct_whatever_is_cached(monkeypatch):
+    monkeypatch.setattr(products, "_CERT_LAYOUT", {})
+    X = torch.rand((3000, 16), dtype=torch.float64)
+    products._CERT_LAYOUT[products._cert_key(X, 2)] = "blocked_rows"
+    meta = torch.empty((3000, 16), dtype=torch.float64, device="meta")
+    assert products.calibrate_certificate(meta, 2) == "direct"

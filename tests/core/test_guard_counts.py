@@ -22,8 +22,22 @@ RNG = np.random.default_rng(11)
         np.array([True, False, True, True]),  # booleans keep their keys
         np.array(["a", "b", "a", "c"]),
         np.array([], dtype=np.int64),
+        np.array([0, 10**8, 10**8, 3]),  # huge codes: np.unique's path (no 800 MB table)
+        np.array([2**63 + 5, 1, 2**63 + 5], dtype=np.uint64),  # past int64
+        np.array([0.0, 1.0, 1.0]),
     ],
-    ids=["int10", "int2", "uint8-from-3", "negative", "bool", "str", "empty"],
+    ids=[
+        "int10",
+        "int2",
+        "uint8-from-3",
+        "negative",
+        "bool",
+        "str",
+        "empty",
+        "huge",
+        "uint64",
+        "float",
+    ],
 )
 @pytest.mark.parametrize("binary", [True, False])
 def test_counts_are_numpy_unique_s(labels, binary):
@@ -51,3 +65,16 @@ def test_refusals_follow_the_counts_removal_after_removal():
     one_vs_rest = RemovalGuard(np.array([0, 0, 1, 2]), np.ones(4, dtype=bool), binary=False)
     assert one_vs_rest.refuse([0, 1, 2]) is None  # one class left is fine one-vs-rest
     assert one_vs_rest.refuse([3]) == NO_ROWS
+
+
+def test_bincount_only_for_small_non_negative_integer_codes():
+    from core.guard import _small_codes
+
+    assert _small_codes(np.array([0, 1, 1, 0]))
+    assert _small_codes(np.array([], dtype=np.int64))
+    assert _small_codes(np.arange(10, dtype=np.uint8))
+    assert not _small_codes(np.array([0, 10**8]))  # a table of 10**8 counts for two rows
+    assert not _small_codes(np.array([-1, 0]))
+    assert not _small_codes(np.array([2**63 + 5], dtype=np.uint64))
+    assert not _small_codes(np.array([True, False]))
+    assert not _small_codes(np.array([0.0, 1.0]))
