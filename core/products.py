@@ -295,36 +295,40 @@ def _certificate_products(
         return P, T, xt_times(X, T.T)
     rows = _block_rows(d)
     Q = torch.zeros((cols, d), dtype=X.dtype, device=X.device)
-    if layout == "blocked_numpy":
-        P = torch.empty((n, cols), dtype=X.dtype, device=X.device)
-        Xn, Vn, Pn, Tn, Qn = X.numpy(), V.contiguous().numpy(), P.numpy(), T.numpy(), Q.numpy()
-        part = Qn.copy()
-        for start in range(0, n, rows):
-            end = min(n, start + rows)
-            rows_n = Xn[start:end]
-            np.matmul(rows_n, Vn, out=Pn[start:end])  # NumPy releases the GIL in its BLAS
-            terms_of(P[start:end], T[:, start:end], start, end)
-            np.matmul(Tn[:, start:end], rows_n, out=part)
-            Qn += part
-        return P, T, Q.T
+    # per block: its rows of P (``first``), then of T (``terms_of``), then Q += T_b X_b (``second``)
     if layout == "blocked_rows":
         Pt = torch.empty((cols, n), dtype=X.dtype, device=X.device)
-        Vt = V.T.contiguous()
-        for start in range(0, n, rows):
-            end = min(n, start + rows)
-            block = X[start:end]
-            torch.mm(Vt, block.T, out=Pt[:, start:end])
-            terms_of(Pt[:, start:end].T, T[:, start:end], start, end)
-            Q.addmm_(T[:, start:end], block)
-        return Pt.T.contiguous(), T, Q.T
-    P = torch.empty((n, cols), dtype=X.dtype, device=X.device)
+        P, Vt = Pt.T, V.T.contiguous()  # (P: a view, made contiguous at the end)
+
+        def first(start: int, end: int) -> None:
+            torch.mm(Vt, X[start:end].T, out=Pt[:, start:end])
+
+    else:
+        P = torch.empty((n, cols), dtype=X.dtype, device=X.device)
+
+        def first(start: int, end: int) -> None:
+            torch.mm(X[start:end], V, out=P[start:end])
+
+    def second(start: int, end: int) -> None:
+        Q.addmm_(T[:, start:end], X[start:end])
+
+    if layout == "blocked_numpy":  # the same memory through NumPy (its BLAS releases the GIL)
+        Xn, Vn, Pn, Tn, Qn = X.numpy(), V.contiguous().numpy(), P.numpy(), T.numpy(), Q.numpy()
+        part = np.empty_like(Qn)
+
+        def first(start: int, end: int) -> None:
+            np.matmul(Xn[start:end], Vn, out=Pn[start:end])
+
+        def second(start: int, end: int) -> None:
+            np.matmul(Tn[:, start:end], Xn[start:end], out=part)
+            np.add(Qn, part, out=Qn)
+
     for start in range(0, n, rows):
         end = min(n, start + rows)
-        block = X[start:end]
-        torch.mm(block, V, out=P[start:end])
+        first(start, end)
         terms_of(P[start:end], T[:, start:end], start, end)
-        Q.addmm_(T[:, start:end], block)
-    return P, T, Q.T
+        second(start, end)
+    return P.contiguous(), T, Q.T
 
 
 def _numpy_blocks_apply(X: torch.Tensor, V: torch.Tensor) -> bool:
