@@ -10,7 +10,7 @@ import torch
 
 from core.bounds import spectral_norm_upper
 from core.errors import InvalidInputError
-from core.products import calibrate_certificate, calibrate_products
+from core.products import calibrate_certificate, calibrate_hvp, calibrate_products
 
 ACCOUNTINGS = ("exact", "bound")
 #: ``int | float | str | None``: an int, a fraction of the rows, ``"auto"`` or None
@@ -27,7 +27,8 @@ class Problem:
     ``X32``: X rounded to float32, made with the problem (also by ``dataclasses.replace``, so
     it always matches X; half of X's memory). It feeds only what the float64 certificate
     re-checks: the float32 Hessians of the direct solve and the Hessian-vector products of the
-    removal step's CG (core.removal). Never a gradient, a margin or a certificate.
+    removal step's CG (core.removal). Never a gradient or a margin; the certificate reads it
+    only where it widens back to X exactly (:meth:`exact_float32`), for the same float64 values.
     """
 
     X: torch.Tensor
@@ -40,10 +41,28 @@ class Problem:
     X32: torch.Tensor = field(init=False, repr=False, compare=False)
     #: ``||x_i||^2`` (n,), for the certificate's rounding margins (computed once, not per step)
     row_norms_sq: torch.Tensor = field(init=False, repr=False, compare=False)
+    #: ``X32`` and its version counter when it was found to widen back to X exactly (CPU);
+    #: None otherwise (:meth:`exact_float32`)
+    _exact32: tuple[torch.Tensor, int] | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "X32", self.X.to(torch.float32).contiguous())
+        X32 = self.X.to(torch.float32).contiguous()
+        object.__setattr__(self, "X32", X32)
         object.__setattr__(self, "row_norms_sq", self.row_norms.square())
+        exact = self.X.device.type == "cpu" and widens_exactly(X32, self.X)
+        object.__setattr__(self, "_exact32", (X32, _version(X32)) if exact else None)
+
+    def exact_float32(self) -> torch.Tensor | None:
+        """:attr:`X32` where its values widened to float64 are exactly X's (X's values are
+        float32 numbers: every dataset's rows are stored in float32, ``core.data``), checked
+        when the problem was made, and it is the same tensor, unchanged in place since (its
+        version counter); else None (a float64 X with more digits, a CUDA device, a replaced or
+        changed copy). The certificate's widened layouts read it instead of X
+        (:func:`core.products.certificate_products`): the same float64 values, half the bytes."""
+        held = self._exact32
+        if held is None or held[0] is not self.X32 or _version(held[0]) != held[1]:
+            return None
+        return held[0]
 
     def weights(self, alive: torch.Tensor) -> torch.Tensor:
         """Row weights ``C = alive * omega`` (n, K) in X's dtype."""
@@ -66,6 +85,25 @@ class Hyper:
     extractor_dp: tuple[float, float] | None = None
     #: the extra (epsilon, delta) the operator accepts from the extractor's group privacy
     extractor_limit: tuple[float, float] | None = None
+
+
+def _version(tensor: torch.Tensor) -> int:
+    """``tensor``'s version counter: torch counts every in-place change of a tensor's memory
+    (autograd checks the tensors it saved by it)."""
+    return int(tensor._version)
+
+
+def widens_exactly(X32: torch.Tensor, X: torch.Tensor, block_bytes: int = 8 << 20) -> bool:
+    """Whether ``X32`` widened to ``X``'s dtype equals ``X`` element for element (NaN never
+    equals), compared by blocks of rows (no full-size copy)."""
+    if X32.shape != X.shape or X32.device != X.device:
+        return False
+    n, d = X.shape if X.ndim == 2 else (X.shape[0], 1)
+    rows = max(1, block_bytes // (8 * max(1, d)))
+    for start in range(0, n, rows):
+        if not torch.equal(X32[start : start + rows].to(X.dtype), X[start : start + rows]):
+            return False
+    return True
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -122,7 +160,9 @@ def make_problem(
     )
     calibrate_products(problem.X32, (k,))
     calibrate_products(problem.X, (k, 2 * k))
-    calibrate_certificate(problem.X, 2 * k)
+    calibrate_certificate(problem.X, 2 * k, X32=problem.exact_float32())
+    calibrate_hvp(problem.X32, k)  # the removal step's CG
+    calibrate_hvp(problem.X, k)  # the training's and the direct solve's refinement
     return problem
 
 

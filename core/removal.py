@@ -233,7 +233,9 @@ def _certify(
         torch.mul(neg_cy[start:end].T, z.T, out=out[:k])
         torch.mul(curvature[start:end].T, P[:, k:].T, out=out[k:])
 
-    P, terms, Q = certificate_products(X, torch.cat((W_new, S), dim=1), terms_of)
+    P, terms, Q = certificate_products(
+        X, torch.cat((W_new, S), dim=1), terms_of, X32=problem.exact_float32()
+    )
     Z_new, XS = Y * P[:, :k], P[:, k:]
     grad_new = Q[:, :k] + (lam * n_after) * W_new  # grad L_0(W_new; D')
     solve_residual = Q[:, k:] + (lam * n_after) * S - delta_grad  # H's - Delta at W

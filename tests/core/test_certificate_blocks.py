@@ -1,7 +1,8 @@
 """The certificate's two passes by blocks of rows (core.products.certificate_products), in each
-blocked layout (torch's GEMMs, the rows form, NumPy's BLAS): the same products as one pass each
-(against NumPy in float64), the same removal steps, and the certificate still above the true
-gradient residual computed from scratch with numpy; the calibration keeps the fastest layout."""
+blocked layout (torch's GEMMs, the rows form, NumPy's BLAS; each reading X or, widened, the
+float32 copy that widens back to X exactly): the same products as one pass each (against NumPy
+in float64), the same removal steps, and the certificate still above the true gradient residual
+computed from scratch with numpy; the calibration keeps the fastest layout."""
 
 from __future__ import annotations
 
@@ -61,33 +62,52 @@ BLOCKED = [name for name in products.CERT_LAYOUTS if name != "direct"]
 
 
 def test_the_layouts_are_the_documented_ones():
-    assert products.CERT_LAYOUTS == ("direct", "blocked", "blocked_rows", "blocked_numpy")
+    assert products.CERT_LAYOUTS == (
+        "direct",
+        "blocked",
+        "blocked_rows",
+        "blocked_numpy",
+        "blocked_f32",
+        "blocked_rows_f32",
+        "blocked_numpy_f32",
+    )
 
 
 @pytest.mark.parametrize("blocked", BLOCKED)
 @pytest.mark.parametrize("n", [3001, 512, 513, 100])
 @pytest.mark.parametrize("cols", [2, 6])
 @pytest.mark.parametrize("strided", [False, True])
-def test_blocked_products_are_the_direct_ones(layout, numpy_products, blocked, n, cols, strided):
+@pytest.mark.parametrize("copy32", [False, True])
+def test_blocked_products_are_the_direct_ones(
+    layout, numpy_products, blocked, n, cols, strided, copy32
+):
     gen = torch.Generator().manual_seed(n + cols)
-    X = torch.rand((n, 30), generator=gen, dtype=torch.float64)
+    # float32 numbers in float64 (as every dataset's rows): the float32 copy widens back exactly
+    X = torch.rand((n, 30), generator=gen).double()
     if strided:  # a column slice (not contiguous): NumPy's layout falls back to torch's
-        X = torch.rand((n, 35), generator=gen, dtype=torch.float64)[:, 2:32]
+        X = torch.rand((n, 35), generator=gen).double()[:, 2:32]
         assert not X.is_contiguous()
+    # the float32 copy as a problem makes it (contiguous); strided: a slice, which the widened
+    # layouts do not read (they read X instead)
+    X32 = X.float() if not strided else torch.rand((n, 35), generator=gen)[:, 2:32]
+    X32 = X32 if copy32 else None
+    if X32 is not None and strided:
+        X32.copy_(X)  # (the same values: whatever is read, the products are X's)
     V = torch.randn((30, cols), generator=gen, dtype=torch.float64)
     Y = torch.where(torch.rand((n, 1), generator=gen) > 0.5, 1.0, -1.0).double()
     layout.value = "direct"
     calls: list[tuple[int, int]] = []
-    P, T, Q = products.certificate_products(X, V, _terms(Y, calls))
+    P, T, Q = products.certificate_products(X, V, _terms(Y, calls), X32=X32)
     assert calls == [(0, n)] and numpy_products[0] == 0
     layout.value = blocked
     calls.clear()
-    Pb, Tb, Qb = products.certificate_products(X, V, _terms(Y, calls))
-    # the layout ran by blocks of 512 rows, NumPy's products exactly when its layout applies
+    Pb, Tb, Qb = products.certificate_products(X, V, _terms(Y, calls), X32=X32)
+    # the layout ran by blocks of 512 rows, NumPy's products exactly when its layout applies:
+    # on X in place, or on the widened blocks of a contiguous float32 copy
     assert calls == [(s, min(n, s + 512)) for s in range(0, n, 512)]
-    assert numpy_products[0] == (
-        2 * len(calls) if blocked == "blocked_numpy" and not strided else 0
-    )
+    widened = blocked.endswith("_f32") and copy32 and not strided
+    numpy = blocked.startswith("blocked_numpy") and (widened or not strided)
+    assert numpy_products[0] == (2 * len(calls) if numpy else 0)
     # an independent oracle: numpy in float64
     Xn, Vn = X.numpy(), V.numpy()
     Pn = Xn @ Vn
@@ -107,10 +127,12 @@ def test_steps_with_a_blocked_certificate_are_the_same_and_stay_certified(
     layout, blocked, accounting
 ):
     X, y = make_data(3000, 24, 3, 2)  # one-vs-rest: 2K = 6 columns, 6 blocks of 512 rows
+    assert X.dtype == torch.float32  # as every dataset's rows: the widened layouts apply
     model = core.train(
         X, y, lam=1e-3, sigma=10.0, seed=3, max_removals=None, accounting=accounting, device="cpu"
     )
     e, p = model._epoch, model._problem
+    assert p.exact_float32() is p.X32
     rows = torch.arange(40, 70)
     args = (p, e.alive, e.W, rows, e.acct.anchor_grad)
     layout.value = "direct"
@@ -144,7 +166,7 @@ def test_calibration_keeps_the_fastest_layout_and_skips_small_matrices(
 ):
     threads(1 if one_thread else 2)
     numpy_blas = products.match_blas_threads()
-    if fast == "blocked_numpy" and not (one_thread and numpy_blas):
+    if fast.startswith("blocked_numpy") and not (one_thread and numpy_blas):
         pytest.skip("NumPy's layout is measured with one torch thread and NumPy's BLAS only")
     monkeypatch.setattr(products, "_CERT_LAYOUT", {})
     monkeypatch.setattr(products, "CERT_BLOCK_BYTES", 0)  # blocks of 512 rows
@@ -154,29 +176,34 @@ def test_calibration_keeps_the_fastest_layout_and_skips_small_matrices(
     real = products._certificate_products
     measured: list[str] = []
 
-    def timed(X, V, terms_of, layout):  # every layout but one made slow: that one is kept
+    def timed(X, V, terms_of, layout, X32=None):  # all but one made slow: that one is kept
         measured.append(layout)
         if layout != fast:
             time.sleep(0.01)
-        return real(X, V, terms_of, layout)
+        return real(X, V, terms_of, layout, X32)
 
     monkeypatch.setattr(products, "_certificate_products", timed)
-    X = torch.rand((3000, 16), dtype=torch.float64)
-    assert products.calibrate_certificate(X, 2, repeats=2) == fast
-    assert products._CERT_LAYOUT == {(torch.float64, 16, 2, one_thread): fast}
-    expected = set(products.CERT_LAYOUTS)
+    X32 = torch.rand((3000, 16))
+    X = X32.double()
+    widened = fast.endswith("_f32")
+    copy = X32 if widened else None  # the widened layouts are measured with a float32 copy
+    assert products.calibrate_certificate(X, 2, repeats=2, X32=copy) == fast
+    assert products._CERT_LAYOUT == {(torch.float64, 16, 2, one_thread, widened): fast}
+    expected = {name for name in products.CERT_LAYOUTS if widened or not name.endswith("_f32")}
     if not (one_thread and numpy_blas):
-        expected.discard("blocked_numpy")  # (NumPy's pool would spin beside torch's threads)
+        # (NumPy's pool would spin beside torch's threads)
+        expected -= {"blocked_numpy", "blocked_numpy_f32"}
     assert set(measured) == expected and len(measured) == 2 * len(expected)
     # the certificate uses what was kept, under the same key
     measured.clear()
     V = torch.rand((16, 2), dtype=torch.float64)
-    products.certificate_products(X, V, lambda P, out, s, e: out.copy_(P.T))
+    products.certificate_products(X, V, lambda P, out, s, e: out.copy_(P.T), X32=copy)
     assert measured == [fast]
     # measured once per process and key: a later problem of that shape reuses the choice
     measured.clear()
-    assert products.calibrate_certificate(torch.rand((5000, 16), dtype=torch.float64), 2) == fast
-    assert measured == []
+    later = torch.rand((5000, 16))
+    chosen = products.calibrate_certificate(later.double(), 2, X32=later if widened else None)
+    assert chosen == fast and measured == []
 
 
 def test_a_failed_measurement_keeps_nothing(monkeypatch, threads):
@@ -185,10 +212,10 @@ def test_a_failed_measurement_keeps_nothing(monkeypatch, threads):
     monkeypatch.setattr(products, "CERT_BLOCK_BYTES", 0)
     real = products._certificate_products
 
-    def failing(X, V, terms_of, layout):
+    def failing(X, V, terms_of, layout, X32=None):
         if layout == "blocked_rows":
             raise MemoryError("no room for this layout")
-        return real(X, V, terms_of, layout)
+        return real(X, V, terms_of, layout, X32)
 
     monkeypatch.setattr(products, "_certificate_products", failing)
     X = torch.rand((3000, 16), dtype=torch.float64)
@@ -208,9 +235,9 @@ def test_numpy_is_measured_only_where_it_reads_x_in_place(monkeypatch, threads):
     real = products._certificate_products
     measured: set[str] = set()
 
-    def spy(X, V, terms_of, layout):
+    def spy(X, V, terms_of, layout, X32=None):
         measured.add(layout)
-        return real(X, V, terms_of, layout)
+        return real(X, V, terms_of, layout, X32)
 
     monkeypatch.setattr(products, "_certificate_products", spy)
     for X in (
@@ -225,6 +252,6 @@ def test_numpy_is_measured_only_where_it_reads_x_in_place(monkeypatch, threads):
 def test_a_cuda_like_x_is_direct_whatever_is_cached(monkeypatch):
     monkeypatch.setattr(products, "_CERT_LAYOUT", {})
     X = torch.rand((3000, 16), dtype=torch.float64)
-    products._CERT_LAYOUT[products._cert_key(X, 2)] = "blocked_rows"
+    products._CERT_LAYOUT[products._cert_key(X, 2, None)] = "blocked_rows"
     meta = torch.empty((3000, 16), dtype=torch.float64, device="meta")
     assert products.calibrate_certificate(meta, 2) == "direct"

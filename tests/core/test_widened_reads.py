@@ -1,0 +1,315 @@
+"""Fewer bytes per removal step, the same float64 certificate:
+
+- the certificate's widened layouts (core.products, ``*_f32``) read the problem's float32 copy
+  of X and widen each block to float64, only where that copy widens back to X exactly
+  (core.problem.Problem.exact_float32: checked when the problem is made, the same tensor,
+  unchanged in place since); a float64 X with more digits, a replaced or changed copy: X;
+- the Hessian-vector products by blocks of rows (core.products.hvp, ``HVP_LAYOUTS``).
+
+Checked against NumPy in float64 and against the true gradient residual and ``H's - Delta``
+computed from scratch from the float64 rows."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import core
+from core import products
+from core.problem import widens_exactly
+from core.removal import SolveOptions, newton_step
+from tests.core.conftest import make_data
+from tests.core.test_float32_products import _independent
+from tests.core.test_iterative_step import true_residual
+
+WIDENED = [name for name in products.CERT_LAYOUTS if name.endswith("_f32")]
+
+
+@pytest.fixture
+def cert_layout(monkeypatch):
+    """Every shape gets the certificate layout set on it (``.value``), in blocks of 512 rows."""
+
+    class Forced(dict):
+        value = "direct"
+
+        def get(self, key, default=None):
+            return self.value
+
+    forced = Forced()
+    monkeypatch.setattr(products, "_CERT_LAYOUT", forced)
+    monkeypatch.setattr(products, "CERT_BLOCK_BYTES", 0)
+    return forced
+
+
+@pytest.fixture
+def hvp_layout(monkeypatch):
+    """Every shape gets the Hessian-vector layout set on it (``.value``), blocks of 512 rows."""
+
+    class Forced(dict):
+        value = "two_passes"
+
+        def get(self, key, default=None):
+            return self.value
+
+    forced = Forced()
+    monkeypatch.setattr(products, "_HVP_LAYOUT", forced)
+    monkeypatch.setattr(products, "CERT_BLOCK_BYTES", 0)
+    return forced
+
+
+@pytest.fixture
+def threads():
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def _model(X: torch.Tensor, y: torch.Tensor, accounting: str = "exact") -> core.Model:
+    return core.train(
+        X, y, lam=1e-3, sigma=10.0, seed=3, max_removals=None, accounting=accounting, device="cpu"
+    )
+
+
+# ----------------------------------------------------------------- which copy is exact
+def test_a_dataset_of_float32_rows_has_an_exact_copy_and_a_float64_one_has_not():
+    X, y = make_data(1200, 20, 2, 0)
+    assert X.dtype == torch.float32
+    p = _model(X, y)._problem
+    assert p.exact_float32() is p.X32
+    assert torch.equal(p.X32.double(), p.X)
+    # core.train rounds a caller's float64 rows to float32 (the rows as stored): exact again
+    X64 = X.double()
+    X64[7, 3] += 1e-12
+    trained = _model(X64, y)._problem
+    assert trained.exact_float32() is trained.X32
+    # a problem on float64 rows with digits past float32's: no exact copy
+    q = dataclasses.replace(p, X=X64)
+    assert q.exact_float32() is None
+    # a row view (core.rowview) checks its own rows again
+    view = core.problem.restrict(p, torch.arange(0, 1200, 2))
+    assert view.exact_float32() is view.X32
+
+
+def test_a_replaced_or_changed_copy_is_not_exact_any_more():
+    X, y = make_data(1200, 20, 2, 0)
+    p = _model(X, y)._problem
+    replaced = dataclasses.replace(p)
+    assert replaced.exact_float32() is replaced.X32  # made anew, checked anew
+    object.__setattr__(replaced, "X32", replaced.X32.clone())
+    assert replaced.exact_float32() is None  # not the tensor that was checked
+    changed = dataclasses.replace(p)
+    changed.X32[0, 0] = 0.5  # in place: its version counter moved
+    assert changed.exact_float32() is None
+    assert p.exact_float32() is p.X32  # the original's copy is its own
+
+
+def test_widens_exactly_compares_every_block():
+    gen = torch.Generator().manual_seed(1)
+    X32 = torch.rand((1000, 8), generator=gen)
+    X = X32.double()
+    assert widens_exactly(X32, X, block_bytes=64 * 8)  # blocks of 64 rows
+    for row in (0, 63, 64, 999):
+        bent = X.clone()
+        bent[row, 5] = float(bent[row, 5]) + 2.0**-40  # below float32's resolution
+        assert not widens_exactly(X32, bent, block_bytes=64 * 8)
+    nan = X.clone()
+    nan[500, 0] = float("nan")
+    X32nan = nan.float()
+    assert not widens_exactly(X32nan, nan)  # NaN never equals
+    assert not widens_exactly(X32[:999], X)
+    assert not widens_exactly(X32.T.contiguous(), X.T.contiguous()[:, :999])
+
+
+# ----------------------------------------------------------------- the widened layouts
+@pytest.mark.parametrize("widened", WIDENED)
+def test_the_widened_layouts_read_the_float32_copy(cert_layout, widened):
+    """A copy that differs from X shows which one a layout read (a caller never passes one:
+    the copy must widen back to X exactly); the unwidened layout reads X."""
+    gen = torch.Generator().manual_seed(2)
+    X32 = torch.rand((1500, 12), generator=gen)
+    X = X32.double()
+    other = (X32 * 0.5).contiguous()
+    V = torch.randn((12, 2), generator=gen, dtype=torch.float64)
+
+    def terms_of(P, out, s, e):
+        out.copy_(P.T)
+
+    cert_layout.value = widened
+    P, _, Q = products.certificate_products(X, V, terms_of, X32=other)
+    cert_layout.value = widened.removesuffix("_f32")
+    P0, _, Q0 = products.certificate_products(X, V, terms_of, X32=other)
+    o = other.double().numpy()
+    torch.testing.assert_close(P, torch.from_numpy(o @ V.numpy()), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(P0, torch.from_numpy(X.numpy() @ V.numpy()), rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(Q, Q0)
+
+
+@pytest.mark.parametrize("widened", WIDENED)
+@pytest.mark.parametrize("accounting", ["exact", "bound"])
+def test_steps_with_a_widened_certificate_stay_certified(cert_layout, widened, accounting):
+    X, y = make_data(3000, 24, 3, 2)  # one-vs-rest, 6 blocks of 512 rows
+    model = _model(X, y, accounting)
+    e, p = model._epoch, model._problem
+    args = (p, e.alive, e.W, torch.arange(40, 70), e.acct.anchor_grad)
+    cert_layout.value = "blocked"
+    plain = newton_step(*args, cache=e.solver)
+    cert_layout.value = widened
+    step = newton_step(*args, cache=e.solver)
+    assert plain is not None and step is not None
+    assert torch.equal(plain.W, step.W)
+    assert step.anchor_distance == pytest.approx(plain.anchor_distance, rel=1e-9)
+    torch.testing.assert_close(step.increments, plain.increments, rtol=1e-9, atol=0)
+    order = np.random.default_rng(5).permutation(model.n_rows)[:60].tolist()
+    for t in range(6):
+        assert model.remove(order[10 * t : 10 * t + 10]).applied
+        assert true_residual(model) <= model.exact_used * (1 + 1e-9) + 1e-12
+        assert model.exact_used <= model.bound_used * (1 + 1e-9) + 1e-12
+
+
+@pytest.mark.parametrize("widened", WIDENED)
+def test_a_copy_changed_in_place_does_not_reach_the_certificate(cert_layout, widened):
+    X, y = make_data(1500, 40, 2, 0)
+    model = _model(X, y)
+    p, e = model._problem, model._epoch
+    rows = [5, 9, 11]
+    cert_layout.value = widened
+    p.X32.mul_(1.01)  # a float32 copy 1 % off X, changed after the problem checked it
+    assert p.exact_float32() is None
+    step = newton_step(p, e.alive, e.W, torch.tensor(rows), e.acct.anchor_grad, cache=e.solver)
+    assert step is not None
+    anchor, residual = _independent(model, step, rows)
+    # the certificate is the truth of the step applied, from the float64 rows
+    assert step.anchor_distance == pytest.approx(anchor, rel=1e-9, abs=1e-13)
+    np.testing.assert_allclose(step.solve_residual.numpy(), residual, rtol=1e-6, atol=1e-13)
+
+
+@pytest.mark.parametrize("widened", WIDENED)
+def test_a_float64_x_with_more_digits_is_certified_from_itself(cert_layout, widened):
+    X, y = make_data(2000, 16, 2, 4)
+    model = _model(X, y)
+    e = model._epoch
+    X64 = model._problem.X.clone()
+    X64[:, 0] += 1e-11  # digits past float32's
+    p = dataclasses.replace(model._problem, X=X64)
+    assert p.exact_float32() is None
+    args = (p, e.alive, e.W, torch.arange(10, 30), e.acct.anchor_grad)
+    cert_layout.value = widened.removesuffix("_f32")
+    plain = newton_step(*args, cache=e.solver)
+    cert_layout.value = widened
+    step = newton_step(*args, cache=e.solver)
+    assert plain is not None and step is not None
+    # the same reads of the float64 rows: the same certificate to the last bit
+    assert step.anchor_distance == plain.anchor_distance
+    assert torch.equal(step.increments, plain.increments)
+    assert torch.equal(step.solve_residual, plain.solve_residual)
+
+
+# ----------------------------------------------------------------- blocked Hessian-vector
+def test_the_hvp_layouts_are_the_documented_ones():
+    assert products.HVP_LAYOUTS == ("two_passes", "blocked", "blocked_numpy")
+
+
+@pytest.mark.parametrize("blocked", ["blocked", "blocked_numpy"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [3001, 512, 100])
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("strided", [False, True])
+def test_blocked_hvp_is_the_two_pass_product(hvp_layout, blocked, dtype, n, k, strided):
+    gen = torch.Generator().manual_seed(n + k)
+    X = torch.rand((n, 30), generator=gen, dtype=torch.float64)
+    if strided:
+        X = torch.rand((n, 34), generator=gen, dtype=torch.float64)[:, 2:32]
+    X = X.to(dtype) if not strided else X.to(dtype)[:, :]
+    curvature = torch.rand((n, k), generator=gen, dtype=torch.float64).to(dtype)
+    V = torch.randn((30, k), generator=gen, dtype=torch.float64)
+    hvp_layout.value = "two_passes"
+    two = products.hvp(X, curvature, V, 0.3)
+    hvp_layout.value = blocked
+    got = products.hvp(X, curvature, V, 0.3)
+    assert got.dtype == torch.float64 and got.shape == (30, k)
+    Xn, cn = X.double().numpy(), curvature.double().numpy()
+    Vn = V.to(dtype).double().numpy()  # (the products run in X's dtype)
+    oracle = torch.from_numpy(Xn.T @ (cn * (Xn @ Vn)) + 0.3 * V.numpy())
+    tol = 1e-4 if dtype == torch.float32 else 1e-11
+    torch.testing.assert_close(got, oracle, rtol=tol, atol=tol)
+    torch.testing.assert_close(two, oracle, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("one_thread", [True, False])
+@pytest.mark.parametrize("fast", products.HVP_LAYOUTS)
+def test_the_hvp_calibration_keeps_the_fastest_layout(monkeypatch, threads, one_thread, fast):
+    threads(1 if one_thread else 2)
+    numpy_blas = products.match_blas_threads()
+    if fast == "blocked_numpy" and not (one_thread and numpy_blas):
+        pytest.skip("NumPy's layout is measured with one torch thread and NumPy's BLAS only")
+    monkeypatch.setattr(products, "_HVP_LAYOUT", {})
+    monkeypatch.setattr(products, "CERT_BLOCK_BYTES", 0)
+    assert products.calibrate_hvp(torch.rand((100, 8)), 1) == "two_passes"
+    assert products._HVP_LAYOUT == {}  # one block: nothing to measure
+    real = products._hvp_products
+    measured: list[str] = []
+
+    def timed(X, curvature, V, layout):
+        measured.append(layout)
+        if layout != fast:
+            time.sleep(0.01)
+        return real(X, curvature, V, layout)
+
+    monkeypatch.setattr(products, "_hvp_products", timed)
+    X = torch.rand((3000, 16))
+    assert products.calibrate_hvp(X, 1, repeats=2) == fast
+    assert products._HVP_LAYOUT == {(torch.float32, 16, 1, one_thread): fast}
+    expected = set(products.HVP_LAYOUTS)
+    if not (one_thread and numpy_blas):
+        expected.discard("blocked_numpy")
+    assert set(measured) == expected and len(measured) == 2 * len(expected)
+    measured.clear()
+    products.hvp(X, torch.rand((3000, 1)), torch.rand((16, 1), dtype=torch.float64), 0.1)
+    assert measured == [fast]
+    measured.clear()
+    assert products.calibrate_hvp(torch.rand((5000, 16)), 1) == fast  # once per key
+    assert measured == []
+
+
+def test_a_failed_hvp_measurement_keeps_nothing(monkeypatch):
+    monkeypatch.setattr(products, "_HVP_LAYOUT", {})
+    monkeypatch.setattr(products, "CERT_BLOCK_BYTES", 0)
+    real = products._hvp_products
+
+    def failing(X, curvature, V, layout):
+        if layout == "blocked":
+            raise MemoryError("no room")
+        return real(X, curvature, V, layout)
+
+    monkeypatch.setattr(products, "_hvp_products", failing)
+    with pytest.raises(MemoryError):
+        products.calibrate_hvp(torch.rand((3000, 16)), 1)
+    assert products._HVP_LAYOUT == {}
+
+
+@pytest.mark.parametrize("blocked", ["blocked", "blocked_numpy"])
+@pytest.mark.parametrize("accounting", ["exact", "bound"])
+def test_cg_steps_with_blocked_hvps_stay_certified(hvp_layout, threads, blocked, accounting):
+    threads(1)
+    X, y = make_data(3000, 24, 2, 8)
+    model = _model(X, y, accounting)
+    p, e = model._problem, model._epoch
+    hvp_layout.value = blocked
+    rows = [3, 8, 13]
+    step = newton_step(
+        p, e.alive, e.W, torch.tensor(rows), e.acct.anchor_grad, cache=e.solver,
+        options=SolveOptions("iterative", fallback=False),
+    )  # fmt: skip
+    assert step is not None and step.method == "iterative"
+    anchor, residual = _independent(model, step, rows)
+    assert step.anchor_distance == pytest.approx(anchor, rel=1e-9, abs=1e-13)
+    np.testing.assert_allclose(step.solve_residual.numpy(), residual, rtol=1e-6, atol=1e-13)
+    order = np.random.default_rng(9).permutation(model.n_rows)[:50].tolist()
+    for t in range(5):
+        assert model.remove(order[10 * t : 10 * t + 10]).applied
+        assert true_residual(model) <= model.exact_used * (1 + 1e-9) + 1e-12
+        assert model.exact_used <= model.bound_used * (1 + 1e-9) + 1e-12
