@@ -285,9 +285,6 @@ def build_runtime(
     try:
         warm_up(model)  # before the metrics endpoint answers: launchers wait for it
         metrics = build_metrics(settings, model)
-        port = 0
-        if serve_metrics:
-            port = metrics.serve(settings.metrics_port, settings.metrics_addr)
     except BaseException:
         lease.release()
         raise
@@ -318,6 +315,15 @@ def build_runtime(
     # cyclic collector's generations (full collections were a visible share of each batch).
     gc.freeze()
     metrics.beat()  # serving from now on: the event loop beats next (worker.tasks)
+    # the endpoint answers once the service is built and has beaten: a launcher that waits for
+    # it (worker.launcher.wait_ready) never reads a page without a heartbeat
+    port = 0
+    if serve_metrics:
+        try:
+            port = metrics.serve(settings.metrics_port, settings.metrics_addr)
+        except BaseException:
+            lease.release()
+            raise
     dev = model.device
     log.info(
         "certremove worker: model %r version %s on %s, %d rows alive; metrics on %s:%d",
