@@ -160,12 +160,18 @@ def service_run(
 def drain_phases(port: int) -> dict[str, dict[str, float]]:
     """Per phase of the drain loop (``certremove_drain_phase_seconds``, read from the worker's
     metrics page at the end of a run): batches that went through it, its mean and total seconds,
-    and its 97th percentile as Prometheus reads it from the buckets (``p97``: a steady p99 is
-    about two cycles from the slow end, docs/operations.md "Where a drain's time goes")."""
+    its 97th percentile as Prometheus reads it from the buckets (``p97``: a steady p99 is about
+    two cycles from the slow end, docs/operations.md "Where a drain's time goes") and the batches
+    in which it took more than 100 ms (``over_100ms``: a stall, such as a persist whose fsyncs
+    waited on the disk, delays every request behind it)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        return phases_of(resp.read().decode())
+
+
+def phases_of(text: str) -> dict[str, dict[str, float]]:
+    """:func:`drain_phases` of a metrics page's text."""
     from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
 
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
     sums: dict[str, float] = {}
     counts: dict[str, float] = {}
     buckets: dict[str, list[tuple[float, float]]] = {}
@@ -186,6 +192,7 @@ def drain_phases(port: int) -> dict[str, dict[str, float]]:
             "mean": sums[p] / counts[p],
             "total": sums[p],
             "p97": bucket_quantile(0.97, buckets.get(p, [])),
+            "over_100ms": counts[p] - dict(buckets.get(p, [])).get(0.1, counts[p]),
         }
         for p in counts
         if counts[p]
@@ -215,6 +222,9 @@ def phase_line(phases: dict[str, dict[str, float]]) -> str:
     parts = [f"{p} {v['mean'] * 1000:.1f}" for p, v in phases.items()]
     step_p97 = phases.get("step", {}).get("p97")
     tail = "" if step_p97 is None else f"; step p97 {step_p97 * 1000:.0f} ms"
+    slow = [f"{p} {int(v['over_100ms'])}" for p, v in phases.items() if v.get("over_100ms")]
+    if slow:
+        tail += "; batches over 100 ms: " + ", ".join(slow)
     return f"{batches} batches; mean ms per batch: " + ", ".join(parts) + tail
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 
 from worker.metrics import ServiceMetrics
 
@@ -120,3 +120,24 @@ def test_the_load_test_reads_the_phase_p97_as_prometheus_does() -> None:
     for q in (0.5, 0.97, 0.999):
         assert bench.bucket_quantile(q, buckets) == pytest.approx(histogram_quantile(q, buckets))
     assert bench.bucket_quantile(0.97, [(0.1, 0.0), (math.inf, 0.0)]) is None
+
+
+def test_the_load_test_counts_the_batches_of_a_phase_over_100_ms() -> None:
+    """A stall (a persist whose fsyncs waited on the disk) shows in the load test's output as
+    the batches of a phase that took more than 100 ms, read from the worker's real page."""
+    spec = importlib.util.spec_from_file_location(
+        "loadtest_bench", Path(__file__).resolve().parents[2] / "benchmarks" / "loadtest.py"
+    )
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    reg = CollectorRegistry()
+    metrics = ServiceMetrics(reg)
+    for v in (0.004, 0.0099, 0.1, 0.1001, 0.3, 2.0):  # 0.1 is in the bucket le=0.1: not over
+        metrics.phases.observe("persist", v)
+    metrics.phases.observe("step", 0.02)
+    phases = bench.phases_of(generate_latest(reg).decode())
+    assert phases["persist"]["batches"] == 6 and phases["persist"]["over_100ms"] == 3
+    assert phases["step"]["batches"] == 1 and phases["step"]["over_100ms"] == 0
+    assert "batches over 100 ms: persist 3" in bench.phase_line(phases)
+    assert "over 100 ms" not in bench.phase_line({"step": phases["step"]})
