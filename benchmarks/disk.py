@@ -1,6 +1,7 @@
 """How long the state directory's durable writes take on this machine's disk, without the service.
 
-    python benchmarks/disk.py [--dir DIR] [--count N] [--interval S] [--json] [--output FILE]
+    python benchmarks/disk.py [--dir DIR] [--count N] [--interval S] [--keep K] [--json]
+        [--output FILE]
 
 The worker persists a snapshot after every Newton step and certifies the step's requests only
 once it is durable (docs/design.md "State directory"), so a persist that waits on the disk holds
@@ -10,8 +11,9 @@ the drain's batches with a phase over 100 ms). This measures the same writes alo
 drain's pace:
 
 1. **snapshot**: ``Model.save`` of a model trained on ``synthetic:n=100000,d=64,classes=2`` (the
-   load test's shape: its weights, alive mask and a journal of 150 answers), ``keep=3`` as the
-   worker keeps them (the oldest snapshot deleted at each save), every ``--interval`` seconds;
+   load test's shape: its weights, alive mask and a journal of 150 answers), ``--keep 3`` as the
+   worker keeps them by default (the oldest snapshot deleted at each save; a ``--keep`` above
+   ``--count`` deletes none), every ``--interval`` seconds;
 2. **fsync**: one 4 KiB file rewritten and fsynced, at the same pace (the disk's own latency).
 
 Per kind: mean, p50, p99, max and how many took more than 50 and 100 ms. The state directory is
@@ -52,18 +54,19 @@ def summary(seconds: list[float]) -> dict[str, Any]:
     }
 
 
-def snapshots(directory: Path, count: int, interval: float) -> list[float]:
-    """``count`` saves of a load-test-shaped model with a journal, ``interval`` s apart."""
+def snapshots(directory: Path, count: int, interval: float, keep: int = 3) -> list[float]:
+    """``count`` saves of a load-test-shaped model with a journal, ``interval`` s apart, the
+    newest ``keep`` kept."""
     ds = core.load_dataset("synthetic:n=100000,d=64,classes=2")
     model = core.train(ds.X_train, ds.y_train, lam=1e-3, sigma=10.0, seed=0, max_removals=None)
     model.dataset = ds
     answer = {"request_id": "0" * 32, "status": "applied", "requested_at": time.time()}
     journal = {"format": 2, "records": [answer] * 150}
-    model.save(directory, journal=journal, keep=3)  # the dataset file, once
+    model.save(directory, journal=journal, keep=keep)  # the dataset file, once
     out = []
     for _ in range(count):
         start = time.perf_counter()
-        model.save(directory, journal=journal, keep=3)
+        model.save(directory, journal=journal, keep=keep)
         out.append(time.perf_counter() - start)
         time.sleep(interval)
     return out
@@ -90,11 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", type=Path, help="where to write (default: a temporary directory)")
     ap.add_argument("--count", type=int, default=500, help="writes of each kind")
     ap.add_argument("--interval", type=float, default=0.03, help="seconds between writes")
+    ap.add_argument("--keep", type=int, default=3, help="snapshots kept (the worker's default 3)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--output", type=Path, help="also write the JSON here")
     args = ap.parse_args(argv)
-    if args.count < 1 or args.interval < 0:
-        ap.error("--count must be at least 1 and --interval at least 0")
+    if args.count < 1 or args.interval < 0 or args.keep < 1:
+        ap.error("--count and --keep must be at least 1 and --interval at least 0")
     root = Path(tempfile.mkdtemp(prefix="certremove-disk-")) if args.dir is None else args.dir
     root.mkdir(parents=True, exist_ok=True)
     try:
@@ -103,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
             "dir": str(root),
             "count": args.count,
             "interval_s": args.interval,
-            "snapshot": summary(snapshots(root / "state", args.count, args.interval)),
+            "keep": args.keep,
+            "snapshot": summary(snapshots(root / "state", args.count, args.interval, args.keep)),
             "fsync": summary(fsyncs(root, args.count, args.interval)),
         }
     finally:

@@ -39,4 +39,4 @@ def test_bad_options_are_refused_with_a_message():
         [sys.executable, str(SCRIPT), "--count", "0"],
         capture_output=True, text=True, timeout=60, cwd=ROOT,
     )  # fmt: skip
-    assert proc.returncode == 2 and "--count must be at least 1" in proc.stderr
+    assert proc.returncode == 2 and "--count and --keep must be at least 1" in proc.stderr
