@@ -41,26 +41,45 @@ class Problem:
     X32: torch.Tensor = field(init=False, repr=False, compare=False)
     #: ``||x_i||^2`` (n,), for the certificate's rounding margins (computed once, not per step)
     row_norms_sq: torch.Tensor = field(init=False, repr=False, compare=False)
-    #: ``X32`` and its version counter when it was found to widen back to X exactly (CPU);
-    #: None otherwise (:meth:`exact_float32`)
-    _exact32: tuple[torch.Tensor, int] | None = field(init=False, repr=False, compare=False)
+    #: ``X32``, X and their version counters when X32 was found to widen back to X exactly
+    #: (CPU, tensors that count their changes); None otherwise (:meth:`exact_float32`)
+    _exact32: tuple[torch.Tensor, int, torch.Tensor, int] | None = field(
+        init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         X32 = self.X.to(torch.float32).contiguous()
         object.__setattr__(self, "X32", X32)
         object.__setattr__(self, "row_norms_sq", self.row_norms.square())
-        exact = self.X.device.type == "cpu" and widens_exactly(X32, self.X)
-        object.__setattr__(self, "_exact32", (X32, _version(X32)) if exact else None)
+        exact = (
+            self.X.device.type == "cpu"
+            # (tensors made under torch.inference_mode() count no changes: never trusted here)
+            and not (X32.is_inference() or self.X.is_inference())
+            and widens_exactly(X32, self.X)
+        )
+        held = (X32, _version(X32), self.X, _version(self.X)) if exact else None
+        object.__setattr__(self, "_exact32", held)
 
     def exact_float32(self) -> torch.Tensor | None:
         """:attr:`X32` where its values widened to float64 are exactly X's (X's values are
         float32 numbers: every dataset's rows are stored in float32, ``core.data``), checked
-        when the problem was made, and it is the same tensor, unchanged in place since (its
-        version counter); else None (a float64 X with more digits, a CUDA device, a replaced or
-        changed copy). The certificate's widened layouts read it instead of X
-        (:func:`core.products.certificate_products`): the same float64 values, half the bytes."""
+        when the problem was made, while both are the same tensors, unchanged in place since
+        (their version counters); else None (a float64 X with more digits, a CUDA device, a
+        replaced or changed copy or X, tensors made under ``torch.inference_mode()``). The
+        certificate's widened layouts read it instead of X
+        (:func:`core.products.certificate_products`): the same float64 values, half the bytes.
+
+        The counters see every in-place change made through torch; nothing in core writes to a
+        problem's tensors at all, and writes that bypass torch (through ``.numpy()``, ``.data``
+        or another tensor on the same storage) are not seen: do not make them."""
         held = self._exact32
-        if held is None or held[0] is not self.X32 or _version(held[0]) != held[1]:
+        if (
+            held is None
+            or held[0] is not self.X32
+            or held[2] is not self.X
+            or _version(held[0]) != held[1]
+            or _version(held[2]) != held[3]
+        ):
             return None
         return held[0]
 

@@ -378,6 +378,8 @@ def certificate_products(
     layouts may read it instead of X: the same float64 values, half the bytes."""
     layout = "direct"
     if X.device.type == "cpu":
+        if X32 is not None and not _widening_applies(X, X32):
+            X32 = None  # (as the calibration keys it)
         layout = _CERT_LAYOUT.get(_cert_key(X, V.shape[1], X32), "direct")
     return _certificate_products(X, V, terms_of, layout, X32)
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import core
-from core import products
+from core import products, removal
 from core.problem import widens_exactly
 from core.removal import SolveOptions, newton_step
 from tests.core.conftest import make_data
@@ -107,6 +107,28 @@ def test_a_replaced_or_changed_copy_is_not_exact_any_more():
     assert p.exact_float32() is p.X32  # the original's copy is its own
 
 
+def test_a_changed_x_is_not_matched_by_its_old_copy_any_more():
+    X, y = make_data(1200, 20, 2, 0)
+    p = dataclasses.replace(_model(X, y)._problem)
+    assert p.exact_float32() is p.X32
+    p.X[:, 0] *= 1.01  # X itself changed in place: the copy no longer widens to it
+    assert p.exact_float32() is None
+    q = dataclasses.replace(_model(X, y)._problem)
+    object.__setattr__(q, "X", q.X.clone())  # another X (equal or not): not the one checked
+    assert q.exact_float32() is None
+
+
+def test_training_and_removing_under_inference_mode_read_x():
+    """Tensors made under ``torch.inference_mode()`` count no changes: no exact copy is
+    trusted, and training, removals and their certificate work as before."""
+    X, y = make_data(1500, 16, 2, 1)
+    with torch.inference_mode():
+        model = _model(X, y)
+        assert model._problem.exact_float32() is None
+        assert model.remove([3, 4, 5]).applied
+    assert true_residual(model) <= model.exact_used * (1 + 1e-9) + 1e-12
+
+
 def test_widens_exactly_compares_every_block():
     gen = torch.Generator().manual_seed(1)
     X32 = torch.rand((1000, 8), generator=gen)
@@ -158,7 +180,32 @@ def test_steps_with_a_widened_certificate_stay_certified(cert_layout, widened, a
     cert_layout.value = "blocked"
     plain = newton_step(*args, cache=e.solver)
     cert_layout.value = widened
-    step = newton_step(*args, cache=e.solver)
+    given: list[torch.Tensor | None] = []
+    widenings = [0]
+    real_products, real_copyto = removal.certificate_products, products.np.copyto
+    real_copy = torch.Tensor.copy_
+
+    def spy(X, V, terms_of, X32=None):
+        given.append(X32)
+        return real_products(X, V, terms_of, X32=X32)
+
+    def copyto(dst, src, *a, **k):
+        widenings[0] += src.dtype == np.float32 and dst.dtype == np.float64
+        return real_copyto(dst, src, *a, **k)
+
+    def copy_(self, src, *a, **k):
+        widenings[0] += src.dtype == torch.float32 and self.dtype == torch.float64
+        return real_copy(self, src, *a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(removal, "certificate_products", spy)
+        mp.setattr(products.np, "copyto", copyto)
+        mp.setattr(torch.Tensor, "copy_", copy_)
+        step = newton_step(*args, cache=e.solver)
+    # the step handed the problem's float32 copy to the certificate, which widened it block by
+    # block (6 blocks of 512 rows)
+    assert len(given) == 1 and given[0] is p.X32
+    assert widenings[0] == 6
     assert plain is not None and step is not None
     assert torch.equal(plain.W, step.W)
     assert step.anchor_distance == pytest.approx(plain.anchor_distance, rel=1e-9)
@@ -220,10 +267,10 @@ def test_the_hvp_layouts_are_the_documented_ones():
 @pytest.mark.parametrize("strided", [False, True])
 def test_blocked_hvp_is_the_two_pass_product(hvp_layout, blocked, dtype, n, k, strided):
     gen = torch.Generator().manual_seed(n + k)
-    X = torch.rand((n, 30), generator=gen, dtype=torch.float64)
-    if strided:
-        X = torch.rand((n, 34), generator=gen, dtype=torch.float64)[:, 2:32]
-    X = X.to(dtype) if not strided else X.to(dtype)[:, :]
+    X = torch.rand((n, 30), generator=gen, dtype=torch.float64).to(dtype)
+    if strided:  # a column slice: neither layout reads it in place through NumPy
+        X = torch.rand((n, 34), generator=gen, dtype=torch.float64).to(dtype)[:, 2:32]
+        assert not X.is_contiguous()
     curvature = torch.rand((n, k), generator=gen, dtype=torch.float64).to(dtype)
     V = torch.randn((30, k), generator=gen, dtype=torch.float64)
     hvp_layout.value = "two_passes"
