@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,19 @@ def _rids(entries: list[Any]) -> list[str]:
 def sent(broker_url: str, model_name: str) -> list[str]:
     with Client(broker_url, model=model_name) as client:
         return client.enqueue_many([[i] for i in range(10)])
+
+
+def _wait_delivered(
+    rclient: redis.Redis, intake: Intake, count: int, timeout: float = 10.0
+) -> None:
+    """Wait until ``count`` entries of the intake's stream are delivered (pending)."""
+    stream = intake.stream
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if int(rclient.xpending(stream.key, stream.group)["pending"]) >= count:
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"fewer than {count} entries delivered within {timeout} s")
 
 
 def _intake(rclient: redis.Redis, model_name: str, max_batch: int = 4) -> Intake:
@@ -80,6 +94,8 @@ def test_a_small_batch_is_topped_up_and_a_large_one_is_served_as_it_is(
     large = small
     large.max_batch = 40  # tops up below 10 entries
     large.read_ahead()  # reads the twenty
+    # (on its own thread: the five below must arrive after it has read, or it reads them too)
+    _wait_delivered(rclient, large, 15 + 20)
     with Client(broker_url, model=model_name) as client:
         last = client.enqueue_many([[i] for i in range(35, 40)])
     assert _rids(large.fill([])) == later  # twenty: served without a read
