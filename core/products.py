@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -194,14 +194,34 @@ def _calibrate(
     layouts = base + tuple(name for name, width in PADDED.items() if width > cols)
     if X.dtype in (torch.float32, torch.float64) and key[-1] and match_blas_threads():
         layouts += NUMPY_LAYOUTS
+    return _keep_fastest(
+        _LAYOUT, key, layouts, lambda layout: _product(X, V, transpose, layout), repeats
+    )
+
+
+#: the clock the calibrations read (a test's own clock makes their choice deterministic)
+_clock = time.perf_counter
+
+
+def _keep_fastest(
+    table: dict[Any, str],
+    key: Any,
+    layouts: Sequence[str],
+    run: Callable[[str], object],
+    repeats: int,
+) -> str:
+    """Time ``run(layout)`` for each of ``layouts``, interleaved, the best of ``repeats`` each
+    (so that a burst of load on a shared machine hits all of them), and keep the fastest in
+    ``table`` under ``key`` unless another thread kept one first; returns the one kept. A
+    measurement that raises keeps nothing."""
     best = dict.fromkeys(layouts, math.inf)
     for _ in range(repeats):
         for layout in layouts:
-            start = time.perf_counter()
-            _product(X, V, transpose, layout)
-            best[layout] = min(best[layout], time.perf_counter() - start)
+            start = _clock()
+            run(layout)
+            best[layout] = min(best[layout], _clock() - start)
     with _LAYOUT_LOCK:
-        return _LAYOUT.setdefault(key, min(layouts, key=best.__getitem__))
+        return table.setdefault(key, min(layouts, key=best.__getitem__))
 
 
 def calibrate_products(X: torch.Tensor, columns: tuple[int, ...]) -> None:
@@ -311,14 +331,13 @@ def calibrate_hvp(X: torch.Tensor, cols: int, repeats: int = 5) -> str:
     layouts = ["two_passes", "blocked"]
     if key[-1] and _numpy_blocks_apply(X, V) and match_blas_threads():
         layouts.append("blocked_numpy")
-    best = dict.fromkeys(layouts, math.inf)
-    for _ in range(repeats):
-        for layout in layouts:
-            start = time.perf_counter()
-            _hvp_products(X, curvature, V, layout)
-            best[layout] = min(best[layout], time.perf_counter() - start)
-    with _LAYOUT_LOCK:
-        return _HVP_LAYOUT.setdefault(key, min(best, key=best.__getitem__))
+    return _keep_fastest(
+        _HVP_LAYOUT,
+        key,
+        layouts,
+        lambda layout: _hvp_products(X, curvature, V, layout),
+        repeats,
+    )
 
 
 #: bytes of float64 X per block of :func:`certificate_products` (a block stays in the cache
@@ -536,11 +555,10 @@ def calibrate_certificate(
         ):
             continue
         layouts.append(name)
-    best = dict.fromkeys(layouts, math.inf)
-    for _ in range(repeats):
-        for layout in layouts:
-            start = time.perf_counter()
-            _certificate_products(X, V, terms_of, layout, X32)
-            best[layout] = min(best[layout], time.perf_counter() - start)
-    with _LAYOUT_LOCK:
-        return _CERT_LAYOUT.setdefault(key, min(best, key=best.__getitem__))
+    return _keep_fastest(
+        _CERT_LAYOUT,
+        key,
+        layouts,
+        lambda layout: _certificate_products(X, V, terms_of, layout, X32),
+        repeats,
+    )

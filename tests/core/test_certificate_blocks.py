@@ -6,8 +6,6 @@ computed from scratch with numpy; the calibration keeps the fastest layout."""
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -15,24 +13,8 @@ import torch
 import core
 from core import products
 from core.removal import newton_step
-from tests.core.conftest import make_data
+from tests.core.conftest import make_data, numpy_measured
 from tests.core.test_iterative_step import true_residual
-
-
-@pytest.fixture
-def layout(monkeypatch):
-    """Every shape gets the certificate layout set on it (``.value``), in blocks of 512 rows."""
-
-    class Forced(dict):
-        value = "direct"
-
-        def get(self, key, default=None):
-            return self.value
-
-    forced = Forced()
-    monkeypatch.setattr(products, "_CERT_LAYOUT", forced)
-    monkeypatch.setattr(products, "CERT_BLOCK_BYTES", 0)  # the smallest blocks: 512 rows
-    return forced
 
 
 def _terms(Y: torch.Tensor, calls: list[tuple[int, int]] | None = None):
@@ -62,15 +44,10 @@ BLOCKED = [name for name in products.CERT_LAYOUTS if name != "direct"]
 
 
 def test_the_layouts_are_the_documented_ones():
-    assert products.CERT_LAYOUTS == (
-        "direct",
-        "blocked",
-        "blocked_rows",
-        "blocked_numpy",
-        "blocked_f32",
-        "blocked_rows_f32",
-        "blocked_numpy_f32",
-    )
+    # one pass each, three blocked layouts, and each blocked one widened from the float32 copy
+    blocked = ("blocked", "blocked_rows", "blocked_numpy")
+    widened = tuple(name + products.WIDENED for name in blocked)
+    assert products.CERT_LAYOUTS == ("direct", *blocked, *widened)
 
 
 @pytest.mark.parametrize("blocked", BLOCKED)
@@ -79,7 +56,7 @@ def test_the_layouts_are_the_documented_ones():
 @pytest.mark.parametrize("strided", [False, True])
 @pytest.mark.parametrize("copy32", [False, True])
 def test_blocked_products_are_the_direct_ones(
-    layout, numpy_products, blocked, n, cols, strided, copy32
+    cert_layout, numpy_products, blocked, n, cols, strided, copy32
 ):
     gen = torch.Generator().manual_seed(n + cols)
     # float32 numbers in float64 (as every dataset's rows): the float32 copy widens back exactly
@@ -95,11 +72,11 @@ def test_blocked_products_are_the_direct_ones(
         X32.copy_(X)  # (the same values: whatever is read, the products are X's)
     V = torch.randn((30, cols), generator=gen, dtype=torch.float64)
     Y = torch.where(torch.rand((n, 1), generator=gen) > 0.5, 1.0, -1.0).double()
-    layout.value = "direct"
+    cert_layout.value = "direct"
     calls: list[tuple[int, int]] = []
     P, T, Q = products.certificate_products(X, V, _terms(Y, calls), X32=X32)
     assert calls == [(0, n)] and numpy_products[0] == 0
-    layout.value = blocked
+    cert_layout.value = blocked
     calls.clear()
     Pb, Tb, Qb = products.certificate_products(X, V, _terms(Y, calls), X32=X32)
     # the layout ran by blocks of 512 rows, NumPy's products exactly when its layout applies:
@@ -124,7 +101,7 @@ def test_blocked_products_are_the_direct_ones(
 @pytest.mark.parametrize("blocked", BLOCKED)
 @pytest.mark.parametrize("accounting", ["exact", "bound"])
 def test_steps_with_a_blocked_certificate_are_the_same_and_stay_certified(
-    layout, blocked, accounting
+    cert_layout, blocked, accounting
 ):
     X, y = make_data(3000, 24, 3, 2)  # one-vs-rest: 2K = 6 columns, 6 blocks of 512 rows
     assert X.dtype == torch.float32  # as every dataset's rows: the widened layouts apply
@@ -135,9 +112,9 @@ def test_steps_with_a_blocked_certificate_are_the_same_and_stay_certified(
     assert p.exact_float32() is p.X32
     rows = torch.arange(40, 70)
     args = (p, e.alive, e.W, rows, e.acct.anchor_grad)
-    layout.value = "direct"
+    cert_layout.value = "direct"
     direct = newton_step(*args, cache=e.solver)
-    layout.value = blocked
+    cert_layout.value = blocked
     step = newton_step(*args, cache=e.solver)
     assert direct is not None and step is not None
     assert torch.equal(direct.W, step.W)  # the certificate does not change the step
@@ -151,23 +128,12 @@ def test_steps_with_a_blocked_certificate_are_the_same_and_stay_certified(
         assert model.exact_used <= model.bound_used * (1 + 1e-9) + 1e-12
 
 
-@pytest.fixture
-def threads():
-    """Restores torch's thread count after a test that sets it."""
-    before = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("one_thread", [True, False])
 @pytest.mark.parametrize("fast", products.CERT_LAYOUTS)
 def test_calibration_keeps_the_fastest_layout_and_skips_small_matrices(
-    monkeypatch, threads, one_thread, fast
+    monkeypatch, threads, slow_but, one_thread, fast
 ):
-    threads(1 if one_thread else 2)
-    numpy_blas = products.match_blas_threads()
-    if fast.startswith("blocked_numpy") and not (one_thread and numpy_blas):
-        pytest.skip("NumPy's layout is measured with one torch thread and NumPy's BLAS only")
+    numpy = numpy_measured(threads, one_thread, fast)
     monkeypatch.setattr(products, "_CERT_LAYOUT", {})
     monkeypatch.setattr(products, "CERT_BLOCK_BYTES", 0)  # blocks of 512 rows
     small = torch.rand((100, 64), dtype=torch.float64)
@@ -176,10 +142,11 @@ def test_calibration_keeps_the_fastest_layout_and_skips_small_matrices(
     real = products._certificate_products
     measured: list[str] = []
 
+    clock = slow_but(fast)
+
     def timed(X, V, terms_of, layout, X32=None):  # all but one made slow: that one is kept
         measured.append(layout)
-        if layout != fast:
-            time.sleep(0.01)
+        clock.tick(layout)
         return real(X, V, terms_of, layout, X32)
 
     monkeypatch.setattr(products, "_certificate_products", timed)
@@ -190,7 +157,7 @@ def test_calibration_keeps_the_fastest_layout_and_skips_small_matrices(
     assert products.calibrate_certificate(X, 2, repeats=2, X32=copy) == fast
     assert products._CERT_LAYOUT == {(torch.float64, 16, 2, one_thread, widened): fast}
     expected = {name for name in products.CERT_LAYOUTS if widened or not name.endswith("_f32")}
-    if not (one_thread and numpy_blas):
+    if not numpy:
         # (NumPy's pool would spin beside torch's threads)
         expected -= {"blocked_numpy", "blocked_numpy_f32"}
     assert set(measured) == expected and len(measured) == 2 * len(expected)

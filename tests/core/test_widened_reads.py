@@ -12,7 +12,6 @@ computed from scratch from the float64 rows."""
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import numpy as np
 import pytest
@@ -22,50 +21,11 @@ import core
 from core import products, removal
 from core.problem import widens_exactly
 from core.removal import SolveOptions, newton_step
-from tests.core.conftest import make_data
+from tests.core.conftest import make_data, numpy_measured
 from tests.core.test_float32_products import _independent
 from tests.core.test_iterative_step import true_residual
 
 WIDENED = [name for name in products.CERT_LAYOUTS if name.endswith("_f32")]
-
-
-@pytest.fixture
-def cert_layout(monkeypatch):
-    """Every shape gets the certificate layout set on it (``.value``), in blocks of 512 rows."""
-
-    class Forced(dict):
-        value = "direct"
-
-        def get(self, key, default=None):
-            return self.value
-
-    forced = Forced()
-    monkeypatch.setattr(products, "_CERT_LAYOUT", forced)
-    monkeypatch.setattr(products, "CERT_BLOCK_BYTES", 0)
-    return forced
-
-
-@pytest.fixture
-def hvp_layout(monkeypatch):
-    """Every shape gets the Hessian-vector layout set on it (``.value``), blocks of 512 rows."""
-
-    class Forced(dict):
-        value = "two_passes"
-
-        def get(self, key, default=None):
-            return self.value
-
-    forced = Forced()
-    monkeypatch.setattr(products, "_HVP_LAYOUT", forced)
-    monkeypatch.setattr(products, "CERT_BLOCK_BYTES", 0)
-    return forced
-
-
-@pytest.fixture
-def threads():
-    before = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(before)
 
 
 def _model(X: torch.Tensor, y: torch.Tensor, accounting: str = "exact") -> core.Model:
@@ -288,11 +248,10 @@ def test_blocked_hvp_is_the_two_pass_product(hvp_layout, blocked, dtype, n, k, s
 
 @pytest.mark.parametrize("one_thread", [True, False])
 @pytest.mark.parametrize("fast", products.HVP_LAYOUTS)
-def test_the_hvp_calibration_keeps_the_fastest_layout(monkeypatch, threads, one_thread, fast):
-    threads(1 if one_thread else 2)
-    numpy_blas = products.match_blas_threads()
-    if fast == "blocked_numpy" and not (one_thread and numpy_blas):
-        pytest.skip("NumPy's layout is measured with one torch thread and NumPy's BLAS only")
+def test_the_hvp_calibration_keeps_the_fastest_layout(
+    monkeypatch, threads, slow_but, one_thread, fast
+):
+    numpy = numpy_measured(threads, one_thread, fast)
     monkeypatch.setattr(products, "_HVP_LAYOUT", {})
     monkeypatch.setattr(products, "CERT_BLOCK_BYTES", 0)
     assert products.calibrate_hvp(torch.rand((100, 8)), 1) == "two_passes"
@@ -300,10 +259,11 @@ def test_the_hvp_calibration_keeps_the_fastest_layout(monkeypatch, threads, one_
     real = products._hvp_products
     measured: list[str] = []
 
+    clock = slow_but(fast)
+
     def timed(X, curvature, V, layout):
         measured.append(layout)
-        if layout != fast:
-            time.sleep(0.01)
+        clock.tick(layout)
         return real(X, curvature, V, layout)
 
     monkeypatch.setattr(products, "_hvp_products", timed)
@@ -311,7 +271,7 @@ def test_the_hvp_calibration_keeps_the_fastest_layout(monkeypatch, threads, one_
     assert products.calibrate_hvp(X, 1, repeats=2) == fast
     assert products._HVP_LAYOUT == {(torch.float32, 16, 1, one_thread): fast}
     expected = set(products.HVP_LAYOUTS)
-    if not (one_thread and numpy_blas):
+    if not numpy:
         expected.discard("blocked_numpy")
     assert set(measured) == expected and len(measured) == 2 * len(expected)
     measured.clear()

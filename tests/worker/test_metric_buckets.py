@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -103,15 +104,21 @@ def test_the_interpolation_is_prometheus() -> None:
     assert histogram_quantile(0.99, [(1.0, 1.0), (math.inf, 2.0)]) == 1.0
 
 
-def test_the_load_test_reads_the_phase_p97_as_prometheus_does() -> None:
-    """``benchmarks/loadtest.py`` prints each phase's p97 from the worker's buckets: it must read
-    what Prometheus would (the oracle above), on the worker's real histogram."""
+def _load_test_bench() -> Any:
+    """``benchmarks/loadtest.py`` as a module."""
     spec = importlib.util.spec_from_file_location(
         "loadtest_bench", Path(__file__).resolve().parents[2] / "benchmarks" / "loadtest.py"
     )
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_the_load_test_reads_the_phase_p97_as_prometheus_does() -> None:
+    """``benchmarks/loadtest.py`` prints each phase's p97 from the worker's buckets: it must read
+    what Prometheus would (the oracle above), on the worker's real histogram."""
+    bench = _load_test_bench()
     reg = CollectorRegistry()
     metrics = ServiceMetrics(reg)
     for v in 0.028 * np.exp(np.random.default_rng(3).normal(0.0, 0.3, 2_000)):
@@ -125,12 +132,7 @@ def test_the_load_test_reads_the_phase_p97_as_prometheus_does() -> None:
 def test_the_load_test_counts_the_batches_of_a_phase_over_100_ms() -> None:
     """A stall (a persist whose fsyncs waited on the disk) shows in the load test's output as
     the batches of a phase that took more than 100 ms, read from the worker's real page."""
-    spec = importlib.util.spec_from_file_location(
-        "loadtest_bench", Path(__file__).resolve().parents[2] / "benchmarks" / "loadtest.py"
-    )
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load_test_bench()
     reg = CollectorRegistry()
     metrics = ServiceMetrics(reg)
     for v in (0.004, 0.0099, 0.1, 0.1001, 0.3, 2.0):  # 0.1 is in the bucket le=0.1: not over
