@@ -137,7 +137,9 @@ def _numpy_product(X: torch.Tensor, V: torch.Tensor, transpose: bool, flip: bool
 
 def match_blas_threads() -> bool:
     """Give NumPy's own BLAS one thread (the layouts of :data:`NUMPY_LAYOUTS` are measured
-    and used only with one torch thread), once per process, before its first product here:
+    and used only with one torch thread; the certificate's and :func:`hvp`'s blocked NumPy
+    layouts with any, each block's products on the calling thread), once per process, before
+    its first product here:
     its thread count never changes under a running product. Other BLAS libraries in the
     process (SciPy's) are left as they are. Returns whether NumPy's BLAS was found (and now
     runs one thread); without it the NumPy layouts are not measured."""
@@ -263,9 +265,9 @@ def hvp(
 #: the ways :func:`hvp` may compute ``X^T (c * (X V))`` on the CPU: ``"two_passes"`` (one
 #: product each, in :func:`thin_product`'s layouts), ``"blocked"`` and ``"blocked_numpy"`` (both
 #: products per block of rows while it sits in the cache, by torch's or by NumPy's BLAS, the
-#: latter with one torch thread only, like :data:`NUMPY_LAYOUTS`): X read from memory once per
-#: product instead of twice. On the AMD EPYC 2-vCPU VM, one thread, float32, X cold: 3.4 against
-#: 2.5 ms (blocked_numpy) at n = 100,000, d = 64; 6.2 against 3.9 ms at 11,982 x 784
+#: latter on one thread whatever torch's count, :func:`match_blas_threads`): X read from memory
+#: once per product instead of twice. On the AMD EPYC 2-vCPU VM, one thread, float32, X cold:
+#: 3.4 against 2.5 ms (blocked_numpy) at n = 100,000, d = 64; 6.2 against 3.9 ms at 11,982 x 784
 HVP_LAYOUTS = ("two_passes", "blocked", "blocked_numpy")
 #: (dtype, d, columns, one torch thread) -> a layout of :data:`HVP_LAYOUTS`, measured by
 #: :func:`calibrate_hvp` (CPU only; unmeasured: two_passes)
@@ -313,8 +315,8 @@ def _hvp_products(
 
 
 def calibrate_hvp(X: torch.Tensor, cols: int, repeats: int = 5) -> str:
-    """Measure the layouts of :func:`hvp` (:data:`HVP_LAYOUTS`; NumPy's only with one torch
-    thread, NumPy's BLAS found and X contiguous, float32 or float64) on ``X`` with ``cols``
+    """Measure the layouts of :func:`hvp` (:data:`HVP_LAYOUTS`; NumPy's only with NumPy's BLAS
+    found and X contiguous, float32 or float64) on ``X`` with ``cols``
     columns (interleaved, the best of ``repeats`` each) and keep the fastest for X's dtype,
     width and thread count, once per process (:func:`calibrate_certificate`). CPU only, and only
     where X has more rows than one block (else two passes, unmeasured). Nothing is kept when a
@@ -329,7 +331,7 @@ def calibrate_hvp(X: torch.Tensor, cols: int, repeats: int = 5) -> str:
     V = torch.ones((X.shape[1], cols), dtype=X.dtype)
     curvature = torch.full((X.shape[0], cols), 0.25, dtype=X.dtype)
     layouts = ["two_passes", "blocked"]
-    if key[-1] and _numpy_blocks_apply(X, V) and match_blas_threads():
+    if _numpy_blocks_apply(X, V) and match_blas_threads():
         layouts.append("blocked_numpy")
     return _keep_fastest(
         _HVP_LAYOUT,
@@ -346,8 +348,10 @@ CERT_BLOCK_BYTES = 2 << 20
 #: the ways :func:`certificate_products` may compute its two products on the CPU: ``"direct"``
 #: (one pass each, in :func:`thin_product`'s layouts) and, per block of rows, ``"blocked"``
 #: (torch's GEMMs), ``"blocked_rows"`` (the first product as ``(V^T X_b^T)^T``, which MKL runs
-#: faster on some CPUs) and ``"blocked_numpy"`` (both by NumPy's BLAS, one torch thread only,
-#: like :data:`NUMPY_LAYOUTS`). On the AMD EPYC 2-vCPU VM with a 32 MiB L3, X cold, the two
+#: faster on some CPUs) and ``"blocked_numpy"`` (both by NumPy's BLAS on one thread, whatever
+#: torch's count: on the AMD VM with two torch threads a single removal at 11,982 x 784 took 17.0
+#: ms with NumPy's certificate and CG products against 21.8 with torch's; the thin products of
+#: :data:`NUMPY_LAYOUTS` stay one-thread only). On the AMD EPYC 2-vCPU VM with a 32 MiB L3, X cold, the two
 #: products took, per layout: one thread, n = 100,000, d = 64: 13.7 ms blocked, 8.5 ms
 #: blocked_numpy; 11,982 x 784: 19.3 and 9.5 ms; two threads, 11,982 x 784: 12.0 ms blocked,
 #: 9.4 ms blocked_rows. Each blocked layout also comes :data:`WIDENED` (its name + ``"_f32"``):
@@ -522,7 +526,7 @@ def calibrate_certificate(
     X: torch.Tensor, cols: int, repeats: int = 5, X32: torch.Tensor | None = None
 ) -> str:
     """Measure the layouts of :func:`certificate_products` (:data:`CERT_LAYOUTS`; NumPy's only
-    with one torch thread, NumPy's BLAS found and X contiguous, float32 or float64; the
+    with NumPy's BLAS found and X contiguous, float32 or float64; the
     :data:`WIDENED` ones only with ``X32``, as :func:`certificate_products` takes it) on ``X``
     with ``cols`` columns (interleaved, the best of ``repeats`` each) and keep the fastest for
     X's dtype, width, thread count and whether ``X32`` is given, once per process like
@@ -544,7 +548,7 @@ def calibrate_certificate(
     def terms_of(P: torch.Tensor, out: torch.Tensor, start: int, end: int) -> None:
         torch.sigmoid(P.T, out=out)
 
-    numpy = key[3] and match_blas_threads()
+    numpy = match_blas_threads()
     layouts = []
     for name in CERT_LAYOUTS:
         base = name.removesuffix(WIDENED)

@@ -158,7 +158,7 @@ def test_calibration_keeps_the_fastest_layout_and_skips_small_matrices(
     assert products._CERT_LAYOUT == {(torch.float64, 16, 2, one_thread, widened): fast}
     expected = {name for name in products.CERT_LAYOUTS if widened or not name.endswith("_f32")}
     if not numpy:
-        # (NumPy's pool would spin beside torch's threads)
+        # (NumPy's BLAS not found)
         expected -= {"blocked_numpy", "blocked_numpy_f32"}
     assert set(measured) == expected and len(measured) == 2 * len(expected)
     # the certificate uses what was kept, under the same key
