@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from core.blocked import hvp
 from core.errors import ConvergenceError, NumericalError
 from core.loss import (
     cholesky_factor,
@@ -25,7 +26,7 @@ from core.loss import (
     margins,
     solve_factored,
 )
-from core.products import gram_cost, hvp, x_times, xt_times
+from core.products import gram_cost, x_times, xt_times
 
 
 @dataclass(frozen=True)

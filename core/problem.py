@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from core.blocked import calibrate_certificate, calibrate_hvp
 from core.bounds import spectral_norm_upper
 from core.errors import InvalidInputError
-from core.products import calibrate_certificate, calibrate_hvp, calibrate_products
+from core.products import calibrate_products
 
 ACCOUNTINGS = ("exact", "bound")
 #: ``int | float | str | None``: an int, a fraction of the rows, ``"auto"`` or None
@@ -67,7 +68,7 @@ class Problem:
         (their version counters); else None (a float64 X with more digits, a CUDA device, a
         replaced or changed copy or X, tensors made under ``torch.inference_mode()``). The
         certificate's widened layouts read it instead of X
-        (:func:`core.products.certificate_products`): the same float64 values, half the bytes.
+        (:func:`core.blocked.certificate_products`): the same float64 values, half the bytes.
 
         The counters see every in-place change made through torch; nothing in core writes to a
         problem's tensors at all, and writes that bypass torch (through ``.numpy()``, ``.data``

@@ -21,7 +21,7 @@ cost (:func:`core.solvers.choose_solver`; options, cache and the direct solve li
 Either way the certificate is the same and trusts neither solver: two passes over the float64 X
 (``X [W_new, s]`` and ``X^T [...]``, each one product of ``2K`` columns in the layout measured
 fastest, :func:`core.products.thin_product`, or both per block of rows where that was measured
-faster, :func:`core.products.certificate_products`) at the weights as stored give
+faster, :func:`core.blocked.certificate_products`) at the weights as stored give
 ``grad L_0(W_new; D')`` (the exact accounting) and ``H' s - Delta`` for the step actually
 applied, which the bound accounting charges. The float32 copy of X never enters it.
 """
@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from core.blocked import certificate_products, hvp
 from core.bounds import (
     margins_rounding_tensor,
     product_error,
@@ -43,7 +44,6 @@ from core.bounds import (
 from core.loss import margins
 from core.newton import pcg
 from core.problem import Problem
-from core.products import certificate_products, hvp
 from core.solvers import (
     DEFAULT_SOLVE,
     HESSIANS,
@@ -154,7 +154,7 @@ def newton_step(
 
     if choose_solver(problem, m, cache, options) == "iterative":
         assert cache is not None
-        # float32 products on the problem's float32 copy of X, float64 vectors (core.products.hvp)
+        # float32 products on the problem's float32 copy of X, float64 vectors (core.blocked.hvp)
         curvature32 = torch.where(curvature >= CURVATURE_FLOOR, curvature, 0.0).to(torch.float32)
         S, its, converged = pcg(
             lambda V: hvp(problem.X32, curvature32, V, ridge),
@@ -219,7 +219,7 @@ def _certify(
     W_new = W + S
     S = W_new - W  # the step actually applied, after rounding
 
-    # Certificate, float64, two passes over X (or one, by blocks: core.products): margins at
+    # Certificate, float64, two passes over X (or one, by blocks: core.blocked): margins at
     # W_new with X s, then X^T of both terms.
     k = W.shape[1]
 

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
+from core.blocked import hvp
 from core.loss import solve_factored, weighted_gram
 from core.newton import pcg
 from core.problem import Problem
-from core.products import f32_product_cost, gram_cost, hvp
+from core.products import f32_product_cost, gram_cost
 
 SOLVERS = ("auto", "direct", "iterative")
 #: the direct solver's Hessian dtypes (:attr:`SolveOptions.hessian`)

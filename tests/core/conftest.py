@@ -32,12 +32,12 @@ class ForcedLayout(dict):
 
 
 def _forced(monkeypatch, table: str, value: str) -> ForcedLayout:
-    from core import products  # noqa: PLC0415
+    from core import blocked as by_blocks  # noqa: PLC0415
 
     forced = ForcedLayout()
     forced.value = value
-    monkeypatch.setattr(products, table, forced)
-    monkeypatch.setattr(products, "CERT_BLOCK_BYTES", 0)  # the smallest blocks: 512 rows
+    monkeypatch.setattr(by_blocks, table, forced)
+    monkeypatch.setattr(by_blocks, "CERT_BLOCK_BYTES", 0)  # the smallest blocks: 512 rows
     return forced
 
 

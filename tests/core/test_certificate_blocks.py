@@ -1,4 +1,4 @@
-"""The certificate's two passes by blocks of rows (core.products.certificate_products), in each
+"""The certificate's two passes by blocks of rows (core.by_blocks.certificate_products), in each
 blocked layout (torch's GEMMs, the rows form, NumPy's BLAS; each reading X or, widened, the
 float32 copy that widens back to X exactly): the same products as one pass each (against NumPy
 in float64), the same removal steps, and the certificate still above the true gradient residual
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import core
+from core import blocked as by_blocks
 from core import products
 from core.removal import newton_step
 from tests.core.conftest import make_data, numpy_measured
@@ -40,14 +41,14 @@ def numpy_products(monkeypatch):
     return count
 
 
-BLOCKED = [name for name in products.CERT_LAYOUTS if name != "direct"]
+BLOCKED = [name for name in by_blocks.CERT_LAYOUTS if name != "direct"]
 
 
 def test_the_layouts_are_the_documented_ones():
     # one pass each, three blocked layouts, and each blocked one widened from the float32 copy
     blocked = ("blocked", "blocked_rows", "blocked_numpy")
-    widened = tuple(name + products.WIDENED for name in blocked)
-    assert products.CERT_LAYOUTS == ("direct", *blocked, *widened)
+    widened = tuple(name + by_blocks.WIDENED for name in blocked)
+    assert by_blocks.CERT_LAYOUTS == ("direct", *blocked, *widened)
 
 
 @pytest.mark.parametrize("blocked", BLOCKED)
@@ -74,11 +75,11 @@ def test_blocked_products_are_the_direct_ones(
     Y = torch.where(torch.rand((n, 1), generator=gen) > 0.5, 1.0, -1.0).double()
     cert_layout.value = "direct"
     calls: list[tuple[int, int]] = []
-    P, T, Q = products.certificate_products(X, V, _terms(Y, calls), X32=X32)
+    P, T, Q = by_blocks.certificate_products(X, V, _terms(Y, calls), X32=X32)
     assert calls == [(0, n)] and numpy_products[0] == 0
     cert_layout.value = blocked
     calls.clear()
-    Pb, Tb, Qb = products.certificate_products(X, V, _terms(Y, calls), X32=X32)
+    Pb, Tb, Qb = by_blocks.certificate_products(X, V, _terms(Y, calls), X32=X32)
     # the layout ran by blocks of 512 rows, NumPy's products exactly when its layout applies:
     # on X in place, or on the widened blocks of a contiguous float32 copy
     assert calls == [(s, min(n, s + 512)) for s in range(0, n, 512)]
@@ -129,17 +130,17 @@ def test_steps_with_a_blocked_certificate_are_the_same_and_stay_certified(
 
 
 @pytest.mark.parametrize("one_thread", [True, False])
-@pytest.mark.parametrize("fast", products.CERT_LAYOUTS)
+@pytest.mark.parametrize("fast", by_blocks.CERT_LAYOUTS)
 def test_calibration_keeps_the_fastest_layout_and_skips_small_matrices(
     monkeypatch, threads, slow_but, one_thread, fast
 ):
     numpy = numpy_measured(threads, one_thread, fast)
-    monkeypatch.setattr(products, "_CERT_LAYOUT", {})
-    monkeypatch.setattr(products, "CERT_BLOCK_BYTES", 0)  # blocks of 512 rows
+    monkeypatch.setattr(by_blocks, "_CERT_LAYOUT", {})
+    monkeypatch.setattr(by_blocks, "CERT_BLOCK_BYTES", 0)  # blocks of 512 rows
     small = torch.rand((100, 64), dtype=torch.float64)
-    assert products.calibrate_certificate(small, 2) == "direct"
-    assert products._CERT_LAYOUT == {}  # one block: nothing to measure
-    real = products._certificate_products
+    assert by_blocks.calibrate_certificate(small, 2) == "direct"
+    assert by_blocks._CERT_LAYOUT == {}  # one block: nothing to measure
+    real = by_blocks._certificate_products
     measured: list[str] = []
 
     clock = slow_but(fast)
@@ -149,14 +150,14 @@ def test_calibration_keeps_the_fastest_layout_and_skips_small_matrices(
         clock.tick(layout)
         return real(X, V, terms_of, layout, X32)
 
-    monkeypatch.setattr(products, "_certificate_products", timed)
+    monkeypatch.setattr(by_blocks, "_certificate_products", timed)
     X32 = torch.rand((3000, 16))
     X = X32.double()
     widened = fast.endswith("_f32")
     copy = X32 if widened else None  # the widened layouts are measured with a float32 copy
-    assert products.calibrate_certificate(X, 2, repeats=2, X32=copy) == fast
-    assert products._CERT_LAYOUT == {(torch.float64, 16, 2, one_thread, widened): fast}
-    expected = {name for name in products.CERT_LAYOUTS if widened or not name.endswith("_f32")}
+    assert by_blocks.calibrate_certificate(X, 2, repeats=2, X32=copy) == fast
+    assert by_blocks._CERT_LAYOUT == {(torch.float64, 16, 2, one_thread, widened): fast}
+    expected = {name for name in by_blocks.CERT_LAYOUTS if widened or not name.endswith("_f32")}
     if not numpy:
         # (NumPy's BLAS not found)
         expected -= {"blocked_numpy", "blocked_numpy_f32"}
@@ -164,61 +165,61 @@ def test_calibration_keeps_the_fastest_layout_and_skips_small_matrices(
     # the certificate uses what was kept, under the same key
     measured.clear()
     V = torch.rand((16, 2), dtype=torch.float64)
-    products.certificate_products(X, V, lambda P, out, s, e: out.copy_(P.T), X32=copy)
+    by_blocks.certificate_products(X, V, lambda P, out, s, e: out.copy_(P.T), X32=copy)
     assert measured == [fast]
     # measured once per process and key: a later problem of that shape reuses the choice
     measured.clear()
     later = torch.rand((5000, 16))
-    chosen = products.calibrate_certificate(later.double(), 2, X32=later if widened else None)
+    chosen = by_blocks.calibrate_certificate(later.double(), 2, X32=later if widened else None)
     assert chosen == fast and measured == []
 
 
 def test_a_failed_measurement_keeps_nothing(monkeypatch, threads):
     threads(1)
-    monkeypatch.setattr(products, "_CERT_LAYOUT", {})
-    monkeypatch.setattr(products, "CERT_BLOCK_BYTES", 0)
-    real = products._certificate_products
+    monkeypatch.setattr(by_blocks, "_CERT_LAYOUT", {})
+    monkeypatch.setattr(by_blocks, "CERT_BLOCK_BYTES", 0)
+    real = by_blocks._certificate_products
 
     def failing(X, V, terms_of, layout, X32=None):
         if layout == "blocked_rows":
             raise MemoryError("no room for this layout")
         return real(X, V, terms_of, layout, X32)
 
-    monkeypatch.setattr(products, "_certificate_products", failing)
+    monkeypatch.setattr(by_blocks, "_certificate_products", failing)
     X = torch.rand((3000, 16), dtype=torch.float64)
     with pytest.raises(MemoryError):
-        products.calibrate_certificate(X, 2)
-    assert products._CERT_LAYOUT == {}  # the next problem measures again
-    monkeypatch.setattr(products, "_certificate_products", real)
-    assert products.calibrate_certificate(X, 2, repeats=1) in products.CERT_LAYOUTS
+        by_blocks.calibrate_certificate(X, 2)
+    assert by_blocks._CERT_LAYOUT == {}  # the next problem measures again
+    monkeypatch.setattr(by_blocks, "_certificate_products", real)
+    assert by_blocks.calibrate_certificate(X, 2, repeats=1) in by_blocks.CERT_LAYOUTS
 
 
 def test_numpy_is_measured_only_where_it_reads_x_in_place(monkeypatch, threads):
     threads(1)
     if not products.match_blas_threads():
         pytest.skip("NumPy's BLAS not found")
-    monkeypatch.setattr(products, "_CERT_LAYOUT", {})
-    monkeypatch.setattr(products, "CERT_BLOCK_BYTES", 0)
-    real = products._certificate_products
+    monkeypatch.setattr(by_blocks, "_CERT_LAYOUT", {})
+    monkeypatch.setattr(by_blocks, "CERT_BLOCK_BYTES", 0)
+    real = by_blocks._certificate_products
     measured: set[str] = set()
 
     def spy(X, V, terms_of, layout, X32=None):
         measured.add(layout)
         return real(X, V, terms_of, layout, X32)
 
-    monkeypatch.setattr(products, "_certificate_products", spy)
+    monkeypatch.setattr(by_blocks, "_certificate_products", spy)
     for X in (
         torch.rand((3000, 20), dtype=torch.float64)[:, 2:18],  # not contiguous
         torch.rand((3000, 16), dtype=torch.bfloat16),  # NumPy has no bfloat16
     ):
         measured.clear()
-        chosen = products.calibrate_certificate(X, 2, repeats=1)
+        chosen = by_blocks.calibrate_certificate(X, 2, repeats=1)
         assert "blocked_numpy" not in measured and chosen != "blocked_numpy"
 
 
 def test_a_cuda_like_x_is_direct_whatever_is_cached(monkeypatch):
-    monkeypatch.setattr(products, "_CERT_LAYOUT", {})
+    monkeypatch.setattr(by_blocks, "_CERT_LAYOUT", {})
     X = torch.rand((3000, 16), dtype=torch.float64)
-    products._CERT_LAYOUT[products._cert_key(X, 2, None)] = "blocked_rows"
+    by_blocks._CERT_LAYOUT[by_blocks._cert_key(X, 2, None)] = "blocked_rows"
     meta = torch.empty((3000, 16), dtype=torch.float64, device="meta")
-    assert products.calibrate_certificate(meta, 2) == "direct"
+    assert by_blocks.calibrate_certificate(meta, 2) == "direct"

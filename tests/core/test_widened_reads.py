@@ -4,7 +4,7 @@
   of X and widen each block to float64, only where that copy widens back to X exactly
   (core.problem.Problem.exact_float32: checked when the problem is made, the same tensor,
   unchanged in place since); a float64 X with more digits, a replaced or changed copy: X;
-- the Hessian-vector products by blocks of rows (core.products.hvp, ``HVP_LAYOUTS``).
+- the Hessian-vector products by blocks of rows (core.by_blocks.hvp, ``HVP_LAYOUTS``).
 
 Checked against NumPy in float64 and against the true gradient residual and ``H's - Delta``
 computed from scratch from the float64 rows."""
@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import core
+from core import blocked as by_blocks
 from core import products, removal
 from core.problem import widens_exactly
 from core.removal import SolveOptions, newton_step
@@ -25,7 +26,7 @@ from tests.core.conftest import make_data, numpy_measured
 from tests.core.test_float32_products import _independent
 from tests.core.test_iterative_step import true_residual
 
-WIDENED = [name for name in products.CERT_LAYOUTS if name.endswith("_f32")]
+WIDENED = [name for name in by_blocks.CERT_LAYOUTS if name.endswith("_f32")]
 
 
 def _model(X: torch.Tensor, y: torch.Tensor, accounting: str = "exact") -> core.Model:
@@ -121,9 +122,9 @@ def test_the_widened_layouts_read_the_float32_copy(cert_layout, widened):
         out.copy_(P.T)
 
     cert_layout.value = widened
-    P, _, Q = products.certificate_products(X, V, terms_of, X32=other)
+    P, _, Q = by_blocks.certificate_products(X, V, terms_of, X32=other)
     cert_layout.value = widened.removesuffix("_f32")
-    P0, _, Q0 = products.certificate_products(X, V, terms_of, X32=other)
+    P0, _, Q0 = by_blocks.certificate_products(X, V, terms_of, X32=other)
     o = other.double().numpy()
     torch.testing.assert_close(P, torch.from_numpy(o @ V.numpy()), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(P0, torch.from_numpy(X.numpy() @ V.numpy()), rtol=1e-12, atol=1e-12)
@@ -217,7 +218,7 @@ def test_a_float64_x_with_more_digits_is_certified_from_itself(cert_layout, wide
 
 # ----------------------------------------------------------------- blocked Hessian-vector
 def test_the_hvp_layouts_are_the_documented_ones():
-    assert products.HVP_LAYOUTS == ("two_passes", "blocked", "blocked_numpy")
+    assert by_blocks.HVP_LAYOUTS == ("two_passes", "blocked", "blocked_numpy")
 
 
 @pytest.mark.parametrize("blocked", ["blocked", "blocked_numpy"])
@@ -234,9 +235,9 @@ def test_blocked_hvp_is_the_two_pass_product(hvp_layout, blocked, dtype, n, k, s
     curvature = torch.rand((n, k), generator=gen, dtype=torch.float64).to(dtype)
     V = torch.randn((30, k), generator=gen, dtype=torch.float64)
     hvp_layout.value = "two_passes"
-    two = products.hvp(X, curvature, V, 0.3)
+    two = by_blocks.hvp(X, curvature, V, 0.3)
     hvp_layout.value = blocked
-    got = products.hvp(X, curvature, V, 0.3)
+    got = by_blocks.hvp(X, curvature, V, 0.3)
     assert got.dtype == torch.float64 and got.shape == (30, k)
     Xn, cn = X.double().numpy(), curvature.double().numpy()
     Vn = V.to(dtype).double().numpy()  # (the products run in X's dtype)
@@ -247,16 +248,16 @@ def test_blocked_hvp_is_the_two_pass_product(hvp_layout, blocked, dtype, n, k, s
 
 
 @pytest.mark.parametrize("one_thread", [True, False])
-@pytest.mark.parametrize("fast", products.HVP_LAYOUTS)
+@pytest.mark.parametrize("fast", by_blocks.HVP_LAYOUTS)
 def test_the_hvp_calibration_keeps_the_fastest_layout(
     monkeypatch, threads, slow_but, one_thread, fast
 ):
     numpy = numpy_measured(threads, one_thread, fast)
-    monkeypatch.setattr(products, "_HVP_LAYOUT", {})
-    monkeypatch.setattr(products, "CERT_BLOCK_BYTES", 0)
-    assert products.calibrate_hvp(torch.rand((100, 8)), 1) == "two_passes"
-    assert products._HVP_LAYOUT == {}  # one block: nothing to measure
-    real = products._hvp_products
+    monkeypatch.setattr(by_blocks, "_HVP_LAYOUT", {})
+    monkeypatch.setattr(by_blocks, "CERT_BLOCK_BYTES", 0)
+    assert by_blocks.calibrate_hvp(torch.rand((100, 8)), 1) == "two_passes"
+    assert by_blocks._HVP_LAYOUT == {}  # one block: nothing to measure
+    real = by_blocks._hvp_products
     measured: list[str] = []
 
     clock = slow_but(fast)
@@ -266,36 +267,36 @@ def test_the_hvp_calibration_keeps_the_fastest_layout(
         clock.tick(layout)
         return real(X, curvature, V, layout)
 
-    monkeypatch.setattr(products, "_hvp_products", timed)
+    monkeypatch.setattr(by_blocks, "_hvp_products", timed)
     X = torch.rand((3000, 16))
-    assert products.calibrate_hvp(X, 1, repeats=2) == fast
-    assert products._HVP_LAYOUT == {(torch.float32, 16, 1, one_thread): fast}
-    expected = set(products.HVP_LAYOUTS)
+    assert by_blocks.calibrate_hvp(X, 1, repeats=2) == fast
+    assert by_blocks._HVP_LAYOUT == {(torch.float32, 16, 1, one_thread): fast}
+    expected = set(by_blocks.HVP_LAYOUTS)
     if not numpy:
         expected.discard("blocked_numpy")
     assert set(measured) == expected and len(measured) == 2 * len(expected)
     measured.clear()
-    products.hvp(X, torch.rand((3000, 1)), torch.rand((16, 1), dtype=torch.float64), 0.1)
+    by_blocks.hvp(X, torch.rand((3000, 1)), torch.rand((16, 1), dtype=torch.float64), 0.1)
     assert measured == [fast]
     measured.clear()
-    assert products.calibrate_hvp(torch.rand((5000, 16)), 1) == fast  # once per key
+    assert by_blocks.calibrate_hvp(torch.rand((5000, 16)), 1) == fast  # once per key
     assert measured == []
 
 
 def test_a_failed_hvp_measurement_keeps_nothing(monkeypatch):
-    monkeypatch.setattr(products, "_HVP_LAYOUT", {})
-    monkeypatch.setattr(products, "CERT_BLOCK_BYTES", 0)
-    real = products._hvp_products
+    monkeypatch.setattr(by_blocks, "_HVP_LAYOUT", {})
+    monkeypatch.setattr(by_blocks, "CERT_BLOCK_BYTES", 0)
+    real = by_blocks._hvp_products
 
     def failing(X, curvature, V, layout):
         if layout == "blocked":
             raise MemoryError("no room")
         return real(X, curvature, V, layout)
 
-    monkeypatch.setattr(products, "_hvp_products", failing)
+    monkeypatch.setattr(by_blocks, "_hvp_products", failing)
     with pytest.raises(MemoryError):
-        products.calibrate_hvp(torch.rand((3000, 16)), 1)
-    assert products._HVP_LAYOUT == {}
+        by_blocks.calibrate_hvp(torch.rand((3000, 16)), 1)
+    assert by_blocks._HVP_LAYOUT == {}
 
 
 @pytest.mark.parametrize("blocked", ["blocked", "blocked_numpy"])
