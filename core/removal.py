@@ -15,7 +15,9 @@ cost (:func:`core.solvers.choose_solver`; options, cache and the direct solve li
   half the bytes of float64, O(n d) per class; CG's vectors and recurrences are float64), the
   cached factor of an earlier Hessian as the preconditioner. A few iterations per step while the
   factor stays close to the current Hessian; the next step refactors (direct) when they grow
-  past ``refactor_iterations``, and a step whose CG does not reach its tolerance, or whose
+  past ``refactor_iterations``, or past the fresh factor's count where the direct step costs
+  less than the iterations it saves (:func:`core.solvers.refactor_pays`), and a step whose CG
+  does not reach its tolerance, or whose
   certified residual is far above it, is redone with the direct solver.
 
 Either way the certificate is the same and trusts neither solver: two passes over the float64 X
@@ -52,6 +54,7 @@ from core.solvers import (
     SolverCache,
     choose_solver,
     direct_solve,
+    refactor_pays,
 )
 
 __all__ = [
@@ -164,8 +167,19 @@ def newton_step(
             options.cg_max_iter,
         )
         if S is not None and (converged or not options.fallback):
-            refactor = not converged or its > options.refactor_iterations
-            new_cache = dataclasses.replace(cache, iterations=its, refactor=refactor)
+            refactor = (
+                not converged
+                or its > options.refactor_iterations
+                or (options.solver == "auto" and refactor_pays(problem, its, cache))
+            )
+            base = cache.base or its  # the first iterative step on this factor sets it
+            new_cache = dataclasses.replace(
+                cache,
+                iterations=its,
+                refactor=refactor,
+                base=base,
+                lasted=cache.lasted + (its <= base),
+            )
             step = certify(S, "iterative", its, new_cache, None)
             if step is not None and (not options.fallback or _solved(step, options)):
                 return step
