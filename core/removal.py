@@ -178,7 +178,7 @@ def newton_step(
                 iterations=its,
                 refactor=refactor,
                 base=base,
-                lasted=cache.lasted + (its <= base),
+                lasted=cache.lasted + (0 < base and its <= base),
             )
             step = certify(S, "iterative", its, new_cache, None)
             if step is not None and (not options.fallback or _solved(step, options)):

@@ -130,8 +130,8 @@ def refactor_pays(problem: Problem, its: int, cache: SolverCache) -> bool:
     As an epoch's removals accumulate, the Hessian moves away from the factor and CG needs one
     iteration more, for the rest of the epoch: at n = 100,000, d = 64, steps of 200 rows went
     from 2 to 3 iterations after about 4,000 removals of a 25,000-removal epoch and stayed there
-    (about 3.7 ms more per step on the 2-vCPU Xeon VM, where a direct step cost 12 ms more than
-    an iterative one). Only the solver's path changes: the certificate is the same, and charges
+    (4-8 ms more per step on a 2-vCPU Xeon VM, medians within one process, where a direct step
+    cost 12-16 ms more than one at 2 iterations). Only the solver's path changes: the certificate is the same, and charges
     whatever residual either path leaves."""
     if cache.base <= 0 or its <= cache.base or cache.lasted <= 0:
         return False

@@ -110,3 +110,26 @@ def test_forced_cg_never_refactors_for_cost():
     for row in range(3, 6):
         model.remove([row])
         assert model._epoch.solver.factor is factor and not model._epoch.solver.refactor
+
+
+def test_a_step_of_no_iterations_before_any_base_counts_for_nothing():
+    """A zero right-hand side takes CG no iterations: before a base is set that says nothing about
+    how long the factor keeps CG at its fewest."""
+    import torch  # noqa: PLC0415
+
+    from core.removal import newton_step  # noqa: PLC0415
+
+    model, _ = _trained("binary")
+    e, p = model._epoch, model._problem
+    assert e.solver.base == 0
+    # weights 0 and a removed row of zeros: Delta = 0, so CG stops before its first iteration
+    zero_row = torch.zeros_like(p.X[0])
+    X = p.X.clone()
+    X[3] = zero_row
+    p0 = dataclasses.replace(p, X=X)
+    W0 = torch.zeros_like(e.W)
+    step = newton_step(
+        p0, e.alive, W0, torch.tensor([3]), e.acct.anchor_grad, cache=e.solver, options=AUTO
+    )
+    assert step is not None and step.method == "iterative" and step.iterations == 0
+    assert step.cache.base == 0 and step.cache.lasted == 0
