@@ -54,7 +54,6 @@ from core.solvers import (
     SolverCache,
     choose_solver,
     direct_solve,
-    refactor_pays,
 )
 
 __all__ = [
@@ -167,19 +166,7 @@ def newton_step(
             options.cg_max_iter,
         )
         if S is not None and (converged or not options.fallback):
-            refactor = (
-                not converged
-                or its > options.refactor_iterations
-                or (options.solver == "auto" and refactor_pays(problem, its, cache))
-            )
-            base = cache.base or its  # the first iterative step on this factor sets it
-            new_cache = dataclasses.replace(
-                cache,
-                iterations=its,
-                refactor=refactor,
-                base=base,
-                lasted=cache.lasted + (0 < base and its <= base),
-            )
+            new_cache = cache.after_cg(problem, its, converged, options)
             step = certify(S, "iterative", its, new_cache, None)
             if step is not None and (not options.fallback or _solved(step, options)):
                 return step

@@ -7,6 +7,7 @@ direct solve itself (:func:`direct_solve`). The step and its certificate are
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -91,6 +92,27 @@ class SolverCache:
         CG iterations last."""
         return None if factor is None else cls(factor.to(torch.float64), iterations)
 
+    def after_cg(
+        self, problem: Problem, its: int, converged: bool, options: SolveOptions
+    ) -> SolverCache:
+        """This cache after an iterative step of ``its`` CG iterations on its factor: the next
+        step refactors when CG did not converge, needed more than ``refactor_iterations``, or
+        (under ``"auto"``) when :func:`refactor_pays`; the first iterative step on the factor
+        sets ``base``, and a step within it counts in ``lasted``."""
+        refactor = (
+            not converged
+            or its > options.refactor_iterations
+            or (options.solver == "auto" and refactor_pays(problem, its, self))
+        )
+        base = self.base or its
+        return dataclasses.replace(
+            self,
+            iterations=its,
+            refactor=refactor,
+            base=base,
+            lasted=self.lasted + (0 < base and its <= base),
+        )
+
 
 def choose_solver(
     problem: Problem, m: int, cache: SolverCache | None, options: SolveOptions = DEFAULT_SOLVE
@@ -112,11 +134,20 @@ def choose_solver(
         return "direct"
     if options.solver == "iterative":
         return "iterative"
-    device, d = problem.X.device, problem.X.shape[1]
     expected = max(cache.iterations, 2) + 0.5 * math.log10(max(m, 1))
-    iterative = 2.0 * f32_product_cost(device) * expected
-    direct = gram_cost(device) * d + 2.0
-    return "iterative" if iterative < direct else "direct"
+    iterative = _cg_iteration_cost(problem) * expected
+    return "iterative" if iterative < _direct_cost(problem) else "direct"
+
+
+def _cg_iteration_cost(problem: Problem) -> float:
+    """One CG iteration in :func:`choose_solver`'s units: two float32 passes over X."""
+    return 2.0 * f32_product_cost(problem.X.device)
+
+
+def _direct_cost(problem: Problem) -> float:
+    """The direct path in :func:`choose_solver`'s units: the float32 Gram matrix and the float64
+    refinement's two passes."""
+    return gram_cost(problem.X.device) * problem.X.shape[1] + 2.0
 
 
 def refactor_pays(problem: Problem, its: int, cache: SolverCache) -> bool:
@@ -131,13 +162,12 @@ def refactor_pays(problem: Problem, its: int, cache: SolverCache) -> bool:
     iteration more, for the rest of the epoch: at n = 100,000, d = 64, steps of 200 rows went
     from 2 to 3 iterations after about 4,000 removals of a 25,000-removal epoch and stayed there
     (4-8 ms more per step on a 2-vCPU Xeon VM, medians within one process, where a direct step
-    cost 12-16 ms more than one at 2 iterations). Only the solver's path changes: the certificate is the same, and charges
-    whatever residual either path leaves."""
+    cost 12-16 ms more than one at 2 iterations). Only the solver's path changes: the
+    certificate is the same, and charges whatever residual either path leaves."""
     if cache.base <= 0 or its <= cache.base or cache.lasted <= 0:
         return False
-    device, d = problem.X.device, problem.X.shape[1]
-    per_iteration = 2.0 * f32_product_cost(device)
-    extra = gram_cost(device) * d + 2.0 - per_iteration * its
+    per_iteration = _cg_iteration_cost(problem)
+    extra = _direct_cost(problem) - per_iteration * its
     return (its - cache.base) * per_iteration * cache.lasted > extra
 
 
