@@ -164,13 +164,16 @@ def prune(root: Path, keep: int, current: int | None, previous: int | None = Non
     for left in entries:
         if left.name.startswith(".tmp-"):
             shutil.rmtree(left, ignore_errors=True)
+    data_files = list((root / "datasets").glob("*.npz"))
+    if len(data_files) <= 1:
+        return  # (the common case: one dataset, which the snapshot just written uses)
     used: set[str] = set()
     for snap in named[:keep]:
         data_name = dataset_name_of(snap)
         if data_name is None:
             return
         used.add(data_name)
-    for old_data in (root / "datasets").glob("*.npz"):
+    for old_data in data_files:
         if f"datasets/{old_data.name}" not in used:
             old_data.unlink(missing_ok=True)
 
