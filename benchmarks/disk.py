@@ -3,12 +3,12 @@
     python benchmarks/disk.py [--dir DIR] [--count N] [--interval S] [--keep K] [--json]
         [--output FILE]
 
-The worker persists a snapshot after every Newton step and certifies the step's requests only
-once it is durable (docs/design.md "State directory"), so a persist that waits on the disk holds
-up every request behind it: at 5,000 requests/s a 150 ms wait alone puts about 750 requests past
-100 ms, about 1 % of the load test's steady part (``benchmarks/loadtest.py``, whose output counts
-the drain's batches with a phase over 100 ms). This measures the same writes alone, at the
-drain's pace:
+The worker persists each Newton step (a snapshot, or a record of a snapshot's step log) and
+certifies the step's requests only once it is durable (docs/design.md "State directory"), so a
+persist that waits on the disk holds up every request behind it: at 5,000 requests/s a 150 ms
+wait alone puts about 750 requests past 100 ms, about 1 % of the load test's steady part
+(``benchmarks/loadtest.py``, whose output counts the drain's batches with a phase over 100 ms).
+This measures the same writes alone, at the drain's pace:
 
 1. **snapshot**: ``Model.save`` of a model trained on ``synthetic:n=100000,d=64,classes=2`` (the
    load test's shape: its weights, alive mask and a journal of 150 answers), ``--keep 3`` as the

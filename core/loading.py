@@ -45,6 +45,7 @@ from core.snapshots import (
     verify_snapshot_files,
 )
 from core.state import ModelState
+from core.steplog import apply_records, read_log
 
 __all__ = [
     "Loaded",
@@ -146,7 +147,8 @@ def _load_dataset(
 
 def read_state(directory: str | os.PathLike[str], snapshot: str | None = None) -> Loaded:
     """Verify and read the current snapshot (or the one named ``snapshot``): every checksum
-    before anything is parsed, then the state's invariants (:mod:`core.invariants`).
+    before anything is parsed, then the state's invariants (:mod:`core.invariants`); then the
+    steps of its log (:mod:`core.steplog`), and the invariants of the state they end on.
 
     Raises:
         StateNotFoundError: no model in the directory (a new directory).
@@ -157,11 +159,15 @@ def read_state(directory: str | os.PathLike[str], snapshot: str | None = None) -
     name = snapshot_name(root, snapshot)
     snap = _read_snapshot(root, name, {})
     path = root / "snapshots" / name
+    state, tensors = snap.state, snap.tensors
+    records = read_log(root, name)
+    if records:
+        # the steps persisted after the snapshot (core.steplog), checked like a snapshot
+        state, tensors = apply_records(root, name, state, tensors, records)
+        check_invariants(root, path, state, tensors, snap.dataset)
     return Loaded(
         name=name,
-        state=ModelState(
-            tensors=snap.tensors, state=snap.state, fingerprint=snap.state["dataset_sha256"]
-        ),
+        state=ModelState(tensors=tensors, state=state, fingerprint=state["dataset_sha256"]),
         dataset=snap.dataset,
         damaged=lambda what: damaged(root, path, what),
     )
@@ -171,7 +177,8 @@ def read_journal(
     directory: str | os.PathLike[str], snapshot: str | None = None
 ) -> dict[str, Any] | None:
     """The ``journal`` saved with the current snapshot (or the one named), None when it has
-    none. The snapshot's own files are verified against its manifest first (not its dataset).
+    none; when its step log has records, the last record's. The snapshot's own files are
+    verified against its manifest first (not its dataset).
 
     Raises:
         StateNotFoundError, StateDamagedError: as :func:`load_model`.
@@ -194,6 +201,9 @@ def read_journal(
             raise damaged(root, path, "is not listed in a manifest (format-1 snapshot)")
         return None
     blobs = verify_snapshot_files(root, snap, manifest)
+    records = read_log(root, name)
+    if records:
+        return records[-1].journal
     if JOURNAL_FILE not in blobs:
         return None
     return _json_object(root, path, blobs[JOURNAL_FILE])
@@ -216,7 +226,8 @@ def _json_object(root: Path, path: Path, blob: bytes) -> dict[str, Any]:
 
 def list_snapshots(directory: str | os.PathLike[str]) -> list[SnapshotInfo]:
     """Every snapshot of a state directory, newest first, each verified as :func:`load_model`
-    would (checksums, invariants; each dataset is read once)."""
+    would (checksums, invariants, its step log; each dataset is read once). ``version``,
+    ``saved_at`` and ``n_alive`` are the snapshot's own, before its step log."""
     root = Path(directory)
     try:
         names = [p.name for p in (root / "snapshots").iterdir() if SNAP_NAME.fullmatch(p.name)]
@@ -231,7 +242,11 @@ def list_snapshots(directory: str | os.PathLike[str]) -> list[SnapshotInfo]:
     for name in sorted(names, key=int, reverse=True):
         problem: str | None = None
         try:
-            _read_snapshot(root, name, cache)
+            snap = _read_snapshot(root, name, cache)
+            records = read_log(root, name)  # its step log too: a damaged one voids it
+            if records:
+                state, tensors = apply_records(root, name, snap.state, snap.tensors, records)
+                check_invariants(root, root / "snapshots" / name, state, tensors, snap.dataset)
         except StateError as exc:
             problem = str(exc).removeprefix(f"cannot load a model from {root}: ")
         version, saved_at, n_alive = summary(root / "snapshots" / name)

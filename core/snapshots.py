@@ -164,6 +164,15 @@ def prune(root: Path, keep: int, current: int | None, previous: int | None = Non
     for left in entries:
         if left.name.startswith(".tmp-"):
             shutil.rmtree(left, ignore_errors=True)
+    kept = {p.name for p in named[:keep]}
+    for log in entries:
+        # a snapshot's step log (core.steplog) goes with it
+        if (
+            log.name.endswith(".log")
+            and log.name[:-4] not in kept
+            and SNAP_NAME.fullmatch(log.name[:-4])
+        ):
+            log.unlink(missing_ok=True)
     data_files = list((root / "datasets").glob("*.npz"))
     if len(data_files) <= 1:
         return  # (the common case: one dataset, which the snapshot just written uses)

@@ -13,16 +13,31 @@ from typing import Any, Self
 
 import torch
 
-from core import persist
+from core import persist, steplog
 from core.data import Dataset, check_training_data
-from core.errors import StateError
+from core.errors import InvalidInputError, StateError
 from core.state import ModelParts, ModelState, decode, encode
 from core.view import ModelView
+
+
+@dataclasses.dataclass(frozen=True)
+class _LogBase:
+    """The snapshot this model last saved (its step log's base): the directory, its name, the
+    model's version then, the alive rows as last persisted, and the records logged since."""
+
+    root: Path
+    name: str
+    version: int
+    alive: torch.Tensor
+    records: int = 0
 
 
 class StoredModel(ModelView):
     """A :class:`core.view.ModelView` that converts to and from a :class:`core.state.ModelState`
     and saves itself; :class:`core.model.Model` adds the operations."""
+
+    #: the snapshot this model last saved, which :meth:`log_step` appends to (None: none)
+    _log_base: _LogBase | None = None
 
     # ----------------------------------------------------------------- state and persistence
     def to_state(self) -> ModelState:
@@ -108,4 +123,57 @@ class StoredModel(ModelView):
             self.dataset = ds  # (the setter drops what is cached on the dataset's meta)
         self.save_seq = persist.next_seq(root, self.save_seq)
         state = dataclasses.replace(self.to_state(), fingerprint=ds.fingerprint())
-        persist.write_snapshot(root, state, data, journal=journal_bytes, keep=keep)
+        self._log_base = None  # (a failed write leaves no snapshot to log on)
+        written = persist.write_snapshot(root, state, data, journal=journal_bytes, keep=keep)
+        self._log_base = _LogBase(root, written.name, self.version, state.tensors["alive"].bool())
+
+    def log_step(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        journal: dict[str, Any] | None = None,
+        max_records: int = 256,
+    ) -> bool:
+        """Persist the steps since the last save or log as one record of the step log of the
+        snapshot this model last saved in ``directory`` (:mod:`core.steplog`): the rows removed
+        since, the weights, the state a snapshot would hold and ``journal``, appended and made
+        durable. Returns False, writing nothing, when the caller must :meth:`save` instead: no
+        snapshot saved by this model in ``directory`` (a loaded model's first persist is a
+        snapshot, so a torn record is never appended to), the version changed since (a retrain),
+        ``max_records`` records logged already, or the last append failed.
+
+        Raises:
+            InvalidInputError: a bad ``journal``; nothing is written.
+            StateError: non-finite weights or budget; nothing is written.
+            OSError: the append failed (the next call returns False: save a snapshot).
+        """
+        base, root = self._log_base, Path(directory)
+        if base is None or base.root != root or base.version != self.version:
+            return False
+        if base.records >= max_records:
+            return False
+        if journal is not None and not isinstance(journal, dict):
+            raise InvalidInputError(f"journal must be a dict, got {type(journal).__name__}")
+        if not bool(torch.isfinite(self._W).all()):
+            raise StateError("refusing to save a model with non-finite weights")
+        if not (math.isfinite(self.budget_used) and math.isfinite(self.budget_total)):
+            raise StateError("refusing to save a model with a non-finite budget")
+        state = self.to_state()  # (a fresh state dict)
+        state.state["seq"] = self.save_seq + 1
+        alive = state.tensors["alive"].bool()
+        rows = torch.nonzero(base.alive & ~alive).flatten().numpy()
+        try:  # (the journal is serialised once, in the record)
+            record = steplog.encode_record(
+                base=base.name,
+                state=state.state,
+                rows=rows,
+                weights=state.tensors["weights"].numpy(),
+                journal=journal,
+            )
+        except (TypeError, ValueError) as exc:
+            raise InvalidInputError(f"journal is not JSON-serialisable: {exc}") from exc
+        self.save_seq += 1
+        self._log_base = None  # until the append is durable (a failed one: save instead)
+        steplog.append_record(steplog.log_path(root, base.name), record)
+        self._log_base = dataclasses.replace(base, alive=alive, records=base.records + 1)
+        return True

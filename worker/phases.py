@@ -9,7 +9,8 @@ Phases, in the order a batch meets them (docs/operations.md "Where a drain's tim
   is no batch and is not observed (a failed read is);
 - ``plan``: the batch checked against the ledger and the model (repeats, unknown ids, rows);
 - ``step``: the Newton step (``certremove_newton_update_seconds`` times the same call);
-- ``persist``: the snapshot with the batch's journal, fsynced;
+- ``persist``: the step's record in the step log (``core.steplog``), or a snapshot, with the
+  batch's journal, durable;
 - ``answer``: the ledger file, statuses and acknowledgements, dead letters, request metrics;
 - ``epoch``: taking over the next noise epoch (the wait for its fit, the catch-up step and its
   snapshot), only in batches that reach an epoch's count;

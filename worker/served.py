@@ -69,6 +69,8 @@ class ServedModel:
         self.lease = lease
         self.keep_snapshots = keep_snapshots
         self.clock = clock
+        #: a drain's steps are appended to the step log instead of each written as a snapshot
+        self.step_log = True
         #: the model in memory is ahead of the persisted state (a step ran, not yet persisted)
         self.dirty = False
         self.history = History(history_path(self.state_dir))
@@ -208,7 +210,18 @@ class ServedModel:
         if dataset is not None:
             save = {"dataset": dataset, "replace_dataset": replace_dataset}
         saved = model or self.model
-        saved.save(self.state_dir, journal=journal, keep=self.keep_snapshots, **save)
+        # a drain's step appends to the step log of the snapshot this process last wrote
+        # (core.steplog: one write and one fdatasync); anything else, or a step the log cannot
+        # take (the first after a start, a retrain, a full log, a failed append), is a snapshot
+        logged = (
+            not mark
+            and model is None
+            and dataset is None
+            and self.step_log
+            and saved.log_step(self.state_dir, journal=journal)
+        )
+        if not logged:
+            saved.save(self.state_dir, journal=journal, keep=self.keep_snapshots, **save)
         self.outbox.unrecorded = pending
         self.dirty = False
         if self.lease is not None and (mark or self.ledger.fence is None):

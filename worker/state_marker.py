@@ -42,12 +42,23 @@ def state_id(state_dir: Path) -> str:
 
 
 def snapshot_seq(state_dir: Path) -> int:
-    """The sequence number of the state directory's current snapshot (0 when unreadable)."""
+    """The sequence number of the state directory's newest persisted state: the last whole
+    record of the current snapshot's step log (``core.steplog``), else the snapshot's (0 when
+    unreadable)."""
     try:
         name = (Path(state_dir) / "CURRENT").read_text().strip().rsplit("/", 1)[-1]
-        return int(name)
+        seq = int(name)
     except (OSError, ValueError):
         return 0
+    # (imported here: the Celery app imports this module and must not load torch)
+    from core.errors import StateError  # noqa: PLC0415
+    from core.steplog import read_log  # noqa: PLC0415
+
+    try:
+        records = read_log(Path(state_dir), name)
+    except StateError:
+        return seq  # (a damaged log: loading refuses the directory anyway)
+    return records[-1].seq if records else seq
 
 
 def check_state(client: redis.Redis, model: str, state_dir: Path, directory_id: str) -> None:
