@@ -54,6 +54,7 @@ from core.snapshots import (
     prune,
 )
 from core.state import ModelState
+from core.steplog import max_seq
 
 __all__ = [
     "DEFAULT_KEEP",
@@ -123,7 +124,9 @@ def next_seq(directory: str | os.PathLike[str], last: int) -> int:
     present; a snapshot's name is never reused."""
     snaps = Path(directory) / "snapshots"
     taken = [int(p.name) for p in snaps.iterdir() if SNAP_NAME.fullmatch(p.name)]
-    return max([last, *taken]) + 1
+    # past the step logs' records too (core.steplog): a model that did not write them (a new
+    # one, a recovered one) must not take one of their numbers
+    return max([last, *taken, max_seq(Path(directory))]) + 1
 
 
 def write_snapshot(

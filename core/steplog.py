@@ -11,15 +11,23 @@ checked like a snapshot (:mod:`core.invariants`).
 
 A record on disk::
 
-    b"CRSL" | payload length (u64 LE) | sha256 of the payload (32 bytes) | payload
+    b"CRSL" | payload length (u64 LE) | its complement (u64 LE) | sha256 of the payload (32 bytes)
+    | payload
     payload = header length (u32 LE) | header (JSON, UTF-8) | rows (i64 LE) | weights (f64 LE)
 
 Written with one ``write`` and an ``fdatasync`` (the file's creation also fsyncs the directory).
-A crash mid-append leaves a torn last record: incomplete, or complete with a bad checksum and
-nothing after it. It was never acknowledged (a step is answered once its record is durable), so
-reading drops it; anything else that does not parse is damage (:class:`StateDamagedError`). A
-writer never appends after a torn record: a process appends only to a log it started itself on
-a snapshot it wrote (``core.stored.StoredModel.log_step``), and a restart begins a snapshot.
+A crash mid-append leaves a torn last record: fewer bytes than its prefix, zeros, a whole prefix
+whose payload runs past the end of the file, or a whole record with a bad checksum and nothing
+after it. It was never acknowledged (a step is answered once its record is durable), so reading
+drops it. Anything else is damage (:class:`StateDamagedError`): a length that does not match its
+complement (so a damaged length is never taken for a tear, which would drop the records after
+it), a bad checksum with records after it, a record of another snapshot or out of order. A
+damaged *last* record reads like a torn one; had it been answered, the state record in Redis
+(which names it) and the removal ledger (whose rows it removed) both refuse the directory at
+start. A writer never appends after a torn record: a process appends only to a log it started
+itself on a snapshot it wrote (``core.stored.StoredModel.log_step``), and a restart begins a
+snapshot. Records are numbered from the snapshots' sequence: ``base + 1``, ``base + 2``, ...
+(:func:`max_seq` lets a new snapshot's number pass them).
 
 Never ``b``: a record holds what a snapshot holds, no more.
 """
@@ -40,13 +48,22 @@ import torch
 from core.errors import StateDamagedError
 from core.snapshots import damaged
 
-__all__ = ["LOG_SUFFIX", "StepRecord", "append_record", "apply_records", "log_path", "read_log"]
+__all__ = [
+    "LOG_SUFFIX",
+    "StepRecord",
+    "append_record",
+    "apply_records",
+    "log_path",
+    "max_seq",
+    "read_log",
+]
 
 LOG_SUFFIX = ".log"
 MAGIC = b"CRSL"
 #: the record format written (``"format"`` in each header)
 RECORD_FORMAT = 1
-_PREFIX = struct.Struct("<4sQ32s")  # magic, payload length, sha256
+_PREFIX = struct.Struct("<4sQQ32s")  # magic, payload length, its complement, sha256
+_MASK = (1 << 64) - 1
 _HEADER_LEN = struct.Struct("<I")
 
 
@@ -101,7 +118,8 @@ def encode_record(
             np.ascontiguousarray(weights, dtype="<f8").tobytes(),
         )
     )
-    return _PREFIX.pack(MAGIC, len(payload), hashlib.sha256(payload).digest()) + payload
+    digest = hashlib.sha256(payload).digest()
+    return _PREFIX.pack(MAGIC, len(payload), ~len(payload) & _MASK, digest) + payload
 
 
 def append_record(path: Path, record: bytes) -> None:
@@ -151,14 +169,16 @@ def read_log(root: Path, name: str) -> list[StepRecord]:
     out: list[StepRecord] = []
     pos, size = 0, len(data)
     while pos < size:
-        if size - pos < _PREFIX.size:
-            break  # a torn last record
-        magic, length, digest = _PREFIX.unpack_from(data, pos)
+        if size - pos < _PREFIX.size or not any(data[pos:]):
+            break  # a torn last record (short, or zeros where a crash grew the file)
+        magic, length, check, digest = _PREFIX.unpack_from(data, pos)
         if magic != MAGIC:
             raise damaged(root, path, f"has no record at byte {pos}")
+        if check != ~length & _MASK:
+            raise damaged(root, path, f"has a record at byte {pos} whose length is damaged")
         start, end = pos + _PREFIX.size, pos + _PREFIX.size + length
         if end > size:
-            break  # a torn last record
+            break  # a torn last record (its length intact: its payload is not all there)
         payload = data[start:end]
         if hashlib.sha256(payload).digest() != digest:
             if end == size:
@@ -174,6 +194,37 @@ def read_log(root: Path, name: str) -> list[StepRecord]:
             raise damaged(root, path, f"has record {rec.seq} after {last}: out of order")
         last = rec.seq
     return out
+
+
+def max_seq(root: Path) -> int:
+    """An upper bound on the numbers of the records in the state directory's step logs (0 when
+    there are none): a log on snapshot ``base`` numbers its records ``base + 1``, ``base + 2``,
+    ..., so ``base`` plus the records it holds, torn or not (their prefixes walked, nothing
+    hashed). A new snapshot numbered past it never takes a number a record has."""
+    top = 0
+    try:
+        logs = [p for p in (Path(root) / "snapshots").iterdir() if p.name.endswith(LOG_SUFFIX)]
+    except OSError:
+        return 0
+    for log in logs:
+        base = log.name[: -len(LOG_SUFFIX)]
+        if not base.isdigit():
+            continue
+        count, pos = 0, 0
+        try:
+            with open(log, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                while pos < size:
+                    f.seek(pos)
+                    prefix = f.read(_PREFIX.size)
+                    count += 1
+                    if len(prefix) < _PREFIX.size or prefix[:4] != MAGIC:
+                        break
+                    pos += _PREFIX.size + _PREFIX.unpack(prefix)[1]
+        except OSError:
+            count += 256  # unreadable: as many as a log may hold
+        top = max(top, int(base) + count)
+    return top
 
 
 def _parse(root: Path, path: Path, pos: int, payload: bytes) -> StepRecord:

@@ -204,3 +204,35 @@ def test_a_snapshot_whose_log_is_damaged_is_listed_invalid(tmp_path, digits, tra
     infos = {i.name: i for i in core.list_snapshots(tmp_path)}
     assert not infos[second].valid and "checksum" in infos[second].problem
     assert infos[first].valid  # (with its own log applied)
+
+
+def test_a_damaged_length_is_refused_not_taken_for_a_tear(tmp_path, digits, trained):
+    # (found in review: a flipped bit in record 1's length ran it past the end of the file, and
+    # the records from it on were dropped as a torn tail)
+    base = _logged(tmp_path, digits, trained, [[1], [2], [3]])
+    path = tmp_path / "snapshots" / f"{base}.log"
+    for byte in (4, 11, 12, 19):  # the length and its complement
+        data = bytearray(path.read_bytes())
+        data[byte] ^= 0x40
+        damaged_copy = bytes(data)
+        path.write_bytes(damaged_copy)
+        with pytest.raises(StateDamagedError, match="length is damaged"):
+            core.load_model(tmp_path, device="cpu")
+        data[byte] ^= 0x40
+        path.write_bytes(bytes(data))
+    assert len(steplog.read_log(tmp_path, base)) == 3
+
+
+def test_zeros_after_the_last_record_are_a_tear(tmp_path, digits, trained):
+    base = _logged(tmp_path, digits, trained, [[1], [2]])
+    path = tmp_path / "snapshots" / f"{base}.log"
+    path.write_bytes(path.read_bytes() + bytes(5000))  # a crash that grew the file, data unwritten
+    assert len(steplog.read_log(tmp_path, base)) == 2
+
+
+def test_max_seq_bounds_every_record_number(tmp_path, digits, trained):
+    base = _logged(tmp_path, digits, trained, [[1], [2], [3]])
+    assert steplog.max_seq(tmp_path) == int(base) + 3 == trained.save_seq
+    path = tmp_path / "snapshots" / f"{base}.log"
+    path.write_bytes(path.read_bytes()[:-10])  # torn: still counted
+    assert steplog.max_seq(tmp_path) == int(base) + 3

@@ -149,3 +149,47 @@ def test_a_damaged_log_is_refused_and_recover_falls_back_with_the_ledgers_rows(
     recovered = core.load_model(state, device="cpu")
     assert not recovered.alive[40:46].any()  # every row the ledger says was removed
     assert sorted(removed_sample_ids(state)) == list(range(40, 46))
+
+
+def test_a_recovered_directory_passes_the_state_record_of_its_logged_steps(
+    state: Path, broker_url: str, rclient: redis.Redis, model_name: str
+) -> None:
+    # (found in review: recover numbered its snapshot after CURRENT's, below the log's records
+    # that the state record names, and the worker then refused the directory as behind)
+    from typer.testing import CliRunner  # noqa: PLC0415
+
+    from worker.cli import app  # noqa: PLC0415
+
+    lease = Lease(rclient, model_name, "w1", state, ttl_ms=5000)
+    lease.acquire()
+    service = serve(state, rclient, model_name, lease, max_batch=2)
+    Client(broker_url, model=model_name).enqueue_many([[i] for i in range(40, 46)])
+    service.drain()  # a snapshot, then two steps on its log
+    marker = int(record(rclient, model_name)["seq"])
+    assert marker == snapshot_seq(state)
+    lease.release()
+    [log] = _logs(state)
+    data = bytearray(log.read_bytes())
+    data[80] ^= 0x01  # the first record's payload
+    log.write_bytes(bytes(data))
+    out = CliRunner().invoke(app, ["state", "recover", "--state", str(state), "--yes"])
+    assert out.exit_code == 0, out.output
+    assert snapshot_seq(state) > marker
+    again = Lease(rclient, model_name, "w1", state, ttl_ms=5000)
+    again.acquire(wait_s=0)  # not behind the record
+    again.release()
+
+
+def test_a_new_model_saved_over_logged_steps_numbers_past_them(
+    state: Path, broker_url: str, rclient: redis.Redis, model_name: str
+) -> None:
+    # (found in review: a new model, e.g. a full-pipeline retrain's, took a record's number)
+    service, _, _ = build(state, rclient, model_name, max_batch=2)
+    Client(broker_url, model=model_name).enqueue_many([[i] for i in range(50, 56)])
+    service.drain()
+    before = snapshot_seq(state)
+    assert _logs(state) and before > int(_snapshots(state)[-1])
+    fresh = core.load_model(state, device="cpu")
+    fresh.save_seq = 0  # as a newly trained model
+    fresh.save(state)
+    assert snapshot_seq(state) == before + 1
