@@ -124,6 +124,17 @@ def _read_snapshot(root: Path, name: str, cache: dict[str, Any]) -> _Snapshot:
     return _Snapshot(name=name, state=state, tensors=tensors, dataset=ds)
 
 
+def _with_log(root: Path, snap: _Snapshot) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The state and tensors of a verified snapshot after the steps of its log
+    (:mod:`core.steplog`), whose end state is checked like a snapshot's."""
+    records = read_log(root, snap.name)
+    if not records:
+        return snap.state, snap.tensors
+    state, tensors = apply_records(root, snap.name, snap.state, snap.tensors, records)
+    check_invariants(root, root / "snapshots" / snap.name, state, tensors, snap.dataset)
+    return state, tensors
+
+
 def _load_dataset(
     root: Path, data_name: str, state: dict[str, Any], cache: dict[str, Any]
 ) -> Dataset:
@@ -159,12 +170,7 @@ def read_state(directory: str | os.PathLike[str], snapshot: str | None = None) -
     name = snapshot_name(root, snapshot)
     snap = _read_snapshot(root, name, {})
     path = root / "snapshots" / name
-    state, tensors = snap.state, snap.tensors
-    records = read_log(root, name)
-    if records:
-        # the steps persisted after the snapshot (core.steplog), checked like a snapshot
-        state, tensors = apply_records(root, name, state, tensors, records)
-        check_invariants(root, path, state, tensors, snap.dataset)
+    state, tensors = _with_log(root, snap)
     return Loaded(
         name=name,
         state=ModelState(tensors=tensors, state=state, fingerprint=state["dataset_sha256"]),
@@ -242,11 +248,7 @@ def list_snapshots(directory: str | os.PathLike[str]) -> list[SnapshotInfo]:
     for name in sorted(names, key=int, reverse=True):
         problem: str | None = None
         try:
-            snap = _read_snapshot(root, name, cache)
-            records = read_log(root, name)  # its step log too: a damaged one voids it
-            if records:
-                state, tensors = apply_records(root, name, snap.state, snap.tensors, records)
-                check_invariants(root, root / "snapshots" / name, state, tensors, snap.dataset)
+            _with_log(root, _read_snapshot(root, name, cache))  # a damaged log voids it too
         except StateError as exc:
             problem = str(exc).removeprefix(f"cannot load a model from {root}: ")
         version, saved_at, n_alive = summary(root / "snapshots" / name)

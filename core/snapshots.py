@@ -27,6 +27,8 @@ JOURNAL_FILE = "journal.json"
 MANIFEST_FILE = "manifest.json"
 SNAPSHOT_FILES = (MODEL_FILE, STATE_FILE, JOURNAL_FILE)
 SNAP_NAME = re.compile(r"[0-9]{1,20}")
+#: a snapshot's step log is ``snapshots/<name>.log`` (:mod:`core.steplog`)
+LOG_SUFFIX = ".log"
 CURRENT_RE = re.compile(r"snapshots/([0-9]{1,20})")
 DATA_NAME = re.compile(r"datasets/[A-Za-z0-9_-]{1,64}\.npz")
 _SHA = re.compile(r"[0-9a-f]{64}")
@@ -167,11 +169,8 @@ def prune(root: Path, keep: int, current: int | None, previous: int | None = Non
     kept = {p.name for p in named[:keep]}
     for log in entries:
         # a snapshot's step log (core.steplog) goes with it
-        if (
-            log.name.endswith(".log")
-            and log.name[:-4] not in kept
-            and SNAP_NAME.fullmatch(log.name[:-4])
-        ):
+        base = log.name.removesuffix(LOG_SUFFIX)
+        if base != log.name and base not in kept and SNAP_NAME.fullmatch(base):
             log.unlink(missing_ok=True)
     data_files = list((root / "datasets").glob("*.npz"))
     if len(data_files) <= 1:

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from core.errors import StateDamagedError
-from core.snapshots import damaged
+from core.snapshots import LOG_SUFFIX, damaged
 
 __all__ = [
     "LOG_SUFFIX",
@@ -58,7 +58,6 @@ __all__ = [
     "read_log",
 ]
 
-LOG_SUFFIX = ".log"
 MAGIC = b"CRSL"
 #: the record format written (``"format"`` in each header)
 RECORD_FORMAT = 1
@@ -169,10 +168,12 @@ def read_log(root: Path, name: str) -> list[StepRecord]:
     out: list[StepRecord] = []
     pos, size = 0, len(data)
     while pos < size:
-        if size - pos < _PREFIX.size or not any(data[pos:]):
-            break  # a torn last record (short, or zeros where a crash grew the file)
+        if size - pos < _PREFIX.size:
+            break  # a torn last record (short)
         magic, length, check, digest = _PREFIX.unpack_from(data, pos)
         if magic != MAGIC:
+            if not any(memoryview(data)[pos:]):
+                break  # a torn last record: zeros where a crash grew the file
             raise damaged(root, path, f"has no record at byte {pos}")
         if check != ~length & _MASK:
             raise damaged(root, path, f"has a record at byte {pos} whose length is damaged")
@@ -207,7 +208,7 @@ def max_seq(root: Path) -> int:
     except OSError:
         return 0
     for log in logs:
-        base = log.name[: -len(LOG_SUFFIX)]
+        base = log.name.removesuffix(LOG_SUFFIX)
         if not base.isdigit():
             continue
         count, pos = 0, 0
@@ -279,7 +280,6 @@ def apply_records(
     alive = tensors["alive"].clone()
     weights = tensors["weights"]
     fixed = ("hyper", "classes", "binary", "budget_total", "n_rows", "dataset_sha256")
-    current = state
     for rec in records:
         new = rec.header["state"]
         for key in fixed:
@@ -293,6 +293,6 @@ def apply_records(
         ):
             raise damaged(root, path, f"record {rec.seq} removes a row that is not alive")
         alive[rows] = 0
-        weights = torch.from_numpy(rec.weights).to(tensors["weights"].dtype)
-        current = {**state, **new}
-    return current, {**tensors, "alive": alive, "weights": weights}
+    # the JSON state and the weights are whole in each record: the last one's hold
+    weights = torch.from_numpy(records[-1].weights).to(weights.dtype)
+    return {**state, **records[-1].header["state"]}, {**tensors, "alive": alive, "weights": weights}

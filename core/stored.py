@@ -106,10 +106,7 @@ class StoredModel(ModelView):
                 or budget (they would be refused at load); nothing is written.
         """
         journal_bytes = persist.check_save_options(journal, keep)
-        if not bool(torch.isfinite(self._W).all()):
-            raise StateError("refusing to save a model with non-finite weights")
-        if not (math.isfinite(self.budget_used) and math.isfinite(self.budget_total)):
-            raise StateError("refusing to save a model with a non-finite budget")
+        self._check_finite()
         ds = dataset or self.dataset
         if ds is None:
             X, y, _ = self.training_data()
@@ -126,6 +123,13 @@ class StoredModel(ModelView):
         self._log_base = None  # (a failed write leaves no snapshot to log on)
         written = persist.write_snapshot(root, state, data, journal=journal_bytes, keep=keep)
         self._log_base = _LogBase(root, written.name, self.version, state.tensors["alive"].bool())
+
+    def _check_finite(self) -> None:
+        """Raise :class:`StateError` for non-finite weights or budget: a load would refuse them."""
+        if not bool(torch.isfinite(self._W).all()):
+            raise StateError("refusing to save a model with non-finite weights")
+        if not (math.isfinite(self.budget_used) and math.isfinite(self.budget_total)):
+            raise StateError("refusing to save a model with a non-finite budget")
 
     def log_step(
         self,
@@ -154,10 +158,7 @@ class StoredModel(ModelView):
             return False
         if journal is not None and not isinstance(journal, dict):
             raise InvalidInputError(f"journal must be a dict, got {type(journal).__name__}")
-        if not bool(torch.isfinite(self._W).all()):
-            raise StateError("refusing to save a model with non-finite weights")
-        if not (math.isfinite(self.budget_used) and math.isfinite(self.budget_total)):
-            raise StateError("refusing to save a model with a non-finite budget")
+        self._check_finite()
         state = self.to_state()  # (a fresh state dict)
         state.state["seq"] = self.save_seq + 1
         alive = state.tensors["alive"].bool()

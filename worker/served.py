@@ -69,8 +69,6 @@ class ServedModel:
         self.lease = lease
         self.keep_snapshots = keep_snapshots
         self.clock = clock
-        #: a drain's steps are appended to the step log instead of each written as a snapshot
-        self.step_log = True
         #: the model in memory is ahead of the persisted state (a step ran, not yet persisted)
         self.dirty = False
         self.history = History(history_path(self.state_dir))
@@ -217,7 +215,6 @@ class ServedModel:
             not mark
             and model is None
             and dataset is None
-            and self.step_log
             and saved.log_step(self.state_dir, journal=journal)
         )
         if not logged:

@@ -14,12 +14,14 @@ from typing import Any
 import pytest
 import redis
 import torch
+from typer.testing import CliRunner
 
 import core
 from core import steplog
 from producer import Client
 from tests.worker.test_service import build
 from tests.worker.test_state_record import record, serve
+from worker.cli import app
 from worker.lease import Lease
 from worker.ledger import removed_sample_ids
 from worker.state_marker import snapshot_seq
@@ -37,12 +39,30 @@ def _snapshots(state: Path) -> list[str]:
     return sorted(p.name for p in (state / "snapshots").iterdir() if p.is_dir())
 
 
+def _leased(state: Path, rclient: redis.Redis, model_name: str, max_batch: int) -> tuple[Any, Any]:
+    """A worker on ``state`` under a lease (the state record kept), and that lease."""
+    lease = Lease(rclient, model_name, "w1", state, ttl_ms=5000)
+    lease.acquire()
+    return lease, serve(state, rclient, model_name, lease, max_batch=max_batch)
+
+
+def _damage_first_record(state: Path, byte: int) -> None:
+    """Flip a bit of the only log's first record (``byte``: in its payload): damage, not a tear."""
+    [log] = _logs(state)
+    data = bytearray(log.read_bytes())
+    data[byte] ^= 0x01
+    log.write_bytes(bytes(data))
+
+
+def _recover(state: Path) -> None:
+    out = CliRunner().invoke(app, ["state", "recover", "--state", str(state), "--yes"])
+    assert out.exit_code == 0, out.output
+
+
 def test_a_drains_steps_after_its_first_snapshot_go_to_the_log(
     state: Path, broker_url: str, rclient: redis.Redis, model_name: str
 ) -> None:
-    lease = Lease(rclient, model_name, "w1", state, ttl_ms=5000)
-    lease.acquire()
-    service = serve(state, rclient, model_name, lease, max_batch=3)
+    lease, service = _leased(state, rclient, model_name, max_batch=3)
     before = _snapshots(state)
     client = Client(broker_url, model=model_name)
     rids = client.enqueue_many([[i] for i in range(12)])
@@ -130,22 +150,14 @@ def test_a_failed_append_answers_nothing_then_serves_each_request_once(
 def test_a_damaged_log_is_refused_and_recover_falls_back_with_the_ledgers_rows(
     state: Path, broker_url: str, rclient: redis.Redis, model_name: str
 ) -> None:
-    from typer.testing import CliRunner  # noqa: PLC0415
-
-    from worker.cli import app  # noqa: PLC0415
-
     client = Client(broker_url, model=model_name)
     service, _, _ = build(state, rclient, model_name, max_batch=2)
     client.enqueue_many([[i] for i in range(40, 46)])
     service.drain()  # a snapshot, then two steps on its log
-    [log] = _logs(state)
-    data = bytearray(log.read_bytes())
-    data[60] ^= 0x01  # the first record: damage, not a torn tail
-    log.write_bytes(bytes(data))
+    _damage_first_record(state, 60)
     with pytest.raises(core.StateDamagedError):
         core.load_model(state, device="cpu")
-    out = CliRunner().invoke(app, ["state", "recover", "--state", str(state), "--yes"])
-    assert out.exit_code == 0, out.output
+    _recover(state)
     recovered = core.load_model(state, device="cpu")
     assert not recovered.alive[40:46].any()  # every row the ledger says was removed
     assert sorted(removed_sample_ids(state)) == list(range(40, 46))
@@ -156,24 +168,14 @@ def test_a_recovered_directory_passes_the_state_record_of_its_logged_steps(
 ) -> None:
     # (found in review: recover numbered its snapshot after CURRENT's, below the log's records
     # that the state record names, and the worker then refused the directory as behind)
-    from typer.testing import CliRunner  # noqa: PLC0415
-
-    from worker.cli import app  # noqa: PLC0415
-
-    lease = Lease(rclient, model_name, "w1", state, ttl_ms=5000)
-    lease.acquire()
-    service = serve(state, rclient, model_name, lease, max_batch=2)
+    lease, service = _leased(state, rclient, model_name, max_batch=2)
     Client(broker_url, model=model_name).enqueue_many([[i] for i in range(40, 46)])
     service.drain()  # a snapshot, then two steps on its log
     marker = int(record(rclient, model_name)["seq"])
     assert marker == snapshot_seq(state)
     lease.release()
-    [log] = _logs(state)
-    data = bytearray(log.read_bytes())
-    data[80] ^= 0x01  # the first record's payload
-    log.write_bytes(bytes(data))
-    out = CliRunner().invoke(app, ["state", "recover", "--state", str(state), "--yes"])
-    assert out.exit_code == 0, out.output
+    _damage_first_record(state, 80)
+    _recover(state)
     assert snapshot_seq(state) > marker
     again = Lease(rclient, model_name, "w1", state, ttl_ms=5000)
     again.acquire(wait_s=0)  # not behind the record
