@@ -18,6 +18,18 @@ import torch
 
 from core.products import keep_fastest, match_blas_threads, x_times, xt_times
 
+#: curvatures ``C l''(z)`` below this are 0 in a float32 operator (:func:`curvature32`):
+#: ``l''(z) ~ e^-|z|`` would be a float32 subnormal from ``|z| > 87`` (slow arithmetic on x86);
+#: such rows weigh nothing next to the ridge, and the float64 certificate charges whatever the
+#: operator leaves out
+CURVATURE_FLOOR = 1e-20
+
+
+def curvature32(curvature: torch.Tensor) -> torch.Tensor:
+    """``curvature`` (float64) for :func:`hvp` on the problem's float32 copy of X: rounded to
+    float32, with the values below :data:`CURVATURE_FLOOR` set to 0."""
+    return torch.where(curvature >= CURVATURE_FLOOR, curvature, 0.0).to(torch.float32)
+
 
 def hvp(
     X: torch.Tensor, curvature: torch.Tensor, V: torch.Tensor, ridge: float | torch.Tensor

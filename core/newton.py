@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from core.blocked import hvp
+from core.blocked import curvature32, hvp
 from core.errors import ConvergenceError, NumericalError
 from core.loss import (
     cholesky_factor,
@@ -77,7 +77,7 @@ def newton_fit(
 
     The Newton direction: with a Cholesky factor at hand (``precond``, e.g. the last removal
     step's when retraining, or the factor of an earlier iteration) it is solved by conjugate
-    gradients with float64 Hessian-vector products preconditioned by it, to a relative residual
+    gradients with Hessian-vector products preconditioned by it, to a relative residual
     ``min(1e-2, sqrt(||g|| / ||g_0||))`` (inexact Newton, superlinear): O(n d) per CG iteration
     instead of the O(n d^2) Hessian. When CG does not converge within ``cg_max_iter`` (the factor
     is too far from the Hessian: a cold start) the Hessian is built and factored (float32 by
@@ -88,7 +88,10 @@ def newton_fit(
     what they are.
 
     ``X32``: X rounded to float32 (the problem's copy), read by the float32 Hessians instead of
-    converting X at every factorisation.
+    converting X at every factorisation, and by CG's Hessian-vector products (float32 products,
+    float64 vectors, as in the removal step's CG: :func:`core.blocked.hvp`). The direction is
+    then about 1e-7 relative off the float64 one, far below CG's tolerance ``eta``; the
+    gradient, the line search and the stopping test read the float64 X either way.
 
     Shapes: X (n, d) float64, Y and C (n, K), B (d, K), W0 (d, K), precond (K, d, d).
 
@@ -124,7 +127,12 @@ def newton_fit(
             _, d2 = loss_derivatives(Z)
             curvature, ridge = C * d2, lam * n_reg
             eta = min(1e-2, math.sqrt(gnorm / g0))
-            matvec = functools.partial(hvp, X, curvature, ridge=ridge)
+            # float32 products on X's float32 copy where there is one (half the bytes): they
+            # shape only the direction, about 1e-7 relative off, far below eta
+            if X32 is None:
+                matvec = functools.partial(hvp, X, curvature, ridge=ridge)
+            else:
+                matvec = functools.partial(hvp, X32, curvature32(curvature), ridge=ridge)
             D, its, ok = pcg(matvec, factor, -G, eta, cg_max_iter)
             cg_iterations = its
             D = D if ok else None

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from core.blocked import certificate_products, hvp
+from core.blocked import CURVATURE_FLOOR, certificate_products, curvature32, hvp
 from core.bounds import (
     margins_rounding_tensor,
     product_error,
@@ -66,11 +66,6 @@ __all__ = [
     "choose_solver",
     "newton_step",
 ]
-
-#: curvatures ``C l''(z)`` below this are 0 in CG's float32 operator: ``l''(z) ~ e^-|z|`` would be
-#: a float32 subnormal from ``|z| > 87`` (slow arithmetic on x86); such rows weigh nothing next
-#: to the ridge, and the float64 certificate charges whatever the operator leaves out
-CURVATURE_FLOOR = 1e-20
 
 
 @dataclass(frozen=True)
@@ -157,9 +152,9 @@ def newton_step(
     if choose_solver(problem, m, cache, options) == "iterative":
         assert cache is not None
         # float32 products on the problem's float32 copy of X, float64 vectors (core.blocked.hvp)
-        curvature32 = torch.where(curvature >= CURVATURE_FLOOR, curvature, 0.0).to(torch.float32)
+        curvature_32 = curvature32(curvature)
         S, its, converged = pcg(
-            lambda V: hvp(problem.X32, curvature32, V, ridge),
+            lambda V: hvp(problem.X32, curvature_32, V, ridge),
             cache.factor,
             delta_grad,
             options.cg_tol,

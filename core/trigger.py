@@ -202,7 +202,7 @@ def auto_max_removals(
         if fit is None:
             fit = newton_fit(
                 problem.X, problem.Y, C, problem.lam, n_reg, B, tol=tol, W0=W,
-                hess_dtype=problem.hess_dtype,
+                hess_dtype=problem.hess_dtype, X32=problem.X32,
             )  # fmt: skip
         anchor = gradient(problem.X, problem.Y, C, fit.W, problem.lam, n_reg)
         order = torch.from_numpy(rng.permutation(np.flatnonzero(alive.cpu().numpy())))

@@ -216,9 +216,19 @@ def test_a_warm_retrain_uses_the_cached_factor_and_keeps_the_tolerance():
     kw = dict(tol=tol, W0=model._W, hess_dtype=p.hess_dtype)
     plain = newton_fit(p.X, p.Y, C, lam, n_reg, B, **kw)
     pre = newton_fit(p.X, p.Y, C, lam, n_reg, B, precond=model._epoch.solver.factor, **kw)
-    assert plain.r0 <= tol and pre.r0 <= tol
-    # both are within r0 / (lam n) of the unique minimiser
-    assert float((plain.W - pre.W).norm()) <= (plain.r0 + pre.r0) / (lam * n_reg) * 1.01 + 1e-12
+    # CG's products on the float32 copy of X (as fit_epoch runs it): only the direction moves
+    pre32 = newton_fit(
+        p.X, p.Y, C, lam, n_reg, B, precond=model._epoch.solver.factor, X32=p.X32, **kw
+    )
+    assert plain.r0 <= tol and pre.r0 <= tol and pre32.r0 <= tol
+    # r0 is the float64 gradient norm at the weights returned (numpy's, independently)
+    Xn, Yn, Cn, Wn = (t.numpy() for t in (p.X, p.Y, C, pre32.W))
+    z = Yn * (Xn @ Wn)
+    grad = Xn.T @ (Cn * -Yn / (1 + np.exp(z))) + lam * n_reg * Wn + B.numpy()
+    assert abs(float(np.linalg.norm(grad)) - pre32.r0) <= 1e-6 * tol
+    # all three are within r0 / (lam n) of the unique minimiser
+    for a, b in ((plain, pre), (plain, pre32)):
+        assert float((a.W - b.W).norm()) <= (a.r0 + b.r0) / (lam * n_reg) * 1.01 + 1e-12
     version = model.version
     model.retrain()
     assert model.version == version + 1 and model._epoch.r0_anchor <= model.budget_total

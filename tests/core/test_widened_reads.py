@@ -50,9 +50,26 @@ def test_a_dataset_of_float32_rows_has_an_exact_copy_and_a_float64_one_has_not()
     # a problem on float64 rows with digits past float32's: no exact copy
     q = dataclasses.replace(p, X=X64)
     assert q.exact_float32() is None
-    # a row view (core.rowview) checks its own rows again
-    view = core.problem.restrict(p, torch.arange(0, 1200, 2))
+    # a row view (core.rowview) gathers the float32 copy with its rows: exact where its
+    # problem's is (checked here independently), not where its problem's is not
+    rows = torch.arange(0, 1200, 2)
+    view = core.problem.restrict(p, rows)
     assert view.exact_float32() is view.X32
+    assert core.problem.widens_exactly(view.X32, view.X) and torch.equal(view.X, p.X[rows])
+    inexact = core.problem.restrict(q, rows)
+    assert inexact.exact_float32() is None
+    assert torch.equal(inexact.X32, q.X[rows].to(torch.float32))
+    assert inexact.X32.is_contiguous() and inexact.X.is_contiguous()
+    # a view of a problem whose copy changed in place since its check is not exact either
+    changed = dataclasses.replace(p)
+    changed.X32[0, 0] = 0.5
+    assert core.problem.restrict(changed, rows).exact_float32() is None
+    # a copy that does not match X's shape or dtype is refused
+    with pytest.raises(ValueError, match="gathered32"):
+        core.problem.Problem(
+            X=p.X, Y=p.Y, omega=p.omega, row_norms=p.row_norms, x_norm2=p.x_norm2,
+            lam=p.lam, hess_dtype=p.hess_dtype, gathered32=(p.X, True),
+        )  # fmt: skip
 
 
 def test_a_replaced_or_changed_copy_is_not_exact_any_more():
