@@ -17,6 +17,10 @@
 
 Redis: ``--broker-url`` or ``$CERTREMOVE_BROKER_URL``; otherwise a private Redis started here on a
 unix socket (used by the baseline and the service alike).
+
+Before and after the runs, ``host_before`` / ``host_after`` probe the machine's speed at what a
+removal step is made of (:func:`host_probe`): VMs of the same kind differ by 2-3x there from one
+session to the next, and every figure above follows it.
 """
 
 from __future__ import annotations
@@ -228,6 +232,52 @@ def phase_line(phases: dict[str, dict[str, float]]) -> str:
     return f"{batches} batches; mean ms per batch: " + ", ".join(parts) + tail
 
 
+def host_probe(n: int = 100_000, d: int = 64, repeats: int = 15) -> dict[str, Any]:
+    """This machine's speed at a removal step's parts, on one thread, at the load test's shape:
+    the float32 Hessian-vector product of CG (``core.blocked.hvp`` in the layout measured
+    fastest here) and one float64 pass over the rows (a sum, memory-bound), medians of
+    ``repeats``, in ms. A step at n = 100,000 makes about three of the first and the
+    certificate's widened pass besides."""
+    import numpy as np  # noqa: PLC0415 - torch only here
+    import torch  # noqa: PLC0415
+
+    from core.blocked import calibrate_hvp, hvp  # noqa: PLC0415
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        g = torch.Generator().manual_seed(0)
+        X = torch.rand((n, d), generator=g, dtype=torch.float32)
+        curvature = torch.rand((n, 1), generator=g, dtype=torch.float32)
+        V = torch.rand((d, 1), generator=g, dtype=torch.float64)
+        layout = calibrate_hvp(X, 1)
+        X64 = X.double()
+
+        def median_ms(fn: Any) -> float:
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            return float(np.median(times)) * 1000.0
+
+        return {
+            "shape": [n, d],
+            "hvp_layout": layout,
+            "hvp_f32_ms": median_ms(lambda: hvp(X, curvature, V, 1.0)),
+            "pass_f64_ms": median_ms(lambda: X64.sum()),
+        }
+    finally:
+        torch.set_num_threads(threads)
+
+
+def probe_line(probe: dict[str, Any]) -> str:
+    return (
+        f"float32 Hessian-vector product {probe['hvp_f32_ms']:.1f} ms ({probe['hvp_layout']}), "
+        f"float64 pass {probe['pass_f64_ms']:.1f} ms"
+    )
+
+
 def fmt(v: float | None, scale: float = 1000.0, unit: str = " ms") -> str:
     return "-" if v is None else f"{v * scale:,.0f}{unit}"
 
@@ -279,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             "dataset": args.dataset,
             "max_batch": args.max_batch,
             "cpus": os.cpu_count(),
+            "host_before": host_probe(),
         }
         if args.skip_burst:
             report["raw"] = raw_baseline(redis_py_url(url), args.burst)
@@ -343,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
                 **worker_kw,
             )
         report["loadavg_after"] = os.getloadavg()
+        report["host_after"] = host_probe()
     finally:
         if server is not None:
             server.stop()
@@ -387,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
         if r and "drain_phases" in r:
             print(f"{name} drain: {phase_line(r['drain_phases'])}")
     print(f"load average before {report['loadavg_before']}, after {report['loadavg_after']}")
+    print(f"host before: {probe_line(report['host_before'])}")
+    print(f"host after: {probe_line(report['host_after'])}")
     return 0
 
 

@@ -143,3 +143,20 @@ def test_the_load_test_counts_the_batches_of_a_phase_over_100_ms() -> None:
     assert phases["step"]["batches"] == 1 and phases["step"]["over_100ms"] == 0
     assert "batches over 100 ms: persist 3" in bench.phase_line(phases)
     assert "over 100 ms" not in bench.phase_line({"step": phases["step"]})
+
+
+def test_the_load_test_probes_the_host_on_one_thread_and_gives_the_threads_back() -> None:
+    """``host_probe`` times the step's float32 Hessian-vector product and a float64 pass (the
+    figures that say how fast this machine is at a removal step) and leaves torch's thread
+    count as it found it."""
+    import torch  # noqa: PLC0415
+
+    bench = _load_test_bench()
+    before = torch.get_num_threads()
+    probe = bench.host_probe(n=6_000, d=8, repeats=3)
+    assert torch.get_num_threads() == before
+    assert probe["shape"] == [6_000, 8]
+    assert probe["hvp_layout"] in ("two_passes", "blocked", "blocked_numpy")
+    for key in ("hvp_f32_ms", "pass_f64_ms"):
+        assert math.isfinite(probe[key]) and probe[key] > 0
+    assert "Hessian-vector product" in bench.probe_line(probe)
