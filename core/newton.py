@@ -72,8 +72,9 @@ def newton_fit(
     """Minimise ``L_b`` by damped Newton steps until ``||grad L_b||_F <= tol``.
 
     Each class is an independent problem; the line search backtracks per class on the Armijo
-    condition (plain Newton can diverge on the logistic loss). ``hess_dtype=float32`` (the default) only
-    changes the direction; the gradient and the stopping test stay in X's dtype (float64).
+    condition (plain Newton can diverge on the logistic loss). ``hess_dtype=float32`` (the default)
+    and ``X32`` (below) only change the direction; the gradient and the stopping test stay in X's
+    dtype (float64).
 
     The Newton direction: with a Cholesky factor at hand (``precond``, e.g. the last removal
     step's when retraining, or the factor of an earlier iteration) it is solved by conjugate

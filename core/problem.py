@@ -26,10 +26,12 @@ class Problem:
     Shapes: X (n, d) float64; Y (n, K) in {-1, +1}; omega (n, K) in {0, 1}; row_norms (n,).
     ``x_norm2`` is an upper bound on the full training matrix's spectral norm.
 
-    ``X32``: X rounded to float32, made with the problem (also by ``dataclasses.replace``, so
-    it always matches X; half of X's memory). It feeds only what the float64 certificate
-    re-checks: the float32 Hessians of the direct solve and the Hessian-vector products of the
-    removal step's CG (core.removal). Never a gradient or a margin; the certificate reads it
+    ``X32``: X rounded to float32 (half of X's memory), made with the problem (also by
+    ``dataclasses.replace``); a row view's (:func:`restrict`) is gathered from its problem's
+    with the same rows. It feeds only what the float64 certificate re-checks or what only
+    shapes a direction: the float32 Hessians of the direct solve and the Hessian-vector
+    products of the removal step's CG (core.removal) and of the fits' CG
+    (:func:`core.newton.newton_fit`). Never a gradient or a margin; the certificate reads it
     only where it widens back to X exactly (:meth:`exact_float32`), for the same float64 values.
     """
 
@@ -48,26 +50,32 @@ class Problem:
     _exact32: tuple[torch.Tensor, int, torch.Tensor, int] | None = field(
         init=False, repr=False, compare=False
     )
-    #: (:func:`restrict` only) X's float32 copy and whether it widens back to X exactly, both
-    #: already known: the rows of a problem's own ``X32`` gathered with the same rows of its X
-    #: (a gather copies values, so the parent's exactness holds for them). None (the default,
-    #: and what ``dataclasses.replace`` passes) rounds X and checks it here.
-    gathered32: InitVar[tuple[torch.Tensor, bool] | None] = None
+    #: (:func:`restrict` only: nothing else may pass it) X's float32 copy and whether it widens
+    #: back to X exactly, both already known: the rows of a problem's own ``X32`` gathered with
+    #: the same rows of its X (a gather copies values, so the parent's exactness, checked by
+    #: its :meth:`exact_float32` at the gather, holds for them). None (the default, and what
+    #: ``dataclasses.replace`` passes) rounds X and checks it here.
+    _gathered32: InitVar[tuple[torch.Tensor, bool] | None] = None
 
-    def __post_init__(self, gathered32: tuple[torch.Tensor, bool] | None) -> None:
-        if gathered32 is None:
+    def __post_init__(self, _gathered32: tuple[torch.Tensor, bool] | None) -> None:
+        if _gathered32 is None:
             X32 = self.X.to(torch.float32).contiguous()
         else:
-            X32 = gathered32[0]
-            if X32.dtype != torch.float32 or X32.shape != self.X.shape:
-                raise ValueError("gathered32 must be X's rows in float32")
+            X32 = _gathered32[0]
+            if (
+                X32.dtype != torch.float32
+                or X32.shape != self.X.shape
+                or X32.device != self.X.device
+                or not X32.is_contiguous()
+            ):
+                raise ValueError("_gathered32 must be X's rows in float32, contiguous")
         object.__setattr__(self, "X32", X32)
         object.__setattr__(self, "row_norms_sq", self.row_norms.square())
         exact = (
             self.X.device.type == "cpu"
             # (tensors made under torch.inference_mode() count no changes: never trusted here)
             and not (X32.is_inference() or self.X.is_inference())
-            and (gathered32[1] if gathered32 is not None else widens_exactly(X32, self.X))
+            and (_gathered32[1] if _gathered32 is not None else widens_exactly(X32, self.X))
         )
         held = (X32, _version(X32), self.X, _version(self.X)) if exact else None
         object.__setattr__(self, "_exact32", held)
@@ -214,15 +222,27 @@ def restrict(problem: Problem, index: torch.Tensor) -> Problem:
         x_norm2=problem.x_norm2,
         lam=problem.lam,
         hess_dtype=problem.hess_dtype,
-        gathered32=(gather_rows(problem.X32, index), exact),
+        _gathered32=(gather_rows(problem.X32, index), exact),
     )
 
 
+#: the dtypes :func:`gather_rows` gathers by NumPy (NumPy has no bfloat16)
+_NUMPY_GATHERED = (torch.float64, torch.float32, torch.int64, torch.int32, torch.bool)
+
+
 def gather_rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``tensor[index]`` (rows), contiguous. On the CPU by NumPy's ``take``: on the 2-vCPU VMs
-    it gathers 75,000 of 100,000 rows of 64 float64 in 19-22 ms against 47-48 ms for torch's
-    indexing, and of float32 in 5-7 ms against 14-21 (benchmarks/README.md)."""
-    if tensor.device.type != "cpu" or tensor.requires_grad or index.device.type != "cpu":
+    """``tensor[index]`` for integer row numbers ``index``, contiguous. On the CPU by NumPy's
+    ``take`` (a new array): on the 2-vCPU VMs it gathers 75,000 of 100,000 rows of 64 float64
+    in 19-22 ms against 47-48 ms for torch's indexing, and of float32 in 5-7 ms against 14-21
+    (benchmarks/README.md). Anything else (a boolean mask, which ``take`` would read as the
+    rows 0 and 1; another device; a tensor that requires grad; bfloat16) by torch's indexing."""
+    if (
+        tensor.device.type != "cpu"
+        or index.device.type != "cpu"
+        or tensor.requires_grad
+        or tensor.dtype not in _NUMPY_GATHERED
+        or index.dtype not in (torch.int64, torch.int32)
+    ):
         return tensor[index].contiguous()
     return torch.from_numpy(np.take(tensor.numpy(), index.numpy(), axis=0))
 

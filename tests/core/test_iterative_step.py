@@ -226,8 +226,11 @@ def test_a_warm_retrain_uses_the_cached_factor_and_keeps_the_tolerance():
     z = Yn * (Xn @ Wn)
     grad = Xn.T @ (Cn * -Yn / (1 + np.exp(z))) + lam * n_reg * Wn + B.numpy()
     assert abs(float(np.linalg.norm(grad)) - pre32.r0) <= 1e-6 * tol
-    # all three are within r0 / (lam n) of the unique minimiser
-    for a, b in ((plain, pre), (plain, pre32)):
+    # and from a cold start (a Hessian first, then CG on its factor with float32 products)
+    cold32 = newton_fit(p.X, p.Y, C, lam, n_reg, B, tol=tol, hess_dtype=p.hess_dtype, X32=p.X32)
+    assert cold32.r0 <= tol and cold32.factor is not None
+    # all four are within r0 / (lam n) of the unique minimiser
+    for a, b in ((plain, pre), (plain, pre32), (plain, cold32)):
         assert float((a.W - b.W).norm()) <= (a.r0 + b.r0) / (lam * n_reg) * 1.01 + 1e-12
     version = model.version
     model.retrain()

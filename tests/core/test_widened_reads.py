@@ -64,12 +64,38 @@ def test_a_dataset_of_float32_rows_has_an_exact_copy_and_a_float64_one_has_not()
     changed = dataclasses.replace(p)
     changed.X32[0, 0] = 0.5
     assert core.problem.restrict(changed, rows).exact_float32() is None
-    # a copy that does not match X's shape or dtype is refused
-    with pytest.raises(ValueError, match="gathered32"):
-        core.problem.Problem(
-            X=p.X, Y=p.Y, omega=p.omega, row_norms=p.row_norms, x_norm2=p.x_norm2,
-            lam=p.lam, hess_dtype=p.hess_dtype, gathered32=(p.X, True),
-        )  # fmt: skip
+    # ... nor a view of a problem whose X (not its copy) changed in place since its check
+    moved = dataclasses.replace(p, X=p.X.clone())
+    assert moved.exact_float32() is moved.X32
+    moved.X[0, 0] += 1e-3
+    assert core.problem.restrict(moved, rows).exact_float32() is None
+    # a copy that does not match X's shape, dtype or layout is refused
+    for bad in (p.X, p.X32[:-1], p.X32.T.contiguous().T):
+        with pytest.raises(ValueError, match="_gathered32"):
+            core.problem.Problem(
+                X=p.X, Y=p.Y, omega=p.omega, row_norms=p.row_norms, x_norm2=p.x_norm2,
+                lam=p.lam, hess_dtype=p.hess_dtype, _gathered32=(bad, True),
+            )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "index",
+    [
+        torch.tensor([5, 0, 5, 3, 1199, 2]),  # unsorted, repeated
+        torch.tensor([-1, 0], dtype=torch.int32),  # negative, int32
+        torch.tensor([], dtype=torch.long),
+        torch.arange(1200) % 3 == 0,  # a mask: by torch's indexing, never NumPy's take
+    ],
+)
+def test_gather_rows_is_indexing(index):
+    X, y = make_data(1200, 20, 2, 0)
+    p = _model(X, y)._problem
+    for tensor in (p.X, p.X32, p.Y, p.omega, p.row_norms, p.Y[:, 0] > 0, p.X.to(torch.bfloat16)):
+        got, want = core.problem.gather_rows(tensor, index), tensor[index]
+        assert got.dtype == want.dtype and got.shape == want.shape and got.is_contiguous()
+        assert torch.equal(got, want)
+        if got.numel():
+            assert got.data_ptr() != tensor.data_ptr()  # a copy, never a view of the problem's
 
 
 def test_a_replaced_or_changed_copy_is_not_exact_any_more():
