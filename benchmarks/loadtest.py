@@ -32,6 +32,7 @@ import math
 import multiprocessing as mp
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -238,8 +239,7 @@ def host_probe(n: int = 100_000, d: int = 64, repeats: int = 15) -> dict[str, An
     fastest here) and one float64 pass over the rows (a sum, memory-bound), medians of
     ``repeats``, in ms. A step at n = 100,000 makes about three of the first and the
     certificate's widened pass besides."""
-    import numpy as np  # noqa: PLC0415 - torch only here
-    import torch  # noqa: PLC0415
+    import torch  # noqa: PLC0415 - torch only here
 
     from core.blocked import calibrate_hvp, hvp  # noqa: PLC0415
 
@@ -254,12 +254,12 @@ def host_probe(n: int = 100_000, d: int = 64, repeats: int = 15) -> dict[str, An
         X64 = X.double()
 
         def median_ms(fn: Any) -> float:
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-            return float(np.median(times)) * 1000.0
+            return 1000.0 * statistics.median(timed(fn) for _ in range(repeats))
+
+        def timed(fn: Any) -> float:
+            t0 = time.perf_counter()
+            fn()
+            return time.perf_counter() - t0
 
         return {
             "shape": [n, d],

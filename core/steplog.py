@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from core.durable import fsync_dir
 from core.errors import StateDamagedError
 from core.snapshots import LOG_SUFFIX, damaged
 
@@ -143,11 +144,7 @@ def append_record(path: Path, record: bytes) -> None:
     finally:
         os.close(fd)
     if created:
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_dir(path.parent)
 
 
 def read_log(root: Path, name: str) -> list[StepRecord]:
