@@ -312,6 +312,12 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         help="CERTREMOVE_TORCH_THREADS of the workers (default: the worker's, one less than the CPUs)",
     )
+    ap.add_argument(
+        "--background-refactor",
+        choices=("on", "off"),
+        default="on",
+        help="the workers' CERTREMOVE_BACKGROUND_REFACTOR (worker.refactor)",
+    )
     ap.add_argument("--loglevel", default="WARNING", help="the workers' log level")
     ap.add_argument("--log-dir", type=Path, help="keep the workers' logs here")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
@@ -341,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
             env["retrain_lead"] = args.retrain_lead
         if args.torch_threads is not None:
             env["torch_threads"] = args.torch_threads
+        env["background_refactor"] = args.background_refactor == "on"
+        report["background_refactor"] = args.background_refactor
         report["retrain_lead"] = env.get("retrain_lead", Settings().retrain_lead)
         worker_kw: dict[str, Any] = {"loglevel": args.loglevel, "log_dir": args.log_dir, "env": env}
         rows = int(report["train"]["rows"])

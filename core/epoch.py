@@ -21,6 +21,7 @@ from core.noise import draw_noise, generator
 from core.problem import Hyper, Problem
 from core.removal import DEFAULT_SOLVE, SolveOptions, SolverCache, Step, newton_step
 from core.rowview import RowView, row_view, view_of
+from core.solvers import fresh_factor
 from core.trigger import auto_max_removals, resolve_max_removals
 
 
@@ -199,6 +200,63 @@ def warmed(
     if epoch.solver is None and trial.solver is not None:
         return dataclasses.replace(epoch, solver=trial.solver)
     return epoch
+
+
+@dataclass(frozen=True)
+class FactorJob:
+    """A fresh preconditioner for the removal steps of one epoch, factored away from them
+    (:attr:`core.solvers.SolveOptions.defer_refactor`): :meth:`run` may go in another thread
+    while the steps go on; it reads only what it holds (the weights, margins and alive rows of
+    the step that asked, which later steps replace and never change in place). In memory only,
+    like the epoch it belongs to."""
+
+    problem: Problem
+    alive: torch.Tensor
+    W: torch.Tensor
+    Z: torch.Tensor | None
+    #: the epoch it is for: its anchor gradient (one tensor per fit, kept by every step) and
+    #: the removals it had made
+    anchor: torch.Tensor
+    removed: int
+
+    def run(self) -> torch.Tensor | None:
+        """The Cholesky factors of the Hessian at the job's weights (None: not factorable)."""
+        return fresh_factor(self.problem, self.alive, self.W, self.Z)
+
+
+def refactor_job(
+    problem: Problem, epoch: NoiseEpoch, options: SolveOptions = DEFAULT_SOLVE
+) -> FactorJob | None:
+    """The job that factors ``epoch``'s Hessian when its last step asked for a refactor that
+    ``options`` defers (None otherwise)."""
+    cache = epoch.solver
+    if cache is None or not cache.refactor or cache.refactor_now(options):
+        return None
+    p, alive_p = view_of(problem, epoch.view, epoch.alive)
+    return FactorJob(
+        p, alive_p.clone(), epoch.W, epoch.Z, epoch.acct.anchor_grad, epoch.removed_in_epoch
+    )
+
+
+def with_factor(
+    epoch: NoiseEpoch, job: FactorJob, factor: torch.Tensor | None
+) -> NoiseEpoch | None:
+    """``epoch`` with ``factor`` (``job.run()``'s) as its steps' preconditioner, CG's counts
+    starting over; None (keep ``epoch``) when there is no factor, when ``job`` was for another
+    epoch, or when the epoch no longer asks for a refactor (a direct step factored meanwhile).
+    The factor may be a few steps old by then: a preconditioner, the certificate measures
+    whatever residual CG leaves."""
+    cache = epoch.solver
+    if (
+        factor is None
+        or cache is None
+        or not cache.refactor
+        or epoch.acct.anchor_grad is not job.anchor
+        or epoch.removed_in_epoch < job.removed
+        or factor.shape != cache.factor.shape
+    ):
+        return None
+    return dataclasses.replace(epoch, solver=SolverCache.of(factor))
 
 
 def commit_prefix(

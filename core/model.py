@@ -14,7 +14,17 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from core.epoch import NoiseEpoch, RetrainSnapshot, commit_prefix, estimate, fit_epoch, warmed
+from core.epoch import (
+    FactorJob,
+    NoiseEpoch,
+    RetrainSnapshot,
+    commit_prefix,
+    estimate,
+    fit_epoch,
+    refactor_job,
+    warmed,
+    with_factor,
+)
 from core.errors import InvalidInputError
 from core.guard import ONE_CLASS
 from core.loading import read_state
@@ -105,6 +115,22 @@ class Model(StoredModel):
         accounting are unchanged; :func:`core.epoch.warmed`): a worker pays the lazy set-up of
         a process's first steps before it serves."""
         self._epoch = warmed(self._problem, self._epoch, self.budget_total, self.solve_options)
+
+    def refactor_job(self) -> FactorJob | None:
+        """When the last removal step asked for a fresh preconditioner and
+        :attr:`solve_options` defers it (``defer_refactor``): the job that factors one
+        (``job.run()``, in another thread if need be) for :meth:`install_factor`; else None."""
+        return refactor_job(self._problem, self._epoch, self.solve_options)
+
+    def install_factor(self, job: FactorJob, factor: torch.Tensor | None) -> bool:
+        """Make ``factor`` (``job.run()``'s) the removal steps' preconditioner; False, nothing
+        changed, when it no longer applies (another epoch, a direct step since, no factor).
+        Neither the weights nor the accounting change."""
+        epoch = with_factor(self._epoch, job, factor)
+        if epoch is None:
+            return False
+        self._epoch = epoch
+        return True
 
     # ----------------------------------------------------------------- retrain
     def retrain(self, exclude: Sequence[int] = (), *, seed: int | None = None) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from core.blocked import hvp
-from core.loss import solve_factored, weighted_gram
+from core.loss import margins, solve_factored, weighted_gram
 from core.newton import pcg
 from core.problem import Problem
 from core.products import f32_product_cost, gram_cost
@@ -46,7 +46,12 @@ class SolveOptions:
     on a GPU; its factor preconditions CG with float64 Hessian-vector products down to
     ``cg_tol``, which makes it float64 iterative refinement; a solve that does not get there
     is done again in float32, then float64). The certificate charges whatever residual any of
-    them leaves.
+    them leaves. ``defer_refactor``: a refactor that a converged CG step asks for (its
+    iterations grew, :meth:`SolverCache.after_cg`) is left to the caller, who factors the
+    Hessian away from the steps (:func:`core.epoch.refactor_job`, e.g. in another thread) and
+    installs it (:func:`core.epoch.with_factor`): the steps meanwhile stay iterative on the old
+    factor, an iteration or two more each instead of one direct step (a worker's drain, whose
+    tail latency a direct step sets); a step whose CG fails still refactors itself.
     """
 
     solver: str = "auto"
@@ -55,6 +60,7 @@ class SolveOptions:
     refactor_iterations: int = 5
     fallback: bool = True
     hessian: str = "float32"
+    defer_refactor: bool = False
 
     def __post_init__(self) -> None:
         if self.solver not in SOLVERS:
@@ -78,13 +84,15 @@ class SolverCache:
     ``refactor``: the next step refactors (CG needed more than the threshold, or failed, or a
     refactor pays for itself, :func:`refactor_pays`); ``base``: CG iterations of the first
     iterative step on this factor (0: none yet); ``lasted``: the iterative steps on this factor
-    that needed no more than ``base`` (how long a fresh factor keeps CG at its fewest)."""
+    that needed no more than ``base`` (how long a fresh factor keeps CG at its fewest);
+    ``stalled``: the last CG on it did not converge (a refactor no option defers)."""
 
     factor: torch.Tensor
     iterations: int = 0
     refactor: bool = False
     base: int = 0
     lasted: int = 0
+    stalled: bool = False
 
     @classmethod
     def of(cls, factor: torch.Tensor | None, iterations: int = 0) -> SolverCache | None:
@@ -111,7 +119,13 @@ class SolverCache:
             refactor=refactor,
             base=base,
             lasted=self.lasted + (0 < base and its <= base),
+            stalled=not converged,
         )
+
+    def refactor_now(self, options: SolveOptions) -> bool:
+        """Whether the next step must factor the Hessian itself: a refactor is asked for and
+        ``options`` does not defer it (or CG stalled on this factor)."""
+        return self.refactor and (self.stalled or not options.defer_refactor)
 
 
 def choose_solver(
@@ -119,7 +133,8 @@ def choose_solver(
 ) -> str:
     """``"direct"`` or ``"iterative"`` for a step removing ``m`` rows.
 
-    Direct without a cached factor, when the cache asks for a refactor, or when asked. Under
+    Direct without a cached factor, when the cache asks for a refactor that ``options`` does
+    not defer (:meth:`SolverCache.refactor_now`), or when asked. Under
     ``"auto"`` the estimated costs beyond the certificate (which both pay), in float64 passes
     over X (``n d K`` multiply-adds): the direct path ``GRAM_COST d + 2`` (the float32 Gram
     matrix, :data:`core.products.GRAM_COST`, and the float64 refinement's two passes); the
@@ -130,7 +145,7 @@ def choose_solver(
     the MNIST shape, where CG took 10-14 ms a step against 63 direct; 2 at 300 and 3 at 8,192 on
     n = 100,000, d = 64, where it took 9.6 and 12.7 ms against 15.6 and 14.9 ms direct).
     """
-    if options.solver == "direct" or cache is None or cache.refactor:
+    if options.solver == "direct" or cache is None or cache.refactor_now(options):
         return "direct"
     if options.solver == "iterative":
         return "iterative"
@@ -207,3 +222,25 @@ def direct_solve(
         resid = rhs - hvp(X, curvature, S, ridge)
         S = S + solve_factored(L, resid)
     return S, L, factored, 0
+
+
+def fresh_factor(
+    problem: Problem, alive: torch.Tensor, W: torch.Tensor, Z: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """Lower Cholesky factors (K, d, d) float64 of the Hessian of the rows ``alive`` at ``W``
+    (``Z``: the margins ``Y * (X W)`` where known), the Hessian in the problem's dtype from its
+    float32 copy of X (float64 where that does not factor, as a direct step does): the factor a
+    direct step there would keep, for a deferred refactor (:attr:`SolveOptions.defer_refactor`).
+    None when neither factors. A function of the weights and the data only (never of ``b``); a
+    preconditioner, which no certificate trusts."""
+    X = problem.X
+    if Z is None:
+        Z = margins(X, problem.Y, W)
+    curvature = problem.weights(alive) * (torch.sigmoid(Z) * torch.sigmoid(-Z))
+    ridge = problem.lam * alive.sum(dtype=X.dtype)
+    for dtype in dict.fromkeys((problem.hess_dtype, torch.float64)):
+        H = weighted_gram(X, curvature, ridge, dtype=dtype, X32=problem.X32)
+        L, info = torch.linalg.cholesky_ex(H)
+        if bool((info == 0).all()):
+            return L.to(torch.float64)
+    return None

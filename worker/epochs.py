@@ -175,7 +175,7 @@ class NextEpoch:
             if self._estimator is None:
                 self._estimator = BackgroundRunner("certremove-estimate")
             self._estimate = self._estimator.submit(
-                _background,
+                niced,
                 str(model.device),
                 _estimate_ahead,
                 model,
@@ -221,7 +221,7 @@ class NextEpoch:
                 except Exception:  # noqa: BLE001 - the fit estimates it itself then
                     log.exception("estimating max_removals ahead failed")
             try:
-                prepared = _background(
+                prepared = niced(
                     str(model.device),
                     model.prepare_retrain,
                     snapshot,
@@ -235,7 +235,7 @@ class NextEpoch:
             # step then removes only those removed after this (None: the safety net fired)
             caught: PreparedRetrain | None = prepared
             try:
-                caught = _background(str(model.device), model.catch_up, prepared)
+                caught = niced(str(model.device), model.catch_up, prepared)
             except Exception:  # noqa: BLE001 - the adoption does the whole catch-up then
                 log.exception("the catch-up on the fit's thread failed; the adoption does it")
             return caught, time.perf_counter() - t0
@@ -286,7 +286,7 @@ def _paced(duty: float) -> Callable[[float], None]:
     return pause
 
 
-def _background(
+def niced(
     device: str,
     job: Callable[..., Any],
     *args: Any,

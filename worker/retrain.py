@@ -145,6 +145,7 @@ class Retrainer:
         log.info("DP extractor spent: full-pipeline retrain without %d more rows", len(exclude))
         ids = served.ids  # the rows of the old dataset
         dataset, model = self.pipeline(served.model, exclude)
+        model.solve_options = served.model.solve_options  # the worker's (its settings')
         answers = plan.commit(
             plan.groups, schema.METHOD_RETRAIN, model.version, served.clock(), ids
         )

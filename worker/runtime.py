@@ -82,7 +82,11 @@ def load_model(
         raise StateDamagedError(str(exc)) from exc
     if check_ledger:
         verify_against_ledger(model, state_dir, None if ledger is None else ledger.removed_ids)
-    model.solve_options = dataclasses.replace(model.solve_options, hessian=settings.hessian)
+    model.solve_options = dataclasses.replace(
+        model.solve_options,
+        hessian=settings.hessian,
+        defer_refactor=settings.background_refactor,
+    )
     return model
 
 

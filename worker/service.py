@@ -182,6 +182,7 @@ class RemovalService(FailureHandling):
     def close(self) -> None:
         """Drop the background work (a fit in progress runs out in its daemon thread, unused)."""
         self.epochs.close()
+        self.steps.refactors.close()
 
     def refresh_metrics(self) -> None:
         """Publish the model's budget, version, size, test accuracy and extractor allowance."""

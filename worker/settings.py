@@ -86,6 +86,9 @@ class Settings:
             features and head (True) or reject further requests with a reason (False).
         retrain_lead: fraction of a noise epoch's ``max_removals`` left when the next epoch
             starts fitting in a background thread (0 turns it off: retrains then block).
+        background_refactor: factor a fresh preconditioner for the Newton steps in a background
+            thread when their conjugate gradients need more iterations (True), instead of one
+            direct step of the drain doing it (False); ``worker.refactor``.
         redis_ssl_ca_certs: CA file that signed the Redis server's certificate, for a
             ``rediss://`` broker URL (default: the system CA store).
         release_dir: where the model's releases go (``<release_dir>/<model>/...``; default
@@ -125,6 +128,7 @@ class Settings:
     data_dir: Path | None = None
     pipeline_retrain: bool = True
     retrain_lead: float = 0.2
+    background_refactor: bool = True
     redis_ssl_ca_certs: Path | None = None
     redis_ssl_cert_reqs: str = "required"
     release_dir: Path | None = None
@@ -239,6 +243,7 @@ class Settings:
             ("data_dir", "DATA_DIR", Path),
             ("pipeline_retrain", "PIPELINE_RETRAIN", _flag),
             ("retrain_lead", "RETRAIN_LEAD", float),
+            ("background_refactor", "BACKGROUND_REFACTOR", _flag),
             ("redis_ssl_ca_certs", "REDIS_SSL_CA_CERTS", Path),
             ("redis_ssl_cert_reqs", "REDIS_SSL_CERT_REQS", str),
             ("release_dir", "RELEASE_DIR", Path),
@@ -319,6 +324,7 @@ class Settings:
         if self.redis_ssl_ca_certs is not None:
             out["CERTREMOVE_REDIS_SSL_CA_CERTS"] = str(self.redis_ssl_ca_certs)
         out["CERTREMOVE_PIPELINE_RETRAIN"] = "1" if self.pipeline_retrain else "0"
+        out["CERTREMOVE_BACKGROUND_REFACTOR"] = "1" if self.background_refactor else "0"
         out["CERTREMOVE_RELEASE_POLICY"] = self.release_policy
         if self.release_dir is not None:
             out["CERTREMOVE_RELEASE_DIR"] = str(self.release_dir)

@@ -28,6 +28,7 @@ from worker.entries import Entry
 from worker.epochs import NextEpoch
 from worker.metrics import ServiceMetrics
 from worker.outbox import Outbox
+from worker.refactor import BackgroundRefactor
 from worker.served import ServedModel
 
 log = logging.getLogger("certremove.worker")
@@ -84,6 +85,8 @@ class NewtonSteps:
         #: service reads the next batch ahead then, ``worker.stream.Intake.read_ahead``); never
         #: raises
         self.stepped: Callable[[], None] = lambda: None
+        #: fresh preconditioners for the steps, factored in the background (worker.refactor)
+        self.refactors = BackgroundRefactor()
 
     def step(self, batch: list[Entry], report: DrainReport) -> tuple[list[Entry], str | None]:
         """One Newton step over a batch (counted into ``report``); returns the deferred entries
@@ -123,6 +126,7 @@ class NewtonSteps:
                 report.steps += 1
                 served.refresh_metrics()
                 self._removed(len(res.removed))
+                self.refactors.after_step(served.model)
             else:
                 served.dirty = False
             plan.certify(self.clock())  # certified once persisted

@@ -238,15 +238,15 @@ def test_background_jobs_run_at_their_nice_value_on_the_cpu() -> None:
         BACKGROUND_NICE,
         ESTIMATE_NICE,
         BackgroundRunner,
-        _background,
+        niced,
     )
 
     def own_nice() -> int:
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
     base = own_nice()
-    fit = BackgroundRunner("t-fit").submit(_background, "cpu", own_nice).result(timeout=10)
-    est = BackgroundRunner("t-est").submit(_background, "cpu", own_nice, nice=ESTIMATE_NICE)
+    fit = BackgroundRunner("t-fit").submit(niced, "cpu", own_nice).result(timeout=10)
+    est = BackgroundRunner("t-est").submit(niced, "cpu", own_nice, nice=ESTIMATE_NICE)
     assert BACKGROUND_NICE < ESTIMATE_NICE
     assert fit == max(base, BACKGROUND_NICE) and est.result(timeout=10) == max(base, ESTIMATE_NICE)
     assert own_nice() == base
