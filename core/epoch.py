@@ -214,10 +214,11 @@ class FactorJob:
     alive: torch.Tensor
     W: torch.Tensor
     Z: torch.Tensor | None
-    #: the epoch it is for: its anchor gradient (one tensor per fit, kept by every step) and
-    #: the removals it had made
+    #: the epoch it is for: its anchor gradient (one tensor per fit, kept by every step), the
+    #: removals it had made and the factor the new one replaces
     anchor: torch.Tensor
     removed: int
+    replaces: torch.Tensor
 
     def run(self) -> torch.Tensor | None:
         """The Cholesky factors of the Hessian at the job's weights (None: not factorable)."""
@@ -234,7 +235,13 @@ def refactor_job(
         return None
     p, alive_p = view_of(problem, epoch.view, epoch.alive)
     return FactorJob(
-        p, alive_p.clone(), epoch.W, epoch.Z, epoch.acct.anchor_grad, epoch.removed_in_epoch
+        p,
+        alive_p.clone(),
+        epoch.W,
+        epoch.Z,
+        epoch.acct.anchor_grad,
+        epoch.removed_in_epoch,
+        cache.factor,
     )
 
 
@@ -243,7 +250,8 @@ def with_factor(
 ) -> NoiseEpoch | None:
     """``epoch`` with ``factor`` (``job.run()``'s) as its steps' preconditioner, CG's counts
     starting over; None (keep ``epoch``) when there is no factor, when ``job`` was for another
-    epoch, or when the epoch no longer asks for a refactor (a direct step factored meanwhile).
+    epoch, or when the factor it was to replace is no longer the epoch's or no longer asked to be
+    replaced (a direct step factored meanwhile: its factor is the newer one).
     The factor may be a few steps old by then: a preconditioner, the certificate measures
     whatever residual CG leaves."""
     cache = epoch.solver
@@ -251,6 +259,7 @@ def with_factor(
         factor is None
         or cache is None
         or not cache.refactor
+        or cache.factor is not job.replaces
         or epoch.acct.anchor_grad is not job.anchor
         or epoch.removed_in_epoch < job.removed
         or factor.shape != cache.factor.shape

@@ -218,6 +218,7 @@ class NewtonSteps:
         )
         served.persist(ridden, retrain_reason=reason)
         plan.certify(self.clock())  # the riders are certified once persisted, too
+        self.refactors.after_step(served.model)  # the catch-up step may ask for a factor
         self.epochs.fitted(fit_seconds)
         self.metrics.on_retrain(reason, fit_seconds)
         self.metrics.on_step(len(res.removed), step_seconds)

@@ -50,7 +50,7 @@ def test_deferred_steps_stay_iterative_until_a_fresh_factor_is_installed(name, a
         assert cache.factor is old and cache.iterations > 0 and cache.refactor
         _certified(model)
     job = model.refactor_job()
-    assert job is not None and model.refactor_job() is not job  # a new job each time asked
+    assert job is not None and job.replaces is old
     W, used = model._W.clone(), (model.exact_used, model.bound_used)
     assert model.install_factor(job, job.run())
     fresh = model._epoch.solver
@@ -134,11 +134,19 @@ def test_a_factor_is_installed_only_where_it_still_applies():
     # another model's epoch (same data, another fit)
     other, _ = _trained("binary")
     assert with_factor(other._epoch, job, factor) is None
-    # a direct step since: the epoch no longer asks for a refactor
+    # a direct step since: the epoch no longer asks for a refactor ...
     model.solve_options = SolveOptions(solver="direct", defer_refactor=True)
     model.remove([4])
-    assert not model._epoch.solver.refactor
+    direct = model._epoch.solver
+    assert not direct.refactor
     assert not model.install_factor(job, factor)
+    # ... and when its own factor asks again, the older one does not replace it
+    model.solve_options = DEFERRED
+    _asking(model)
+    model.remove([7])
+    assert model._epoch.solver.factor is direct.factor and model._epoch.solver.refactor
+    assert not model.install_factor(job, factor)
+    assert model._epoch.solver.factor is direct.factor
     # a retrain since: another epoch
     model.solve_options = DEFERRED
     _asking(model)
@@ -189,3 +197,43 @@ def test_a_hessian_that_does_not_factor_in_float32_is_factored_in_float64(monkey
     assert dtypes == [torch.float32, torch.float64] and L is not None
     monkeypatch.setattr(core.solvers.torch.linalg, "cholesky_ex", lambda H: (H, H[:, 0, 0] * 0 + 1))
     assert fresh_factor(p, e.alive, e.W) is None
+
+
+def test_an_epoch_on_a_row_view_factors_and_installs_on_its_rows():
+    model, _ = _trained("binary")
+    model.retrain(exclude=list(range(0, 1500, 4)))  # a quarter of the rows gone: a row view
+    view = model._epoch.view
+    assert view is not None
+    model.solve_options = DEFERRED
+    _asking(model)
+    model.remove([5])
+    job = model.refactor_job()
+    assert job is not None
+    assert job.problem.X.shape[0] == view.problem.X.shape[0] < model.n_rows
+    assert int(job.alive.sum()) == model.n_alive
+    assert model.install_factor(job, job.run())
+    for row in range(6, 30):
+        if row % 4:
+            assert model.remove([row]).applied
+    assert model._epoch.solver.base > 0
+    _certified(model)
+
+
+def test_a_job_runs_on_a_thread_while_the_steps_go_on():
+    import threading  # noqa: PLC0415
+
+    model, _ = _trained("binary")
+    model.solve_options = DEFERRED
+    _asking(model)
+    model.remove([3])
+    job = model.refactor_job()
+    assert job is not None
+    alone = job.run()
+    out = []
+    thread = threading.Thread(target=lambda: out.extend(job.run() for _ in range(3)))
+    thread.start()
+    for row in range(4, 24):
+        assert model.remove([row]).applied
+    thread.join(timeout=60)
+    assert len(out) == 3 and all(torch.equal(f, alone) for f in out)
+    _certified(model)

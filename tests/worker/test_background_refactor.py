@@ -166,3 +166,38 @@ def test_an_epoch_whose_factorisation_failed_is_not_tried_again(monkeypatch):
     _settle(refactors)
     refactors.after_step(model)
     assert refactors.installed == 1
+
+
+def test_the_drain_factors_in_the_background_and_installs_after_a_later_step(
+    state: Path, broker_url: str, rclient, model_name: str
+) -> None:
+    """Through the service: a drain's step that asks for a refactor starts one, a later drain's
+    step installs it, and closing the service drops one in flight. (CG forced, and asking for a
+    refactor past one iteration: on this tiny model the cost model would solve directly.)"""
+    from producer import Client  # noqa: PLC0415
+    from tests.worker.test_service import build  # noqa: PLC0415
+
+    service, _, _ = build(state, rclient, model_name)
+    model = service.model
+    model.solve_options = SolveOptions("iterative", refactor_iterations=1, defer_refactor=True)
+    refactors = service.steps.refactors
+    client = Client(broker_url, model=model_name)
+
+    def drain(rows: range) -> None:
+        client.enqueue_many([[i] for i in rows])
+        assert service.drain().steps == 1
+
+    drain(range(40, 45))  # a loaded model's first step: direct, its factor kept
+    assert refactors._pending is None
+    old = model._epoch.solver.factor
+    drain(range(0, 10))  # CG on it asks for a refactor: started in the background
+    assert model._epoch.solver.refactor and model._epoch.solver.factor is old
+    assert refactors._pending is not None
+    _settle(refactors)
+    drain(range(10, 20))  # CG on the old factor again, then the new one installed
+    assert refactors.installed == 1 and refactors.dropped == 0
+    assert model._epoch.solver.factor is not old
+    drain(range(20, 30))  # which asks again (past one iteration): in flight ...
+    assert refactors._pending is not None
+    service.close()  # ... and dropped with the service's background work
+    assert refactors._pending is None
