@@ -30,6 +30,10 @@ RETRAIN_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0
 RETRAIN_REASONS = ("max_removals", "budget", "numerical", "extractor")
 
 
+#: outcomes of ``certremove_background_refactors_total`` (``worker.refactor``)
+REFACTOR_OUTCOMES = ("installed", "dropped", "failed")
+
+
 class MetricFamilies:
     """The worker's metrics (names in docs/design.md "Metrics"), registered on ``registry``.
 
@@ -176,6 +180,13 @@ class MetricFamilies:
             "Acknowledged entries trimmed from the request stream (retention)",
             **kw,
         )
+        self.background_refactors = Counter(
+            "certremove_background_refactors",
+            "Preconditioners factored in the background for the Newton steps, by outcome "
+            "(installed; dropped: the epoch moved on or a direct step refactored; failed)",
+            ["outcome"],
+            **kw,
+        )
         self.phases = DrainPhases(**kw)
         for kind in ("redis", "disk", "other"):
             self.infrastructure_errors.labels(kind=kind)
@@ -185,5 +196,7 @@ class MetricFamilies:
             self.requests.labels(outcome=outcome)
         for reason in RETRAIN_REASONS:
             self.retrains.labels(reason=reason)
+        for outcome in REFACTOR_OUTCOMES:
+            self.background_refactors.labels(outcome=outcome)
         if process:
             ProcessCollector(registry=registry)

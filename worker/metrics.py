@@ -216,6 +216,11 @@ class ServiceMetrics(MetricFamilies):
         """``requests`` applied requests wait for a release that contains their removal."""
         self.unreleased_requests.set(requests)
 
+    def on_background_refactor(self, outcome: str) -> None:
+        """A preconditioner factored in the background was ``installed``, ``dropped`` (no
+        longer applied) or ``failed`` (an error, or not factorable)."""
+        self.background_refactors.labels(outcome=outcome).inc()
+
     def on_epoch_wait(self, seconds: float) -> None:
         """Removals waited ``seconds`` at an epoch boundary for the background fit."""
         self.retrain_wait_seconds.observe(seconds)

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
     from core.epoch import FactorJob
     from core.model import Model
+    from worker.metrics import ServiceMetrics
 
 log = logging.getLogger("certremove.worker")
 
@@ -37,7 +38,8 @@ log = logging.getLogger("certremove.worker")
 class BackgroundRefactor:
     """At most one factorisation at a time, for whichever model the drain serves."""
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: ServiceMetrics | None = None) -> None:
+        self.metrics = metrics
         self._runner: BackgroundRunner | None = None
         self._pending: tuple[FactorJob, Future[torch.Tensor | None]] | None = None
         #: factors installed, and dropped (stale, failed), since the start
@@ -82,8 +84,12 @@ class BackgroundRefactor:
             self._failed_for = job.anchor
         if model.install_factor(job, factor):
             self.installed += 1
+            outcome = "installed"
         else:
             self.dropped += 1
+            outcome = "dropped" if factor is not None else "failed"
+        if self.metrics is not None:
+            self.metrics.on_background_refactor(outcome)
         log.debug("background refactors: %d installed, %d dropped", self.installed, self.dropped)
 
     def close(self) -> None:

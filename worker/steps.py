@@ -86,7 +86,7 @@ class NewtonSteps:
         #: raises
         self.stepped: Callable[[], None] = lambda: None
         #: fresh preconditioners for the steps, factored in the background (worker.refactor)
-        self.refactors = BackgroundRefactor()
+        self.refactors = BackgroundRefactor(metrics)
 
     def step(self, batch: list[Entry], report: DrainReport) -> tuple[list[Entry], str | None]:
         """One Newton step over a batch (counted into ``report``); returns the deferred entries

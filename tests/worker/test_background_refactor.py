@@ -12,10 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 import core
 from core.removal import SolveOptions
 from tests.core.conftest import make_data
+from worker.metrics import ServiceMetrics
 from worker.refactor import BackgroundRefactor
 from worker.settings import Settings
 
@@ -42,9 +44,18 @@ def _settle(refactors: BackgroundRefactor) -> None:
     pending[1].result(timeout=30)
 
 
+def _counted(reg: CollectorRegistry) -> dict[str, float | None]:
+    return {
+        o: reg.get_sample_value("certremove_background_refactors_total", {"outcome": o})
+        for o in ("installed", "dropped", "failed")
+    }
+
+
 def test_a_factor_is_factored_in_its_thread_and_installed_after_a_later_step():
     model = _model()
-    refactors = BackgroundRefactor()
+    reg = CollectorRegistry()
+    refactors = BackgroundRefactor(ServiceMetrics(reg))
+    assert _counted(reg) == {"installed": 0, "dropped": 0, "failed": 0}
     refactors.after_step(model)  # nothing asked: nothing started
     assert refactors._pending is None
     _ask(model)
@@ -59,6 +70,7 @@ def test_a_factor_is_factored_in_its_thread_and_installed_after_a_later_step():
     refactors.after_step(model)  # installs it
     fresh = model._epoch.solver
     assert refactors.installed == 1 and refactors.dropped == 0
+    assert _counted(reg) == {"installed": 1, "dropped": 0, "failed": 0}
     assert fresh.factor is not old and not fresh.refactor and fresh.iterations == 0
     assert refactors._pending is None  # and asks for no other
     for row in range(5, 15):
@@ -68,7 +80,8 @@ def test_a_factor_is_factored_in_its_thread_and_installed_after_a_later_step():
 
 def test_a_factor_for_an_epoch_gone_is_dropped_and_the_next_one_is_asked_for():
     model = _model()
-    refactors = BackgroundRefactor()
+    reg = CollectorRegistry()
+    refactors = BackgroundRefactor(ServiceMetrics(reg))
     _ask(model)
     model.remove([3])
     refactors.after_step(model)
@@ -83,11 +96,13 @@ def test_a_factor_for_an_epoch_gone_is_dropped_and_the_next_one_is_asked_for():
     _settle(refactors)
     refactors.after_step(model)
     assert refactors.installed == 1 and model._epoch.solver.factor is not fitted
+    assert _counted(reg) == {"installed": 1, "dropped": 1, "failed": 0}
 
 
 def test_a_failed_factorisation_is_logged_and_the_steps_go_on(monkeypatch, caplog):
     model = _model()
-    refactors = BackgroundRefactor()
+    reg = CollectorRegistry()
+    refactors = BackgroundRefactor(ServiceMetrics(reg))
     _ask(model)
 
     def broken(self):
@@ -101,6 +116,7 @@ def test_a_failed_factorisation_is_logged_and_the_steps_go_on(monkeypatch, caplo
         refactors.after_step(model)  # never raises
     assert "background refactor failed" in caplog.text
     assert refactors.dropped == 1 and model._epoch.solver is cache
+    assert _counted(reg) == {"installed": 0, "dropped": 0, "failed": 1}
     assert model.remove([3]).applied  # CG on the old factor, or a direct step: served
     # and a model that cannot even say what to factor: logged, no exception
     monkeypatch.setattr(core.Model, "refactor_job", lambda self: 1 / 0)
@@ -177,7 +193,7 @@ def test_the_drain_factors_in_the_background_and_installs_after_a_later_step(
     from producer import Client  # noqa: PLC0415
     from tests.worker.test_service import build  # noqa: PLC0415
 
-    service, _, _ = build(state, rclient, model_name)
+    service, _, reg = build(state, rclient, model_name)
     model = service.model
     model.solve_options = SolveOptions("iterative", refactor_iterations=1, defer_refactor=True)
     refactors = service.steps.refactors
@@ -196,6 +212,7 @@ def test_the_drain_factors_in_the_background_and_installs_after_a_later_step(
     _settle(refactors)
     drain(range(10, 20))  # CG on the old factor again, then the new one installed
     assert refactors.installed == 1 and refactors.dropped == 0
+    assert _counted(reg) == {"installed": 1, "dropped": 0, "failed": 0}  # the service's metrics
     assert model._epoch.solver.factor is not old
     drain(range(20, 30))  # which asks again (past one iteration): in flight ...
     assert refactors._pending is not None

@@ -52,6 +52,7 @@ EXTRA_NAMES = {
     "certremove_last_release_timestamp_seconds",
     "certremove_unreleased_requests",
     "certremove_drain_phase_seconds",
+    "certremove_background_refactors",
 }
 
 
