@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from core.blocked import hvp
-from core.loss import margins, solve_factored, weighted_gram
+from core.errors import NumericalError
+from core.loss import cholesky_factor, hessians, margins, solve_factored, weighted_gram
 from core.newton import pcg
 from core.problem import Problem
 from core.products import f32_product_cost, gram_cost
@@ -233,14 +234,14 @@ def fresh_factor(
     direct step there would keep, for a deferred refactor (:attr:`SolveOptions.defer_refactor`).
     None when neither factors. A function of the weights and the data only (never of ``b``); a
     preconditioner, which no certificate trusts."""
-    X = problem.X
+    X, lam = problem.X, problem.lam
     if Z is None:
         Z = margins(X, problem.Y, W)
-    curvature = problem.weights(alive) * (torch.sigmoid(Z) * torch.sigmoid(-Z))
-    ridge = problem.lam * alive.sum(dtype=X.dtype)
+    C, n_reg = problem.weights(alive), float(alive.sum())
     for dtype in dict.fromkeys((problem.hess_dtype, torch.float64)):
-        H = weighted_gram(X, curvature, ridge, dtype=dtype, X32=problem.X32)
-        L, info = torch.linalg.cholesky_ex(H)
-        if bool((info == 0).all()):
-            return L.to(torch.float64)
+        try:
+            H = hessians(X, C, Z, lam, n_reg, dtype=dtype, X32=problem.X32)
+            return cholesky_factor(H, lam).to(torch.float64)
+        except NumericalError:
+            continue
     return None

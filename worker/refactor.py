@@ -75,12 +75,13 @@ class BackgroundRefactor:
             factor = future.result()
         except Exception:  # noqa: BLE001 - logged; the steps go on with the old factor
             log.exception("a background refactor failed; the steps go on with the old factor")
-        if factor is None:  # failed (logged above) or not factorable: not again on this epoch
-            if future.exception() is None:
+        else:
+            if factor is None:
                 log.warning(
                     "the Hessian did not factor for a background refactor (float32 nor float64); "
                     "the steps go on with the old factor"
                 )
+        if factor is None:  # not tried again on this epoch
             self._failed_for = job.anchor
         if model.install_factor(job, factor):
             self.installed += 1

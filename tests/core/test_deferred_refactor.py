@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import core
-from core.epoch import refactor_job, with_factor
+from core.epoch import FactorJob, refactor_job, with_factor
 from core.removal import SolveOptions, choose_solver
 from core.solvers import fresh_factor
 from tests.core.test_iterative_step import _trained, true_residual
@@ -29,6 +29,17 @@ def _asking(model: core.Model) -> None:
         model._epoch.solver, iterations=2, base=1, lasted=1_000, refactor=True
     )
     model._epoch = dataclasses.replace(model._epoch, solver=cache)
+
+
+def _asked() -> tuple[core.Model, FactorJob]:
+    """A binary model deferring refactors whose step of row 3 asked for one, and its job."""
+    model, _ = _trained("binary")
+    model.solve_options = DEFERRED
+    _asking(model)
+    model.remove([3])
+    job = model.refactor_job()
+    assert job is not None
+    return model, job
 
 
 def _certified(model: core.Model) -> None:
@@ -119,12 +130,7 @@ def test_the_fresh_factor_is_that_of_the_float64_hessian_of_the_remaining_rows(n
 
 
 def test_a_factor_is_installed_only_where_it_still_applies():
-    model, _ = _trained("binary")
-    model.solve_options = DEFERRED
-    _asking(model)
-    model.remove([3])
-    job = model.refactor_job()
-    assert job is not None
+    model, job = _asked()
     factor = job.run()
     before = model._epoch
     assert not model.install_factor(job, None)  # no factor (a failed factorisation)
@@ -165,10 +171,7 @@ def test_a_factor_is_installed_only_where_it_still_applies():
 
 
 def test_a_job_reads_a_snapshot_the_steps_never_change():
-    model, _ = _trained("binary")
-    model.solve_options = DEFERRED
-    _asking(model)
-    model.remove([3])
+    model, _ = _asked()
     job = refactor_job(model._problem, model._epoch, DEFERRED)
     assert job is not None
     alive, W = job.alive.clone(), job.W.clone()
@@ -222,12 +225,7 @@ def test_an_epoch_on_a_row_view_factors_and_installs_on_its_rows():
 def test_a_job_runs_on_a_thread_while_the_steps_go_on():
     import threading  # noqa: PLC0415
 
-    model, _ = _trained("binary")
-    model.solve_options = DEFERRED
-    _asking(model)
-    model.remove([3])
-    job = model.refactor_job()
-    assert job is not None
+    model, job = _asked()
     alone = job.run()
     out = []
     thread = threading.Thread(target=lambda: out.extend(job.run() for _ in range(3)))
