@@ -149,8 +149,11 @@ def service_run(
         gc.freeze()
         first = before() if before is not None else None
         with Client(url, model=model) as client:
+            cpu0 = cpu_seconds(client.redis, proc.pid)
             result = run_loadtest(client, requests=requests, rate=rate, timeout=timeout)
+            cpu1 = cpu_seconds(client.redis, proc.pid)
         out = result.as_dict()
+        out["cpu_seconds"] = {k: round(cpu1[k] - cpu0[k], 4) for k in cpu0}
         if first is not None:
             out["before"] = first
         out["drain_phases"] = drain_phases(port)
@@ -160,6 +163,27 @@ def service_run(
         if log_dir is not None:
             log_dir.mkdir(parents=True, exist_ok=True)
             shutil.copy(log, log_dir / f"worker-{name}.log")
+
+
+def cpu_seconds(client: redis.Redis, worker_pid: int) -> dict[str, float]:
+    """CPU seconds used so far by the worker process (all its threads, and its children that
+    exited), by Redis (``INFO cpu``) and by this process (the load generator: sending, polling
+    and the final read of every status): their differences over a run say where its CPU went on
+    a machine whose cores they share (Linux; -1 where one cannot be read)."""
+    out = {"worker": -1.0, "redis": -1.0, "load_generator": time.process_time()}
+    try:
+        with open(f"/proc/{worker_pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        # utime, stime, cutime, cstime: fields 14-17 of proc(5), 12-15 after the name
+        out["worker"] = sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        info = client.info("cpu")
+        out["redis"] = float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+    except (redis.RedisError, KeyError, ValueError):
+        pass
+    return out
 
 
 def drain_phases(port: int) -> dict[str, dict[str, float]]:
@@ -381,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
                     "burst_sent_seconds": p["burst"]["sent_seconds"],
                     "burst_batches": p["burst"]["drain_phases"].get("step", {}).get("batches"),
                     "burst_not_applied": p["burst"]["not_applied"],
+                    "burst_cpu_seconds": p["burst"]["cpu_seconds"],
                 }
                 for p in pairs
             ]

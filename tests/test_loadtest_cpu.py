@@ -1,0 +1,60 @@
+"""``benchmarks/loadtest.py``'s CPU accounting (``cpu_seconds``): the CPU time of a real process,
+of a real Redis and of this process, each read where the kernel and Redis keep it."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redis
+
+from producer.client import redis_py_url
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location(
+        "loadtest_cpu_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "loadtest.py"
+    )
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def _burn(seconds: float) -> None:
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+
+
+def test_cpu_seconds_of_a_busy_process_redis_and_this_one(broker_url):
+    bench = _bench()
+    client = redis.Redis.from_url(redis_py_url(broker_url))
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nend = time.process_time() + 0.6\n"
+         "while time.process_time() < end: pass\nsys.stdin.read()"],
+        stdin=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        before = bench.cpu_seconds(client, child.pid)
+        _burn(0.3)
+        pipe = client.pipeline(transaction=False)
+        for i in range(20000):
+            pipe.set(f"cpu-probe-{i % 50}", i)
+        pipe.execute()
+        time.sleep(1.0)  # the child's 0.6 s
+        after = bench.cpu_seconds(client, child.pid)
+    finally:
+        child.stdin.close()  # type: ignore[union-attr]
+        child.wait(10)
+        client.delete(*[f"cpu-probe-{i}" for i in range(50)])
+    spent = {k: after[k] - before[k] for k in before}
+    assert 0.3 <= spent["worker"] <= 1.0, spent  # the child's burn (clock ticks: 10 ms)
+    assert spent["load_generator"] >= 0.3, spent  # this process's burn and its pipeline
+    assert 0 < spent["redis"] < spent["load_generator"], spent  # the 20,000 SETs
+    # a process that is gone reads -1, not an error
+    gone = bench.cpu_seconds(client, child.pid)
+    assert gone["worker"] == -1.0 and gone["redis"] > 0
