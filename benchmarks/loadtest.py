@@ -153,7 +153,7 @@ def service_run(
             result = run_loadtest(client, requests=requests, rate=rate, timeout=timeout)
             cpu1 = cpu_seconds(client.redis, proc.pid)
         out = result.as_dict()
-        out["cpu_seconds"] = {k: round(cpu1[k] - cpu0[k], 4) for k in cpu0}
+        out["cpu_seconds"] = cpu_spent(cpu0, cpu1)
         if first is not None:
             out["before"] = first
         out["drain_phases"] = drain_phases(port)
@@ -184,6 +184,13 @@ def cpu_seconds(client: redis.Redis, worker_pid: int) -> dict[str, float]:
     except (redis.RedisError, KeyError, ValueError):
         pass
     return out
+
+
+def cpu_spent(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """The CPU seconds between two :func:`cpu_seconds` readings (-1 where either is -1)."""
+    return {
+        k: -1.0 if min(before[k], after[k]) < 0 else round(after[k] - before[k], 4) for k in before
+    }
 
 
 def drain_phases(port: int) -> dict[str, dict[str, float]]:
@@ -471,6 +478,12 @@ def main(argv: list[str] | None = None) -> int:
         r = report.get(name)
         if r and "drain_phases" in r:
             print(f"{name} drain: {phase_line(r['drain_phases'])}")
+        if r and "cpu_seconds" in r:
+            cpu = r["cpu_seconds"]
+            print(
+                f"{name} CPU seconds: worker {cpu['worker']:.2f}, Redis {cpu['redis']:.2f}, "
+                f"load generator {cpu['load_generator']:.2f}"
+            )
     print(f"load average before {report['loadavg_before']}, after {report['loadavg_after']}")
     print(f"host before: {probe_line(report['host_before'])}")
     print(f"host after: {probe_line(report['host_after'])}")

@@ -51,10 +51,11 @@ def test_cpu_seconds_of_a_busy_process_redis_and_this_one(broker_url):
         child.stdin.close()  # type: ignore[union-attr]
         child.wait(10)
         client.delete(*[f"cpu-probe-{i}" for i in range(50)])
-    spent = {k: after[k] - before[k] for k in before}
+    spent = bench.cpu_spent(before, after)
     assert 0.3 <= spent["worker"] <= 1.0, spent  # the child's burn (clock ticks: 10 ms)
     assert spent["load_generator"] >= 0.3, spent  # this process's burn and its pipeline
     assert 0 < spent["redis"] < spent["load_generator"], spent  # the 20,000 SETs
     # a process that is gone reads -1, not an error
     gone = bench.cpu_seconds(client, child.pid)
     assert gone["worker"] == -1.0 and gone["redis"] > 0
+    assert bench.cpu_spent(after, gone)["worker"] == -1.0  # not a negative difference
