@@ -3,25 +3,14 @@ of a real Redis and of this process, each read where the kernel and Redis keep i
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import redis
 
 from producer.client import redis_py_url
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location(
-        "loadtest_cpu_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "loadtest.py"
-    )
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+from tests.benchmark_scripts import load_benchmark
 
 
 def _burn(seconds: float) -> None:
@@ -31,7 +20,7 @@ def _burn(seconds: float) -> None:
 
 
 def test_cpu_seconds_of_a_busy_process_redis_and_this_one(broker_url):
-    bench = _bench()
+    bench = load_benchmark("loadtest")
     client = redis.Redis.from_url(redis_py_url(broker_url))
     child = subprocess.Popen(
         [sys.executable, "-c", "import sys, time\nend = time.process_time() + 0.6\n"

@@ -6,7 +6,6 @@ pipeline, the JSON fields, the retrain loop and the extractor's cover against ``
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from types import ModuleType
@@ -15,12 +14,11 @@ import numpy as np
 import pytest
 
 from core.group_privacy import combined_guarantee, extractor_removals_allowed
+from tests.benchmark_scripts import load_benchmark
 from tests.core.fixtures_images import write_mnist_idx, write_svhn_mat
 
 pytestmark = pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha")
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "paper.py"
 QUIET = ["--no-progress", "--device", "cpu"]
 SMALL_CNN = ["--epochs", "1", "--num-filters", "8", "--batch-size", "64"]
 SMALL_CNN += ["--max-physical-batch-size", "64"]
@@ -46,11 +44,7 @@ SVHN_KEYS = {
 
 @pytest.fixture(scope="module")
 def paper() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("paper_benchmark", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("paper")
 
 
 @pytest.fixture(scope="module")

@@ -83,12 +83,13 @@ class BackgroundRefactor:
                 )
         if factor is None:  # not tried again on this epoch
             self._failed_for = job.anchor
-        if model.install_factor(job, factor):
+            outcome = "failed"
+        else:
+            outcome = "installed" if model.install_factor(job, factor) else "dropped"
+        if outcome == "installed":
             self.installed += 1
-            outcome = "installed"
         else:
             self.dropped += 1
-            outcome = "dropped" if factor is not None else "failed"
         if self.metrics is not None:
             self.metrics.on_background_refactor(outcome)
         log.debug("background refactors: %d installed, %d dropped", self.installed, self.dropped)

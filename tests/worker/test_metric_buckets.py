@@ -11,15 +11,13 @@ does, written here independently of the worker's code.
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from tests.benchmark_scripts import load_benchmark
 from worker.metrics import ServiceMetrics
 
 
@@ -104,21 +102,10 @@ def test_the_interpolation_is_prometheus() -> None:
     assert histogram_quantile(0.99, [(1.0, 1.0), (math.inf, 2.0)]) == 1.0
 
 
-def _load_test_bench() -> Any:
-    """``benchmarks/loadtest.py`` as a module."""
-    spec = importlib.util.spec_from_file_location(
-        "loadtest_bench", Path(__file__).resolve().parents[2] / "benchmarks" / "loadtest.py"
-    )
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
-
-
 def test_the_load_test_reads_the_phase_p97_as_prometheus_does() -> None:
     """``benchmarks/loadtest.py`` prints each phase's p97 from the worker's buckets: it must read
     what Prometheus would (the oracle above), on the worker's real histogram."""
-    bench = _load_test_bench()
+    bench = load_benchmark("loadtest")
     reg = CollectorRegistry()
     metrics = ServiceMetrics(reg)
     for v in 0.028 * np.exp(np.random.default_rng(3).normal(0.0, 0.3, 2_000)):
@@ -132,7 +119,7 @@ def test_the_load_test_reads_the_phase_p97_as_prometheus_does() -> None:
 def test_the_load_test_counts_the_batches_of_a_phase_over_100_ms() -> None:
     """A stall (a persist whose fsyncs waited on the disk) shows in the load test's output as
     the batches of a phase that took more than 100 ms, read from the worker's real page."""
-    bench = _load_test_bench()
+    bench = load_benchmark("loadtest")
     reg = CollectorRegistry()
     metrics = ServiceMetrics(reg)
     for v in (0.004, 0.0099, 0.1, 0.1001, 0.3, 2.0):  # 0.1 is in the bucket le=0.1: not over
@@ -151,7 +138,7 @@ def test_the_load_test_probes_the_host_on_one_thread_and_gives_the_threads_back(
     count as it found it."""
     import torch  # noqa: PLC0415
 
-    bench = _load_test_bench()
+    bench = load_benchmark("loadtest")
     before = torch.get_num_threads()
     probe = bench.host_probe(n=6_000, d=8, repeats=3)
     assert torch.get_num_threads() == before
