@@ -14,6 +14,10 @@
    ``raw`` and ``burst`` are that pair's (every pair is in ``burst_pairs``).
 3. **service (b) steady**: a fresh copy of the trained state and a new worker; R requests/s for
    S seconds (distinct ids, capped at 80 % of the training rows), latency percentiles.
+4. **drain only** (``--drain-only K``, default 0): K more fresh workers, each after its own raw
+   baseline; the burst's requests are appended with no doorbell (the worker does not know of
+   them), then one ring: ``throughput`` = requests / (last ``applied_at`` - the ring). The
+   worker's own pace, with no producer sharing the cores while it drains (:func:`drain_only`).
 
 Redis: ``--broker-url`` or ``$CERTREMOVE_BROKER_URL``; otherwise a private Redis started here on a
 unix socket (used by the baseline and the service alike).
@@ -45,9 +49,15 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from producer import Client  # noqa: E402
-from producer.client import redis_py_url  # noqa: E402
-from producer.loadtest import percentile, run_loadtest  # noqa: E402
+from producer import Client, schema  # noqa: E402
+from producer.client import (  # noqa: E402
+    CHUNK,
+    append_requests,
+    encode_sample_ids,
+    new_request_id,
+    redis_py_url,
+)
+from producer.loadtest import collect, percentile, run_loadtest  # noqa: E402
 from worker.embedded_redis import start_redis  # noqa: E402
 from worker.launcher import free_port, start_worker, stop_worker, wait_ready  # noqa: E402
 from worker.settings import Settings  # noqa: E402
@@ -123,10 +133,12 @@ def service_run(
     log_dir: Path | None = None,
     env: dict[str, Any] | None = None,
     before: Any = None,
+    load: Any = None,
 ) -> dict[str, Any]:
     """Copy the trained state, start a worker on it, run one load test, stop the worker.
     ``before()``: run once the worker is ready, just before the load test (a raw baseline);
-    its result is returned under ``"before"``."""
+    its result is returned under ``"before"``. ``load(client)``: what to run instead of
+    ``run_loadtest`` (:func:`drain_only`); it returns the result's dict."""
     state = work / name
     shutil.copytree(template, state)
     model = f"bench{name}{uuid.uuid4().hex[:4]}"
@@ -150,9 +162,11 @@ def service_run(
         first = before() if before is not None else None
         with Client(url, model=model) as client:
             cpu0 = cpu_seconds(client.redis, proc.pid)
-            result = run_loadtest(client, requests=requests, rate=rate, timeout=timeout)
+            if load is None:
+                out = run_loadtest(client, requests=requests, rate=rate, timeout=timeout).as_dict()
+            else:
+                out = load(client)
             cpu1 = cpu_seconds(client.redis, proc.pid)
-        out = result.as_dict()
         out["cpu_seconds"] = cpu_spent(cpu0, cpu1)
         if first is not None:
             out["before"] = first
@@ -163,6 +177,40 @@ def service_run(
         if log_dir is not None:
             log_dir.mkdir(parents=True, exist_ok=True)
             shutil.copy(log, log_dir / f"worker-{name}.log")
+
+
+def drain_only(client: Client, requests: int, timeout: float) -> dict[str, Any]:
+    """The worker's own pace: ``requests`` single-id requests (ids 0, 1, ...) appended as the
+    producer appends them but with no doorbell, then one ring. ``throughput`` = applied /
+    (last ``applied_at`` - the ring); ``started_early``: some request was applied before the
+    ring (a wake-up of the worker's own: the figure then flatters it)."""
+    client.warm()
+    rids = [new_request_id() for _ in range(requests)]
+    t0 = time.perf_counter()
+    for start in range(0, requests, CHUNK):
+        part = rids[start : start + CHUNK]
+        append_requests(
+            client.redis,
+            client.model,
+            [(rid, encode_sample_ids([start + k])) for k, rid in enumerate(part)],
+        )
+    appended = time.perf_counter() - t0
+    rang = time.time()
+    client.ring()
+    statuses = collect(client, rids, timeout)
+    applied = [s for s in statuses.values() if s.get("status") == schema.STATUS_APPLIED]
+    times = sorted(s["applied_at"] for s in applied if s.get("applied_at") is not None)
+    span = times[-1] - rang if times else 0.0
+    return {
+        "requests": requests,
+        "applied": len(applied),
+        "not_applied": requests - len(applied),
+        "append_seconds": appended,
+        "drain_seconds": span,
+        "throughput": len(applied) / span if span > 0 else 0.0,
+        "batches": len(set(times)),
+        "started_early": bool(times) and times[0] < rang,
+    }
 
 
 def cpu_seconds(client: redis.Redis, worker_pid: int) -> dict[str, float]:
@@ -325,6 +373,13 @@ def main(argv: list[str] | None = None) -> int:
         default=3,
         help="raw baseline + burst pairs, each burst on a fresh worker (the median ratio counts)",
     )
+    ap.add_argument(
+        "--drain-only",
+        type=int,
+        default=0,
+        help="raw baseline + drain-only runs (the burst preloaded, then one ring), each on a "
+        "fresh worker",
+    )
     ap.add_argument("--rate", type=float, default=5000.0)
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--max-batch", type=int, default=8192)
@@ -420,6 +475,29 @@ def main(argv: list[str] | None = None) -> int:
             median = sorted(pairs, key=lambda p: p["ratio"])[(len(pairs) - 1) // 2]
             report["raw"], report["burst"] = median["raw"], median["burst"]
             report["burst_vs_raw"] = median["ratio"]
+        if args.drain_only > 0:
+            runs = []
+            n_drain = min(args.burst, int(0.8 * rows))
+            for k in range(args.drain_only):
+                run = service_run(
+                    url,
+                    work / "template",
+                    work,
+                    f"drain{k + 1}",
+                    requests=n_drain,
+                    rate=0,
+                    max_batch=args.max_batch,
+                    timeout=args.timeout,
+                    before=lambda: raw_baseline(redis_py_url(url), args.burst),
+                    load=lambda client: drain_only(client, n_drain, args.timeout),
+                    **worker_kw,
+                )
+                raw = run.pop("before")
+                run["raw_throughput"] = raw["throughput"]
+                run["vs_raw"] = run["throughput"] / raw["throughput"]
+                runs.append(run)
+            report["drain_only"] = runs
+            report["drain_only_vs_raw"] = statistics.median(r["vs_raw"] for r in runs)
         if not args.skip_steady:
             n = min(int(args.rate * args.seconds), int(0.8 * rows))
             report["steady"] = service_run(
@@ -467,6 +545,13 @@ def main(argv: list[str] | None = None) -> int:
             f"burst throughput / raw baseline = {report['burst_vs_raw']:.3f} "
             f"(median of the pairs: {each})"
         )
+    if report.get("drain_only"):
+        each = " ".join(
+            f"{r['vs_raw']:.3f} ({r['throughput']:,.0f} req/s, {r['batches']} batches)"
+            + (" started early" if r["started_early"] else "")
+            for r in report["drain_only"]
+        )
+        print(f"drain only / raw baseline = {report['drain_only_vs_raw']:.3f} (median of: {each})")
     for name in ("burst", "steady"):
         r = report.get(name)
         if r and r.get("rejected_reasons"):

@@ -36,6 +36,7 @@ from typing import Any
 
 from safetensors.torch import save as dump_tensors
 
+from core import compact_json
 from core.data import Dataset, save_dataset
 from core.durable import fsync_dir, fsync_together, write_file
 from core.errors import InvalidInputError, StateError
@@ -80,8 +81,8 @@ def check_save_options(journal: dict[str, Any] | None, keep: int) -> bytes | Non
         raise InvalidInputError(f"journal must be a dict, got {type(journal).__name__}")
     try:
         # compact and in the caller's key order: a worker's journal holds every answer of a
-        # batch, and sorting its keys was most of a persist's encoding time
-        return json.dumps(journal, allow_nan=False, separators=(",", ":")).encode()
+        # batch, and sorting its keys was most of a persist's encoding time (core.compact_json)
+        return compact_json.dumps(journal)
     except (TypeError, ValueError) as exc:
         raise InvalidInputError(f"journal is not JSON-serialisable: {exc}") from exc
 

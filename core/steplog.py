@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from core import compact_json
 from core.durable import fsync_dir
 from core.errors import StateDamagedError
 from core.snapshots import LOG_SUFFIX, damaged
@@ -107,9 +108,11 @@ def encode_record(
         "rows": int(rows.size),
         "shape": list(weights.shape),
         "state": state,
-        "journal": journal,
     }
+    # the state by the json module (strict: no NaN), the journal, last, by core.compact_json
+    # (every answer of the step: most of the header's bytes)
     head = json.dumps(header, allow_nan=False, separators=(",", ":")).encode()
+    head = head[:-1] + b',"journal":' + compact_json.dumps(journal) + b"}"
     payload = b"".join(
         (
             _HEADER_LEN.pack(len(head)),

@@ -58,6 +58,16 @@ def append_requests(
     client.register_script(_ENQUEUE_LUA)(keys=keys, args=args)
 
 
+def encode_sample_ids(ids: Sequence[int | str]) -> str:
+    """The ``sample_ids`` field of a stream entry: a JSON list. A list of plain ints (the common
+    request) is written without the json module, as the same JSON a reader parses (the worker
+    reads ``[17]`` without it too); anything else (strings, bools, other types) goes through
+    ``json.dumps``, so the worker answers a mistyped id as it always did."""
+    if all(type(i) is int for i in ids):
+        return "[" + ",".join(map(str, ids)) + "]"
+    return json.dumps(list(ids))
+
+
 def redis_py_url(url: str) -> str:
     """The redis-py spelling of a kombu broker URL (``redis+socket://PATH`` -> ``unix://PATH``)."""
     if url.startswith("redis+socket://"):
@@ -194,7 +204,7 @@ class Client:
         for rid, ids in requests:
             if not isinstance(ids, list | tuple):
                 raise TypeError(f"sample_ids must be a list of ids, got {type(ids).__name__}")
-            encoded.append((rid, json.dumps(list(ids))))
+            encoded.append((rid, encode_sample_ids(ids)))
         try:
             append_requests(self.redis, self.model, encoded)
         except redis.RedisError as exc:

@@ -24,6 +24,7 @@ from typing import Any
 
 import redis
 
+from core import compact_json
 from producer import schema
 from worker.status import Answer, AnswerKey, answer_records, group_answers
 from worker.status_script import DeadLetter, StatusPublisher, dead_letter_record
@@ -248,8 +249,9 @@ class Ledger:
         if not groups:
             return
         if self.path is not None:
-            lines = [json.dumps(rec) + "\n" for rec in answer_records(groups)]
-            self._append("".join(lines))
+            # compact JSON, a line per record (core.compact_json: a batch of 8,192 answers)
+            lines = [compact_json.dumps(rec) + b"\n" for rec in answer_records(groups)]
+            self._append(b"".join(lines))
         self.count += len(groups)
         known, lists = self._known, self._lists
         for key, group in groups.items():
@@ -275,12 +277,11 @@ class Ledger:
         for listener in self.listeners:
             listener(recorded)
 
-    def _append(self, text: str) -> None:
-        """Append whole lines or nothing: a write that fails part-way (a disk filling up) is cut
-        off again, and anything past the last line known to be whole (a cut that failed too) is
-        cut before the next append, so a retry never lands behind a partial line."""
+    def _append(self, data: bytes) -> None:
+        """Append whole lines (UTF-8) or nothing: a write that fails part-way (a disk filling up)
+        is cut off again, and anything past the last line known to be whole (a cut that failed
+        too) is cut before the next append, so a retry never lands behind a partial line."""
         assert self.path is not None
-        data = text.encode("utf-8")
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
         try:
             end = os.lseek(fd, 0, os.SEEK_END)

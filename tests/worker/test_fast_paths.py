@@ -286,8 +286,9 @@ def test_journal_records_read_back_as_their_answers() -> None:
 def test_answer_records_are_the_ledger_lines(
     rclient: redis.Redis, model_name: str, tmp_path: Path
 ) -> None:
-    """The ledger writes the records without ``q`` (its format is unchanged): written out here
-    as the ledger wrote them before records were shared with the journal."""
+    """The ledger writes the records without ``q``: written out here as the ledger wrote them
+    before records were shared with the journal, in compact JSON (``core.compact_json``) since
+    2026-12-02 (lines written before, with spaces, read the same)."""
     ledger = Ledger(rclient, model_name, tmp_path / "ledger.jsonl")
     ledger.record(_answers() + [Answer("g", "applied", "newton", 1, only_if_queued=True)])
     lines = (tmp_path / "ledger.jsonl").read_text().splitlines()
@@ -304,7 +305,7 @@ def test_answer_records_are_the_ledger_lines(
         "d": 1,
         "ids": ["e"],
     }
-    assert lines[0].startswith('{"s": "applied", "m": "newton", "v": 3, "t": 9.0, "ids"')
+    assert lines[0].startswith('{"s":"applied","m":"newton","v":3,"t":9.0,"ids"')
     assert [r["ids"] for r in read_records(tmp_path)] == [["a", "b", "f"], ["c"], ["d"], ["e"]]
     assert ledger.removed_ids == [1, 2, "s3"] and len(ledger) == 6
 
