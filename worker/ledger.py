@@ -239,6 +239,10 @@ class Ledger:
             dead_letter=dead,
         )
 
+    def knows_any(self, request_ids: Iterable[str]) -> bool:
+        """Whether :meth:`seen` knows any of ``request_ids`` (one set operation)."""
+        return not self._known.keys().isdisjoint(request_ids)
+
     def __len__(self) -> int:
         return len(self._known)
 
