@@ -259,13 +259,14 @@ def _plan_common(
     if guard is not None and not getattr(guard, "safe", False):
         return None
     ids: list[Any] = []
-    append = ids.append
+    rids: list[str] = []
+    append, add = ids.append, rids.append
     for e in entries:
-        one = e.sample_ids
-        if e.request_id is None or e.error is not None or one is None or len(one) != 1:
+        one, rid = e.sample_ids, e.request_id
+        if rid is None or e.error is not None or one is None or len(one) != 1:
             return None
         append(one[0])
-    rids = [e.request_id for e in entries]
+        add(rid)
     if len(set(rids)) != len(rids) or ledger.knows_any(rids):
         return None
     try:

@@ -16,7 +16,10 @@ from typing import Any
 from producer import schema
 
 Fields = dict[bytes, bytes]
-RawEntry = tuple[bytes, Fields]
+#: an entry's fields as the stream read gives them: a flat list of names and values
+#: (``worker.stream``, read without redis-py's dict per entry), a dict, or None (deleted)
+RawFields = Fields | list[bytes] | None
+RawEntry = tuple[bytes, RawFields]
 
 _RID = schema.FIELD_REQUEST_ID.encode()
 _IDS = schema.FIELD_SAMPLE_IDS.encode()
@@ -35,7 +38,8 @@ class Entry:
         sample_ids: the validated sample ids (1 to 10,000 ints or strings), None on error.
         requested_at: enqueue time (epoch seconds), None when absent or unreadable.
         error: why the entry is rejected, None when it is valid.
-        fields: the raw fields, kept for the dead-letter stream.
+        fields: the raw fields, kept for the dead-letter stream (a dict, or the flat list of
+            names and values of an entry parsed by the common path: :func:`fields_dict`).
         replay_of: the dead letter's entry id when an operator replayed this entry (it is then
             served as new even though its request id was dead-lettered before).
     """
@@ -45,7 +49,7 @@ class Entry:
     sample_ids: list[int | str] | None
     requested_at: float | None
     error: str | None
-    fields: Fields
+    fields: Fields | list[bytes]
     replay_of: str | None = None
 
 
@@ -155,13 +159,59 @@ def _parse_ids(
     return Entry(entry_id, rid, None if error else ids, requested_at, error, fields)
 
 
+def fields_dict(fields: RawFields) -> Fields:
+    """An entry's fields as a dict (a flat list of names and values paired up; a name given
+    twice keeps its last value, as redis-py's reply callback did)."""
+    if fields is None:
+        return {}
+    if isinstance(fields, dict):
+        return fields
+    it = iter(fields)
+    return dict(zip(it, it, strict=False))
+
+
+def _parse_common(entry_id: bytes, f: list[bytes]) -> Entry | None:
+    """The common entry, as the producer writes it (``request_id``, ``sample_ids`` of one
+    integer, ``requested_at``, in that order, nothing else), parsed from the flat list; None
+    for anything else (then :func:`_parse` reads it, with the same result as ever)."""
+    one = _ONE_INT.fullmatch(f[3])
+    at = f[5]
+    if one is None or not at:
+        return None
+    try:
+        rid = f[1].decode()
+        requested_at = float(at)
+    except (UnicodeDecodeError, ValueError, AttributeError, TypeError):
+        return None
+    if not rid:
+        return None
+    if not math.isfinite(requested_at):
+        requested_at = None  # type: ignore[assignment]  # nan/inf: no usable enqueue time
+    return Entry(entry_id, rid, [int(one.group(1))], requested_at, None, f)
+
+
 def parse_entries(raw: list[RawEntry]) -> list[Entry]:
     """Parse a list of ``(entry_id, fields)`` pairs; entries deleted from the stream (None
-    fields, as XAUTOCLAIM/XREADGROUP report them) are returned as malformed."""
+    fields, as XAUTOCLAIM/XREADGROUP report them) are returned as malformed. Fields come as a
+    dict or as the flat list of names and values of a raw read (``worker.stream``); an entry
+    written as the producer writes a single-id request is parsed from the list directly."""
     out: list[Entry] = []
     append = out.append
-    for eid, fields in raw:
-        fields = fields or {}
+    for eid, given in raw:
+        if type(given) is list:
+            flat = given
+            if (
+                len(flat) == 6
+                and flat[0] == _RID
+                and flat[2] == _IDS
+                and flat[4] == _AT
+                and type(flat[3]) is bytes
+            ):
+                common = _parse_common(eid, flat)
+                if common is not None:
+                    append(common)
+                    continue
+        fields = fields_dict(given)
         try:
             append(_parse(eid, fields))
         except Exception as exc:  # noqa: BLE001 - one bad entry must never stop the model

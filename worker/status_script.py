@@ -19,6 +19,7 @@ from typing import Any
 import redis
 
 from producer import schema
+from worker.entries import RawFields, fields_dict
 from worker.lease import FENCED_LUA, holds_lua
 from worker.status import Answer
 
@@ -124,7 +125,7 @@ return 1
 )
 
 #: ``(entry_id, fields, reason)`` of an entry for the dead-letter stream
-DeadLetter = tuple[bytes, dict[bytes, bytes], str]
+DeadLetter = tuple[bytes, RawFields, str]
 
 
 class StatusPublisher:
@@ -220,12 +221,10 @@ class StatusPublisher:
         self._script(keys=keys, args=args)
 
 
-def dead_letter_record(
-    entry_id: bytes, fields: dict[bytes, bytes] | None, reason: str
-) -> dict[bytes, bytes]:
+def dead_letter_record(entry_id: bytes, fields: RawFields, reason: str) -> dict[bytes, bytes]:
     """The dead-letter copy of an entry: its own fields (each cut at 1 MiB), the count of any
     other fields, its entry id and the reason."""
-    fields = fields or {}
+    fields = fields_dict(fields)
     record: dict[bytes, bytes] = {}
     for name in _KEPT_FIELDS:
         value = fields.get(name)

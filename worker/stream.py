@@ -35,6 +35,11 @@ class RequestStream:
         self, client: redis.Redis, model: str, consumer: str, *, claim_idle_ms: int = 10_000
     ) -> None:
         self.redis = client
+        # XREADGROUP without redis-py's reply callback (a dict built per entry): the entries'
+        # fields stay the flat lists Redis sent, parsed once by worker.entries; the same
+        # connections (the same pool, timeouts and retries) as ``client``
+        self._raw = redis.Redis(connection_pool=client.connection_pool)
+        self._raw.response_callbacks.pop("XREADGROUP", None)
         self.key = schema.stream_key(model)
         self.group = schema.group_name(model)
         self.dead_letter_key = schema.dead_letter_key(model)
@@ -51,7 +56,7 @@ class RequestStream:
 
     def _read(self, start: bytes | str, count: int, block_ms: int | None = None) -> list[RawEntry]:
         try:
-            reply: Any = self.redis.xreadgroup(
+            reply: Any = self._raw.xreadgroup(
                 self.group, self.consumer, {self.key: start}, count=count, block=block_ms
             )
         except redis.ResponseError as exc:
@@ -61,7 +66,9 @@ class RequestStream:
             return []
         if not reply:
             return []
-        return list(reply[0][1])
+        # RESP3: {stream: [[id, fields], ...]}; RESP2: [[stream, [[id, fields], ...]]]
+        entries = next(iter(reply.values())) if isinstance(reply, dict) else reply[0][1]
+        return list(entries or [])
 
     def read_new(self, count: int, block_ms: int | None = None) -> list[RawEntry]:
         """Entries never delivered to any consumer (``>``), at most ``count``."""
