@@ -58,11 +58,19 @@ def append_requests(
     client.register_script(_ENQUEUE_LUA)(keys=keys, args=args)
 
 
-def encode_sample_ids(ids: Sequence[int | str]) -> str:
-    """The ``sample_ids`` field of a stream entry: a JSON list. A list of plain ints (the common
-    request) is written without the json module, as the same JSON a reader parses (the worker
-    reads ``[17]`` without it too); anything else (strings, bools, other types) goes through
-    ``json.dumps``, so the worker answers a mistyped id as it always did."""
+def encode_sample_ids(ids: Any) -> str:
+    """The ``sample_ids`` field of a stream entry: a JSON list. A list or tuple of plain ints
+    (the common request) is written without the json module, as the same JSON a reader parses
+    (the worker reads ``[17]`` without it too); any other list goes through ``json.dumps``, so
+    the worker answers a mistyped id as it always did, and anything that is not a list or tuple
+    (a task message's ``None``, string or dict) as ``json.dumps`` writes it, which the worker
+    rejects as not a list.
+
+    Raises:
+        TypeError, ValueError: what ``json.dumps`` raises for a value that is not JSON.
+    """
+    if not isinstance(ids, list | tuple):
+        return json.dumps(ids)
     if all(type(i) is int for i in ids):
         return "[" + ",".join(map(str, ids)) + "]"
     return json.dumps(list(ids))

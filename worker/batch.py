@@ -271,12 +271,20 @@ def _plan_common(
         return None
     try:
         rows, unknown = rows_for_ids(ids)
+        if unknown or len(rows) != len(ids):
+            return None
+        picked = np.asarray(rows)
+        # rows the loop would index as they are: integers within the alive mask (anything else,
+        # the loop rejects the entry or decides it otherwise)
+        if picked.size and (
+            picked.dtype.kind not in "iu"
+            or int(picked.min()) < 0
+            or int(picked.max()) >= len(alive)
+            or not alive[picked].all()
+            or np.unique(picked).size != picked.size
+        ):
+            return None
     except Exception:  # noqa: BLE001 - the loop maps entry by entry and rejects the bad one
-        return None
-    if unknown or len(rows) != len(ids):
-        return None
-    picked = np.asarray(rows, dtype=np.intp)
-    if picked.size and (not alive[picked].all() or np.unique(picked).size != picked.size):
         return None
     plan = Plan()
     plan.groups = [Group(e, [r], [], [], [r]) for e, r in zip(entries, rows, strict=True)]

@@ -254,7 +254,9 @@ class Ledger:
             return
         if self.path is not None:
             # compact JSON, a line per record (core.compact_json: a batch of 8,192 answers)
-            lines = [compact_json.dumps(rec) + b"\n" for rec in answer_records(groups)]
+            lines = [
+                compact_json.dumps(rec, allow_nan=True) + b"\n" for rec in answer_records(groups)
+            ]
             self._append(b"".join(lines))
         self.count += len(groups)
         known, lists = self._known, self._lists

@@ -20,7 +20,6 @@ starts fast): the model and the service are loaded by :class:`ServiceStep` in th
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -32,7 +31,7 @@ from celery import Celery, Task, bootsteps
 from celery.exceptions import Reject
 
 from producer import schema
-from producer.client import append_requests, redis_py_url
+from producer.client import append_requests, encode_sample_ids, redis_py_url
 from worker import fatal, faults
 from worker.settings import Settings
 
@@ -117,7 +116,8 @@ def register(app: Celery, settings: Settings) -> None:
         if not math.isfinite(at):
             at = time.time()
         try:
-            append_requests(svc.stream.redis, settings.model, [(rid, json.dumps(sample_ids))], at)
+            entry = [(rid, encode_sample_ids(sample_ids))]
+            append_requests(svc.stream.redis, settings.model, entry, at)
         except Exception as exc:
             if not faults.is_infrastructure(exc):
                 raise

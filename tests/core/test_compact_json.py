@@ -1,9 +1,14 @@
-"""core.compact_json: orjson where it takes the object, the json module for the rest; the same
-values back through ``json.loads`` either way, and what the json module refused still refused."""
+"""core.compact_json: orjson for plain JSON values, the json module for the rest; the same
+values back through ``json.loads`` either way, and what the json module refused still refused
+(a NaN, a datetime, a UUID, an Enum, a dataclass: orjson would have written each)."""
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
+import enum
 import json
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -55,10 +60,66 @@ def test_what_orjson_refuses_goes_through_the_json_module() -> None:
     assert json.loads(compact_json.dumps(keyed)) == {"1": "a", "2": "b"}
 
 
-@pytest.mark.parametrize("bad", [{"o": object()}, {"n": np.int64(3)}, {"s": {1, 2}}])
-def test_what_is_not_json_is_refused(bad: object) -> None:
+class Colour(enum.Enum):
+    RED = 1
+
+
+@dataclasses.dataclass
+class Point:
+    x: int
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"o": object()},
+        {"n": np.int64(3)},
+        {"s": {1, 2}},
+        {"t": datetime.date(2020, 1, 1)},
+        {"u": uuid.UUID(int=5)},
+        {"e": Colour.RED},
+        {"p": Point(1)},
+        [Point(2)],
+    ],
+)
+def test_what_the_json_module_refused_is_refused(bad: object) -> None:
+    with pytest.raises(TypeError):
+        json.dumps(bad)  # the oracle
     with pytest.raises(TypeError):
         compact_json.dumps(bad)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"n": float("nan")},
+        {"q": [1.5, None, float("inf")]},
+        {"q": (float("-inf"),)},
+        [[1.0, float("nan")]],
+        {"q": [float("inf"), float("-inf")]},
+    ],
+)
+def test_non_finite_floats_are_refused_unless_allowed(bad: object) -> None:
+    with pytest.raises(ValueError):
+        compact_json.dumps(bad)
+    allowed = compact_json.dumps(bad, allow_nan=True)  # as json.dumps(allow_nan=True) writes
+    assert allowed == json.dumps(bad, separators=(",", ":")).encode()
+
+
+def test_large_finite_floats_whose_sum_overflows_are_plain() -> None:
+    big = {"q": [1.7e308, 1.7e308, -5.0]}
+    assert json.loads(compact_json.dumps(big)) == big
+
+
+def test_subclasses_of_str_and_int_are_written_as_the_json_module_writes_them() -> None:
+    class Name(str):
+        pass
+
+    class Count(int):
+        pass
+
+    obj = {"s": Name("a"), "n": Count(3), "l": [Name("b")]}
+    assert json.loads(compact_json.dumps(obj)) == {"s": "a", "n": 3, "l": ["b"]}
 
 
 def test_a_step_log_record_with_such_a_journal_reads_back(tmp_path: Path) -> None:
@@ -88,11 +149,13 @@ def test_a_step_log_record_with_such_a_journal_reads_back(tmp_path: Path) -> Non
     assert rec.journal == journal
     assert rec.header["state"] == state
     assert rec.rows.tolist() == [3, 9]
-    with pytest.raises(ValueError):
-        encode_record(
-            base="000004",
-            state={"seq": 5, "budget_used": float("nan")},
-            rows=np.array([3]),
-            weights=np.ones((4, 1)),
-            journal=None,
-        )
+    for state_, journal_ in (({"seq": 5, "budget_used": float("nan")}, None),
+                             ({"seq": 5}, {"records": [{"q": [float("nan")]}]})):  # fmt: skip
+        with pytest.raises(ValueError):
+            encode_record(
+                base="000004",
+                state=state_,
+                rows=np.array([3]),
+                weights=np.ones((4, 1)),
+                journal=journal_,
+            )

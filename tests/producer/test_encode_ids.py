@@ -37,3 +37,20 @@ def test_the_worker_reads_what_it_read_before(ids: list) -> None:
 
     new, old = entry(encode_sample_ids(ids)), entry(json.dumps(ids))
     assert (new.sample_ids, new.error) == (old.sample_ids, old.error)
+
+
+@pytest.mark.parametrize("value", [None, "abc", 5, {"a": 1}, 1.5, True])
+def test_a_value_that_is_no_list_is_written_as_json_dumps_writes_it(value: object) -> None:
+    """A ``certremove.remove`` task message may carry anything: written as it always was (a
+    string never becomes a list of its characters), and the worker rejects it as not a list."""
+    assert encode_sample_ids(value) == json.dumps(value)
+    fields = {b"request_id": b"r1", b"sample_ids": encode_sample_ids(value).encode()}
+    entry = parse_entry(b"1-0", fields)
+    assert entry.sample_ids is None and "must be a JSON list" in str(entry.error)
+
+
+def test_what_is_not_json_still_raises() -> None:
+    with pytest.raises(TypeError):
+        encode_sample_ids({1, 2})
+    with pytest.raises(TypeError):
+        encode_sample_ids([object()])

@@ -147,3 +147,33 @@ def test_a_common_batch_takes_the_one_pass_and_others_do_not(monkeypatch) -> Non
         if taken:
             assert [g.rows for g in p.groups] == [[int(e.sample_ids[0][1:])] for e in entries]
             assert all(g.rows is not g.needs for g in p.groups)  # separate lists, as the loop's
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [[10**6], [-1], [2.0], ["3"], [None]],
+    ids=["past the mask", "negative", "float", "str", "none"],
+)
+def test_rows_the_loop_would_not_take_as_they_are_go_entry_by_entry(rows: list[Any]) -> None:
+    """A mapping that returns rows outside the alive mask or not integers (a model and its
+    mask out of step): the one-pass plan steps aside and the loop decides, never raising."""
+
+    def odd(ids: list[Any]) -> tuple[list[Any], list[Any]]:
+        return rows * len(ids), []
+
+    entries = [Entry(b"1-0", "r1", ["s1"], 1.0, None, {})]
+    for fast in (True, False):
+        p = plan_batch(
+            entries,
+            rows_for_ids=odd,
+            alive=ALIVE,
+            sample_ids=IDS,
+            ledger=Ledger(),  # type: ignore[arg-type]
+            guard=Guard(),  # type: ignore[arg-type]
+            now=5.0,
+            fast=fast,
+        )
+        if fast:
+            got = _shape(p)
+        else:
+            assert _shape(p) == got
