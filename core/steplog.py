@@ -108,11 +108,10 @@ def encode_record(
         "rows": int(rows.size),
         "shape": list(weights.shape),
         "state": state,
+        "journal": journal,
     }
-    # the state by the json module (strict: no NaN), the journal, last, by core.compact_json
-    # (every answer of the step: most of the header's bytes)
-    head = json.dumps(header, allow_nan=False, separators=(",", ":")).encode()
-    head = head[:-1] + b',"journal":' + compact_json.dumps(journal) + b"}"
+    # compact and strict (no NaN); the journal, every answer of the step, is most of it
+    head = compact_json.dumps(header)
     payload = b"".join(
         (
             _HEADER_LEN.pack(len(head)),

@@ -25,6 +25,7 @@ from core.guard import RemovalGuard
 from producer import schema
 from worker.entries import Entry
 from worker.ledger import Answer, Ledger
+from worker.plan_answers import applied_answers, py_value, rejected_entry, rejected_group
 
 #: ``rows_for_ids(sample_ids) -> (rows, unknown ids)`` (``core.Model.rows_for_ids``)
 RowsForIds = Callable[[Any], tuple[list[int], list[Any]]]
@@ -208,7 +209,7 @@ def plan_batch(
             continue
         seen.add(rid)
         if e.error is not None:
-            plan.answers.append(_rejected(e, e.error, now))
+            plan.answers.append(rejected_entry(e, e.error, now))
             plan.answered.append(e)
             continue
         try:
@@ -223,7 +224,7 @@ def plan_batch(
                     claimed.add(row)
                     plan.groups.append(Group(e, [row], [], [], [row]))
                 else:
-                    plan.answers.append(_rejected(e, reason, now))
+                    plan.answers.append(rejected_entry(e, reason, now))
                     plan.answered.append(e)
                 continue
             stop = _plan_entry(
@@ -233,7 +234,7 @@ def plan_batch(
             )  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - one entry must never stop the batch
             reason = f"the request could not be planned: {type(exc).__name__}: {exc}"[:500]
-            plan.answers.append(_rejected(e, reason, now))
+            plan.answers.append(rejected_entry(e, reason, now))
             plan.answered.append(e)
             continue
         if stop:
@@ -311,7 +312,7 @@ def _plan_entry(
         gone = [u for u in unknown if is_excluded(u)]
         unknown = [u for u in unknown if not is_excluded(u)]
     if not rows and not gone:
-        plan.answers.append(_rejected(e, "no known sample id in the request", now, unknown))
+        plan.answers.append(rejected_entry(e, "no known sample id in the request", now, unknown))
         plan.answered.append(e)
         return False
     uniq = list(dict.fromkeys(rows))
@@ -320,7 +321,7 @@ def _plan_entry(
         return True
     needs = [r for r in uniq if alive[r]]
     new = [r for r in needs if r not in shared]
-    already = [_py(sample_ids[r]) for r in uniq if not alive[r]] + gone
+    already = [py_value(sample_ids[r]) for r in uniq if not alive[r]] + gone
     if not needs:
         plan.answers.append(
             Answer(
@@ -337,7 +338,7 @@ def _plan_entry(
     # The guard counts the rows earlier groups claimed as removed: only the new ones are checked.
     reason = guard.refuse(new) if guard is not None and new else None
     if reason is not None:
-        plan.answers.append(_rejected(e, reason, now, unknown))
+        plan.answers.append(rejected_entry(e, reason, now, unknown))
         plan.answered.append(e)
         return False
     claimed.update(new)
@@ -357,67 +358,4 @@ def _rows_in_one_call(entries: list[Entry], rows_for_ids: RowsForIds) -> list[An
     for size in sizes:
         out.append((rows[start : start + size], []))
         start += size
-    return out
-
-
-def _rejected(e: Entry, reason: str, now: float, unknown: list[Any] | None = None) -> Answer:
-    return Answer(
-        str(e.request_id),
-        schema.STATUS_REJECTED,
-        unknown_ids=unknown or [],
-        reason=reason,
-        requested_at=e.requested_at,
-        applied_at=now,
-    )
-
-
-def rejected_group(group: Group, reason: str, now: float) -> Answer:
-    """The ``rejected`` answer of a group core (or the extractor's allowance) refuses."""
-    return _rejected(group.entry, reason, now, group.unknown_ids)
-
-
-def _py(value: Any) -> Any:
-    return value.item() if hasattr(value, "item") else value
-
-
-def applied_answers(
-    groups: list[Group],
-    method: str,
-    version: int,
-    now: float,
-    sample_ids: np.ndarray | None = None,
-) -> list[Answer]:
-    """The ``applied`` answers of committed groups (with the sample ids each removed, for the
-    ledger file, when ``sample_ids`` maps rows to ids)."""
-    removed = _ids_of_rows(groups, sample_ids)
-    return [
-        Answer(
-            str(g.entry.request_id),
-            schema.STATUS_APPLIED,
-            method,
-            version,
-            g.unknown_ids,
-            g.already_removed_ids,
-            requested_at=g.entry.requested_at,
-            applied_at=now,
-            removed_ids=ids,
-        )
-        for g, ids in zip(groups, removed, strict=True)
-    ]
-
-
-def _ids_of_rows(groups: list[Group], sample_ids: np.ndarray | None) -> list[list[Any]]:
-    """The sample ids (Python values) of each group's rows; empty lists without ``sample_ids``.
-    One numpy gather for the batch instead of one lookup per row."""
-    if sample_ids is None:
-        return [[] for _ in groups]
-    flat = [r for g in groups for r in g.rows]
-    picked = sample_ids[np.asarray(flat, dtype=np.intp)] if flat else sample_ids[:0]
-    values = [_py(v) for v in picked] if picked.dtype == object else picked.tolist()
-    out: list[list[Any]] = []
-    start = 0
-    for g in groups:
-        end = start + len(g.rows)
-        out.append(values[start:end])
-        start = end
     return out

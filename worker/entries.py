@@ -39,7 +39,7 @@ class Entry:
         requested_at: enqueue time (epoch seconds), None when absent or unreadable.
         error: why the entry is rejected, None when it is valid.
         fields: the raw fields, kept for the dead-letter stream (a dict, or the flat list of
-            names and values of an entry parsed by the common path: :func:`fields_dict`).
+            names and values of an entry read in place: :func:`fields_dict`).
         replay_of: the dead letter's entry id when an operator replayed this entry (it is then
             served as new even though its request id was dead-lettered before).
     """
@@ -123,20 +123,35 @@ def _requested_at(value: bytes | None) -> float | None:
 
 def _parse(entry_id: bytes, fields: Fields) -> Entry:
     get = fields.get
-    rid = _text(get(_RID))
-    requested_at = _requested_at(get(_AT))
+    return _parse_values(entry_id, get(_RID), get(_IDS), get(_AT), get(_REPLAY), fields)
+
+
+def _parse_values(
+    entry_id: bytes,
+    rid_raw: bytes | None,
+    ids_raw: bytes | None,
+    at_raw: bytes | None,
+    replay: bytes | None,
+    fields: Fields | list[bytes],
+) -> Entry:
+    """An entry from its field values, however they were read (a dict or the flat list)."""
+    rid = _text(rid_raw)
+    requested_at = _requested_at(at_raw)
     if not rid:
         entry = Entry(entry_id, None, None, requested_at, "malformed entry: no request_id", fields)
     else:
-        entry = _parse_ids(entry_id, rid, get(_IDS), requested_at, fields)
-    replay = get(_REPLAY)
+        entry = _parse_ids(entry_id, rid, ids_raw, requested_at, fields)
     if replay is not None:
         entry.replay_of = _text(replay) or None
     return entry
 
 
 def _parse_ids(
-    entry_id: bytes, rid: str, raw: bytes | None, requested_at: float | None, fields: Fields
+    entry_id: bytes,
+    rid: str,
+    raw: bytes | None,
+    requested_at: float | None,
+    fields: Fields | list[bytes],
 ) -> Entry:
     one = _ONE_INT.fullmatch(raw) if raw is not None else None
     if one is not None:
@@ -170,50 +185,26 @@ def fields_dict(fields: RawFields) -> Fields:
     return dict(zip(it, it, strict=False))
 
 
-def _parse_common(entry_id: bytes, f: list[bytes]) -> Entry | None:
-    """The common entry, as the producer writes it (``request_id``, ``sample_ids`` of one
-    integer, ``requested_at``, in that order, nothing else), parsed from the flat list; None
-    for anything else (then :func:`_parse` reads it, with the same result as ever)."""
-    one = _ONE_INT.fullmatch(f[3])
-    at = f[5]
-    if one is None or not at:
-        return None
-    try:
-        rid = f[1].decode()
-        requested_at = float(at)
-    except (UnicodeDecodeError, ValueError, AttributeError, TypeError):
-        return None
-    if not rid:
-        return None
-    if not math.isfinite(requested_at):
-        requested_at = None  # type: ignore[assignment]  # nan/inf: no usable enqueue time
-    return Entry(entry_id, rid, [int(one.group(1))], requested_at, None, f)
-
-
 def parse_entries(raw: list[RawEntry]) -> list[Entry]:
     """Parse a list of ``(entry_id, fields)`` pairs; entries deleted from the stream (None
     fields, as XAUTOCLAIM/XREADGROUP report them) are returned as malformed. Fields come as a
     dict or as the flat list of names and values of a raw read (``worker.stream``); an entry
-    written as the producer writes a single-id request is parsed from the list directly."""
+    laid out as the producer writes it (``request_id``, ``sample_ids``, ``requested_at``,
+    nothing else) is read from the list in place, by the same rules."""
     out: list[Entry] = []
     append = out.append
     for eid, given in raw:
-        if type(given) is list:
-            flat = given
-            if (
-                len(flat) == 6
-                and flat[0] == _RID
-                and flat[2] == _IDS
-                and flat[4] == _AT
-                and type(flat[3]) is bytes
-            ):
-                common = _parse_common(eid, flat)
-                if common is not None:
-                    append(common)
-                    continue
-        fields = fields_dict(given)
         try:
-            append(_parse(eid, fields))
+            if (
+                type(given) is list
+                and len(given) == 6
+                and given[0] == _RID
+                and given[2] == _IDS
+                and given[4] == _AT
+            ):  # the producer's layout: its values read in place, no dict built
+                append(_parse_values(eid, given[1], given[3], given[5], None, given))
+            else:
+                append(_parse(eid, fields_dict(given)))
         except Exception as exc:  # noqa: BLE001 - one bad entry must never stop the model
-            append(_malformed(eid, fields, exc))
+            append(_malformed(eid, fields_dict(given), exc))
     return out

@@ -23,14 +23,19 @@ ALIVE = np.array([True] * 8 + [False] * 2)
 NOW = 100.0
 
 
-def rows_for_ids(ids: list[Any]) -> tuple[list[int], list[Any]]:
+def map_ids(ids: list[Any], n: int) -> tuple[list[int], list[Any]]:
+    """Sample id "s<k>" is row k of ``n`` rows; anything else is unknown."""
     rows, unknown = [], []
     for i in ids:
-        if isinstance(i, str) and i.startswith("s") and i[1:].isdigit() and int(i[1:]) < N:
+        if isinstance(i, str) and i.startswith("s") and i[1:].isdigit() and int(i[1:]) < n:
             rows.append(int(i[1:]))
         else:
             unknown.append(i)
     return rows, unknown
+
+
+def rows_for_ids(ids: list[Any]) -> tuple[list[int], list[Any]]:
+    return map_ids(ids, N)
 
 
 @dataclass
@@ -41,12 +46,17 @@ class FakeLedger:
         a = self.answers.get(rid)
         return None if a is None else Answer(**{**a.__dict__})
 
+    def knows_any(self, rids: list[str]) -> bool:
+        return not self.answers.keys().isdisjoint(rids)
+
 
 @dataclass
 class FakeGuard:
-    """Refuses any removal that touches a row in ``refused``."""
+    """Refuses any removal that touches a row in ``refused``; ``safe``: can refuse nothing
+    (``core.guard.RemovalGuard.safe``, which lets a batch be planned in one pass)."""
 
     refused: set[int] = field(default_factory=set)
+    safe: bool = False
 
     def refuse(self, rows: list[int]) -> str | None:
         return "would leave one class" if self.refused.intersection(rows) else None

@@ -4,12 +4,12 @@ plan as the entry-by-entry loop, on random batches mixing every case it must han
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pytest
 
+from tests.worker.test_plan import FakeGuard, FakeLedger, map_ids
 from worker.batch import Plan, plan_batch
 from worker.entries import Entry
 from worker.status import Answer
@@ -20,38 +20,12 @@ ALIVE = np.array([k % 7 != 3 for k in range(N)])  # rows 3, 10, 17, ... removed 
 
 
 def rows_for_ids(ids: list[Any]) -> tuple[list[int], list[Any]]:
-    rows, unknown = [], []
-    for i in ids:
-        if i == "boom":
-            raise ValueError("cannot map")
-        if isinstance(i, str) and i.startswith("s") and i[1:].isdigit() and int(i[1:]) < N:
-            rows.append(int(i[1:]))
-        else:
-            unknown.append(i)
-    return rows, unknown
+    if "boom" in ids:
+        raise ValueError("cannot map")
+    return map_ids(ids, N)
 
 
-@dataclass
-class Ledger:
-    answers: dict[str, Answer] = field(default_factory=dict)
-
-    def seen(self, rid: str) -> Answer | None:
-        return self.answers.get(rid)
-
-    def knows_any(self, rids: list[str]) -> bool:
-        return not self.answers.keys().isdisjoint(rids)
-
-
-@dataclass
-class Guard:
-    safe: bool = True
-    refused: set[int] = field(default_factory=set)
-
-    def refuse(self, rows: list[int]) -> str | None:
-        return "refused" if self.refused.intersection(rows) else None
-
-
-def _plan(entries: list[Entry], ledger: Ledger, guard: Guard, fast: bool) -> Plan:
+def _plan(entries: list[Entry], ledger: FakeLedger, guard: FakeGuard, fast: bool) -> Plan:
     return plan_batch(
         entries,
         rows_for_ids=rows_for_ids,
@@ -79,12 +53,12 @@ def _shape(p: Plan) -> dict[str, Any]:
     }
 
 
-def _batch(rng: random.Random, n: int, twist: str) -> tuple[list[Entry], Ledger, Guard]:
+def _batch(rng: random.Random, n: int, twist: str) -> tuple[list[Entry], FakeLedger, FakeGuard]:
     rows = rng.sample([k for k in range(N) if ALIVE[k]], n)
     entries = [
         Entry(f"{k}-0".encode(), f"r{k}", [f"s{r}"], 1.0 + k, None, {}) for k, r in enumerate(rows)
     ]
-    ledger, guard = Ledger(), Guard()
+    ledger, guard = FakeLedger(), FakeGuard(safe=True)
     k = rng.randrange(n)
     e = entries[k]
     if twist == "repeat-ledger":
@@ -106,9 +80,9 @@ def _batch(rng: random.Random, n: int, twist: str) -> tuple[list[Entry], Ledger,
     elif twist == "raises":
         e.sample_ids = ["boom"]
     elif twist == "guard":
-        guard = Guard(safe=False, refused={rows[k]})
+        guard = FakeGuard(refused={rows[k]})
     elif twist == "guard-unsafe":
-        guard = Guard(safe=False)
+        guard = FakeGuard()
     return entries, ledger, guard
 
 
@@ -168,8 +142,8 @@ def test_rows_the_loop_would_not_take_as_they_are_go_entry_by_entry(rows: list[A
             rows_for_ids=odd,
             alive=ALIVE,
             sample_ids=IDS,
-            ledger=Ledger(),  # type: ignore[arg-type]
-            guard=Guard(),  # type: ignore[arg-type]
+            ledger=FakeLedger(),  # type: ignore[arg-type]
+            guard=FakeGuard(safe=True),  # type: ignore[arg-type]
             now=5.0,
             fast=fast,
         )
