@@ -23,6 +23,12 @@ COPY worker ./worker
 COPY producer ./producer
 RUN pip install --no-deps . && rm -rf build *.egg-info
 
+# 2b. The removal step's fused kernels (core/fused.py) compiled once into a Numba cache that the
+#     unprivileged user below owns (seconds per container start otherwise; a host with another
+#     CPU compiles them again on its first large problem and caches them there).
+ENV NUMBA_CACHE_DIR=/var/cache/certremove-numba
+RUN mkdir -p "$NUMBA_CACHE_DIR" && python -c "from core import fused; assert fused.available()"
+
 # 3. An unprivileged user owning the state and release directories. A new named volume mounted
 #    at /state or /releases starts as a copy of this directory, so it belongs to that user (a
 #    mount point the image lacks would be created owned by root, and the worker could not write
@@ -31,7 +37,8 @@ RUN groupadd --system --gid 10001 certremove \
     && useradd --system --uid 10001 --gid 10001 --home-dir /home/certremove --create-home \
        --shell /usr/sbin/nologin certremove \
     && mkdir -p /state /releases \
-    && chown certremove:certremove /state /releases
+    && chown certremove:certremove /state /releases \
+    && chown -R certremove:certremove "$NUMBA_CACHE_DIR"
 ENV CERTREMOVE_STATE_DIR=/state \
     HOME=/home/certremove
 USER 10001:10001

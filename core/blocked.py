@@ -16,7 +16,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from core import fused
 from core.products import keep_fastest, match_blas_threads, x_times, xt_times
+
+#: the fewest entries of X for which the :mod:`core.fused` layouts are measured: below it a pass
+#: over X takes well under a millisecond whatever the layout, not worth loading Numba (about a
+#: second per process) for
+FUSED_MIN_ENTRIES = 1 << 20
 
 #: curvatures ``C l''(z)`` below this are 0 in a float32 operator (:func:`curvature32`):
 #: ``l''(z) ~ e^-|z|`` would be a float32 subnormal from ``|z| > 87`` (slow arithmetic on x86);
@@ -52,7 +58,11 @@ def hvp(
 #: latter on one thread whatever torch's count, :func:`core.products.match_blas_threads`): X read from memory
 #: once per product instead of twice. On the AMD EPYC 2-vCPU VM, one thread, float32, X cold:
 #: 3.4 against 2.5 ms (blocked_numpy) at n = 100,000, d = 64; 6.2 against 3.9 ms at 11,982 x 784
-HVP_LAYOUTS = ("two_passes", "blocked", "blocked_numpy")
+#: ``"fused"``: :func:`core.fused.hvp_rows`, each row read once for both products by a kernel
+#: Numba compiled (where it is available and X has :data:`FUSED_MIN_ENTRIES`; on an AMD EPYC
+#: 2-vCPU VM with slow memory, n = 100,000, d = 64, float32: 3.1 against 3.1-4.7 ms, and its
+#: blocks' sums added in float64: 2e-8 against 2e-6 relative off the exact product)
+HVP_LAYOUTS = ("two_passes", "blocked", "blocked_numpy", "fused")
 #: (dtype, d, columns, one torch thread) -> a layout of :data:`HVP_LAYOUTS`, measured by
 #: :func:`calibrate_hvp` (CPU only; unmeasured: two_passes)
 _HVP_LAYOUT: dict[tuple[torch.dtype, int, int, bool], str] = {}
@@ -66,11 +76,18 @@ def _hvp_products(
     X: torch.Tensor, curvature: torch.Tensor, V: torch.Tensor, layout: str
 ) -> torch.Tensor:
     """``X^T (curvature * (X V))`` (d, k) in ``layout`` (:data:`HVP_LAYOUTS`; the blocked ones
-    on the CPU only; NumPy's where it reads every operand in place, else torch's)."""
+    on the CPU only; NumPy's where it reads every operand in place, else torch's; the fused
+    kernel where it applies, else the blocked torch layout), in X's dtype (float64 from the
+    fused kernel)."""
     if layout == "two_passes" or X.device.type != "cpu":
         return xt_times(X, curvature * x_times(X, V))
     n, d = X.shape
     k = V.shape[1]
+    if layout == "fused":
+        if _fused_applies(X) and curvature.shape == (n, k) and fused.available():
+            # float64 (its sums are), which hvp() returns as it is
+            return torch.from_numpy(fused.hvp_rows(X.numpy(), curvature.numpy(), V.numpy()))
+        layout = "blocked"
     rows = _block_rows(d)
     numpy = (
         layout == "blocked_numpy"
@@ -116,6 +133,8 @@ def calibrate_hvp(X: torch.Tensor, cols: int, repeats: int = 5) -> str:
     layouts = ["two_passes", "blocked"]
     if _numpy_blocks_apply(X, V) and match_blas_threads():
         layouts.append("blocked_numpy")
+    if _fused_applies(X) and X.numel() >= FUSED_MIN_ENTRIES and fused.available():
+        layouts.append("fused")
     return keep_fastest(
         _HVP_LAYOUT,
         key,
@@ -141,14 +160,21 @@ CERT_BLOCK_BYTES = 2 << 20
 #: it reads the problem's float32 copy of X and widens each block to float64 in a buffer that
 #: stays in the cache, half the bytes from memory for the same float64 values (only where that
 #: copy widens back to X exactly, :meth:`core.problem.Problem.exact_float32`)
+#: ``"fused"`` (and ``"fused_f32"``): :func:`core.fused.certificate_rows`, the whole certificate
+#: row by row in one kernel Numba compiled, for the removal step's terms
+#: (:class:`LogisticTerms`; any other terms: ``"blocked"``), where it is available and X has
+#: :data:`FUSED_MIN_ENTRIES` (on an AMD EPYC 2-vCPU VM with slow memory, n = 100,000, d = 64,
+#: one thread: 6.6-7.0 ms against 16-24 ms for the blocked layouts)
 CERT_LAYOUTS = (
     "direct",
     "blocked",
     "blocked_rows",
     "blocked_numpy",
+    "fused",
     "blocked_f32",
     "blocked_rows_f32",
     "blocked_numpy_f32",
+    "fused_f32",
 )
 #: the suffix of the layouts that read the float32 copy of X, widened block by block
 WIDENED = "_f32"
@@ -161,6 +187,30 @@ def _cert_key(
     X: torch.Tensor, cols: int, X32: torch.Tensor | None
 ) -> tuple[torch.dtype, int, int, bool, bool]:
     return (X.dtype, X.shape[1], cols, torch.get_num_threads() == 1, X32 is not None)
+
+
+class LogisticTerms:
+    """The removal step's certificate terms (``terms_of`` of :func:`certificate_products`) for
+    ``k`` classes: on rows ``start:end`` of ``P = X [W_new, S]``, ``C l'(z_new) y`` with
+    ``z_new = y P[:, :k]`` (``l'(z) = -sigmoid(-z)``, so ``neg_cy * sigmoid(-z_new)``) and
+    ``C l''(z) x.s`` (``curvature * P[:, k:]``), written as the rows of ``out`` (2k, rows).
+    The fused layouts compute the same terms in their kernel (:mod:`core.fused`).
+
+    Args:
+        Y: (n, k) labels +-1, float64.
+        neg_cy: (n, k) ``-(C * Y)``.
+        curvature: (n, k) ``C l''(z)`` at the step's starting weights."""
+
+    def __init__(self, Y: torch.Tensor, neg_cy: torch.Tensor, curvature: torch.Tensor) -> None:
+        self.Y, self.neg_cy, self.curvature = Y, neg_cy, curvature
+        self.k = Y.shape[1]
+
+    def __call__(self, P: torch.Tensor, out: torch.Tensor, start: int, end: int) -> None:
+        k = self.k
+        z = self.Y[start:end] * P[:, :k]
+        torch.sigmoid(z.neg_(), out=z)
+        torch.mul(self.neg_cy[start:end].T, z.T, out=out[:k])
+        torch.mul(self.curvature[start:end].T, P[:, k:].T, out=out[k:])
 
 
 def certificate_products(
@@ -201,7 +251,6 @@ def _certificate_products(
     on the CPU only; a widened one without a float32 copy it can read: the same layout on X)."""
     n, d = X.shape
     cols = V.shape[1]
-    T = torch.empty((cols, n), dtype=X.dtype, device=X.device)
     widened = layout.endswith(WIDENED)
     layout = layout.removesuffix(WIDENED)
     if widened and not _widening_applies(X, X32):
@@ -210,6 +259,25 @@ def _certificate_products(
         _numpy_blocks_apply(X, V) or (widened and V.dtype == X.dtype == torch.float64)
     ):
         layout = "blocked"  # NumPy would copy X (or promote it): never on the measured shapes
+    if layout == "fused":
+        if (
+            isinstance(terms_of, LogisticTerms)
+            and 2 * terms_of.k == cols
+            and _fused_applies(X)
+            and V.dtype == X.dtype == torch.float64
+            and fused.available()
+        ):
+            read = X32 if widened and X32 is not None else X
+            Pn, Tn, Qn = fused.certificate_rows(
+                read.numpy(),
+                V.numpy(),
+                terms_of.Y.numpy(),
+                terms_of.neg_cy.numpy(),
+                terms_of.curvature.numpy(),
+            )
+            return torch.from_numpy(Pn), torch.from_numpy(Tn), torch.from_numpy(Qn).T
+        layout = "blocked"
+    T = torch.empty((cols, n), dtype=X.dtype, device=X.device)
     if layout == "direct":
         P = x_times(X, V)
         terms_of(P, T, 0, n)
@@ -279,6 +347,17 @@ def _certificate_products(
     return P.contiguous(), T, Q.T
 
 
+def _fused_applies(X: torch.Tensor) -> bool:
+    """Whether a :mod:`core.fused` kernel can read ``X`` in place (a contiguous float32 or
+    float64 CPU tensor that NumPy can view)."""
+    return (
+        X.device.type == "cpu"
+        and X.is_contiguous()
+        and X.dtype in (torch.float32, torch.float64)
+        and not X.requires_grad
+    )
+
+
 def _numpy_blocks_apply(X: torch.Tensor, V: torch.Tensor) -> bool:
     """Whether ``"blocked_numpy"`` can read ``X`` in place: contiguous, float32 or float64, and
     ``V`` of the same dtype."""
@@ -327,15 +406,24 @@ def calibrate_certificate(
     if X.shape[0] <= _block_rows(X.shape[1]):
         return "direct"
     V = torch.ones((X.shape[1], cols), dtype=X.dtype)
-
-    def terms_of(P: torch.Tensor, out: torch.Tensor, start: int, end: int) -> None:
-        torch.sigmoid(P.T, out=out)
+    # the removal step's terms (cols = 2K), as it computes them
+    labels = torch.ones((X.shape[0], max(1, cols // 2)), dtype=X.dtype)
+    terms_of = LogisticTerms(labels, -labels, 0.25 * labels)
 
     numpy = match_blas_threads()
+    offer_fused = (
+        cols % 2 == 0
+        and X.dtype == torch.float64
+        and _fused_applies(X)
+        and X.numel() >= FUSED_MIN_ENTRIES
+        and fused.available()
+    )
     layouts = []
     for name in CERT_LAYOUTS:
         base = name.removesuffix(WIDENED)
         if name != base and X32 is None:
+            continue
+        if base == "fused" and not offer_fused:
             continue
         if base == "blocked_numpy" and not (
             numpy and (_numpy_blocks_apply(X, V) if name == base else V.dtype == torch.float64)

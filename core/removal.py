@@ -36,7 +36,13 @@ from dataclasses import dataclass
 
 import torch
 
-from core.blocked import CURVATURE_FLOOR, certificate_products, curvature32, hvp
+from core.blocked import (
+    CURVATURE_FLOOR,
+    LogisticTerms,
+    certificate_products,
+    curvature32,
+    hvp,
+)
 from core.bounds import (
     margins_rounding_tensor,
     product_error,
@@ -220,15 +226,8 @@ def _certify(
     k = W.shape[1]
 
     neg_cy = -(C * Y)  # exact: C in {0, 1}, |y| = 1
-
-    def terms_of(P: torch.Tensor, out: torch.Tensor, start: int, end: int) -> None:
-        # the 2K columns of X^T's argument on rows start:end, C l'(z_new) y and C l''(z) X s,
-        # written as rows of ``out`` (2K, rows): l'(z) = -sigmoid(-z)
-        z = Y[start:end] * P[:, :k]
-        torch.sigmoid(z.neg_(), out=z)
-        torch.mul(neg_cy[start:end].T, z.T, out=out[:k])
-        torch.mul(curvature[start:end].T, P[:, k:].T, out=out[k:])
-
+    # the 2K columns of X^T's argument, C l'(z_new) y and C l''(z) X s
+    terms_of = LogisticTerms(Y, neg_cy, curvature)
     P, terms, Q = certificate_products(
         X, torch.cat((W_new, S), dim=1), terms_of, X32=problem.exact_float32()
     )

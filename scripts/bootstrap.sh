@@ -12,5 +12,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     python -m pip install -q --upgrade pip
     # torch/torchvision are pinned in pyproject.toml (2.14.1 / 0.29.1).
     python -m pip install -q -e '.[dev]'
+    # the removal step's fused kernels (core/fused.py), compiled once into core/__pycache__
+    # rather than by the first worker that loads a large model
+    python -c "from core import fused; fused.available()"
     touch "$stamp"
 fi

@@ -45,8 +45,9 @@ BLOCKED = [name for name in by_blocks.CERT_LAYOUTS if name != "direct"]
 
 
 def test_the_layouts_are_the_documented_ones():
-    # one pass each, three blocked layouts, and each blocked one widened from the float32 copy
-    blocked = ("blocked", "blocked_rows", "blocked_numpy")
+    # one pass each, three blocked layouts and the fused kernel, and each of those widened
+    # from the float32 copy
+    blocked = ("blocked", "blocked_rows", "blocked_numpy", "fused")
     widened = tuple(name + by_blocks.WIDENED for name in blocked)
     assert by_blocks.CERT_LAYOUTS == ("direct", *blocked, *widened)
 
@@ -135,6 +136,11 @@ def test_calibration_keeps_the_fastest_layout_and_skips_small_matrices(
     monkeypatch, threads, slow_but, one_thread, fast
 ):
     numpy = numpy_measured(threads, one_thread, fast)
+    fused = fast.startswith("fused") and core.fused.available()
+    if fast.startswith("fused") and not fused:
+        pytest.skip("Numba not available")
+    # the fused kernels are measured only on large matrices (this one made large enough)
+    monkeypatch.setattr(by_blocks, "FUSED_MIN_ENTRIES", 0 if fused else 1 << 40)
     monkeypatch.setattr(by_blocks, "_CERT_LAYOUT", {})
     monkeypatch.setattr(by_blocks, "CERT_BLOCK_BYTES", 0)  # blocks of 512 rows
     small = torch.rand((100, 64), dtype=torch.float64)
@@ -161,6 +167,8 @@ def test_calibration_keeps_the_fastest_layout_and_skips_small_matrices(
     if not numpy:
         # (NumPy's BLAS not found)
         expected -= {"blocked_numpy", "blocked_numpy_f32"}
+    if not fused:
+        expected -= {"fused", "fused_f32"}
     assert set(measured) == expected and len(measured) == 2 * len(expected)
     # the certificate uses what was kept, under the same key
     measured.clear()

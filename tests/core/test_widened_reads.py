@@ -207,9 +207,9 @@ def test_steps_with_a_widened_certificate_stay_certified(cert_layout, widened, a
         mp.setattr(torch.Tensor, "copy_", copy_)
         step = newton_step(*args, cache=e.solver)
     # the step handed the problem's float32 copy to the certificate, which widened it block by
-    # block (6 blocks of 512 rows)
+    # block (6 blocks of 512 rows; the fused kernel widens each row as it reads it)
     assert len(given) == 1 and given[0] is p.X32
-    assert widenings[0] == 6
+    assert widenings[0] == (0 if widened.startswith("fused") else 6)
     assert plain is not None and step is not None
     assert torch.equal(plain.W, step.W)
     assert step.anchor_distance == pytest.approx(plain.anchor_distance, rel=1e-9)
@@ -261,10 +261,10 @@ def test_a_float64_x_with_more_digits_is_certified_from_itself(cert_layout, wide
 
 # ----------------------------------------------------------------- blocked Hessian-vector
 def test_the_hvp_layouts_are_the_documented_ones():
-    assert by_blocks.HVP_LAYOUTS == ("two_passes", "blocked", "blocked_numpy")
+    assert by_blocks.HVP_LAYOUTS == ("two_passes", "blocked", "blocked_numpy", "fused")
 
 
-@pytest.mark.parametrize("blocked", ["blocked", "blocked_numpy"])
+@pytest.mark.parametrize("blocked", ["blocked", "blocked_numpy", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n", [3001, 512, 100])
 @pytest.mark.parametrize("k", [1, 3])
@@ -296,6 +296,11 @@ def test_the_hvp_calibration_keeps_the_fastest_layout(
     monkeypatch, threads, slow_but, one_thread, fast
 ):
     numpy = numpy_measured(threads, one_thread, fast)
+    fused = core.fused.available()
+    if fast == "fused" and not fused:
+        pytest.skip("Numba not available")
+    # the fused kernel is measured only on large matrices (this one made large enough)
+    monkeypatch.setattr(by_blocks, "FUSED_MIN_ENTRIES", 0 if fused else 1 << 40)
     monkeypatch.setattr(by_blocks, "_HVP_LAYOUT", {})
     monkeypatch.setattr(by_blocks, "CERT_BLOCK_BYTES", 0)
     assert by_blocks.calibrate_hvp(torch.rand((100, 8)), 1) == "two_passes"
@@ -317,6 +322,8 @@ def test_the_hvp_calibration_keeps_the_fastest_layout(
     expected = set(by_blocks.HVP_LAYOUTS)
     if not numpy:
         expected.discard("blocked_numpy")
+    if not fused:
+        expected.discard("fused")
     assert set(measured) == expected and len(measured) == 2 * len(expected)
     measured.clear()
     by_blocks.hvp(X, torch.rand((3000, 1)), torch.rand((16, 1), dtype=torch.float64), 0.1)
@@ -342,7 +349,7 @@ def test_a_failed_hvp_measurement_keeps_nothing(monkeypatch):
     assert by_blocks._HVP_LAYOUT == {}
 
 
-@pytest.mark.parametrize("blocked", ["blocked", "blocked_numpy"])
+@pytest.mark.parametrize("blocked", ["blocked", "blocked_numpy", "fused"])
 @pytest.mark.parametrize("accounting", ["exact", "bound"])
 def test_cg_steps_with_blocked_hvps_stay_certified(hvp_layout, threads, blocked, accounting):
     threads(1)

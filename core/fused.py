@@ -1,0 +1,176 @@
+"""Row-by-row kernels compiled by Numba (CPU): the removal step's two products fused into one
+pass over X, each row read once for everything done with it.
+
+:mod:`core.blocked` offers them as the layouts ``"fused"`` of the certificate and of the
+Hessian-vector product, measured beside the BLAS layouts on each machine like those
+(:func:`core.products.keep_fastest`): where BLAS is the faster (wide X, many classes), it is kept.
+
+- :func:`certificate_rows`: per row ``x_i`` (float64, or the float32 copy widened as it is read),
+  ``p = x_i V`` (the ``2K`` products of the certificate), its terms ``t`` (``-C y`` times the
+  logistic ``sigmoid(-y p_k)`` and ``C l'' p_{K+k}``, the certificate's terms,
+  :class:`core.blocked.LogisticTerms`) and ``Q += t x_i``, all in float64. BLAS made the same
+  sums as two thin products per block of rows with a float64 buffer between them (on a 2-vCPU
+  AMD EPYC VM with slow memory, n = 100,000, d = 64: 16-20 ms for the step's certificate; this
+  kernel 6.6-7.0 ms).
+- :func:`hvp_rows`: ``X^T (c * (X V))`` per row, in X's dtype (float32 for the steps' CG, as
+  BLAS computes it), the sum of each block of :data:`HVP_FLUSH_ROWS` rows added into a float64
+  total (BLAS adds its blocks' sums in float32).
+
+The rounding margins of the certificate (:mod:`core.bounds`) hold for any summation order, so
+the kernels may sum in any order: they are compiled with reassociation and fused multiply-adds
+allowed (``fastmath={"reassoc", "contract"}``, which vectorises a row's dot products) and
+nothing else of fast math (NaN and infinities propagate as in IEEE arithmetic, no approximate
+functions or reciprocals). Each runs without the GIL. Numba compiles them on first use and keeps
+the machine code in ``__pycache__`` (seconds once, then about a second to load per process);
+without Numba (:func:`available` false) the blocked layouts stay the only ones.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+from typing import Any
+
+import numpy as np
+
+#: rows whose float32 sums :func:`hvp_rows` adds into its float64 total at a time
+HVP_FLUSH_ROWS = 256
+
+_lock = threading.Lock()
+_kernels: dict[str, Any] | None = None
+_failed = False
+
+
+def available() -> bool:
+    """Whether Numba imports and the kernels compiled (compiles them on the first call; False
+    for good after a failure)."""
+    return _compiled() is not None
+
+
+def _compiled() -> dict[str, Any] | None:
+    global _kernels, _failed
+    with _lock:
+        if _kernels is None and not _failed:
+            try:
+                _kernels = _compile()
+            except Exception:  # noqa: BLE001 - no Numba, or it cannot compile here: BLAS only
+                _failed = True
+        return _kernels
+
+
+def _compile() -> dict[str, Any]:
+    import numba  # noqa: PLC0415 - only where a fused layout is measured
+
+    def jit(kernel: Any) -> Any:
+        return numba.njit(
+            nogil=True, cache=True, error_model="numpy", fastmath={"reassoc", "contract"}
+        )(kernel)
+
+    with warnings.catch_warnings():  # a read-only __pycache__: compiled, not cached
+        warnings.simplefilter("ignore", numba.NumbaWarning)
+        cert = jit(_certificate_kernel)
+        hvp = jit(_hvp_kernel)
+        for dtype in (np.float32, np.float64):  # each signature the layouts use, now
+            X = np.ones((3, 2), dtype=dtype)
+            ones = np.ones((3, 1))
+            cert(X, np.ones((2, 2)), ones, ones, ones, np.empty((3, 2)), np.empty((2, 3)),
+                 np.zeros((2, 2)))  # fmt: skip
+            hvp(X, np.ones((3, 1), dtype=dtype), np.ones((1, 2), dtype=dtype), np.zeros((1, 2)))
+    return {"certificate": cert, "hvp": hvp}
+
+
+def certificate_rows(
+    X: np.ndarray, V: np.ndarray, Y: np.ndarray, neg_cy: np.ndarray, curvature: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The certificate's products in one pass: ``P = X V`` (n, 2K), its terms ``T`` (2K, n:
+    ``neg_cy * sigmoid(-Y P[:, :K])`` and ``curvature * P[:, K:]``) and ``Q = T X`` (2K, d), all
+    float64. ``X`` (n, d) float32 or float64; ``V`` (d, 2K); ``Y``, ``neg_cy``, ``curvature``
+    (n, K) float64.
+
+    Raises:
+        RuntimeError: Numba is not available (:func:`available`)."""
+    kernels = _compiled()
+    if kernels is None:
+        raise RuntimeError("the fused kernels need Numba, which is not available")
+    n, d = X.shape
+    cols = V.shape[1]
+    P = np.empty((n, cols))
+    T = np.empty((cols, n))
+    Q = np.zeros((cols, d))
+    kernels["certificate"](
+        np.ascontiguousarray(X),
+        np.ascontiguousarray(V.T, dtype=np.float64),
+        *(np.ascontiguousarray(a, dtype=np.float64) for a in (Y, neg_cy, curvature)),
+        P,
+        T,
+        Q,
+    )
+    return P, T, Q
+
+
+def hvp_rows(X: np.ndarray, curvature: np.ndarray, V: np.ndarray) -> np.ndarray:
+    """``X^T (curvature * (X V))`` (d, k) float64, the products in X's dtype (float32 or
+    float64; ``curvature`` (n, k) and ``V`` (d, k) are taken in it).
+
+    Raises:
+        RuntimeError: Numba is not available (:func:`available`)."""
+    kernels = _compiled()
+    if kernels is None:
+        raise RuntimeError("the fused kernels need Numba, which is not available")
+    Q = np.zeros((V.shape[1], X.shape[1]))
+    kernels["hvp"](
+        np.ascontiguousarray(X),
+        np.ascontiguousarray(curvature, dtype=X.dtype),
+        np.ascontiguousarray(V.T, dtype=X.dtype),
+        Q,
+    )
+    return Q.T
+
+
+def _certificate_kernel(X, Vt, Y, neg_cy, curvature, P, T, Q):  # type: ignore[no-untyped-def] # noqa: ANN001, ANN202
+    n, d = X.shape
+    cols = Vt.shape[0]
+    k = cols // 2
+    row = np.empty(d)
+    for i in range(n):
+        for j in range(d):
+            row[j] = X[i, j]  # widened to float64 (exactly)
+        for c in range(cols):
+            acc = 0.0
+            for j in range(d):
+                acc += row[j] * Vt[c, j]
+            P[i, c] = acc
+        for c in range(k):
+            z = -(Y[i, c] * P[i, c])
+            if z >= 0.0:
+                s = 1.0 / (1.0 + math.exp(-z))
+            else:
+                e = math.exp(z)
+                s = e / (1.0 + e)
+            T[c, i] = neg_cy[i, c] * s
+            T[k + c, i] = curvature[i, c] * P[i, k + c]
+        for c in range(cols):
+            t = T[c, i]
+            for j in range(d):
+                Q[c, j] += t * row[j]
+
+
+def _hvp_kernel(X, curvature, Vt, Q):  # type: ignore[no-untyped-def] # noqa: ANN001, ANN202
+    n, d = X.shape
+    cols = Vt.shape[0]
+    part = np.zeros((cols, d), dtype=X.dtype)
+    zero = part[0, 0] * 0  # (X's dtype)
+    for start in range(0, n, HVP_FLUSH_ROWS):
+        for i in range(start, min(n, start + HVP_FLUSH_ROWS)):
+            for c in range(cols):
+                acc = zero
+                for j in range(d):
+                    acc += X[i, j] * Vt[c, j]
+                t = acc * curvature[i, c]
+                for j in range(d):
+                    part[c, j] += t * X[i, j]
+        for c in range(cols):
+            for j in range(d):
+                Q[c, j] += part[c, j]
+                part[c, j] = zero
