@@ -130,30 +130,43 @@ def hvp_rows(X: np.ndarray, curvature: np.ndarray, V: np.ndarray) -> np.ndarray:
 
 def _certificate_kernel(X, Vt, Y, neg_cy, curvature, P, T, Q):  # type: ignore[no-untyped-def] # noqa: ANN001, ANN202
     n, d = X.shape
-    cols = Vt.shape[0]
-    k = cols // 2
+    k = Vt.shape[0] // 2
     row = np.empty(d)
+    q = np.zeros(Q.shape)
     for i in range(n):
+        xi = X[i]
         for j in range(d):
-            row[j] = X[i, j]  # widened to float64 (exactly)
-        for c in range(cols):
-            acc = 0.0
-            for j in range(d):
-                acc += row[j] * Vt[c, j]
-            P[i, c] = acc
+            row[j] = xi[j]  # widened to float64 (exactly)
+        # class c's two columns together (one loop over the row for both products, one for
+        # both sums: twice as fast as a loop per column)
         for c in range(k):
-            z = -(Y[i, c] * P[i, c])
+            va = Vt[c]
+            vb = Vt[k + c]
+            a = 0.0
+            b = 0.0
+            for j in range(d):
+                a += row[j] * va[j]
+                b += row[j] * vb[j]
+            P[i, c] = a
+            P[i, k + c] = b
+            z = -(Y[i, c] * a)
             if z >= 0.0:
                 s = 1.0 / (1.0 + math.exp(-z))
             else:
                 e = math.exp(z)
                 s = e / (1.0 + e)
-            T[c, i] = neg_cy[i, c] * s
-            T[k + c, i] = curvature[i, c] * P[i, k + c]
-        for c in range(cols):
-            t = T[c, i]
+            ta = neg_cy[i, c] * s
+            tb = curvature[i, c] * b
+            T[c, i] = ta
+            T[k + c, i] = tb
+            qa = q[c]
+            qb = q[k + c]
             for j in range(d):
-                Q[c, j] += t * row[j]
+                qa[j] += ta * row[j]
+                qb[j] += tb * row[j]
+    for c in range(2 * k):
+        for j in range(d):
+            Q[c, j] += q[c, j]
 
 
 def _hvp_kernel(X, curvature, Vt, Q):  # type: ignore[no-untyped-def] # noqa: ANN001, ANN202
