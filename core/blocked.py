@@ -194,16 +194,28 @@ class LogisticTerms:
     ``k`` classes: on rows ``start:end`` of ``P = X [W_new, S]``, ``C l'(z_new) y`` with
     ``z_new = y P[:, :k]`` (``l'(z) = -sigmoid(-z)``, so ``neg_cy * sigmoid(-z_new)``) and
     ``C l''(z) x.s`` (``curvature * P[:, k:]``), written as the rows of ``out`` (2k, rows).
-    The fused layouts compute the same terms in their kernel (:mod:`core.fused`).
+    The fused layouts compute the same terms in their kernel (:mod:`core.fused`), and with
+    them the sums of :meth:`bound_sums`.
 
     Args:
         Y: (n, k) labels +-1, float64.
         neg_cy: (n, k) ``-(C * Y)``.
-        curvature: (n, k) ``C l''(z)`` at the step's starting weights."""
+        curvature: (n, k) ``C l''(z)`` at the step's starting weights.
+        bound_inputs: the row weights ``C`` (n, k), the row norms (n,), their squares (n,) and
+            ``s_err`` (k,), for :meth:`bound_sums` (None: zeros)."""
 
-    def __init__(self, Y: torch.Tensor, neg_cy: torch.Tensor, curvature: torch.Tensor) -> None:
+    def __init__(
+        self,
+        Y: torch.Tensor,
+        neg_cy: torch.Tensor,
+        curvature: torch.Tensor,
+        bound_inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
         self.Y, self.neg_cy, self.curvature = Y, neg_cy, curvature
         self.k = Y.shape[1]
+        self.bound_inputs = bound_inputs
+        #: the fused kernel's :data:`core.fused.SUMS` (6, k), when it computed the terms
+        self.sums: torch.Tensor | None = None
 
     def __call__(self, P: torch.Tensor, out: torch.Tensor, start: int, end: int) -> None:
         k = self.k
@@ -211,6 +223,32 @@ class LogisticTerms:
         torch.sigmoid(z.neg_(), out=z)
         torch.mul(self.neg_cy[start:end].T, z.T, out=out[:k])
         torch.mul(self.curvature[start:end].T, P[:, k:].T, out=out[k:])
+
+    def bound_sums(self, P: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
+        """The sums of :data:`core.fused.SUMS` (6, k) over the rows, from ``P`` and the terms
+        ``T`` that :func:`certificate_products` returned: the fused kernel's where it ran,
+        else computed here (``|t| ||x||`` per half of the terms, ``C ||x||^2``,
+        ``C ||x||^2 |x.s|``, and with ``u = |x.s| + s_err ||x||`` (an upper bound of the exact
+        ``|x.s|``) ``(C u^2)^2`` and ``||x|| C u^2``)."""
+        if self.sums is not None:
+            return self.sums
+        assert self.bound_inputs is not None
+        C, norms, norms_sq, s_err = self.bound_inputs
+        k = self.k
+        abs_terms = T.abs() @ norms
+        xs = P[:, k:].abs()
+        u = xs + norms[:, None] * s_err
+        wu = C * (u * u)
+        return torch.stack(
+            (
+                abs_terms[:k],
+                abs_terms[k:],
+                norms_sq @ C,
+                norms_sq @ (C * xs),
+                (wu * wu).sum(0),
+                norms @ wu,
+            )
+        )
 
 
 def certificate_products(
@@ -268,13 +306,17 @@ def _certificate_products(
             and fused.available()
         ):
             read = X32 if widened and X32 is not None else X
-            Pn, Tn, Qn = fused.certificate_rows(
+            bounds = terms_of.bound_inputs
+            Pn, Tn, Qn, sums = fused.certificate_rows(
                 read.numpy(),
                 V.numpy(),
                 terms_of.Y.numpy(),
                 terms_of.neg_cy.numpy(),
                 terms_of.curvature.numpy(),
+                None if bounds is None else tuple(t.numpy() for t in bounds),  # type: ignore[arg-type]
             )
+            if bounds is not None:
+                terms_of.sums = torch.from_numpy(sums)
             return torch.from_numpy(Pn), torch.from_numpy(Tn), torch.from_numpy(Qn).T
         layout = "blocked"
     T = torch.empty((cols, n), dtype=X.dtype, device=X.device)

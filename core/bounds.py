@@ -44,18 +44,16 @@ def spectral_norm_upper(X: torch.Tensor) -> float:
     return math.sqrt(max(top, 0.0) + margin) * (1 + 1e-9)
 
 
-def remainder_bound(
-    XS: torch.Tensor, C: torch.Tensor, row_norms: torch.Tensor, x_norm2: float
+def remainder_from_sums(
+    weighted_sq: torch.Tensor, weighted_rows: torch.Tensor, x_norm2: float
 ) -> torch.Tensor:
-    """Bound on ``||R(s_k)||`` per class: ``(gamma/2) * min(spectral form, row form)``.
-
-    Shapes: XS (n, K) the products ``x_i . s_k``; C (n, K) row weights (0 for removed rows; the
-    subsampling weights enter squared in the spectral form); row_norms (n,). Returns (K,).
-    """
-    weighted = C * (XS * XS)  # C (x_i.s_k)^2; C^2 (x_i.s_k)^4 is its square
-    spectral = x_norm2 * torch.sqrt((weighted * weighted).sum(0))
-    rowwise = row_norms @ weighted
-    return (GAMMA / 2) * torch.minimum(spectral, rowwise)
+    """Bound on ``||R(s_k)||`` per class (K,): ``(gamma/2) * min(spectral form, row form)``
+    from their two sums over the remaining rows, ``weighted_sq = sum_i (C_i (x_i.s_k)^2)^2``
+    (the spectral form is ``||X||_2 sqrt`` of it; the subsampling weights enter squared) and
+    ``weighted_rows = sum_i ||x_i|| C_i (x_i.s_k)^2`` (the row form), each ``x_i.s_k`` taken at
+    an upper bound of its exact value. The removal step's certificate sums them with its
+    products (:meth:`core.blocked.LogisticTerms.bound_sums`)."""
+    return (GAMMA / 2) * torch.minimum(x_norm2 * torch.sqrt(weighted_sq), weighted_rows)
 
 
 def rounding_margin(

@@ -73,20 +73,34 @@ def _compile() -> dict[str, Any]:
         hvp = jit(_hvp_kernel)
         for dtype in (np.float32, np.float64):  # each signature the layouts use, now
             X = np.ones((3, 2), dtype=dtype)
-            ones = np.ones((3, 1))
-            cert(X, np.ones((2, 2)), ones, ones, ones, np.empty((3, 2)), np.empty((2, 3)),
-                 np.zeros((2, 2)))  # fmt: skip
+            ones, row = np.ones((3, 1)), np.ones(3)
+            cert(X, np.ones((2, 2)), ones, ones, ones, ones, row, row, np.ones(1),
+                 np.empty((3, 2)), np.empty((2, 3)), np.zeros((2, 2)), np.zeros((6, 1)))  # fmt: skip
             hvp(X, np.ones((3, 1), dtype=dtype), np.ones((1, 2), dtype=dtype), np.zeros((1, 2)))
     return {"certificate": cert, "hvp": hvp}
 
 
+#: the rows of :func:`certificate_rows`' sums (each (K,)): ``sum_i |t_i| ||x_i||`` of each half of
+#: the terms, ``sum_i C_i ||x_i||^2``, ``sum_i C_i ||x_i||^2 |x_i.s|`` and, with ``u_i = |x_i.s|
+#: + s_err ||x_i||``, ``sum_i (C_i u_i^2)^2`` and ``sum_i ||x_i|| C_i u_i^2``
+SUMS = ("abs_gradient_terms", "abs_curvature_terms", "alive_sq", "curvature_sq",
+        "remainder_sq", "remainder_rows")  # fmt: skip
+
+
 def certificate_rows(
-    X: np.ndarray, V: np.ndarray, Y: np.ndarray, neg_cy: np.ndarray, curvature: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    X: np.ndarray,
+    V: np.ndarray,
+    Y: np.ndarray,
+    neg_cy: np.ndarray,
+    curvature: np.ndarray,
+    bound_inputs: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The certificate's products in one pass: ``P = X V`` (n, 2K), its terms ``T`` (2K, n:
     ``neg_cy * sigmoid(-Y P[:, :K])`` and ``curvature * P[:, K:]``) and ``Q = T X`` (2K, d), all
-    float64. ``X`` (n, d) float32 or float64; ``V`` (d, 2K); ``Y``, ``neg_cy``, ``curvature``
-    (n, K) float64.
+    float64, and the sums the step's bounds take from them (6, K; :data:`SUMS`, zeros without
+    ``bound_inputs``). ``X`` (n, d) float32 or float64; ``V`` (d, 2K); ``Y``, ``neg_cy``,
+    ``curvature`` (n, K) float64; ``bound_inputs``: the row weights ``C`` (n, K), the row norms
+    (n,), their squares (n,) and ``s_err`` (K,).
 
     Raises:
         RuntimeError: Numba is not available (:func:`available`)."""
@@ -95,18 +109,30 @@ def certificate_rows(
         raise RuntimeError("the fused kernels need Numba, which is not available")
     n, d = X.shape
     cols = V.shape[1]
+    k = cols // 2
     P = np.empty((n, cols))
     T = np.empty((cols, n))
     Q = np.zeros((cols, d))
+    sums = np.zeros((len(SUMS), k))
+    if bound_inputs is None:
+        bound_inputs = (np.zeros((n, k)), np.zeros(n), np.zeros(n), np.zeros(k))
+    weights, norms, norms_sq, s_err = (
+        np.ascontiguousarray(a, dtype=np.float64) for a in bound_inputs
+    )
     kernels["certificate"](
         np.ascontiguousarray(X),
         np.ascontiguousarray(V.T, dtype=np.float64),
         *(np.ascontiguousarray(a, dtype=np.float64) for a in (Y, neg_cy, curvature)),
+        weights,
+        norms,
+        norms_sq,
+        s_err,
         P,
         T,
         Q,
+        sums,
     )
-    return P, T, Q
+    return P, T, Q, sums
 
 
 def hvp_rows(X: np.ndarray, curvature: np.ndarray, V: np.ndarray) -> np.ndarray:
@@ -128,7 +154,7 @@ def hvp_rows(X: np.ndarray, curvature: np.ndarray, V: np.ndarray) -> np.ndarray:
     return Q.T
 
 
-def _certificate_kernel(X, Vt, Y, neg_cy, curvature, P, T, Q):  # type: ignore[no-untyped-def] # noqa: ANN001, ANN202
+def _certificate_kernel(X, Vt, Y, neg_cy, curvature, C, norms, norms_sq, s_err, P, T, Q, sums):  # type: ignore[no-untyped-def] # noqa: ANN001, ANN202, E501
     n, d = X.shape
     k = Vt.shape[0] // 2
     row = np.empty(d)
@@ -137,6 +163,8 @@ def _certificate_kernel(X, Vt, Y, neg_cy, curvature, P, T, Q):  # type: ignore[n
         xi = X[i]
         for j in range(d):
             row[j] = xi[j]  # widened to float64 (exactly)
+        r = norms[i]
+        r2 = norms_sq[i]
         # class c's two columns together (one loop over the row for both products, one for
         # both sums: twice as fast as a loop per column)
         for c in range(k):
@@ -164,6 +192,17 @@ def _certificate_kernel(X, Vt, Y, neg_cy, curvature, P, T, Q):  # type: ignore[n
             for j in range(d):
                 qa[j] += ta * row[j]
                 qb[j] += tb * row[j]
+            # the bounds' sums (SUMS)
+            w = C[i, c]
+            xs = abs(b)
+            u = xs + s_err[c] * r
+            wu = w * u * u
+            sums[0, c] += abs(ta) * r
+            sums[1, c] += abs(tb) * r
+            sums[2, c] += w * r2
+            sums[3, c] += r2 * (w * xs)
+            sums[4, c] += wu * wu
+            sums[5, c] += r * wu
     for c in range(2 * k):
         for j in range(d):
             Q[c, j] += q[c, j]

@@ -46,7 +46,7 @@ from core.blocked import (
 from core.bounds import (
     margins_rounding_tensor,
     product_error,
-    remainder_bound,
+    remainder_from_sums,
     rounding_margin,
 )
 from core.loss import margins
@@ -226,47 +226,49 @@ def _certify(
     k = W.shape[1]
 
     neg_cy = -(C * Y)  # exact: C in {0, 1}, |y| = 1
-    # the 2K columns of X^T's argument, C l'(z_new) y and C l''(z) X s
-    terms_of = LogisticTerms(Y, neg_cy, curvature)
+    norm = torch.linalg.vector_norm
+    n, d = X.shape
+    # |x.s| computed: the remainder bound takes an upper bound of the exact one,
+    # |x.s| + gamma_d ||x|| ||s|| (s_err = gamma_d ||s|| per class)
+    s_err = product_error(d) * norm(S, dim=0)
+    # the 2K columns of X^T's argument, C l'(z_new) y and C l''(z) X s, and the sums over the
+    # rows that the bounds below take (core.blocked.LogisticTerms.bound_sums; the fused
+    # kernel computes them with the products)
+    terms_of = LogisticTerms(
+        Y, neg_cy, curvature, (C, problem.row_norms, problem.row_norms_sq, s_err)
+    )
     P, terms, Q = certificate_products(
         X, torch.cat((W_new, S), dim=1), terms_of, X32=problem.exact_float32()
     )
-    Z_new, XS = Y * P[:, :k], P[:, k:]
+    abs_gradient, abs_curvature, alive_sq, curvature_sq, remainder_sq, remainder_rows = (
+        terms_of.bound_sums(P, terms)
+    )
+    Z_new = Y * P[:, :k]
     grad_new = Q[:, :k] + (lam * n_after) * W_new  # grad L_0(W_new; D')
     solve_residual = Q[:, k:] + (lam * n_after) * S - delta_grad  # H's - Delta at W
     # sum_i |term_ik| ||x_i|| per column, for the summation margins (C, l'' >= 0 and |y| = 1, so
     # |C l' y| = C |l'| and |C l'' x.s| = C l'' |x.s|)
-    abs_terms = terms.abs() @ problem.row_norms
-    norm = torch.linalg.vector_norm
-    n, d = X.shape
-    margin = rounding_margin(
-        n, d, abs_terms[:k].sum(), lam, n_after, norm(W_new), norm(anchor_grad)
-    )
+    margin = rounding_margin(n, d, abs_gradient.sum(), lam, n_after, norm(W_new), norm(anchor_grad))
     # Rounding of H's - Delta itself (bound accounting): the same form of summation margin.
     hs_margin = rounding_margin(
-        n, d, abs_terms[k:].sum() + removed_abs, lam, n_after, norm(S), norm(delta_grad)
+        n, d, abs_curvature.sum() + removed_abs, lam, n_after, norm(S), norm(delta_grad)
     )
     # Rounding of the products x.w and x.s that feed those sums (docs/theory.md "Float32
     # Hessians, float64 certificates"): the margins at W_new (the gradient), X s (H's), the old
     # margins Z behind l'' (H) and l' of the removed rows (Delta, over the rows alive before).
-    sq = problem.row_norms_sq
-    XS_abs = XS.abs()
-    alive_sq = sq @ C  # (K,) sum_i C_ik ||x_i||^2 over the remaining rows
+    # alive_sq: (K,) sum_i C_ik ||x_i||^2 over the remaining rows
     before_sq = alive_sq + removed_sq
     margin = margin + margins_rounding_tensor(d, alive_sq, W_new)
     hs_margin = (
         hs_margin
         + margins_rounding_tensor(d, alive_sq, S)
         + margins_rounding_tensor(d, before_sq, W)
-        + margins_rounding_tensor(d, sq @ (C * XS_abs), W)
+        + margins_rounding_tensor(d, curvature_sq, W)
     )
-    # |x.s| computed: the remainder bound takes an upper bound of the exact one
-    s_norms = norm(S, dim=0)
-    XS_upper = XS_abs + product_error(d) * problem.row_norms[:, None] * s_norms
     residual_norms = norm(solve_residual, dim=0)
     increments = (
         residual_norms
-        + remainder_bound(XS_upper, C, problem.row_norms, problem.x_norm2)
+        + remainder_from_sums(remainder_sq, remainder_rows, problem.x_norm2)
         + margin
         + hs_margin
     )
