@@ -289,6 +289,8 @@ def _certificate_products(
     on the CPU only; a widened one without a float32 copy it can read: the same layout on X)."""
     n, d = X.shape
     cols = V.shape[1]
+    if isinstance(terms_of, LogisticTerms):
+        terms_of.sums = None  # (only this call's products may give the sums)
     widened = layout.endswith(WIDENED)
     layout = layout.removesuffix(WIDENED)
     if widened and not _widening_applies(X, X32):
@@ -448,9 +450,19 @@ def calibrate_certificate(
     if X.shape[0] <= _block_rows(X.shape[1]):
         return "direct"
     V = torch.ones((X.shape[1], cols), dtype=X.dtype)
-    # the removal step's terms (cols = 2K), as it computes them
+    # the removal step's terms (cols = 2K) and the bounds' sums, as it computes them
     labels = torch.ones((X.shape[0], max(1, cols // 2)), dtype=X.dtype)
-    terms_of = LogisticTerms(labels, -labels, 0.25 * labels)
+    norms = torch.ones(X.shape[0], dtype=X.dtype)
+    terms_of = LogisticTerms(
+        labels,
+        -labels,
+        0.25 * labels,
+        (labels, norms, norms, torch.zeros(labels.shape[1], dtype=X.dtype)),
+    )
+
+    def run(layout: str) -> None:
+        P, T, _ = _certificate_products(X, V, terms_of, layout, X32)
+        terms_of.bound_sums(P, T)
 
     numpy = match_blas_threads()
     offer_fused = (
@@ -472,10 +484,4 @@ def calibrate_certificate(
         ):
             continue
         layouts.append(name)
-    return keep_fastest(
-        _CERT_LAYOUT,
-        key,
-        layouts,
-        lambda layout: _certificate_products(X, V, terms_of, layout, X32),
-        repeats,
-    )
+    return keep_fastest(_CERT_LAYOUT, key, layouts, run, repeats)

@@ -213,3 +213,30 @@ def test_the_fused_layouts_are_measured_only_on_large_matrices(monkeypatch, entr
     by_blocks.calibrate_hvp(X32, 1, repeats=1)
     fused_measured = {"fused", "fused_f32", "hvp_fused"} & measured
     assert fused_measured == ({"fused", "fused_f32", "hvp_fused"} if offered else set())
+
+
+def test_the_sums_are_those_of_the_last_products(cert_layout):
+    # the fused layout leaves its sums on the terms; a later call in another layout computes
+    # its own, never returns the earlier ones
+    gen = torch.Generator().manual_seed(3)
+    X32 = torch.rand((3000, 12), generator=gen)
+    X = X32.double()
+    Y = torch.where(torch.rand((3000, 1), generator=gen) > 0.5, 1.0, -1.0).double()
+    norms = torch.linalg.vector_norm(X, dim=1)
+    terms = by_blocks.LogisticTerms(
+        Y, -Y, torch.full_like(Y, 0.2), (torch.ones_like(Y), norms, norms**2, torch.zeros(1))
+    )
+    V = torch.randn((12, 2), generator=gen, dtype=torch.float64)
+    cert_layout.value = "fused"
+    P, T, _ = by_blocks.certificate_products(X, V, terms, X32=X32)
+    fused_sums = terms.bound_sums(P, T)
+    assert terms.sums is not None
+    W = V * 3  # other weights: other sums
+    cert_layout.value = "blocked"
+    P2, T2, _ = by_blocks.certificate_products(X, W, terms, X32=X32)
+    assert terms.sums is None
+    again = terms.bound_sums(P2, T2)
+    assert not torch.allclose(again, fused_sums)
+    cert_layout.value = "fused"
+    P3, T3, _ = by_blocks.certificate_products(X, W, terms, X32=X32)
+    torch.testing.assert_close(terms.bound_sums(P3, T3), again, rtol=1e-12, atol=0)
