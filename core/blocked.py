@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from core import fused
+from core.certificate_terms import LogisticTerms, fused_applies, fused_certificate
 from core.products import keep_fastest, match_blas_threads, x_times, xt_times
 
 #: the fewest entries of X for which the :mod:`core.fused` layouts are measured: below it a pass
@@ -84,7 +85,7 @@ def _hvp_products(
     n, d = X.shape
     k = V.shape[1]
     if layout == "fused":
-        if _fused_applies(X) and curvature.shape == (n, k) and fused.available():
+        if fused_applies(X) and curvature.shape == (n, k) and fused.available():
             # float64 (its sums are), which hvp() returns as it is
             return torch.from_numpy(fused.hvp_rows(X.numpy(), curvature.numpy(), V.numpy()))
         layout = "blocked"
@@ -133,7 +134,7 @@ def calibrate_hvp(X: torch.Tensor, cols: int, repeats: int = 5) -> str:
     layouts = ["two_passes", "blocked"]
     if _numpy_blocks_apply(X, V) and match_blas_threads():
         layouts.append("blocked_numpy")
-    if _fused_applies(X) and X.numel() >= FUSED_MIN_ENTRIES and fused.available():
+    if fused_applies(X) and X.numel() >= FUSED_MIN_ENTRIES and fused.available():
         layouts.append("fused")
     return keep_fastest(
         _HVP_LAYOUT,
@@ -189,68 +190,6 @@ def _cert_key(
     return (X.dtype, X.shape[1], cols, torch.get_num_threads() == 1, X32 is not None)
 
 
-class LogisticTerms:
-    """The removal step's certificate terms (``terms_of`` of :func:`certificate_products`) for
-    ``k`` classes: on rows ``start:end`` of ``P = X [W_new, S]``, ``C l'(z_new) y`` with
-    ``z_new = y P[:, :k]`` (``l'(z) = -sigmoid(-z)``, so ``neg_cy * sigmoid(-z_new)``) and
-    ``C l''(z) x.s`` (``curvature * P[:, k:]``), written as the rows of ``out`` (2k, rows).
-    The fused layouts compute the same terms in their kernel (:mod:`core.fused`), and with
-    them the sums of :meth:`bound_sums`.
-
-    Args:
-        Y: (n, k) labels +-1, float64.
-        neg_cy: (n, k) ``-(C * Y)``.
-        curvature: (n, k) ``C l''(z)`` at the step's starting weights.
-        bound_inputs: the row weights ``C`` (n, k), the row norms (n,), their squares (n,) and
-            ``s_err`` (k,), for :meth:`bound_sums` (None: zeros)."""
-
-    def __init__(
-        self,
-        Y: torch.Tensor,
-        neg_cy: torch.Tensor,
-        curvature: torch.Tensor,
-        bound_inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    ) -> None:
-        self.Y, self.neg_cy, self.curvature = Y, neg_cy, curvature
-        self.k = Y.shape[1]
-        self.bound_inputs = bound_inputs
-        #: the fused kernel's :data:`core.fused.SUMS` (6, k), when it computed the terms
-        self.sums: torch.Tensor | None = None
-
-    def __call__(self, P: torch.Tensor, out: torch.Tensor, start: int, end: int) -> None:
-        k = self.k
-        z = self.Y[start:end] * P[:, :k]
-        torch.sigmoid(z.neg_(), out=z)
-        torch.mul(self.neg_cy[start:end].T, z.T, out=out[:k])
-        torch.mul(self.curvature[start:end].T, P[:, k:].T, out=out[k:])
-
-    def bound_sums(self, P: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
-        """The sums of :data:`core.fused.SUMS` (6, k) over the rows, from ``P`` and the terms
-        ``T`` that :func:`certificate_products` returned: the fused kernel's where it ran,
-        else computed here (``|t| ||x||`` per half of the terms, ``C ||x||^2``,
-        ``C ||x||^2 |x.s|``, and with ``u = |x.s| + s_err ||x||`` (an upper bound of the exact
-        ``|x.s|``) ``(C u^2)^2`` and ``||x|| C u^2``)."""
-        if self.sums is not None:
-            return self.sums
-        assert self.bound_inputs is not None
-        C, norms, norms_sq, s_err = self.bound_inputs
-        k = self.k
-        abs_terms = T.abs() @ norms
-        xs = P[:, k:].abs()
-        u = xs + norms[:, None] * s_err
-        wu = C * (u * u)
-        return torch.stack(
-            (
-                abs_terms[:k],
-                abs_terms[k:],
-                norms_sq @ C,
-                norms_sq @ (C * xs),
-                (wu * wu).sum(0),
-                norms @ wu,
-            )
-        )
-
-
 def certificate_products(
     X: torch.Tensor,
     V: torch.Tensor,
@@ -300,26 +239,10 @@ def _certificate_products(
     ):
         layout = "blocked"  # NumPy would copy X (or promote it): never on the measured shapes
     if layout == "fused":
-        if (
-            isinstance(terms_of, LogisticTerms)
-            and 2 * terms_of.k == cols
-            and _fused_applies(X)
-            and V.dtype == X.dtype == torch.float64
-            and fused.available()
-        ):
-            read = X32 if widened and X32 is not None else X
-            bounds = terms_of.bound_inputs
-            Pn, Tn, Qn, sums = fused.certificate_rows(
-                read.numpy(),
-                V.numpy(),
-                terms_of.Y.numpy(),
-                terms_of.neg_cy.numpy(),
-                terms_of.curvature.numpy(),
-                None if bounds is None else tuple(t.numpy() for t in bounds),  # type: ignore[arg-type]
-            )
-            if bounds is not None:
-                terms_of.sums = torch.from_numpy(sums)
-            return torch.from_numpy(Pn), torch.from_numpy(Tn), torch.from_numpy(Qn).T
+        read = X32 if widened and X32 is not None else X
+        done = fused_certificate(X, read, V, terms_of)
+        if done is not None:
+            return done
         layout = "blocked"
     T = torch.empty((cols, n), dtype=X.dtype, device=X.device)
     if layout == "direct":
@@ -391,17 +314,6 @@ def _certificate_products(
     return P.contiguous(), T, Q.T
 
 
-def _fused_applies(X: torch.Tensor) -> bool:
-    """Whether a :mod:`core.fused` kernel can read ``X`` in place (a contiguous float32 or
-    float64 CPU tensor that NumPy can view)."""
-    return (
-        X.device.type == "cpu"
-        and X.is_contiguous()
-        and X.dtype in (torch.float32, torch.float64)
-        and not X.requires_grad
-    )
-
-
 def _numpy_blocks_apply(X: torch.Tensor, V: torch.Tensor) -> bool:
     """Whether ``"blocked_numpy"`` can read ``X`` in place: contiguous, float32 or float64, and
     ``V`` of the same dtype."""
@@ -468,7 +380,7 @@ def calibrate_certificate(
     offer_fused = (
         cols % 2 == 0
         and X.dtype == torch.float64
-        and _fused_applies(X)
+        and fused_applies(X)
         and X.numel() >= FUSED_MIN_ENTRIES
         and fused.available()
     )

@@ -52,7 +52,7 @@ def remainder_from_sums(
     (the spectral form is ``||X||_2 sqrt`` of it; the subsampling weights enter squared) and
     ``weighted_rows = sum_i ||x_i|| C_i (x_i.s_k)^2`` (the row form), each ``x_i.s_k`` taken at
     an upper bound of its exact value. The removal step's certificate sums them with its
-    products (:meth:`core.blocked.LogisticTerms.bound_sums`)."""
+    products (:meth:`core.certificate_terms.LogisticTerms.bound_sums`)."""
     return (GAMMA / 2) * torch.minimum(x_norm2 * torch.sqrt(weighted_sq), weighted_rows)
 
 

@@ -8,7 +8,7 @@ Hessian-vector product, measured beside the BLAS layouts on each machine like th
 - :func:`certificate_rows`: per row ``x_i`` (float64, or the float32 copy widened as it is read),
   ``p = x_i V`` (the ``2K`` products of the certificate), its terms ``t`` (``-C y`` times the
   logistic ``sigmoid(-y p_k)`` and ``C l'' p_{K+k}``, the certificate's terms,
-  :class:`core.blocked.LogisticTerms`) and ``Q += t x_i``, all in float64, and with them the
+  :class:`core.certificate_terms.LogisticTerms`) and ``Q += t x_i``, all in float64, and with them the
   sums over the rows that the step's bounds take (:data:`SUMS`). BLAS made the same sums as two
   thin products per block of rows with a float64 buffer between them (on a 2-vCPU AMD EPYC VM
   with slow memory, n = 100,000, d = 64: 16-24 ms for the step's certificate; this kernel

@@ -232,7 +232,7 @@ def _certify(
     # |x.s| + gamma_d ||x|| ||s|| (s_err = gamma_d ||s|| per class)
     s_err = product_error(d) * norm(S, dim=0)
     # the 2K columns of X^T's argument, C l'(z_new) y and C l''(z) X s, and the sums over the
-    # rows that the bounds below take (core.blocked.LogisticTerms.bound_sums; the fused
+    # rows that the bounds below take (core.certificate_terms.LogisticTerms.bound_sums; the fused
     # kernel computes them with the products)
     terms_of = LogisticTerms(
         Y, neg_cy, curvature, (C, problem.row_norms, problem.row_norms_sq, s_err)
